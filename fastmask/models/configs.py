@@ -1,0 +1,53 @@
+"""Named model configurations: DiT/MaskDiT S, B, L, XL with patch 2/4/8, and tiny ones for tests."""
+from __future__ import annotations
+
+from .dit import DiT, MaskDiT
+
+# (depth, hidden_size, num_heads) of the DiT paper.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+# Tiny encoders for tests and the CPU demo: (depth, hidden, heads), decoder (depth, hidden, heads).
+TINY = {
+    "T": dict(depth=2, hidden_size=64, num_heads=4, decoder_depth=1, decoder_hidden_size=32, decoder_num_heads=2),
+    "Digits": dict(depth=4, hidden_size=128, num_heads=4, decoder_depth=2, decoder_hidden_size=64, decoder_num_heads=4),
+}
+
+
+def config_names() -> list[str]:
+    names = [f"{s}/{p}" for s in list(DIT_SIZES) + list(TINY) for p in (2, 4, 8)]
+    return names
+
+
+def model_kwargs(name: str, masked: bool = True) -> dict:
+    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...)."""
+    try:
+        size, patch = name.split("/")
+        patch = int(patch)
+    except ValueError:
+        raise ValueError(f"config: expected a name like 'XL/2', got {name!r}") from None
+    if patch not in (1, 2, 4, 8):
+        raise ValueError(f"config: patch size must be 1, 2, 4 or 8, got {patch}")
+    if size in DIT_SIZES:
+        depth, hidden, heads = DIT_SIZES[size]
+        kw = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+        if masked:  # published MaskDiT decoder: 8 blocks of width 512, 16 heads
+            kw.update(decoder_depth=8, decoder_hidden_size=512, decoder_num_heads=16)
+        return kw
+    if size in TINY:
+        kw = dict(TINY[size], patch_size=patch)
+        if not masked:
+            for k in ("decoder_depth", "decoder_hidden_size", "decoder_num_heads"):
+                kw.pop(k)
+        return kw
+    raise ValueError(f"config: unknown size {size!r}; expected one of {list(DIT_SIZES) + list(TINY)}")
+
+
+def maskdit(name: str = "XL/2", **overrides) -> MaskDiT:
+    """A MaskDiT of config ``name``; ``overrides`` (input_size, in_channels, num_classes,
+    decoder_hidden_size, ...) replace the config's values."""
+    return MaskDiT(**{**model_kwargs(name, masked=True), **overrides})
+
+
+def dit(name: str = "XL/2", **overrides) -> DiT:
+    """A plain DiT of config ``name`` (the baseline)."""
+    return DiT(**{**model_kwargs(name, masked=False), **overrides})

@@ -1,0 +1,239 @@
+"""DiT and MaskDiT, built from MaskedDiTBlock. Reads top to bottom: base -> DiT -> MaskDiT -> configs."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import ops
+from ..ops import checks
+from ..nn import FinalLayer, LabelEmbedder, MaskedDiTBlock, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+
+
+def unpatchify(tokens: Tensor, patch_size: int, channels: int) -> Tensor:
+    """[B, N, p*p*C] with (p_row, p_col, channel) order -> [B, C, H, W]."""
+    B, N, _ = tokens.shape
+    g = int(round(N**0.5))
+    if g * g != N:
+        raise ValueError(f"tokens: {N} tokens do not form a square grid")
+    p = patch_size
+    x = tokens.reshape(B, g, g, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, g * p, g * p)
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C] in the order :func:`unpatchify` inverts."""
+    B, C, H, W = x.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"x: spatial size {H}x{W} is not divisible by patch size {p}")
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+class _DiTBase(nn.Module):
+    """Patch embedding, fixed position embedding, conditioning, encoder blocks."""
+
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int,
+        in_channels: int,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        num_classes: int,
+        label_form: str,
+    ):
+        super().__init__()
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.num_heads, self.num_classes = hidden_size, num_heads, num_classes
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.num_patches = self.x_embedder.num_patches
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, form=label_form) if num_classes > 0 else None
+        pos = sincos_pos_embed_2d(hidden_size, self.x_embedder.grid_size)
+        self.register_buffer("pos_embed", torch.from_numpy(pos).unsqueeze(0))  # fixed, not trained
+        self.blocks = nn.ModuleList([MaskedDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+
+    def _init_base(self):
+        def _xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_xavier)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:  # adaLN-Zero: a fresh block is the identity
+            nn.init.zeros_(blk.adaLN_modulation[1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[1].bias)
+
+    def condition(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
+        """c = timestep embedding + class embedding, [B, D]."""
+        c = self.t_embedder(noise_labels)
+        if self.y_embedder is not None:
+            if class_labels is None:
+                raise ValueError(f"class_labels: this model is class-conditional ({self.num_classes} classes)")
+            c = c + self.y_embedder(class_labels).to(c.dtype)
+        return c
+
+    def _check_input(self, x: Tensor, noise_labels: Tensor) -> None:
+        want = (self.in_channels, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x: expected [B, {want[0]}, {want[1]}, {want[2]}], got shape {tuple(x.shape)}")
+        if noise_labels.shape != (x.shape[0],):
+            raise ValueError(f"noise_labels: expected shape [{x.shape[0]}], got {tuple(noise_labels.shape)}")
+
+
+class DiT(_DiTBase):
+    """Plain DiT (the baseline): all tokens through every block; optional learned sigma
+    (``learn_sigma=True`` doubles the output channels, as in DiT checkpoints)."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        label_form: str = "table",
+    ):
+        super().__init__(
+            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form
+        )
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self._init_base()
+        for m in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_tokens(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **_) -> Tensor:
+        """[B, C, H, W] -> output tokens [B, N, p*p*out_channels]."""
+        self._check_input(x, noise_labels)
+        c = self.condition(noise_labels, class_labels)
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            h = blk(h, c)
+        return self.final_layer(h, c)
+
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
+        return unpatchify(self.forward_tokens(x, noise_labels, class_labels, **kw), self.patch_size, self.out_channels)
+
+
+class MaskDiT(_DiTBase):
+    """MaskDiT: DiT encoder on the visible tokens, a narrow DiT decoder on all tokens.
+
+    x_emb = PatchEmbed(x) + pos_embed; keep K = floor(N (1 - mask_ratio)) tokens (fused gather
+    with the position embedding); encoder blocks; decoder_layer (LN + adaLN + Linear D -> Dd);
+    unmask (visible tokens back in place, ``mask_token`` elsewhere, + ``decoder_pos_embed``, one
+    fused pass); decoder blocks of width Dd conditioned on c of width D; final layer; unpatchify.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        decoder_hidden_size: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        label_form: str = "linear",
+    ):
+        super().__init__(
+            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form
+        )
+        Dd = decoder_hidden_size
+        self.decoder_hidden_size, self.out_channels = Dd, in_channels
+        self.decoder_layer = FinalLayer(hidden_size, Dd, cond_size=hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        pos = sincos_pos_embed_2d(Dd, self.x_embedder.grid_size)
+        self.register_buffer("decoder_pos_embed", torch.from_numpy(pos).unsqueeze(0))
+        self.decoder_blocks = nn.ModuleList(
+            [MaskedDiTBlock(Dd, decoder_num_heads, mlp_ratio, cond_size=hidden_size) for _ in range(decoder_depth)]
+        )
+        self.final_layer = FinalLayer(Dd, patch_size * patch_size * in_channels, cond_size=hidden_size)
+        # final_layer's adaLN_modulation is over Dd, conditioned on c of width D.
+        self._init_base()
+        nn.init.normal_(self.mask_token, std=0.02)
+        for blk in self.decoder_blocks:
+            nn.init.zeros_(blk.adaLN_modulation[1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[1].bias)
+        for m in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode(self, x: Tensor, c: Tensor, ids_keep: Tensor | None) -> Tensor:
+        """Patch embed + position embed, keep ``ids_keep`` tokens, run the encoder blocks."""
+        h = self.x_embedder(x)
+        pos = self.pos_embed[0]
+        if ids_keep is None:
+            h = h + pos.to(h.dtype)
+        else:
+            h = ops.gather_tokens(h, ids_keep, pos, check_ids=False)
+        for blk in self.blocks:
+            h = blk(h, c)
+        return h
+
+    def decode(self, h: Tensor, c: Tensor, ids_keep: Tensor | None) -> Tensor:
+        """decoder_layer, unmask (+ decoder position embedding), decoder blocks, final layer."""
+        h = self.decoder_layer(h, c)
+        pos = self.decoder_pos_embed[0]
+        if ids_keep is None:
+            h = h + pos.to(h.dtype)
+        else:
+            h = ops.unmask_tokens(h, ids_keep, self.mask_token, self.num_patches, pos, check_ids=False)
+        for blk in self.decoder_blocks:
+            h = blk(h, c)
+        return self.final_layer(h, c)
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        mask_ratio: float = 0.0,
+        ids_keep: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Output tokens [B, N, p*p*C] and the mask [B, N] (1 = dropped; None if nothing dropped).
+
+        Give either ``mask_ratio`` (a random mask is drawn, from ``generator`` if given) or
+        explicit ``ids_keep`` [B, K].
+        """
+        self._check_input(x, noise_labels)
+        B, N = x.shape[0], self.num_patches
+        if ids_keep is None and checks.mask_ratio(mask_ratio) > 0:
+            ids_keep, _, mask = ops.random_mask(B, N, mask_ratio, generator=generator, device=x.device)
+        elif ids_keep is not None:
+            checks.ids("ids_keep", ids_keep, B, N)
+            mask = ops.mask_from_ids(ids_keep, N)
+        else:
+            mask = None
+        c = self.condition(noise_labels, class_labels)
+        h = self.encode(x, c, ids_keep)
+        return self.decode(h, c, ids_keep), mask
+
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W] (no masking unless ``mask_ratio``/``ids_keep`` is given)."""
+        tokens, _ = self.forward_tokens(x, noise_labels, class_labels, **kw)
+        return unpatchify(tokens, self.patch_size, self.out_channels)

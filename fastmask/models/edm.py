@@ -1,0 +1,102 @@
+"""EDM preconditioning (Karras et al. 2022) around a DiT/MaskDiT, and the MaskDiT training loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import ops
+from ..ops.reference import edm_coefficients
+from .dit import patchify, unpatchify
+
+P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, label), F the wrapped network.
+
+    The wrapped network is stored as ``self.model`` so that state-dict keys carry the
+    ``model.`` prefix of the published MaskDiT checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, sigma_data: float = SIGMA_DATA):
+        super().__init__()
+        self.model = model
+        self.sigma_data = sigma_data
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_size
+
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        mask_ratio: float = 0.0,
+        ids_keep: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Denoised image D [B, C, H, W] (fp32). sigma: [B] or a scalar."""
+        sigma = _sigma(sigma, x)
+        F_tokens, _ = self._network(x, sigma, class_labels, mask_ratio, ids_keep, generator)
+        c_skip, c_out, _, _, _ = edm_coefficients(sigma, self.sigma_data)
+        F_img = unpatchify(F_tokens.float(), self.model.patch_size, self.model.out_channels)
+        C = x.shape[1]
+        F_img = F_img[:, :C]  # a learned-sigma DiT carries variance channels: EDM uses the mean
+        return c_skip.view(-1, 1, 1, 1) * x.float() + c_out.view(-1, 1, 1, 1) * F_img
+
+    def _network(self, x, sigma, class_labels, mask_ratio, ids_keep, generator):
+        _, _, c_in, c_noise, _ = edm_coefficients(sigma, self.sigma_data)
+        xin = (c_in.view(-1, 1, 1, 1) * x.float()).to(x.dtype)
+        out = self.model.forward_tokens(
+            xin, c_noise, class_labels, mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator
+        )
+        return out if isinstance(out, tuple) else (out, None)
+
+    def loss(
+        self,
+        y: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        mask_ratio: float = 0.5,
+        mae_coef: float = 0.1,
+        generator: torch.Generator | None = None,
+        return_terms: bool = False,
+    ):
+        """The MaskDiT objective for clean data y [B, C, H, W]: per-sample loss [B].
+
+        ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
+        with ``mask_ratio`` of its tokens dropped; DSM on kept tokens + mae_coef * MAE on dropped
+        tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
+        """
+        B = y.shape[0]
+        rnd = torch.randn(B, device=y.device, generator=generator)
+        sigma = (rnd * P_STD + P_MEAN).exp()
+        noise = torch.randn(y.shape, device=y.device, generator=generator) * sigma.view(-1, 1, 1, 1)
+        x_noisy = y.float() + noise
+        F_tokens, mask = self._network(x_noisy.to(y.dtype), sigma, class_labels, mask_ratio, None, generator)
+        p = self.model.patch_size
+        C = y.shape[1]
+        if F_tokens.shape[-1] != p * p * C:  # learned-sigma DiT: keep the mean channels
+            F_tokens = F_tokens.unflatten(-1, (p * p, -1))[..., :C].flatten(-2)
+        return ops.dsm_mae_loss(
+            F_tokens,
+            patchify(x_noisy, p),
+            patchify(y.float(), p),
+            sigma,
+            mask,
+            mae_coef=mae_coef,
+            sigma_data=self.sigma_data,
+            return_terms=return_terms,
+        )
+
+
+def _sigma(sigma, x: Tensor) -> Tensor:
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma: expected a scalar or shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+    return sigma

@@ -1,0 +1,30 @@
+"""fastmask.ops: functional ops with autograd, one dispatch point, PyTorch reference.
+
+Every op has "equivalent PyTorch code" in :mod:`fastmask.ops.reference`; the public
+function here validates its inputs, asks :mod:`fastmask.ops.dispatch` for a backend and
+runs either the reference (torch) or a registered ``torch.library`` custom op (Triton or
+CUDA kernels, forward and backward).
+"""
+from . import reference
+from .attention import attention
+from .dispatch import BackendUnavailable, available_backends, backend
+from .loss import dsm_mae_loss
+from .norm import gated_residual, layernorm_modulate, residual_layernorm_modulate
+from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
+
+__all__ = [
+    "attention",
+    "available_backends",
+    "backend",
+    "BackendUnavailable",
+    "dsm_mae_loss",
+    "gated_residual",
+    "gather_tokens",
+    "layernorm_modulate",
+    "mask_from_ids",
+    "num_kept",
+    "random_mask",
+    "reference",
+    "residual_layernorm_modulate",
+    "unmask_tokens",
+]

@@ -1,0 +1,77 @@
+"""Input validation shared by the public ops: clear ValueErrors that name the argument."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def value_checks_enabled() -> bool:
+    """Data-dependent checks (ids range/uniqueness, NaN sigma) sync with the device; they are
+    skipped under torch.compile and when FASTMASK_CHECK_VALUES=0."""
+    return not _compiling() and os.environ.get("FASTMASK_CHECK_VALUES", "1") != "0"
+
+
+def tensor(name: str, t, ndim: int | None = None, shape: tuple | None = None, floating: bool | None = None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if shape is not None:
+        for i, (want, got) in enumerate(zip(shape, t.shape)):
+            if want is not None and want != got:
+                raise ValueError(
+                    f"{name}: expected shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}"
+                    f" (dimension {i})"
+                )
+        if len(shape) != t.dim():
+            raise ValueError(f"{name}: expected {len(shape)} dimensions, got shape {tuple(t.shape)}")
+    if floating is True and t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
+
+
+def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise ValueError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+
+
+def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None) -> None:
+    tensor(name, ids_keep, ndim=2)
+    if ids_keep.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: expected an int64 (or int32) tensor, got dtype {ids_keep.dtype}")
+    if ids_keep.shape[0] != batch:
+        raise ValueError(f"{name}: expected batch size {batch}, got shape {tuple(ids_keep.shape)}")
+    K = ids_keep.shape[1]
+    if num_kept is not None and K != num_kept:
+        raise ValueError(f"{name}: expected {num_kept} kept tokens per sample, got shape {tuple(ids_keep.shape)}")
+    if K == 0:
+        raise ValueError(f"{name}: keeps no token (K = 0); at least one token per sample must be kept")
+    if K > num_tokens:
+        raise ValueError(f"{name}: keeps {K} tokens of only {num_tokens}")
+    if value_checks_enabled():
+        lo, hi = int(ids_keep.min()), int(ids_keep.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"{name}: ids must lie in [0, {num_tokens}), got values in [{lo}, {hi}]")
+        if K > 1 and bool((ids_keep.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError(f"{name}: a token id is repeated within a sample; ids must be distinct")
+
+
+def mask_ratio(value) -> float:
+    r = float(value)
+    if not (0.0 <= r < 1.0):
+        raise ValueError(f"mask_ratio: expected a value in [0, 1), got {value}")
+    return r

@@ -1,0 +1,100 @@
+"""The MaskDiT objective in token space: DSM on kept tokens + MAE on dropped tokens (EDM)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks, dispatch, reference
+
+
+@torch.library.custom_op("fastmask::dsm_mae_loss", mutates_args=())
+def _loss_op(
+    F_out: Tensor,
+    x_noisy: Tensor,
+    y: Tensor,
+    sigma: Tensor,
+    mask: Optional[Tensor],
+    mae_coef: float,
+    sigma_data: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.impl(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+
+
+@_loss_op.register_fake
+def _(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend):
+    B = F_out.shape[0]
+    return F_out.new_empty(B, dtype=torch.float32), F_out.new_empty(B, 2, dtype=torch.float32), torch.empty_like(F_out)
+
+
+def _loss_setup(ctx, inputs, output):
+    # The forward kernel already wrote dloss_b/dF: the backward only scales it per sample.
+    ctx.save_for_backward(output[2])
+
+
+def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
+    (grad_F,) = ctx.saved_tensors
+    gF = None
+    if grad_loss is not None:
+        gF = grad_F * grad_loss.to(grad_F.dtype).view(-1, 1, 1)
+    return gF, None, None, None, None, None, None, None
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+def dsm_mae_loss(
+    F_out: Tensor,
+    x_noisy: Tensor,
+    y: Tensor,
+    sigma: Tensor,
+    mask: Tensor | None = None,
+    mae_coef: float = 0.1,
+    sigma_data: float = 0.5,
+    *,
+    return_terms: bool = False,
+):
+    """Per-sample MaskDiT loss [B] (fp32) from the raw network output in token space.
+
+    F_out: the network output F [B, N, P] (P = p*p*C, (p_row, p_col, channel) order);
+    x_noisy: the noisy input y + n, patchified the same way; y: the clean target;
+    sigma [B]; mask [B, N], 1 at dropped tokens (None: nothing dropped, plain EDM loss).
+    D = c_skip * x_noisy + c_out * F_out; loss = dsm + mae_coef * mae (../SPEC formulas).
+    With ``return_terms=True`` returns ``(loss, dsm, mae)``; only ``loss`` is differentiable.
+    Equivalent PyTorch code: :func:`fastmask.ops.reference.dsm_mae_loss_terms`.
+    """
+    checks.tensor("F_out", F_out, ndim=3, floating=True)
+    B, N, P = F_out.shape
+    checks.tensor("x_noisy", x_noisy, shape=(B, N, P), floating=True)
+    checks.tensor("y", y, shape=(B, N, P), floating=True)
+    checks.tensor("sigma", sigma, shape=(B,), floating=True)
+    if mask is not None:
+        checks.tensor("mask", mask, shape=(B, N))
+    checks.same_device("F_out", F_out, x_noisy=x_noisy, y=y, sigma=sigma, mask=mask)
+    if P < 2 and mask is not None:
+        raise ValueError(f"F_out: the MAE target needs at least 2 values per token (unbiased variance), got P = {P}")
+    if checks.value_checks_enabled():
+        if not bool(torch.isfinite(sigma).all()):
+            raise ValueError("sigma: contains NaN or inf")
+        if bool((sigma <= 0).any()):
+            raise ValueError("sigma: every noise level must be positive")
+    backend = dispatch.select("dsm_mae_loss", F_out, x_noisy, y)
+    if backend == "torch":
+        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data)
+        loss = dsm + mae_coef * mae
+    else:
+        m = None if mask is None else mask.to(torch.float32).contiguous()
+        loss, terms, _ = _loss_op(
+            F_out.contiguous(),
+            x_noisy.contiguous(),
+            y.contiguous(),
+            sigma.to(torch.float32).contiguous(),
+            m,
+            float(mae_coef),
+            float(sigma_data),
+            backend,
+        )
+        dsm, mae = terms.unbind(1)
+    return (loss, dsm, mae) if return_terms else loss

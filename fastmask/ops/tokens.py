@@ -1,0 +1,222 @@
+"""Token ops: random masking, fused gather of visible tokens, fused unmask."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks, dispatch, reference
+from ._library import empty_like_none, kernels
+
+
+def num_kept(num_tokens: int, mask_ratio: float) -> int:
+    """K = floor(N * (1 - mask_ratio)), computed so that e.g. 256 * 0.5 gives exactly 128."""
+    r = checks.mask_ratio(mask_ratio)
+    K = int(math.floor(num_tokens * (1.0 - r) + 1e-9))
+    if K < 1:
+        raise ValueError(f"mask_ratio: {mask_ratio} keeps no token of {num_tokens} (K = 0); lower the ratio")
+    return K
+
+
+def random_mask(
+    batch: int,
+    num_tokens: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+):
+    """Per-sample random masking (SPEC: argsort of uniform noise, the first K kept).
+
+    Returns ``(ids_keep [B, K] int64, ids_restore [B, N] int64, mask [B, N] float)`` where
+    mask is 1 at dropped positions. ``ids_restore`` is the inverse of the shuffle: token n
+    sits at position ``ids_restore[b, n]`` of the shuffled order.
+    """
+    if batch < 1:
+        raise ValueError(f"batch: expected a positive batch size, got {batch}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens: expected a positive token count, got {num_tokens}")
+    K = num_kept(num_tokens, mask_ratio)
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.rand(batch, num_tokens, generator=generator, device=device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :K].contiguous()
+    mask = torch.ones(batch, num_tokens, device=device)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, ids_restore, mask
+
+
+def mask_from_ids(ids_keep: Tensor, num_tokens: int) -> Tensor:
+    """mask [B, N]: 1 at positions not in ids_keep (dropped), 0 at kept ones."""
+    mask = torch.ones(ids_keep.shape[0], num_tokens, device=ids_keep.device)
+    return mask.scatter(1, ids_keep.long(), 0.0)
+
+
+# ----------------------------------------------------------------------------- gather
+@torch.library.custom_op("fastmask::gather_tokens", mutates_args=())
+def _gather_op(x: Tensor, ids_keep: Tensor, pos: Optional[Tensor], backend: str) -> Tensor:
+    return kernels(backend).gather_tokens_fwd(x, ids_keep, pos)
+
+
+@_gather_op.register_fake
+def _(x, ids_keep, pos, backend):
+    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("fastmask::gather_tokens_backward", mutates_args=())
+def _gather_bwd_op(
+    grad_out: Tensor, ids_keep: Tensor, num_tokens: int, pos_grad: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    gx, gpos = kernels(backend).gather_tokens_bwd(grad_out, ids_keep, num_tokens, pos_grad)
+    return gx, (gpos if gpos is not None else empty_like_none(grad_out))
+
+
+@_gather_bwd_op.register_fake
+def _(grad_out, ids_keep, num_tokens, pos_grad, backend):
+    B, K, D = grad_out.shape
+    gpos = grad_out.new_empty(num_tokens, D) if pos_grad else grad_out.new_empty(0)
+    return grad_out.new_empty(B, num_tokens, D), gpos
+
+
+def _gather_setup(ctx, inputs, output):
+    x, ids_keep, pos, backend = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.num_tokens = x.shape[1]
+    ctx.backend = backend
+    ctx.pos_shape = None if pos is None else pos.shape
+    ctx.pos_dtype = None if pos is None else pos.dtype
+
+
+def _gather_backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[2]
+    gx, gpos = _gather_bwd_op(grad_out.contiguous(), ids_keep, ctx.num_tokens, pos_grad, ctx.backend)
+    gpos = gpos.reshape(ctx.pos_shape).to(ctx.pos_dtype) if pos_grad else None
+    return gx, None, gpos, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Tensor | None:
+    """Accept a position embedding as [N, D] or [1, N, D]; return [N, D]."""
+    if pos is None:
+        return None
+    checks.tensor(name, pos, floating=True)
+    if pos.dim() == 3 and pos.shape[0] == 1:
+        pos = pos[0]
+    checks.tensor(name, pos, shape=(num_tokens, width))
+    return pos
+
+
+def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, check_ids: bool = True) -> Tensor:
+    """Visible tokens: ``x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])``.
+
+    x [B, N, D]; ids_keep [B, K] (distinct ids in [0, N)); pos [N, D] or [1, N, D], added in
+    the same pass. Equivalent PyTorch code: :func:`fastmask.ops.reference.gather_tokens`.
+    ``check_ids=False`` skips the range/uniqueness check of ids_keep (a device sync); use it
+    for ids made by :func:`random_mask`.
+    """
+    checks.tensor("x", x, ndim=3, floating=True)
+    B, N, D = x.shape
+    if check_ids:
+        checks.ids("ids_keep", ids_keep, B, N)
+    else:
+        checks.tensor("ids_keep", ids_keep, shape=(B, None))
+    pos = _pos_table("pos", pos, N, D)
+    checks.same_device("x", x, ids_keep=ids_keep, pos=pos)
+    backend = dispatch.select("gather_tokens", x, pos)
+    if backend == "torch":
+        return reference.gather_tokens(x, ids_keep, pos)
+    return _gather_op(x.contiguous(), ids_keep.long().contiguous(), None if pos is None else pos.contiguous(), backend)
+
+
+# ----------------------------------------------------------------------------- unmask
+@torch.library.custom_op("fastmask::unmask_tokens", mutates_args=())
+def _unmask_op(
+    x_vis: Tensor, ids_keep: Tensor, mask_token: Tensor, num_tokens: int, pos: Optional[Tensor], backend: str
+) -> Tensor:
+    return kernels(backend).unmask_tokens_fwd(x_vis, ids_keep, mask_token, num_tokens, pos)
+
+
+@_unmask_op.register_fake
+def _(x_vis, ids_keep, mask_token, num_tokens, pos, backend):
+    return x_vis.new_empty(x_vis.shape[0], num_tokens, x_vis.shape[2])
+
+
+@torch.library.custom_op("fastmask::unmask_tokens_backward", mutates_args=())
+def _unmask_bwd_op(
+    grad_out: Tensor, ids_keep: Tensor, pos_grad: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    gx, gmask, gpos = kernels(backend).unmask_tokens_bwd(grad_out, ids_keep, pos_grad)
+    return gx, gmask, (gpos if gpos is not None else empty_like_none(grad_out))
+
+
+@_unmask_bwd_op.register_fake
+def _(grad_out, ids_keep, pos_grad, backend):
+    B, N, D = grad_out.shape
+    gpos = grad_out.new_empty(N, D) if pos_grad else grad_out.new_empty(0)
+    return grad_out.new_empty(B, ids_keep.shape[1], D), grad_out.new_empty(D), gpos
+
+
+def _unmask_setup(ctx, inputs, output):
+    x_vis, ids_keep, mask_token, num_tokens, pos, backend = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.backend = backend
+    ctx.mask_dtype = mask_token.dtype
+    ctx.pos_dtype = None if pos is None else pos.dtype
+
+
+def _unmask_backward(ctx, grad_out):
+    (ids_keep,) = ctx.saved_tensors
+    pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[4]
+    gx, gmask, gpos = _unmask_bwd_op(grad_out.contiguous(), ids_keep, pos_grad, ctx.backend)
+    return gx, None, gmask.to(ctx.mask_dtype), None, (gpos.to(ctx.pos_dtype) if pos_grad else None), None
+
+
+_unmask_op.register_autograd(_unmask_backward, setup_context=_unmask_setup)
+
+
+def unmask_tokens(
+    x_vis: Tensor,
+    ids_keep: Tensor,
+    mask_token: Tensor,
+    num_tokens: int,
+    pos: Tensor | None = None,
+    *,
+    check_ids: bool = True,
+) -> Tensor:
+    """All tokens back in place: ``out[b, n] = x_vis[b, j]`` where ``ids_keep[b, j] = n``, else
+    ``mask_token``; plus ``pos[n]`` when given.
+
+    x_vis [B, K, D]; ids_keep [B, K]; mask_token [D] (or any shape of D elements, e.g. the
+    [1, 1, D] parameter); pos [N, D] or [1, N, D]. Returns [B, N, D].
+    Equivalent PyTorch code: :func:`fastmask.ops.reference.unmask_tokens`.
+    """
+    checks.tensor("x_vis", x_vis, ndim=3, floating=True)
+    B, K, D = x_vis.shape
+    num_tokens = int(num_tokens)
+    if check_ids:
+        checks.ids("ids_keep", ids_keep, B, num_tokens, num_kept=K)
+    else:
+        checks.tensor("ids_keep", ids_keep, shape=(B, K))
+    checks.tensor("mask_token", mask_token, floating=True)
+    if mask_token.numel() != D:
+        raise ValueError(f"mask_token: expected {D} elements (the width of x_vis), got shape {tuple(mask_token.shape)}")
+    pos = _pos_table("pos", pos, num_tokens, D)
+    checks.same_device("x_vis", x_vis, ids_keep=ids_keep, mask_token=mask_token, pos=pos)
+    backend = dispatch.select("unmask_tokens", x_vis, mask_token, pos)
+    if backend == "torch":
+        return reference.unmask_tokens(x_vis, ids_keep, mask_token, num_tokens, pos)
+    return _unmask_op(
+        x_vis.contiguous(),
+        ids_keep.long().contiguous(),
+        mask_token.reshape(D).contiguous(),
+        num_tokens,
+        None if pos is None else pos.contiguous(),
+        backend,
+    )

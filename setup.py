@@ -1,0 +1,77 @@
+"""Build script for fastmask (distribution name: ``fastmask-dit``; import name: ``fastmask``).
+
+A plain ``pip install .`` needs neither a GPU nor nvcc. The optional CUDA C++ extension
+``fastmask._C`` (sources in csrc/) is built only where nvcc and a CUDA build of torch are
+present at build time (install torch first, then ``pip install --no-build-isolation .``).
+FASTMASK_BUILD_CUDA=1 forces the build (and fails loudly if it cannot), =0 skips it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    """([extensions], {cmdclass}) for the CUDA backend, or empty when it is not built."""
+    want = os.environ.get("FASTMASK_BUILD_CUDA", "auto").lower()
+    if want in ("0", "false", "no", "off"):
+        print("fastmask: FASTMASK_BUILD_CUDA=0, skipping the CUDA extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception as e:  # torch absent from an isolated build environment
+        reason = f"torch is not importable at build time ({type(e).__name__})"
+        torch = CUDA_HOME = None
+    else:
+        reason = None
+        if torch.version.cuda is None:
+            reason = "torch is a CPU-only build"
+        elif CUDA_HOME is None:
+            reason = "nvcc / CUDA_HOME not found"
+    if reason is not None:
+        if want in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"FASTMASK_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        print(f"fastmask: skipping the optional CUDA extension: {reason}", file=sys.stderr)
+        return [], {}
+    sys.path.insert(0, HERE)
+    from csrc.build import extension_kwargs  # the one place that lists sources and flags
+
+    ext = CUDAExtension(name="fastmask._C", **extension_kwargs())
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="fastmask-dit",
+    version="0.1.0",
+    description="Fast training of diffusion transformers with masked tokens (MaskDiT): fused Triton/CUDA kernels",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastmask", "fastmask.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "train": ["scikit-learn", "matplotlib", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "pillow", "triton>=3.0"],
+        "bench": ["pytest", "pytest-benchmark", "matplotlib", "triton>=3.0"],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["fastmask=fastmask.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

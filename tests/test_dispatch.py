@@ -1,0 +1,64 @@
+"""The dispatch point: explicit requests raise with a reason, automatic choice falls back."""
+import pytest
+import torch
+
+import fastmask
+from fastmask import ops
+from fastmask.ops import dispatch
+
+
+def test_cpu_default_is_reference():
+    x = torch.randn(2, 3, 4)
+    assert dispatch.select("layernorm_modulate", x) == "torch"
+
+
+def test_context_manager_nests_and_per_op():
+    with fastmask.backend("triton"):
+        assert dispatch.requested("attention") == "triton"
+        with fastmask.backend(attention="torch"):
+            assert dispatch.requested("attention") == "torch"
+            assert dispatch.requested("gather_tokens") == "triton"
+        assert dispatch.requested("attention") == "triton"
+    assert dispatch.requested("attention") in ("auto", "torch", "triton", "cuda")
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("FASTMASK_BACKEND", "attention=torch,gather_tokens=cuda")
+    assert dispatch.requested("attention") == "torch" and dispatch.requested("gather_tokens") == "cuda"
+    assert dispatch.requested("dsm_mae_loss") == "auto"
+    monkeypatch.setenv("FASTMASK_BACKEND", "torch")
+    assert dispatch.requested("unmask_tokens") == "torch"
+    monkeypatch.setenv("FASTMASK_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTMASK_BACKEND"):
+        dispatch.requested("attention")
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fastmask.backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="unknown op"):
+        with fastmask.backend(softmax="torch"):
+            pass
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    x = torch.randn(2, 3, 4)
+    with fastmask.backend("cuda"):
+        with pytest.raises(fastmask.BackendUnavailable, match="cuda.*layernorm_modulate.*CPU|cpu"):
+            ops.layernorm_modulate(x, torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    x = torch.randn(2, 3, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in dispatch.why_not("triton", "attention", [x])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.why_not("triton", "gather_tokens", [x.double()]) is not None  # fp64 is reference-only
+
+
+def test_available_backends_reports_reasons():
+    av = ops.available_backends()
+    assert av["torch"] is None and set(av) == {"torch", "triton", "cuda"}
+    for name, reason in av.items():
+        assert reason is None or isinstance(reason, str) and reason
