@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from ._library import kernels
 
 
 @torch.library.custom_op("fastmask::dsm_mae_loss", mutates_args=())
@@ -20,7 +21,7 @@ def _loss_op(
     sigma_data: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.impl(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
 
 
 @_loss_op.register_fake
@@ -38,7 +39,7 @@ def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
     (grad_F,) = ctx.saved_tensors
     gF = None
     if grad_loss is not None:
-        gF = grad_F * grad_loss.to(grad_F.dtype).view(-1, 1, 1)
+        gF = (grad_F * grad_loss.float().view(-1, 1, 1)).to(grad_F.dtype)  # multiply in fp32
     return gF, None, None, None, None, None, None, None
 
 

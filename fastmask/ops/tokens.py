@@ -78,7 +78,7 @@ def _gather_bwd_op(
 @_gather_bwd_op.register_fake
 def _(grad_out, ids_keep, num_tokens, pos_grad, backend):
     B, K, D = grad_out.shape
-    gpos = grad_out.new_empty(num_tokens, D) if pos_grad else grad_out.new_empty(0)
+    gpos = grad_out.new_empty(num_tokens, D, dtype=torch.float32) if pos_grad else grad_out.new_empty(0)
     return grad_out.new_empty(B, num_tokens, D), gpos
 
 
@@ -159,8 +159,8 @@ def _unmask_bwd_op(
 @_unmask_bwd_op.register_fake
 def _(grad_out, ids_keep, pos_grad, backend):
     B, N, D = grad_out.shape
-    gpos = grad_out.new_empty(N, D) if pos_grad else grad_out.new_empty(0)
-    return grad_out.new_empty(B, ids_keep.shape[1], D), grad_out.new_empty(D), gpos
+    gpos = grad_out.new_empty(N, D, dtype=torch.float32) if pos_grad else grad_out.new_empty(0)
+    return grad_out.new_empty(B, ids_keep.shape[1], D), grad_out.new_empty(D, dtype=torch.float32), gpos
 
 
 def _unmask_setup(ctx, inputs, output):

@@ -1,0 +1,79 @@
+"""Launch helpers shared by the memory-bound kernels (tokens, norm, loss).
+
+Autotuning needs a GPU driver to time configs, so launch configs are chosen here from
+the width alone: the same rule on the GPU and in the interpreter (CPU tests), except
+that the interpreter gets bigger row tiles (it runs programs one after another, so fewer,
+wider programs finish sooner) and a small "program target" that still splits reductions
+into several partials, so the CPU tests exercise the partial-sum paths.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(t: torch.Tensor) -> int:
+    """How many programs a split reduction should aim for: enough to fill the GPU several
+    times over (memory-bound loops need many warps in flight to hide latency)."""
+    if t.device.type != "cuda":
+        return 4
+    return 8 * _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def row_config(D: int) -> tuple[int, int, int]:
+    """(BLOCK_R rows, BLOCK_D columns, num_warps) for a row-wise kernel on width D.
+
+    A whole row per tile (BLOCK_D = next power of two) so statistics need one read; small
+    widths stack rows until a tile holds ~2K elements (one row of D=72 alone would leave
+    most lanes of a warp idle), and warps grow with the tile so each thread moves about
+    8 elements, i.e. 16-byte vectors in bf16.
+    """
+    BLOCK_D = triton.next_power_of_2(max(int(D), 1))
+    if interpreting():
+        return max(1, min(16, 4096 // BLOCK_D)), BLOCK_D, 4
+    BLOCK_R = max(1, min(32, 2048 // BLOCK_D))
+    num_warps = max(2, min(16, (BLOCK_R * BLOCK_D) // 256))
+    return BLOCK_R, BLOCK_D, num_warps
+
+
+@triton.jit
+def _sum_partials_kernel(PART, OUT, R, M, M_TILES, BLOCK_M: tl.constexpr):
+    # One program per (group, column block); it walks the R partial rows in a fixed order,
+    # so the sum is bit-identical from run to run (no atomics).
+    pid = tl.program_id(0)
+    g = (pid // M_TILES).to(tl.int64)
+    cols = (pid % M_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = cols < M
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r in range(0, R):
+        acc += tl.load(PART + (g * R + r) * M + cols, mask=ok, other=0.0)
+    tl.store(OUT + g * M + cols, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+def sum_partials(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[G, R, M] fp32 partials -> [G, M] in ``out_dtype``, summed over R in fp32."""
+    G, R, M = part.shape
+    out = torch.empty((G, M), device=part.device, dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+    BLOCK_M = 1024
+    m_tiles = cdiv(M, BLOCK_M)
+    _sum_partials_kernel[(G * m_tiles,)](part, out, R, M, m_tiles, BLOCK_M=BLOCK_M, num_warps=4)
+    return out

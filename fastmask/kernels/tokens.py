@@ -1,0 +1,228 @@
+"""Token kernels: gather the visible tokens (+ pos) and put them back (unmask), fwd and bwd.
+
+All four are pure data movement, so each element is read and written once:
+    gather fwd    one tile of flat (b, k) rows per program; pos added in fp32.
+    gather bwd    grad_x written in one pass from an inverse index inv[b, n] -> k or -1
+                  (zeros at dropped rows, no separate memset); grad_pos is a batch sum.
+    unmask fwd    one tile of flat (b, n) rows; kept rows copy x_vis, dropped rows take
+                  mask_token; pos added in fp32.
+    unmask bwd    reads grad_out once: scatters the kept rows into grad_x_vis and sums the
+                  dropped rows (mask_token) and all rows (pos) in fp32.
+The batch sums use programs that own a tile of token rows n and walk a chunk of samples in
+order, writing fp32 partials that a second small kernel adds up in a fixed order: the
+gradients are deterministic (no float atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cdiv, row_config, sum_partials, target_programs
+
+
+def _inverse_ids(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """inv [B, N] int64: inv[b, n] = k where ids_keep[b, k] = n, else -1 (a tiny torch scatter)."""
+    B, K = ids_keep.shape
+    inv = torch.full((B, num_tokens), -1, device=ids_keep.device, dtype=torch.int64)
+    src = torch.arange(K, device=ids_keep.device, dtype=torch.int64).expand(B, K)
+    return inv.scatter_(1, ids_keep, src)
+
+
+def _batch_chunks(B: int, n_tiles: int, ref: torch.Tensor) -> int:
+    """Samples per program for the batch-sum kernels: few enough chunks to keep the fp32
+    partial buffer small, enough programs to fill the device."""
+    chunks = max(1, min(B, cdiv(target_programs(ref), n_tiles)))
+    return cdiv(B, chunks)
+
+
+# ------------------------------------------------------------------------------ gather
+@triton.jit
+def _gather_fwd_kernel(
+    X, IDS, POS, OUT, n_rows, K, N, D,
+    HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)  # row * D overflows int32 at real sizes
+    ids = tl.load(IDS + rows, mask=row_ok, other=0)
+    src = (rows // K) * N + ids
+    cols = tl.arange(0, BLOCK_D)
+    m = row_ok[:, None] & (cols < D)[None, :]
+    v = tl.load(X + src[:, None] * D + cols[None, :], mask=m, other=0.0)
+    if HAS_POS:
+        # pos may be fp32 next to bf16 activations: add in fp32, round once.
+        p = tl.load(POS + ids[:, None] * D + cols[None, :], mask=m, other=0.0)
+        v = v.to(tl.float32) + p.to(tl.float32)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], v.to(OUT.dtype.element_ty), mask=m)
+
+
+def gather_tokens_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    B, N, D = x.shape
+    K = ids_keep.shape[1]
+    out = torch.empty((B, K, D), device=x.device, dtype=x.dtype)
+    n_rows = B * K
+    if out.numel() == 0:
+        return out
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    _gather_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+        x, ids_keep, x if pos is None else pos, out, n_rows, K, N, D,
+        HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    return out
+
+
+@triton.jit
+def _gather_bwd_kernel(
+    G, INV, GX, GPOS_PART, B, N, K, D, N_TILES, B_PER_PROG,
+    POS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = pid // N_TILES
+    n = (pid % N_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = n < N
+    n = n.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    m = n_ok[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    # int64 bounds give an int64 loop variable (row offsets b * N * D overflow int32).
+    b_start = (chunk * B_PER_PROG).to(tl.int64)
+    b_end = tl.minimum(b_start + B_PER_PROG, B)
+    for b64 in range(b_start, b_end):
+        k = tl.load(INV + b64 * N + n, mask=n_ok, other=-1)
+        kept = k >= 0
+        # Dropped rows load the 0.0 fill, so the same store writes both the kept rows
+        # and the zeros: grad_x is written exactly once, with no memset pass.
+        g = tl.load(G + (b64 * K + k)[:, None] * D + cols[None, :], mask=m & kept[:, None], other=0.0)
+        tl.store(GX + (b64 * N + n)[:, None] * D + cols[None, :], g, mask=m)
+        if POS_GRAD:
+            acc += g.to(tl.float32)
+    if POS_GRAD:
+        tl.store(GPOS_PART + (chunk.to(tl.int64) * N + n)[:, None] * D + cols[None, :], acc, mask=m)
+
+
+def gather_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, pos_grad: bool):
+    B, K, D = grad_out.shape
+    N = int(num_tokens)
+    grad_x = torch.empty((B, N, D), device=grad_out.device, dtype=grad_out.dtype)
+    if grad_x.numel() == 0:
+        gpos = torch.zeros((N, D), device=grad_out.device, dtype=torch.float32) if pos_grad else None
+        return grad_x, gpos
+    inv = _inverse_ids(ids_keep, N)
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    n_tiles = cdiv(N, BLOCK_R)
+    # Without a pos gradient nothing is summed over the batch: one sample per program.
+    b_per_prog = _batch_chunks(B, n_tiles, grad_out) if pos_grad else 1
+    chunks = cdiv(B, b_per_prog)
+    part = torch.empty((chunks, N, D), device=grad_out.device, dtype=torch.float32) if pos_grad else grad_x
+    _gather_bwd_kernel[(n_tiles * chunks,)](
+        grad_out, inv, grad_x, part, B, N, K, D, n_tiles, b_per_prog,
+        POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    if not pos_grad:
+        return grad_x, None
+    gpos = part[0] if chunks == 1 else sum_partials(part.view(1, chunks, N * D), torch.float32).view(N, D)
+    return grad_x, gpos
+
+
+# ------------------------------------------------------------------------------ unmask
+@triton.jit
+def _unmask_fwd_kernel(
+    XV, INV, MT, POS, OUT, n_rows, K, N, D,
+    HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    k = tl.load(INV + rows, mask=row_ok, other=-1)
+    kept = k >= 0
+    b = rows // N
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    v = tl.load(XV + (b * K + k)[:, None] * D + cols[None, :], mask=m & kept[:, None], other=0.0)
+    # The reference casts mask_token to x_vis's dtype first; so do we (fp32 parameter, bf16 stream).
+    mt = tl.load(MT + cols, mask=col_ok, other=0.0).to(XV.dtype.element_ty)
+    v = tl.where(kept[:, None], v, mt[None, :]).to(tl.float32)
+    if HAS_POS:
+        n = rows - b * N
+        v += tl.load(POS + n[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], v.to(OUT.dtype.element_ty), mask=m)
+
+
+def unmask_tokens_fwd(
+    x_vis: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Tensor, num_tokens: int, pos: torch.Tensor | None
+) -> torch.Tensor:
+    B, K, D = x_vis.shape
+    N = int(num_tokens)
+    out = torch.empty((B, N, D), device=x_vis.device, dtype=x_vis.dtype)
+    if out.numel() == 0:
+        return out
+    inv = _inverse_ids(ids_keep, N)
+    n_rows = B * N
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    _unmask_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+        x_vis, inv, mask_token, x_vis if pos is None else pos, out, n_rows, K, N, D,
+        HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    return out
+
+
+@triton.jit
+def _unmask_bwd_kernel(
+    G, INV, GXV, GMASK_PART, GPOS_PART, B, N, K, D, N_TILES, B_PER_PROG,
+    POS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = pid // N_TILES
+    n = (pid % N_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = n < N
+    n = n.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    m = n_ok[:, None] & col_ok[None, :]
+    acc_mask = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_pos = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    # int64 bounds give an int64 loop variable (row offsets b * N * D overflow int32).
+    b_start = (chunk * B_PER_PROG).to(tl.int64)
+    b_end = tl.minimum(b_start + B_PER_PROG, B)
+    for b64 in range(b_start, b_end):
+        k = tl.load(INV + b64 * N + n, mask=n_ok, other=-1)
+        kept = k >= 0
+        g = tl.load(G + (b64 * N + n)[:, None] * D + cols[None, :], mask=m, other=0.0)
+        # ids are distinct, so every (b, k) row of grad_x_vis is stored exactly once.
+        tl.store(GXV + (b64 * K + k)[:, None] * D + cols[None, :], g, mask=m & kept[:, None])
+        g = g.to(tl.float32)
+        acc_mask += tl.where(kept[:, None], 0.0, g)
+        if POS_GRAD:
+            acc_pos += g
+    tl.store(GMASK_PART + pid.to(tl.int64) * D + cols, tl.sum(acc_mask, axis=0), mask=col_ok)
+    if POS_GRAD:
+        tl.store(GPOS_PART + (chunk.to(tl.int64) * N + n)[:, None] * D + cols[None, :], acc_pos, mask=m)
+
+
+def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: bool):
+    B, N, D = grad_out.shape
+    K = ids_keep.shape[1]
+    dev = grad_out.device
+    grad_x_vis = torch.empty((B, K, D), device=dev, dtype=grad_out.dtype)
+    if grad_out.numel() == 0:
+        gpos = torch.zeros((N, D), device=dev, dtype=torch.float32) if pos_grad else None
+        return grad_x_vis, torch.zeros(D, device=dev, dtype=torch.float32), gpos
+    inv = _inverse_ids(ids_keep, N)
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    n_tiles = cdiv(N, BLOCK_R)
+    b_per_prog = _batch_chunks(B, n_tiles, grad_out)
+    chunks = cdiv(B, b_per_prog)
+    n_prog = n_tiles * chunks
+    mask_part = torch.empty((n_prog, D), device=dev, dtype=torch.float32)
+    pos_part = torch.empty((chunks, N, D), device=dev, dtype=torch.float32) if pos_grad else mask_part
+    _unmask_bwd_kernel[(n_prog,)](
+        grad_out, inv, grad_x_vis, mask_part, pos_part, B, N, K, D, n_tiles, b_per_prog,
+        POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    grad_mask = sum_partials(mask_part.view(1, n_prog, D), torch.float32).view(D)
+    gpos = None
+    if pos_grad:
+        gpos = pos_part[0] if chunks == 1 else sum_partials(pos_part.view(1, chunks, N * D), torch.float32).view(N, D)
+    return grad_x_vis, grad_mask, gpos
