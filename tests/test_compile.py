@@ -44,3 +44,42 @@ def test_compiled_block_matches_eager(backend, compiler):
     torch.testing.assert_close(got_out, want_out, rtol=1e-4, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def _opcheck_cases():
+    import importlib
+
+    A, Lo, Nm, T = (importlib.import_module(f"fastmask.ops.{m}") for m in ("attention", "loss", "norm", "tokens"))
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    B, N, K, D = 2, 7, 3, 8
+    ids = ops.random_mask(B, N, 1 - K / N, generator=torch.Generator().manual_seed(1))[0]
+    x, xv, vec = r(B, N, D).requires_grad_(), r(B, K, D).requires_grad_(), lambda: r(B, D).requires_grad_()
+    mask = ops.mask_from_ids(ids, N)
+    return {
+        "gather_tokens": (T._gather_op, (x, ids, r(N, D).requires_grad_(), "triton")),
+        "unmask_tokens": (T._unmask_op, (xv, ids, r(D).requires_grad_(), N, r(N, D).requires_grad_(), "triton")),
+        "layernorm_modulate": (Nm._lnm_op, (x, vec(), vec(), 1e-6, "triton")),
+        "gated_residual": (Nm._gr_op, (x, r(B, N, D).requires_grad_(), vec(), "triton")),
+        "residual_layernorm_modulate": (
+            Nm._rlnm_op,
+            (x, r(B, N, D).requires_grad_(), vec(), vec(), vec(), 1e-6, "triton"),
+        ),
+        "attention": (A._attn_op, (r(B, 5, 3, 2, 8).requires_grad_(), 0.35, "triton")),
+        "dsm_mae_loss": (
+            Lo._loss_op,
+            (r(B, N, 8).requires_grad_(), r(B, N, 8), r(B, N, 8), torch.tensor([0.5, 2.0]), mask, 0.1, 0.5, "triton"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(dispatch.OPS))
+def test_opcheck_custom_ops(name):
+    """torch.library.opcheck: schema, fake (shape/dtype) functions and autograd registration agree
+    with the real kernels."""
+    reason = dispatch.why_not("triton", name, [torch.zeros(1)])
+    if reason:
+        pytest.skip(f"Triton backend unavailable here: {reason}")
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -62,3 +62,15 @@ def test_available_backends_reports_reasons():
     assert av["torch"] is None and set(av) == {"torch", "triton", "cuda"}
     for name, reason in av.items():
         assert reason is None or isinstance(reason, str) and reason
+
+
+def test_unsupported_head_dim_falls_back_or_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    qkv = torch.randn(1, 4, 3, 2, 12)  # head dim 12: not a multiple of 8
+    reason = dispatch.why_not("triton", "attention", [qkv])
+    if reason is None or "head dim" not in reason:
+        pytest.skip(f"Triton backend unavailable here: {reason}")
+    with fastmask.backend("triton"):
+        with pytest.raises(fastmask.BackendUnavailable, match="head dim 12"):
+            ops.attention(qkv)
+    torch.testing.assert_close(ops.attention(qkv), ops.reference.attention(qkv))  # auto: reference
