@@ -90,6 +90,7 @@ class EDMPrecond(nn.Module):
             mae_coef=mae_coef,
             sigma_data=self.sigma_data,
             return_terms=return_terms,
+            check_values=False,  # sigma was drawn above: positive and finite
         )
 
 

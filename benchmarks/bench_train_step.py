@@ -1,0 +1,206 @@
+"""End-to-end training step: forward, backward, AdamW step (bf16 autocast on a GPU).
+
+Variants (same config, input size and batch within a group):
+    dit-torch                 plain DiT, eager, torch backend (attention = SDPA)
+    maskdit-torch             MaskDiT, reference ops, eager
+    maskdit-torch-compile     the same under torch.compile (regional: every block compiled)
+    maskdit-fastmask          MaskDiT with the fused kernels (automatic backend)
+    maskdit-fastmask-compile  the same under torch.compile
+Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add other ratios
+(0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
+
+Each row: step time (median, 20/80 % quantiles), images/s, peak memory, model FLOPs per step
+(``fastmask.profiling.count_flops``: 3x the forward's matmul + attention FLOPs) and MFU
+against the bf16 matmul rate measured in the same session. On the CPU the headline is the
+masked (0.5) vs unmasked (0.0) step-time ratio of a small MaskDiT (reference backend).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import time
+
+import pytest
+import torch
+
+from benchmarks import common
+from fastmask.profiling import build_training
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    model: str  # maskdit | dit
+    backend: str  # torch | auto
+    compile: str | None  # None | blocks | model
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("dit-torch", "dit", "torch", None),
+        Variant("maskdit-torch", "maskdit", "torch", None),
+        Variant("maskdit-torch-compile", "maskdit", "torch", "blocks"),
+        Variant("maskdit-fastmask", "maskdit", "auto", None),
+        Variant("maskdit-fastmask-compile", "maskdit", "auto", "blocks"),
+        Variant("dit-fastmask", "dit", "auto", None),
+    )
+}
+MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    config: str
+    input_size: int
+    batch: int
+    in_channels: int = 4
+    num_classes: int = 1000
+    warmup: int = 2
+    steps: int = 5
+
+
+def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]]:
+    """[(setting, main (variant, ratio) pairs, extra pairs)] of this run's size set."""
+    main = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in MAIN)
+    ratios = (("maskdit-fastmask", 0.0), ("maskdit-fastmask", 0.25), ("maskdit-fastmask", 0.75))
+    ratios_ref = (("maskdit-torch", 0.0), ("maskdit-torch", 0.25), ("maskdit-torch", 0.75))
+    sset = common.size_set()
+    if sset == "dry":
+        return [(Setting("T/2", 8, 4, warmup=1, steps=2), main, (("maskdit-torch", 0.0),))]
+    if sset == "cpu":
+        # the no-download default's scale (SPEC): ~1.5M parameters, 16x16 inputs, batch 128
+        s = Setting("Digits/2", 16, 128, in_channels=1, num_classes=10, warmup=1, steps=5)
+        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)), ratios_ref[1:] + main)]
+    if sset == "quick":
+        return [
+            (Setting("XL/2", 32, 64, warmup=2, steps=5), main, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
+            (Setting("XL/2", 64, 16, warmup=2, steps=5), main, ()),
+        ]
+    return [
+        (Setting("XL/2", 32, 128, warmup=3, steps=10), main, ratios + ratios_ref + (("dit-fastmask", 0.0),)),
+        (Setting("XL/2", 64, 32, warmup=3, steps=10), main, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    setting: Setting
+    variant: Variant
+    mask_ratio: float
+    priority: tuple = ()
+
+    @property
+    def id(self) -> str:
+        s = self.setting
+        return f"{self.variant.name}-{s.config.replace('/', '')}-{s.input_size * 8}px-b{s.batch}-r{int(round(self.mask_ratio * 100)):02d}"
+
+    def row(self) -> dict:
+        s, v = self.setting, self.variant
+        return {
+            "kind": "train_step",
+            "variant": v.name,
+            "model": v.model,
+            "backend": v.backend,
+            "compile": v.compile,
+            "config": s.config,
+            "input_size": s.input_size,
+            "res": s.input_size * 8,
+            "batch": s.batch,
+            "in_channels": s.in_channels,
+            "mask_ratio": self.mask_ratio,
+            "amp": "bf16" if common.on_gpu() else None,
+        }
+
+
+def build_cases() -> list[StepCase]:
+    cases, seen = [], set()
+    sets = settings()
+    for rank, (s, main, extra) in enumerate(sets):
+        for tier, pairs in ((0, main), (1, extra)):
+            for name, r in pairs:
+                if (s, name, r) in seen:
+                    continue
+                seen.add((s, name, r))
+                # eager main rows of every setting first, then eager extras, then the compiled
+                # variants (their compile time would otherwise eat a short run's budget)
+                v = VARIANTS[name]
+                cases.append(StepCase(s, v, r, priority=(100 + (2 if v.compile else tier), rank)))
+    return cases
+
+
+CASES = build_cases()
+
+
+def _free():
+    gc.collect()
+    if common.on_gpu():
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.bench_case
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
+    v, s = case.variant, case.setting
+    if v.compile and common.compile_allowed():
+        pytest.skip(common.compile_allowed())
+    if v.backend == "auto" and not common.on_gpu():
+        pytest.skip("no GPU: the automatic backend runs the torch reference here (the *-torch rows)")
+    scope = os.environ.get("FASTMASK_BENCH_COMPILE_SCOPE", "blocks") if v.compile else None
+    torch._dynamo.reset()
+    _free()
+    if common.on_gpu():
+        torch.cuda.reset_peak_memory_stats()
+    ts = None
+    try:
+        ts = build_training(
+            s.config,
+            model=v.model,
+            input_size=s.input_size,
+            batch=s.batch,
+            in_channels=s.in_channels,
+            num_classes=s.num_classes,
+            mask_ratio=case.mask_ratio,
+            backend=v.backend,
+            device=common.device(),
+            compile=scope,
+        )
+        params = sum(p.numel() for p in ts.model.parameters())
+        flops = ts.flops()
+        t0 = time.perf_counter()
+        for _ in range(s.warmup):  # includes torch.compile's compile time
+            ts.step()
+        common.sync()
+        warmup_s = time.perf_counter() - t0
+        timed = common.RoundTimer(ts.step)
+        benchmark.pedantic(timed, rounds=s.steps, iterations=1, warmup_rounds=0)
+        stats = common.summarize(timed.times_ms())
+        timed = None  # it holds ts.step, hence the model: let the finally free it
+        peak = torch.cuda.max_memory_allocated() / 2**30 if common.on_gpu() else None
+    except torch.cuda.OutOfMemoryError as e:
+        ts = None
+        pytest.skip(f"out of memory at batch {s.batch}: {str(e)[:200]}")
+    finally:
+        del ts
+        torch._dynamo.reset()
+        _free()
+    step_s = stats["median_ms"] * 1e-3
+    tflops = flops["train_step"] / step_s / 1e12
+    result_row.update(stats)
+    result_row.update(
+        compile=scope,
+        params=params,
+        warmup_s=warmup_s,
+        images_per_s=s.batch / step_s,
+        peak_mem_gib=peak,
+        flops=flops["train_step"],
+        tflops=tflops,
+        mfu_pct=100.0 * tflops / ceilings["matmul_tflops"],
+        tokens=flops["tokens"],
+    )
+    benchmark.extra_info.update(case.row())
+    benchmark.extra_info.update({k: v for k, v in result_row.items() if k != "tokens"})
+    benchmark.extra_info.update(
+        {k: bench_env.get(k) for k in ("device", "torch", "triton", "cuda", "commit", "date")}
+    )

@@ -1,0 +1,486 @@
+"""Where a training step spends its time: ``fastmask profile`` (and the FLOP count behind MFU).
+
+    fastmask profile --config XL/2 --input-size 32 --batch 64 --mask-ratio 0.5 \\
+        --backend auto --steps 5 --trace step.json
+
+runs a few training steps (forward, backward, AdamW step; bf16 autocast on a GPU) under
+``torch.profiler`` and prints the time per op kind -- matmul, attention, norm/modulate,
+gather/unmask, loss, optimizer, other -- with its share of the step, the step time, images/s
+and the model FLOP utilisation against a measured bf16 matmul rate. ``--trace`` writes a
+Chrome trace (open it in chrome://tracing or https://ui.perfetto.dev).
+
+How time is attributed: while profiling, every public fastmask op (``fastmask.ops.*``) runs
+inside a ``fastmask.op.<name>`` profiler range; an event inside such a range -- or inside the
+backward of an autograd node created there (matched by sequence number) -- belongs to that
+op's kind, whatever the backend (reference or fused kernels). Outside them, matmul-like ATen
+ops (mm, addmm, bmm, convolution) count as matmul, the optimizer's ranges as optimizer, the
+rest as other. Each event counts its self time: device (kernel) time on a GPU, CPU time on
+the CPU. Under ``--compile`` Inductor fuses across these boundaries, so most of the time
+lands in "other"; profile eagerly to see the split.
+
+:func:`count_flops` is the explicit FLOP count of a DiT/MaskDiT (matmuls and attention).
+:func:`build_training` is the training step shared with the benchmark suite.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import time
+
+import torch
+
+from . import ops as _ops
+from .ops.tokens import num_kept
+
+CATEGORIES = ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer", "other")
+
+_OP_CATEGORY = {
+    "attention": "attention",
+    "layernorm_modulate": "norm/modulate",
+    "gated_residual": "norm/modulate",
+    "residual_layernorm_modulate": "norm/modulate",
+    "gather_tokens": "gather/unmask",
+    "unmask_tokens": "gather/unmask",
+    "random_mask": "gather/unmask",
+    "mask_from_ids": "gather/unmask",
+    "dsm_mae_loss": "loss",
+}
+_RANGE_PREFIX = "fastmask.op."
+_OPTIMIZER_RANGES = ("fastmask.optimizer", "Optimizer.step#", "Optimizer.zero_grad#")
+_MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::convolution",
+    "aten::_convolution",
+    "aten::cudnn_convolution",
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_addmm_activation",
+)
+
+
+# ----------------------------------------------------------------------------- FLOP count
+def _block_flops(blk, L: int) -> dict:
+    """Matmul FLOPs of one MaskedDiTBlock on L tokens, per sample (2 FLOPs per multiply-add)."""
+    D = blk.hidden_size
+    qkv = blk.attn.qkv
+    hidden = blk.mlp.fc1.out_features
+    ada = blk.adaLN_modulation[1]
+    return {
+        "qkv": 2 * L * D * qkv.out_features,
+        "attn": 4 * L * L * D,  # q k^T and p v: 2 L^2 hd each, per head
+        "proj": 2 * L * D * D,
+        "mlp": 2 * L * D * hidden * 2,
+        "adaLN": 2 * ada.in_features * ada.out_features,
+    }
+
+
+def _final_flops(layer, L: int) -> int:
+    lin, ada = layer.linear, layer.adaLN_modulation[1]
+    return 2 * L * lin.in_features * lin.out_features + 2 * ada.in_features * ada.out_features
+
+
+def count_flops(model, batch: int = 1, mask_ratio: float = 0.0) -> dict:
+    """Matmul + attention FLOPs of one forward of a DiT or MaskDiT (the network inside an
+    EDMPrecond is unwrapped), and of one training step (x3: forward + backward).
+
+    Counted: patch embedding, conditioning MLPs (timestep MLP, class Linear), every block
+    (qkv, attention q k^T and p v, proj, MLP, adaLN Linear), MaskDiT's decoder_layer, the
+    decoder blocks on all N tokens, the final layer. Not counted: norms, softmax, element-wise
+    ops (a few % at most). Returns {"parts": {...}, "forward": F, "train_step": 3 F} in FLOPs
+    for the whole batch.
+    """
+    net = getattr(model, "model", model)
+    N = net.num_patches
+    p = net.patch_size
+    masked = hasattr(net, "decoder_blocks")
+    K = num_kept(N, mask_ratio) if masked and mask_ratio > 0 else N
+    D = net.hidden_size
+    conv = net.x_embedder.proj
+    parts: dict[str, float] = {}
+    parts["patch_embed"] = 2 * N * conv.in_channels * p * p * conv.out_channels
+    t = net.t_embedder.mlp
+    cond = 2 * (t[0].in_features * t[0].out_features + t[2].in_features * t[2].out_features)
+    emb = getattr(net.y_embedder, "embedding_table", None)
+    if isinstance(emb, torch.nn.Linear):
+        cond += 2 * emb.in_features * emb.out_features
+    parts["conditioning"] = cond
+
+    def add_blocks(prefix, blocks, L):
+        for blk in blocks:
+            for k, v in _block_flops(blk, L).items():
+                parts[f"{prefix}.{k}"] = parts.get(f"{prefix}.{k}", 0) + v
+
+    add_blocks("blocks", net.blocks, K)
+    if masked:
+        parts["decoder_layer"] = _final_flops(net.decoder_layer, K)
+        add_blocks("decoder_blocks", net.decoder_blocks, N)
+    parts["final_layer"] = _final_flops(net.final_layer, N)
+    parts = {k: v * batch for k, v in parts.items()}
+    fwd = sum(parts.values())
+    return {"parts": parts, "forward": fwd, "train_step": 3 * fwd, "tokens": {"N": N, "K": K}}
+
+
+# ----------------------------------------------------------------------------- training step
+@dataclasses.dataclass
+class TrainSetup:
+    """A model, its optimizer and one fixed batch: ``step()`` runs one training step."""
+
+    model: torch.nn.Module  # EDMPrecond
+    opt: torch.optim.Optimizer
+    y: torch.Tensor
+    labels: torch.Tensor
+    mask_ratio: float
+    backend: str
+    amp: bool
+    device: torch.device
+
+    def step(self) -> torch.Tensor:
+        from . import backend as _backend
+
+        with _backend(self.backend):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = self.model.loss(self.y, self.labels, mask_ratio=self.mask_ratio).mean()
+            loss.backward()
+        with torch.profiler.record_function("fastmask.optimizer"):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def flops(self) -> dict:
+        return count_flops(self.model, self.y.shape[0], self.mask_ratio)
+
+
+def compile_model(model, scope: str = "blocks"):
+    """torch.compile a DiT/MaskDiT (inside an EDMPrecond) in place.
+
+    ``blocks``: each transformer block (regional compilation: identical blocks share one
+    compiled graph, so compiling is quick); ``model``: the whole network forward.
+    """
+    net = getattr(model, "model", model)
+    if scope == "blocks":
+        for name in ("blocks", "decoder_blocks"):
+            for blk in getattr(net, name, []):
+                blk.compile()
+    elif scope == "model":
+        net.forward_tokens = torch.compile(net.forward_tokens)
+    else:
+        raise ValueError(f"compile scope: expected 'blocks' or 'model', got {scope!r}")
+    return model
+
+
+def build_training(
+    config: str = "XL/2",
+    *,
+    model: str = "maskdit",
+    input_size: int = 32,
+    batch: int = 8,
+    in_channels: int = 4,
+    num_classes: int = 1000,
+    mask_ratio: float = 0.5,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    compile: str | None = None,
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> TrainSetup:
+    """Build the model (``maskdit`` or ``dit`` of ``config``), AdamW and a random batch.
+
+    ``amp`` (bf16 autocast) defaults to on for CUDA, off for the CPU; ``compile`` is None,
+    ``"blocks"`` or ``"model"`` (see :func:`compile_model`).
+    """
+    from .models import EDMPrecond, dit, maskdit
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = dev.type == "cuda" if amp is None else amp
+    torch.manual_seed(seed)
+    build = {"maskdit": maskdit, "dit": dit}[model]
+    with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
+        net = build(config, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+        edm = EDMPrecond(net).to(dev)  # so move the rest
+        y = torch.randn(batch, in_channels, input_size, input_size)
+        labels = torch.randint(0, num_classes, (batch,))
+    if compile:
+        compile_model(edm, compile)
+    opt_kw = {"fused": True} if dev.type == "cuda" else {}
+    opt = torch.optim.AdamW(edm.parameters(), lr=lr, weight_decay=0.0, **opt_kw)
+    return TrainSetup(edm, opt, y, labels, mask_ratio if model == "maskdit" else 0.0, backend, amp, dev)
+
+
+# ----------------------------------------------------------------------------- attribution
+@contextlib.contextmanager
+def op_ranges():
+    """Wrap every public fastmask op in a ``fastmask.op.<name>`` profiler range (restored on exit).
+
+    The models call ops as ``ops.<name>(...)`` (module attribute look-ups), so wrapping the
+    attributes of :mod:`fastmask.ops` is seen everywhere.
+    """
+    saved = {}
+    for name in _OP_CATEGORY:
+        fn = getattr(_ops, name, None)
+        if fn is None:
+            continue
+        saved[name] = fn
+
+        def wrapped(*a, __fn=fn, __name=name, **k):
+            with torch.profiler.record_function(_RANGE_PREFIX + __name):
+                return __fn(*a, **k)
+
+        setattr(_ops, name, functools.wraps(fn)(wrapped))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(_ops, name, fn)
+
+
+def _self_time_us(evt, on_gpu: bool) -> float:
+    if on_gpu:
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0.0)
+        return float(t)
+    return float(evt.self_cpu_time_total)
+
+
+def _is_cpu_event(evt) -> bool:
+    dt = getattr(evt, "device_type", None)
+    return dt is None or str(dt).endswith("CPU")
+
+
+def _under_matmul(e, depth: int = 4) -> bool:
+    """The event is a matmul-like ATen op, or runs inside one (on a GPU the kernel time may
+    sit on the cudaLaunchKernel / cuBLAS runtime call below the ATen op)."""
+    while e is not None and depth >= 0:
+        if e.name in _MATMUL_OPS:
+            return True
+        e, depth = e.cpu_parent, depth - 1
+    return False
+
+
+def categorize(events, on_gpu: bool, detail: dict | None = None) -> dict[str, float]:
+    """Self time (us) per category of a profiler's events (see the module docstring).
+
+    ``detail``, if given, is filled with {category: {event name: us}}.
+    """
+    events = [e for e in events if _is_cpu_event(e)]
+    # forward autograd sequence numbers created inside an op range -> that op's category
+    seq_cat: dict[int, str] = {}
+    range_cat: dict[int, str | None] = {}
+
+    def own_category(e):
+        name = e.name
+        if name.startswith(_RANGE_PREFIX):
+            return _OP_CATEGORY.get(name[len(_RANGE_PREFIX):])
+        if name.startswith("fastmask::"):  # the custom ops of the fused backends (and backwards)
+            base = name[len("fastmask::"):].split(".")[0].removesuffix("_backward")
+            return _OP_CATEGORY.get(base)
+        if name.startswith(_OPTIMIZER_RANGES):
+            return "optimizer"
+        return None
+
+    def enclosing(e):
+        """Category from the nearest categorising ancestor (or the event itself)."""
+        chain = []
+        cur = e
+        while cur is not None:
+            if cur.id in range_cat:
+                cat = range_cat[cur.id]
+                break
+            chain.append(cur)
+            cat = own_category(cur)
+            if cat is None and cur.name.startswith("autograd::engine::evaluate_function"):
+                cat = seq_cat.get(getattr(cur, "sequence_nr", -1))
+                if cat is None:  # the backward of a node made outside every op range
+                    break
+            if cat is not None:
+                break
+            cur = cur.cpu_parent
+        for c in chain:
+            range_cat[c.id] = cat
+        return cat
+
+    # Every forward op records the autograd sequence number current at its start; the op that
+    # creates the node numbered s is the last one (in time) to record s (ops that create no
+    # node record the next number without taking it). Backward nodes carry their s.
+    events.sort(key=lambda e: e.time_range.start)
+    for e in events:
+        if "evaluate_function" in e.name or getattr(e, "sequence_nr", -1) < 0:
+            continue
+        seq_cat[e.sequence_nr] = enclosing(e)
+    range_cat.clear()
+    totals = {c: 0.0 for c in CATEGORIES}
+    for e in events:
+        t = _self_time_us(e, on_gpu)
+        if t <= 0:
+            continue
+        cat = enclosing(e)
+        if cat is None:
+            cat = "matmul" if _under_matmul(e) else "other"
+        elif cat not in ("attention", "loss", "optimizer") and _under_matmul(e):
+            cat = "matmul"  # a matmul launched inside e.g. a norm range is still a matmul
+        totals[cat] += t
+        if detail is not None:
+            d = detail.setdefault(cat, {})
+            d[e.name] = d.get(e.name, 0.0) + t
+    return totals
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``fastmask profile``."""
+    parser.add_argument("--config", default="XL/2", help="model config: XL/2, L/2, B/2, S/2, Digits/2, T/2 ... (default XL/2)")
+    parser.add_argument("--model", choices=("maskdit", "dit"), default="maskdit", help="MaskDiT (default) or plain DiT")
+    parser.add_argument("--input-size", type=int, default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
+    parser.add_argument("--in-channels", type=int, default=4, help="input channels (4 for SD-VAE latents)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 64 on a GPU, 8 on the CPU)")
+    parser.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of tokens dropped (MaskDiT)")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto")
+    parser.add_argument("--compile", choices=("none", "blocks", "model"), default="none", help="torch.compile scope")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before profiling")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on the GPU")
+    parser.add_argument("--trace", default=None, help="write a Chrome trace (JSON) here")
+    parser.add_argument("--json", default=None, help="write the per-kind table and step figures (JSON) here")
+    parser.add_argument("--top", type=int, default=0, help="also list the N ops with the most self time")
+    return parser
+
+
+def _matmul_peak_tflops(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return 2 * n**3 / (times[len(times) // 2] * 1e-3) / 1e12
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastmask profile``: profile, print the per-kind table (and write --trace / --json); 0."""
+    result = profile(args)
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def profile(args: argparse.Namespace) -> dict:
+    """Profile ``args.steps`` training steps; print the per-kind table; return it as a dict."""
+    dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = dev.type == "cuda"
+    batch = args.batch or (64 if on_gpu else 8)
+    ts = build_training(
+        args.config,
+        model=args.model,
+        input_size=args.input_size,
+        batch=batch,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        mask_ratio=args.mask_ratio,
+        backend=args.backend,
+        device=dev,
+        amp=on_gpu and not args.no_amp,
+        compile=None if args.compile == "none" else args.compile,
+    )
+    for _ in range(max(args.warmup, 1 if args.compile != "none" else 0)):
+        ts.step()
+    _sync(dev)
+
+    # wall time per step, without the profiler's overhead
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        ts.step()
+    _sync(dev)
+    step_s = (time.perf_counter() - t0) / args.steps
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with op_ranges(), torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            with torch.profiler.record_function("fastmask.step"):
+                ts.step()
+        _sync(dev)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    totals = categorize(prof.events(), on_gpu)
+    busy = sum(totals.values()) / args.steps / 1e3  # ms per step
+    flops = ts.flops()
+    peak = _matmul_peak_tflops(dev)
+    tflops = flops["train_step"] / step_s / 1e12
+    result = {
+        "config": args.config,
+        "model": args.model,
+        "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
+        "batch": batch,
+        "input_size": args.input_size,
+        "mask_ratio": ts.mask_ratio,
+        "backend": args.backend,
+        "compile": args.compile,
+        "step_ms": step_s * 1e3,
+        "images_per_s": batch / step_s,
+        "measured_ms_per_step": busy,
+        "time_basis": "GPU kernel time" if on_gpu else "CPU self time",
+        "categories": {k: {"ms": v / args.steps / 1e3, "share": v / max(sum(totals.values()), 1e-9)} for k, v in totals.items()},
+        "flops_per_step": flops["train_step"],
+        "tflops": tflops,
+        "matmul_peak_tflops": peak,
+        "mfu_pct": 100 * tflops / peak if peak else None,
+        "trace": args.trace,
+    }
+    _print(result, prof if args.top else None, args.top, on_gpu)
+    return result
+
+
+def _print(r: dict, prof, top: int, on_gpu: bool) -> None:
+    print(
+        f"fastmask profile: {r['model']} {r['config']} input {r['input_size']} batch {r['batch']} "
+        f"mask ratio {r['mask_ratio']} backend {r['backend']} compile {r['compile']} on {r['device']}"
+    )
+    print(f"step {r['step_ms']:.2f} ms ({r['images_per_s']:.1f} images/s); {r['time_basis']} per step {r['measured_ms_per_step']:.2f} ms")
+    print(f"{'kind':<15}{'ms/step':>10}{'share':>9}")
+    for k in CATEGORIES:
+        c = r["categories"][k]
+        print(f"{k:<15}{c['ms']:>10.3f}{100 * c['share']:>8.1f}%")
+    mfu = f", MFU {r['mfu_pct']:.1f}% of a measured {r['matmul_peak_tflops']:.0f} TFLOP/s bf16 matmul" if r["mfu_pct"] else ""
+    print(f"model FLOPs per step {r['flops_per_step'] / 1e9:.4g} GFLOP -> {r['tflops'] * 1e3:.4g} GFLOP/s{mfu}")
+    if prof is not None:
+        key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=top))
+    if r["trace"]:
+        print(f"Chrome trace: {r['trace']}")
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="fastmask profile", description=__doc__.split("\n\n")[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

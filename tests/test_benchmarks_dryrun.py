@@ -1,0 +1,169 @@
+"""The benchmark suite, the GPU script and the profiler cannot rot: run them on the CPU.
+
+- the GPU script's dry run (same stages and code paths as on the GPU, tiny sizes);
+- ``fastmask.profiling.run`` on a tiny config (what ``fastmask profile`` calls);
+- the explicit FLOP count behind MFU against torch's FlopCounterMode;
+- the report (markdown + plots) from a synthetic GPU-style result file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the source tree, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch: on a shared 2-core machine two OpenMP threads make steps erratic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("FASTMASK_BENCH_JSON", None)
+    env.pop("FASTMASK_BENCH_MODE", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_script.py"), str(out), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["env"]["mode"] == "dry" and doc["env"]["torch"] == torch.__version__
+    assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
+    stages = {s["name"]: s["status"] for s in doc["stages"]}
+    for name in ("env", "gpu_tests", "bench_ops", "bench_train", "report"):
+        assert stages.get(name) == "ok", (name, stages, (out / "log.txt").read_text()[-4000:])
+    rows = doc["results"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert not failed, failed[:3]
+    ops_ok = {r["op"] for r in rows if r["kind"] == "op" and r["status"] == "ok" and r["provider"] == "torch"}
+    assert ops_ok == {
+        "attention",
+        "layernorm_modulate",
+        "gated_residual",
+        "residual_layernorm_modulate",
+        "gather_tokens",
+        "unmask_tokens",
+        "dsm_mae_loss",
+    }
+    for r in rows:
+        if r["kind"] == "op" and r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["bytes"] > 0 and "roofline_pct" in r, r
+        assert r["status"] != "skipped" or r["reason"], r  # every skip says why
+    steps = [r for r in rows if r["kind"] == "train_step" and r["status"] == "ok"]
+    assert {(r["variant"], r["mask_ratio"]) for r in steps} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
+    assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 for r in steps)
+    assert doc["summary"]["train"]["masked_speedup"]
+    md = (out / "results.md").read_text()
+    assert "Training step" in md and "| attention (encoder) |" in md
+    assert proc.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
+    assert (out / "log.txt").stat().st_size > 0
+    assert (out / "speedup_vs_mask_ratio.png").exists() and (out / "roofline.png").exists()
+    assert list(out.glob("cpu-*_dry.json"))
+
+
+def test_profile_run_cpu(tmp_path, one_thread, capsys):
+    from fastmask import profiling
+
+    parser = profiling.add_arguments(argparse.ArgumentParser())
+    trace, out = tmp_path / "trace.json", tmp_path / "profile.json"
+    args = parser.parse_args(
+        ["--config", "T/2", "--input-size", "8", "--batch", "2", "--steps", "2", "--warmup", "1",
+         "--trace", str(trace), "--json", str(out)]
+    )
+    assert profiling.run(args) == 0  # what `fastmask profile` returns as its exit code
+    res = json.loads(out.read_text())
+    cats = res["categories"]
+    assert set(cats) == set(profiling.CATEGORIES)
+    assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+    for kind in ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer"):
+        assert cats[kind]["ms"] > 0, (kind, cats)
+    assert res["step_ms"] > 0 and res["flops_per_step"] > 0
+    assert trace.exists() and trace.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "gather/unmask" in printed and "ms/step" in printed
+    # the op wrappers are gone again
+    import fastmask
+
+    assert not hasattr(fastmask.ops.attention, "__wrapped__")
+
+
+@pytest.mark.parametrize(
+    "model,config,ratio", [("maskdit", "T/2", 0.5), ("maskdit", "T/2", 0.0), ("dit", "T/2", 0.0), ("maskdit", "Digits/2", 0.75)]
+)
+def test_count_flops_matches_flop_counter(model, config, ratio, monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastmask import profiling
+    from fastmask.ops import reference
+
+    # the counter sees bmm; SDPA's CPU kernel is not in its table
+    monkeypatch.setattr(reference, "attention", reference.attention_math)
+    ts = profiling.build_training(config, model=model, input_size=16, batch=3, num_classes=10, mask_ratio=ratio, device="cpu")
+    x = torch.randn(3, 4, 16, 16)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        ts.model.model.forward_tokens(x, torch.randn(3), torch.randint(0, 10, (3,)), mask_ratio=ratio)
+    counted = profiling.count_flops(ts.model, 3, ratio)
+    assert counted["forward"] == fc.get_total_flops()
+    assert counted["train_step"] == 3 * counted["forward"]
+
+
+def _synthetic_doc():
+    env = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "dtype": "bfloat16", "torch": "2.11.0", "mode": "quick"}
+    rows = []
+    for ratio in (0.0, 0.5, 0.75):
+        for prov, ms in (("fastmask-triton", 1.0), ("torch", 2.5), ("torch-compile", 1.5)):
+            rows.append(
+                dict(kind="op", op="gather_tokens", stage="encoder", provider=prov, mode="full", config="XL/2", input_size=32,
+                     res=256, batch=64, mask_ratio=ratio, status="ok", median_ms=ms * (1 - ratio / 2), bytes=1e9,
+                     bound="memory", gbps=1000.0, roofline_pct=30.0 / ms, dims={"B": 64, "N": 256, "K": 128, "D": 1152})
+            )
+    rows.append(dict(kind="op", op="attention", stage="encoder", provider="fastmask-cuda", mode="full", config="XL/2",
+                     input_size=32, res=256, batch=64, mask_ratio=0.5, status="failed", error="RuntimeError: boom"))
+    for variant, model, ratio, ms in (
+        ("dit-torch", "dit", 0.0, 300.0),
+        ("maskdit-fastmask", "maskdit", 0.5, 120.0),
+        ("maskdit-fastmask", "maskdit", 0.0, 250.0),
+        ("maskdit-fastmask", "maskdit", 0.75, 90.0),
+    ):
+        rows.append(dict(kind="train_step", variant=variant, model=model, config="XL/2", input_size=32, res=256, batch=64,
+                         mask_ratio=ratio, status="ok", median_ms=ms, images_per_s=64 / ms * 1e3, peak_mem_gib=20.0,
+                         mfu_pct=40.0))
+    from benchmarks.summary import summarize_rows
+
+    return {"schema": 1, "env": env, "ceilings": {"copy_gbps": 3000.0, "matmul_n": 8192, "matmul_dtype": "bfloat16",
+            "matmul_tflops": 700.0}, "results": rows, "summary": summarize_rows(rows)}
+
+
+def test_report_markdown_and_plots(tmp_path, capsys):
+    from benchmarks import report
+
+    p = tmp_path / "h100.json"
+    p.write_text(json.dumps(_synthetic_doc()))
+    assert report.main([str(p), "--md", str(tmp_path / "t.md"), "--plots", str(tmp_path), "--all-ops"]) == 0
+    md = (tmp_path / "t.md").read_text()
+    assert "NVIDIA H100" in md
+    assert "| gather_tokens (encoder) |" in md and "2.50x" in md  # fastmask vs torch at ratio 0.5
+    assert "2.08x" in md  # masked (0.5) vs unmasked (0.0) step of maskdit-fastmask
+    assert "FAILED" in md and "boom" in md
+    assert (tmp_path / "speedup_vs_mask_ratio.png").stat().st_size > 0
+    assert (tmp_path / "roofline.png").stat().st_size > 0
