@@ -21,6 +21,15 @@ def cuda_extensions():
     if want in ("0", "false", "no", "off"):
         print("fastmask: FASTMASK_BUILD_CUDA=0, skipping the CUDA extension", file=sys.stderr)
         return [], {}
+    sys.path.insert(0, HERE)
+    try:
+        from csrc.build import ensure_cuda_home, extension_kwargs  # the one place that lists sources and flags
+    except ImportError:  # a source tree without csrc/
+        ensure_cuda_home = extension_kwargs = None
+    else:
+        # torch's cpp_extension reads CUDA_HOME once, at import, and otherwise guesses from
+        # the nvcc on PATH (a wrapper script in /usr/local/bin gives a root without headers).
+        ensure_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -29,7 +38,9 @@ def cuda_extensions():
         torch = CUDA_HOME = None
     else:
         reason = None
-        if torch.version.cuda is None:
+        if extension_kwargs is None:
+            reason = "the CUDA sources (csrc/) are not in this source tree"
+        elif torch.version.cuda is None:
             reason = "torch is a CPU-only build"
         elif CUDA_HOME is None:
             reason = "nvcc / CUDA_HOME not found"
@@ -38,9 +49,6 @@ def cuda_extensions():
             raise RuntimeError(f"FASTMASK_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
         print(f"fastmask: skipping the optional CUDA extension: {reason}", file=sys.stderr)
         return [], {}
-    sys.path.insert(0, HERE)
-    from csrc.build import extension_kwargs  # the one place that lists sources and flags
-
     ext = CUDAExtension(name="fastmask._C", **extension_kwargs())
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

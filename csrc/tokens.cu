@@ -1,0 +1,292 @@
+// Token ops of MaskDiT: gather of the visible tokens (+ position embedding) and unmask
+// (visible tokens back in place, the mask token elsewhere, + position embedding), forward
+// and backward; plus the deterministic fp32 reduction used by every backward that sums
+// over the batch or over rows (reduce_middle).
+//
+// Layout: one group of `tpr` threads per token row (tpr = the row's 16-byte chunks, at
+// most 256; several rows per 256-thread block when rows are narrow), a grid-stride loop
+// over rows, one integer division per row and none per element. No atomics anywhere:
+// sums over the batch go to per-split fp32 partial buffers that reduce_middle adds up in
+// a fixed order, so every result is bit-identical from run to run.
+#include "common.cuh"
+
+namespace fastmask {
+namespace {
+
+struct TokenGrid {
+  int tpr;             // threads per row
+  int rows_per_block;  // rows handled by one block at a time
+  int threads;         // tpr * rows_per_block
+};
+
+TokenGrid token_grid(int64_t chunks) {
+  int tpr = chunks < 256 ? static_cast<int>(chunks) : 256;
+  if (tpr < 1) tpr = 1;
+  int rpb = 256 / tpr;
+  if (rpb < 1) rpb = 1;
+  return {tpr, rpb, tpr * rpb};
+}
+
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]]): the add rounds once, in T, like the
+// reference (pos arrives already converted to T).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) gather_fwd_kernel(T* __restrict__ out, const T* __restrict__ x,
+                                                         const int64_t* __restrict__ ids, const T* __restrict__ pos,
+                                                         int64_t B, int64_t N, int64_t K, int64_t D, int tpr, int rpb) {
+  const int64_t chunks = D / VEC;
+  const int group = threadIdx.x / tpr;
+  const int lane = threadIdx.x - group * tpr;
+  const int64_t rows = B * K;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rpb) {
+    const int64_t b = row / K;
+    const int64_t n = ids[row];
+    const bool ok = 0 <= n && n < N;
+    assert(ok && "fastmask gather_tokens: ids_keep holds an id outside [0, num_tokens)");
+    const T* src = x + (b * N + (ok ? n : 0)) * D;
+    const T* p = pos == nullptr ? nullptr : pos + (ok ? n : 0) * D;
+    T* dst = out + row * D;
+    for (int64_t c = lane; c < chunks; c += tpr) {
+      float v[VEC];
+      if (ok) {
+        load<VEC>(v, src + c * VEC);
+        if (p != nullptr) {
+          float q[VEC];
+          load<VEC>(q, p + c * VEC);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) v[i] += q[i];
+        }
+      } else {
+        fill(v, quiet_nan());  // only reachable with NDEBUG: make the bad row visible
+      }
+      store<VEC>(dst + c * VEC, v);
+    }
+  }
+}
+
+// Row (s, n): for b in split s, grad_x[b, n] = grad_out[b, inv[b, n]] or 0 where n was
+// dropped (every row written, no memset); pos_partial[s, n] = the sum over those b.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) gather_bwd_kernel(T* __restrict__ grad_x, float* __restrict__ pos_partial,
+                                                         const T* __restrict__ grad_out,
+                                                         const int32_t* __restrict__ inv, int64_t B, int64_t N,
+                                                         int64_t K, int64_t D, int64_t splits, int tpr, int rpb) {
+  const int64_t chunks = D / VEC;
+  const int group = threadIdx.x / tpr;
+  const int lane = threadIdx.x - group * tpr;
+  const int64_t per_split = (B + splits - 1) / splits;
+  const int64_t rows = splits * N;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rpb) {
+    const int64_t s = row / N;
+    const int64_t n = row - s * N;
+    const int64_t b0 = s * per_split;
+    const int64_t b1 = b0 + per_split < B ? b0 + per_split : B;
+    for (int64_t c = lane; c < chunks; c += tpr) {
+      float acc[VEC];
+      fill(acc, 0.f);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int32_t j = inv[b * N + n];
+        float v[VEC];
+        if (j >= 0) {
+          load<VEC>(v, grad_out + (b * K + j) * D + c * VEC);
+        } else {
+          fill(v, 0.f);
+        }
+        store<VEC>(grad_x + (b * N + n) * D + c * VEC, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+      }
+      if (pos_partial != nullptr) store<VEC>(pos_partial + row * D + c * VEC, acc);
+    }
+  }
+}
+
+// out[b, n] = x_vis[b, inv[b, n]] or the mask token (+ pos[n]), every row written.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) unmask_fwd_kernel(T* __restrict__ out, const T* __restrict__ x_vis,
+                                                         const int32_t* __restrict__ inv,
+                                                         const T* __restrict__ mask_token, const T* __restrict__ pos,
+                                                         int64_t B, int64_t N, int64_t K, int64_t D, int tpr,
+                                                         int rpb) {
+  const int64_t chunks = D / VEC;
+  const int group = threadIdx.x / tpr;
+  const int lane = threadIdx.x - group * tpr;
+  const int64_t rows = B * N;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rpb) {
+    const int64_t b = row / N;
+    const int64_t n = row - b * N;
+    const int32_t j = inv[row];
+    const T* src = j >= 0 ? x_vis + (b * K + j) * D : mask_token;
+    const T* p = pos == nullptr ? nullptr : pos + n * D;
+    T* dst = out + row * D;
+    for (int64_t c = lane; c < chunks; c += tpr) {
+      float v[VEC];
+      load<VEC>(v, src + c * VEC);
+      if (p != nullptr) {
+        float q[VEC];
+        load<VEC>(q, p + c * VEC);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] += q[i];
+      }
+      store<VEC>(dst + c * VEC, v);
+    }
+  }
+}
+
+// Row (s, n): for b in split s, grad_x_vis[b, inv[b, n]] = grad_out[b, n] where kept;
+// mask_partial[s, n] = the sum of grad_out[b, n] over the b where n was dropped;
+// pos_partial[s, n] = the sum over all b. grad_out is read once.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) unmask_bwd_kernel(T* __restrict__ grad_x_vis, float* __restrict__ mask_partial,
+                                                         float* __restrict__ pos_partial,
+                                                         const T* __restrict__ grad_out,
+                                                         const int32_t* __restrict__ inv, int64_t B, int64_t N,
+                                                         int64_t K, int64_t D, int64_t splits, int tpr, int rpb) {
+  const int64_t chunks = D / VEC;
+  const int group = threadIdx.x / tpr;
+  const int lane = threadIdx.x - group * tpr;
+  const int64_t per_split = (B + splits - 1) / splits;
+  const int64_t rows = splits * N;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rpb) {
+    const int64_t s = row / N;
+    const int64_t n = row - s * N;
+    const int64_t b0 = s * per_split;
+    const int64_t b1 = b0 + per_split < B ? b0 + per_split : B;
+    for (int64_t c = lane; c < chunks; c += tpr) {
+      float acc_mask[VEC], acc_pos[VEC];
+      fill(acc_mask, 0.f);
+      fill(acc_pos, 0.f);
+      for (int64_t b = b0; b < b1; ++b) {
+        float v[VEC];
+        load<VEC>(v, grad_out + (b * N + n) * D + c * VEC);
+        const int32_t j = inv[b * N + n];
+        if (j >= 0) {
+          store<VEC>(grad_x_vis + (b * K + j) * D + c * VEC, v);
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc_mask[i] += v[i];
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc_pos[i] += v[i];
+      }
+      store<VEC>(mask_partial + row * D + c * VEC, acc_mask);
+      if (pos_partial != nullptr) store<VEC>(pos_partial + row * D + c * VEC, acc_pos);
+    }
+  }
+}
+
+__global__ void inverse_ids_kernel(int32_t* __restrict__ inv, const int64_t* __restrict__ ids, int64_t B, int64_t N,
+                                   int64_t K) {
+  const int64_t total = B * K;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / K;
+    const int64_t n = ids[i];
+    const bool ok = 0 <= n && n < N;
+    assert(ok && "fastmask: ids_keep holds an id outside [0, num_tokens)");
+    if (ok) inv[b * N + n] = static_cast<int32_t>(i - b * K);
+  }
+}
+
+template <typename TOut>
+__global__ void reduce_middle_kernel(TOut* __restrict__ out, const float* __restrict__ in, int64_t G, int64_t J,
+                                     int64_t W, int64_t fan) {
+  const int64_t JB = (J + fan - 1) / fan;
+  const int64_t total = G * JB * W;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = i % W;
+    const int64_t t = i / W;
+    const int64_t jb = t % JB;
+    const int64_t g = t / JB;
+    const int64_t j0 = jb * fan;
+    const int64_t j1 = j0 + fan < J ? j0 + fan : J;
+    const float* src = in + g * J * W + w;
+    float s = 0.f;
+    for (int64_t j = j0; j < j1; ++j) s += src[j * W];
+    out[i] = from_float<TOut>(s);
+  }
+}
+
+}  // namespace
+
+cudaError_t inverse_ids(int32_t* inv, const int64_t* ids, int64_t B, int64_t N, int64_t K, cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(inv, 0xff, static_cast<size_t>(B * N) * sizeof(int32_t), stream);  // all -1
+  if (err != cudaSuccess) return err;
+  FASTMASK_LAUNCH(grid_for(B * K, 256), 256, stream, inverse_ids_kernel)(inv, ids, B, N, K);
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const T* pos, int64_t B, int64_t N, int64_t K,
+                              int64_t D, cudaStream_t stream) {
+  const TokenGrid g = token_grid(D / VEC);
+  FASTMASK_LAUNCH(grid_for(B * K, g.rows_per_block), g.threads, stream, gather_fwd_kernel<T, VEC>)(
+      out, x, ids, pos, B, N, K, D, g.tpr, g.rows_per_block);
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t gather_tokens_bwd(T* grad_x, float* pos_partial, const T* grad_out, const int32_t* inv, int64_t B,
+                              int64_t N, int64_t K, int64_t D, int64_t splits, cudaStream_t stream) {
+  const TokenGrid g = token_grid(D / VEC);
+  FASTMASK_LAUNCH(grid_for(splits * N, g.rows_per_block), g.threads, stream, gather_bwd_kernel<T, VEC>)(
+      grad_x, pos_partial, grad_out, inv, B, N, K, D, splits, g.tpr, g.rows_per_block);
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const T* pos, int64_t B,
+                              int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
+  const TokenGrid g = token_grid(D / VEC);
+  FASTMASK_LAUNCH(grid_for(B * N, g.rows_per_block), g.threads, stream, unmask_fwd_kernel<T, VEC>)(
+      out, x_vis, inv, mask_token, pos, B, N, K, D, g.tpr, g.rows_per_block);
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t unmask_tokens_bwd(T* grad_x_vis, float* mask_partial, float* pos_partial, const T* grad_out,
+                              const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D, int64_t splits,
+                              cudaStream_t stream) {
+  const TokenGrid g = token_grid(D / VEC);
+  FASTMASK_LAUNCH(grid_for(splits * N, g.rows_per_block), g.threads, stream, unmask_bwd_kernel<T, VEC>)(
+      grad_x_vis, mask_partial, pos_partial, grad_out, inv, B, N, K, D, splits, g.tpr, g.rows_per_block);
+  return cudaGetLastError();
+}
+
+template <typename TOut>
+cudaError_t reduce_middle(TOut* out, const float* in, int64_t G, int64_t J, int64_t W, int64_t fan,
+                          cudaStream_t stream) {
+  const int64_t total = G * ceil_div(J, fan) * W;
+  FASTMASK_LAUNCH(grid_for(total, 256), 256, stream, reduce_middle_kernel<TOut>)(out, in, G, J, W, fan);
+  return cudaGetLastError();
+}
+
+#define FASTMASK_TOKENS(T, VEC)                                                                                    \
+  template cudaError_t gather_tokens_fwd<T, VEC>(T*, const T*, const int64_t*, const T*, int64_t, int64_t, int64_t, \
+                                                 int64_t, cudaStream_t);                                           \
+  template cudaError_t gather_tokens_bwd<T, VEC>(T*, float*, const T*, const int32_t*, int64_t, int64_t, int64_t,   \
+                                                 int64_t, int64_t, cudaStream_t);                                  \
+  template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const T*, int64_t,         \
+                                                 int64_t, int64_t, int64_t, cudaStream_t);                         \
+  template cudaError_t unmask_tokens_bwd<T, VEC>(T*, float*, float*, const T*, const int32_t*, int64_t, int64_t,    \
+                                                 int64_t, int64_t, int64_t, cudaStream_t);
+
+FASTMASK_TOKENS(float, 4)
+FASTMASK_TOKENS(float, 1)
+FASTMASK_TOKENS(__half, 8)
+FASTMASK_TOKENS(__half, 1)
+FASTMASK_TOKENS(__nv_bfloat16, 8)
+FASTMASK_TOKENS(__nv_bfloat16, 1)
+
+template cudaError_t reduce_middle<float>(float*, const float*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t reduce_middle<__half>(__half*, const float*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
+template cudaError_t reduce_middle<__nv_bfloat16>(__nv_bfloat16*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                                  cudaStream_t);
+
+}  // namespace fastmask
