@@ -181,3 +181,25 @@ def test_train_one_step_maskdit_s2_at_ratio_half():
     assert "model.mask_token" in changed and "model.final_layer.linear.weight" in changed
     assert "model.blocks.0.adaLN_modulation.1.weight" in changed
     assert "model.pos_embed" not in changed
+
+
+def test_dit_baseline_loss_and_refuses_masking():
+    net = EDMPrecond(dit("T/2", input_size=8, in_channels=3, num_classes=5, learn_sigma=True))
+    y, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    loss = net.loss(y, labels, mask_ratio=0.0)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    with pytest.raises(ValueError, match="mask_ratio"):
+        net.loss(y, labels, mask_ratio=0.5)
+
+
+def test_loss_given_matches_loss_with_same_draws():
+    net = EDMPrecond(randomise(tiny()))
+    y, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    got = net.loss(y, labels, mask_ratio=0.5, generator=torch.Generator().manual_seed(5), return_terms=True)
+    g = torch.Generator().manual_seed(5)
+    sigma = (torch.randn(2, generator=g) * 1.2 - 1.2).exp()
+    noise = torch.randn(y.shape, generator=g)
+    ids = ops.random_mask(2, 16, 0.5, generator=g)[0]
+    want = net.loss_given(y, labels, sigma, noise, ids)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -121,8 +121,19 @@ class DiT(_DiTBase):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward_tokens(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **_) -> Tensor:
+    def forward_tokens(
+        self,
+        x: Tensor,
+        noise_labels: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        mask_ratio: float = 0.0,
+        ids_keep: Tensor | None = None,
+        **_,
+    ) -> Tensor:
         """[B, C, H, W] -> output tokens [B, N, p*p*out_channels]."""
+        if mask_ratio or ids_keep is not None:
+            raise ValueError("mask_ratio: plain DiT runs every token; use MaskDiT to train with masking")
         self._check_input(x, noise_labels)
         c = self.condition(noise_labels, class_labels)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
@@ -214,18 +225,20 @@ class MaskDiT(_DiTBase):
         mask_ratio: float = 0.0,
         ids_keep: Tensor | None = None,
         generator: torch.Generator | None = None,
+        check_ids: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         """Output tokens [B, N, p*p*C] and the mask [B, N] (1 = dropped; None if nothing dropped).
 
         Give either ``mask_ratio`` (a random mask is drawn, from ``generator`` if given) or
-        explicit ``ids_keep`` [B, K].
+        explicit ``ids_keep`` [B, K] (``check_ids=False`` skips validating them: a device sync).
         """
         self._check_input(x, noise_labels)
         B, N = x.shape[0], self.num_patches
         if ids_keep is None and checks.mask_ratio(mask_ratio) > 0:
             ids_keep, _, mask = ops.random_mask(B, N, mask_ratio, generator=generator, device=x.device)
         elif ids_keep is not None:
-            checks.ids("ids_keep", ids_keep, B, N)
+            if check_ids:
+                checks.ids("ids_keep", ids_keep, B, N)
             mask = ops.mask_from_ids(ids_keep, N)
         else:
             mask = None

@@ -47,12 +47,13 @@ class EDMPrecond(nn.Module):
         F_img = F_img[:, :C]  # a learned-sigma DiT carries variance channels: EDM uses the mean
         return c_skip.view(-1, 1, 1, 1) * x.float() + c_out.view(-1, 1, 1, 1) * F_img
 
-    def _network(self, x, sigma, class_labels, mask_ratio, ids_keep, generator):
+    def _network(self, x, sigma, class_labels, mask_ratio, ids_keep, generator, **kw):
         _, _, c_in, c_noise, _ = edm_coefficients(sigma, self.sigma_data)
         xin = (c_in.view(-1, 1, 1, 1) * x.float()).to(x.dtype)
-        out = self.model.forward_tokens(
-            xin, c_noise, class_labels, mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator
-        )
+        kw = dict(mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator, **kw)
+        if mask_ratio == 0 and ids_keep is None:  # plain DiT takes no masking arguments
+            kw = {}
+        out = self.model.forward_tokens(xin, c_noise, class_labels, **kw)
         return out if isinstance(out, tuple) else (out, None)
 
     def loss(
@@ -70,13 +71,32 @@ class EDMPrecond(nn.Module):
         ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
         with ``mask_ratio`` of its tokens dropped; DSM on kept tokens + mae_coef * MAE on dropped
         tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
+        Draws from ``generator`` in this order: sigma, noise, mask.
         """
         B = y.shape[0]
-        rnd = torch.randn(B, device=y.device, generator=generator)
-        sigma = (rnd * P_STD + P_MEAN).exp()
-        noise = torch.randn(y.shape, device=y.device, generator=generator) * sigma.view(-1, 1, 1, 1)
-        x_noisy = y.float() + noise
-        F_tokens, mask = self._network(x_noisy.to(y.dtype), sigma, class_labels, mask_ratio, None, generator)
+        sigma = (torch.randn(B, device=y.device, generator=generator) * P_STD + P_MEAN).exp()
+        noise = torch.randn(y.shape, device=y.device, generator=generator)
+        ids_keep = None
+        if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
+            ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
+        loss, dsm, mae = self.loss_given(y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef)
+        return (loss, dsm, mae) if return_terms else loss
+
+    def loss_given(
+        self,
+        y: Tensor,
+        class_labels: Tensor | None,
+        sigma: Tensor,
+        noise: Tensor,
+        ids_keep: Tensor | None,
+        *,
+        mae_coef: float = 0.1,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The objective with every random draw given: sigma [B], noise [B, C, H, W] (unit
+        variance), ids_keep [B, K] or None. Returns (loss, dsm, mae), each [B]."""
+        x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
+        kw = {} if ids_keep is None else {"check_ids": False}  # ids drawn by the caller's random_mask
+        F_tokens, mask = self._network(x_noisy.to(y.dtype), sigma, class_labels, 0.0, ids_keep, None, **kw)
         p = self.model.patch_size
         C = y.shape[1]
         if F_tokens.shape[-1] != p * p * C:  # learned-sigma DiT: keep the mean channels
@@ -89,8 +109,8 @@ class EDMPrecond(nn.Module):
             mask,
             mae_coef=mae_coef,
             sigma_data=self.sigma_data,
-            return_terms=return_terms,
-            check_values=False,  # sigma was drawn above: positive and finite
+            return_terms=True,
+            check_values=False,  # the caller's sigma is trusted: a sync per step costs too much
         )
 
 
