@@ -1,7 +1,6 @@
 """MaskDiT / DiT models: structure from SPEC, zero init, masking, checkpoints."""
 import pytest
 import torch
-import torch.nn as nn
 
 import fastmask
 from fastmask import ops

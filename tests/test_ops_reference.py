@@ -65,7 +65,6 @@ def test_gather_and_unmask_semantics():
             assert torch.allclose(out[b, k], x[b, n] + pos[n])
     mt = torch.randn(D)
     full = ops.unmask_tokens(out, ids, mt.view(1, 1, D), N, pos)
-    kept = set()
     for b in range(B):
         for n in range(N):
             if n in ids[b].tolist():

@@ -18,8 +18,8 @@ def not_supported_reasons(op, tensors):
     return None
 
 
-from .tokens import gather_tokens_bwd, gather_tokens_fwd, unmask_tokens_bwd, unmask_tokens_fwd  # noqa: E402
-from .norm import (  # noqa: E402
+from .tokens import gather_tokens_bwd, gather_tokens_fwd, unmask_tokens_bwd, unmask_tokens_fwd  # noqa: E402, F401
+from .norm import (  # noqa: E402, F401
     gated_residual_bwd,
     gated_residual_fwd,
     layernorm_modulate_bwd,
@@ -27,6 +27,6 @@ from .norm import (  # noqa: E402
     residual_layernorm_modulate_bwd,
     residual_layernorm_modulate_fwd,
 )
-from .loss import dsm_mae_loss_fwd  # noqa: E402
-from .attention import attention_bwd, attention_fwd  # noqa: E402
+from .loss import dsm_mae_loss_fwd  # noqa: E402, F401
+from .attention import attention_bwd, attention_fwd  # noqa: E402, F401
 from .attention import not_supported_reason as attention_not_supported  # noqa: E402

@@ -1,0 +1,7 @@
+"""``python -m fastmask``: the same as the ``fastmask`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

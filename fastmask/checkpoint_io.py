@@ -1,0 +1,203 @@
+"""Training checkpoints: one safetensors file per checkpoint, written atomically.
+
+A checkpoint ``ckpt-0001000.safetensors`` holds, as tensors, the model (``model.*``), its EMA
+(``ema.*``), the optimizer state (``optim.<param index>.<name>``) and the torch RNG states
+(``rng.torch_cpu``, ``rng.cuda.<i>``, ``rng.numpy``); its string metadata holds the step, the
+config, the optimizer's param groups and the Python/NumPy RNG scalars as JSON. One file is
+one atomic unit: it is written to a temporary file in the same folder, fsync'ed, then moved in
+place with ``os.replace``; ``latest.json`` (written the same way, afterwards) names the newest.
+No pickle is involved, so loading a checkpoint never executes code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+FORMAT = "fastmask-train-v1"
+LATEST = "latest.json"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one, never
+    a partial one: temp file in the same folder, fsync, os.replace, fsync of the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (not possible on every OS / file system)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- RNG states
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    py = random.getstate()
+    npst = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(npst[1], dtype=np.int64))
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], int(npst[2]), int(npst[3]), float(npst[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if "rng.torch_cpu" in tensors:
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if "python" in meta:
+        v, state, gauss = meta["python"]
+        random.setstate((v, tuple(state), gauss))
+    if "numpy" in meta and "rng.numpy" in tensors:
+        name, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- optimizer
+def _optim_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"optim.{idx}.{name}"] = t.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _optim_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- save / load
+def checkpoint_path(folder, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:07d}.safetensors"
+
+
+def save_checkpoint(
+    folder,
+    *,
+    model: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    config: dict,
+    extra: dict | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write ``ckpt-<step>.safetensors`` in ``folder`` atomically, update ``latest.json``, and
+    delete all but the ``keep`` newest step checkpoints. Returns the checkpoint's path."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    meta = {"format": FORMAT, "step": str(step), "config": json.dumps(config)}
+    if optimizer is not None:
+        t, groups = _optim_to_tensors(optimizer)
+        tensors.update(t)
+        meta["optim_param_groups"] = json.dumps(groups)
+    t, rng_meta = rng_state()
+    tensors.update(t)
+    meta["rng"] = json.dumps(rng_meta)
+    meta["extra"] = json.dumps(extra or {})
+    path = checkpoint_path(folder, step)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_json(Path(folder) / LATEST, {"step": step, "file": path.name})
+    if keep is not None and keep > 0:
+        old = sorted(Path(folder).glob("ckpt-*.safetensors"))
+        for f in old[:-keep]:
+            if f != path:
+                f.unlink(missing_ok=True)
+    return path
+
+
+def resolve(path) -> Path:
+    """A checkpoint file from a file path, a checkpoint folder or a run folder (its
+    ``checkpoints/`` sub-folder); folders resolve through ``latest.json``."""
+    p = Path(path)
+    if p.is_dir():
+        for folder in (p, p / "checkpoints"):
+            if (folder / LATEST).exists():
+                name = json.loads((folder / LATEST).read_text())["file"]
+                f = folder / name
+                if not f.exists():
+                    raise ValueError(f"checkpoint: {folder / LATEST} names {name}, which does not exist")
+                return f
+        raise ValueError(f"checkpoint: folder {str(p)!r} holds no {LATEST} (nor does {str(p / 'checkpoints')!r})")
+    if not p.exists():
+        raise ValueError(f"checkpoint: {str(p)!r} does not exist")
+    return p
+
+
+def read_metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {str(path)!r} is not a fastmask training checkpoint (format {meta.get('format')!r})")
+    out = dict(meta)
+    out["step"] = int(meta["step"])
+    for k in ("config", "optim_param_groups", "rng", "extra"):
+        if k in meta:
+            out[k] = json.loads(meta[k])
+    return out
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """{'step', 'config', 'model' (state dict), 'ema' (state dict or None), 'optimizer' (state dict
+    or None), 'rng' (tensors, meta), 'extra', 'path'}."""
+    path = resolve(path)
+    meta = read_metadata(path)
+    tensors = load_file(str(path), device=str(device))
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    opt = None
+    if "optim_param_groups" in meta:
+        opt = _optim_from_tensors({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optim_param_groups"])
+    rng = ({k: v.cpu() for k, v in tensors.items() if k.startswith("rng.")}, meta.get("rng", {}))
+    return {
+        "step": meta["step"],
+        "config": meta.get("config", {}),
+        "model": model,
+        "ema": ema,
+        "optimizer": opt,
+        "rng": rng,
+        "extra": meta.get("extra", {}),
+        "path": path,
+    }

@@ -1,0 +1,245 @@
+"""EDM Heun sampler (Karras et al. 2022, Algorithm 1 with S_churn = 0) with classifier-free guidance.
+
+sigma_i = (sigma_max^(1/rho) + i/(S-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < S, then 0;
+x_0 = sigma_0 * noise; Euler step to sigma_{i+1} and, unless sigma_{i+1} = 0, the Heun correction.
+S steps cost 2S - 1 network calls. Guidance: the conditional and the null-label inputs run as one
+batch and D = D_uncond + scale * (D_cond - D_uncond) on all channels.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, device=None) -> Tensor:
+    """[steps + 1] noise levels, from sigma_max down to sigma_min, then a final 0 (float64)."""
+    if steps < 1:
+        raise ValueError(f"steps: expected at least 1 sampling step, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    i = torch.arange(steps, dtype=torch.float64, device=device)
+    denom = max(steps - 1, 1)
+    t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
+
+
+def null_labels(labels: Tensor) -> Tensor:
+    """The "no label" version of ``labels``: -1 for integer labels, all-zero rows for one-hot."""
+    if labels.dim() == 2:
+        return torch.zeros_like(labels)
+    return torch.full_like(labels, -1)
+
+
+def guided_denoiser(net, guidance: float = 1.0):
+    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional)."""
+
+    def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        if labels is None or guidance == 1.0:
+            return net(x, sigma, labels)
+        both = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null_labels(labels)]))
+        cond, uncond = both.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return denoise
+
+
+@torch.no_grad()
+def heun_sample(
+    net,
+    noise: Tensor,
+    labels: Tensor | None = None,
+    *,
+    steps: int = 18,
+    guidance: float = 1.0,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    amp: bool = False,
+) -> Tensor:
+    """Deterministic EDM Heun sampling from ``noise`` [B, C, H, W] (unit Gaussian). ``net`` is an
+    EDM denoiser D(x, sigma [B], labels) such as :class:`fastmask.models.EDMPrecond`. The ODE state
+    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA)."""
+    denoise = guided_denoiser(net, guidance)
+    # a denoiser may support only a range of sigma (DDPM-trained DiT: about 0.01 .. 157)
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
+    t = edm_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device)
+    B = noise.shape[0]
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    x = noise.float() * t[0].float()
+    with ctx:
+        for i in range(steps):
+            t_cur, t_next = t[i].float(), t[i + 1].float()
+            d_cur = (x - denoise(x, t_cur.expand(B), labels).float()) / t_cur
+            x_next = x + (t_next - t_cur) * d_cur
+            if i < steps - 1:  # t_next > 0: second-order correction
+                d_next = (x_next - denoise(x_next, t_next.expand(B), labels).float()) / t_next
+                x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+            x = x_next
+    return x
+
+
+def sample(
+    net,
+    labels: Tensor | None,
+    shape: tuple[int, int, int],
+    *,
+    num: int | None = None,
+    steps: int = 18,
+    guidance: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    device="cpu",
+    amp: bool = False,
+) -> Tensor:
+    """Samples [B, C, H, W] for ``labels`` [B] (or ``num`` unconditional ones), in chunks of
+    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking."""
+    n = labels.shape[0] if labels is not None else num
+    if n is None or n < 1:
+        raise ValueError("labels: give class labels [B] or a sample count (num)")
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *shape), generator=g)
+    out = []
+    was_training = getattr(net, "training", False)
+    if hasattr(net, "eval"):
+        net.eval()
+    try:
+        for s in range(0, n, batch_size):
+            lab = labels[s : s + batch_size].to(device) if labels is not None else None
+            out.append(
+                heun_sample(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp).cpu()
+            )
+    finally:
+        if was_training:
+            net.train()
+    return torch.cat(out)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float images [B, C, H, W] -> uint8 [B, H, W, C]."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def save_grid(images: Tensor, path, rows: int, upscale: int = 4, pad: int = 1) -> None:
+    """Save [-1, 1] images [rows * cols, C, H, W] as one PNG grid (row-major), each image
+    enlarged ``upscale`` times with nearest-neighbour so small samples stay legible."""
+    from PIL import Image
+
+    n, C, H, W = images.shape
+    cols = (n + rows - 1) // rows
+    u8 = to_uint8(images).numpy()
+    Hs, Ws = H * upscale, W * upscale
+    canvas = torch.full(((Hs + pad) * rows + pad, (Ws + pad) * cols + pad, C), 255, dtype=torch.uint8).numpy()
+    for k in range(n):
+        r, c = divmod(k, cols)
+        tile = u8[k].repeat(upscale, axis=0).repeat(upscale, axis=1)
+        y0, x0 = pad + r * (Hs + pad), pad + c * (Ws + pad)
+        canvas[y0 : y0 + Hs, x0 : x0 + Ws] = tile
+    Image.fromarray(canvas[..., 0] if C == 1 else canvas[..., :3]).save(path)
+
+
+def save_images(images: Tensor, folder, labels: Tensor | None = None, prefix: str = "sample") -> list[str]:
+    """One PNG per sample: ``<prefix>_<i>_class<label>.png``."""
+    import os
+
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    u8 = to_uint8(images).numpy()
+    paths = []
+    for i, a in enumerate(u8):
+        tag = f"_class{int(labels[i])}" if labels is not None and labels.dim() == 1 else ""
+        p = os.path.join(folder, f"{prefix}_{i:05d}{tag}.png")
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a[..., :3]).save(p)
+        paths.append(p)
+    return paths
+
+
+# --------------------------------------------------------------------------- loading models
+class DDPMDenoiser(torch.nn.Module):
+    """A DDPM eps-prediction network (published DiT checkpoints: 1000 steps, linear betas
+    1e-4 .. 0.02) seen as an EDM denoiser D(x; sigma), as in the EDM paper's VP wrapping:
+    sigma(t) = sqrt(1 / alpha_bar(t) - 1); the network sees x / sqrt(1 + sigma^2) at the
+    (fractional) timestep t whose sigma(t) is sigma; D = x - sigma * eps (mean channels only)."""
+
+    def __init__(self, model, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.model = model
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        alpha_bar = torch.cumprod(1 - betas, 0)
+        self.register_buffer("log_sigmas", (1 / alpha_bar - 1).sqrt().log().float(), persistent=False)
+        self.sigma_min = float(self.log_sigmas[0].exp())
+        self.sigma_max = float(self.log_sigmas[-1].exp())
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The fractional DDPM timestep of sigma (linear interpolation in log sigma)."""
+        ls = sigma.float().clamp(self.sigma_min, self.sigma_max).log()
+        hi = torch.searchsorted(self.log_sigmas, ls.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo = hi - 1
+        w = (ls - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        return lo.float() + w.clamp(0, 1)
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        c_in = (1 + sigma**2).rsqrt().view(-1, 1, 1, 1)
+        out = self.model(c_in * x, self.timestep(sigma), class_labels)
+        eps = out[:, : x.shape[1]].float()
+        return x.float() - sigma.view(-1, 1, 1, 1) * eps
+
+
+def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = None, parameterization: str = "auto",
+               trust_pickle: bool = False):
+    """A denoiser D(x, sigma, labels) from a checkpoint, and facts about it.
+
+    ``path``: a fastmask training checkpoint (``.safetensors``, a checkpoint folder or a run
+    folder), or a published MaskDiT/DiT state dict (``.pt``/``.pth``, via
+    :func:`fastmask.models.from_published`). Published MaskDiT checkpoints are EDM models;
+    published DiT checkpoints are DDPM eps-prediction models and are wrapped by
+    :class:`DDPMDenoiser` (``parameterization`` overrides: ``edm`` or ``ddpm``).
+    Returns ``(net, info)`` with info = {num_classes, shape (C, H, W), kind (pixels|latents), source}.
+    """
+    from pathlib import Path
+
+    from .models import DiT, EDMPrecond, from_published
+
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".safetensors":
+        from .checkpoint_io import load_checkpoint
+        from .presets import TrainConfig
+        from .train import build_model
+
+        ck = load_checkpoint(p)
+        cfg = TrainConfig.from_dict(ck["config"])
+        extra = ck["extra"]
+        shape = tuple(extra.get("data_shape") or (cfg.channels, cfg.image_size, cfg.image_size))
+        num_classes = extra.get("num_classes", cfg.num_classes or 0)
+        net = build_model(cfg, shape, num_classes)
+        sd = ck["ema"] if (use_ema and ck["ema"] is not None) else ck["model"]
+        net.load_state_dict(sd)
+        info = {"num_classes": num_classes, "shape": shape, "kind": extra.get("data_kind", "pixels"),
+                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model"}
+        return net.to(device).eval(), info
+    if not p.exists():
+        raise ValueError(f"checkpoint: {str(p)!r} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:
+        if trust_pickle:
+            raise
+        raise ValueError(
+            f"checkpoint: {str(p)!r} could not be loaded with weights_only=True ({type(e).__name__}: {e}); "
+            "if you trust the file, pass --trust-pickle"
+        ) from None
+    net = from_published(obj, key=key)
+    if parameterization == "auto":
+        parameterization = "ddpm" if isinstance(net, DiT) else "edm"
+    if parameterization not in ("edm", "ddpm"):
+        raise ValueError(f"parameterization: expected auto, edm or ddpm, got {parameterization!r}")
+    den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+    C, s = net.in_channels, net.input_size
+    info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
+            "source": str(p), "parameterization": parameterization}
+    return den.to(device).eval(), info
