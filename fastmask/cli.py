@@ -504,13 +504,8 @@ def cmd_eval(args) -> int:
 # --------------------------------------------------------------------------- profile
 def cmd_profile(args) -> int:
     """``fastmask profile ...``: every argument after ``profile`` goes to fastmask.profiling's parser."""
-    try:
-        from . import profiling
-    except ModuleNotFoundError as e:
-        if e.name not in ("fastmask.profiling",):
-            raise
-        _say("fastmask: the profile command needs fastmask.profiling, which is not part of this installation yet")
-        return 2
+    from . import profiling  # imported here: the profiler is only needed by this command
+
     parser = argparse.ArgumentParser(prog="fastmask profile", description="Profile training steps.")
     profiling.add_arguments(parser)
     return int(profiling.run(parser.parse_args(args.profile_args)) or 0)
