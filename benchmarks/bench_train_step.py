@@ -70,7 +70,7 @@ def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple
     if sset == "dry":
         return [(Setting("T/2", 8, 4, warmup=1, steps=2), main, (("maskdit-torch", 0.0),))]
     if sset == "cpu":
-        # the no-download default's scale (SPEC): ~1.5M parameters, 16x16 inputs, batch 128
+        # the no-download default's scale: ~1.5M parameters, 16x16 inputs, batch 128
         s = Setting("Digits/2", 16, 128, in_channels=1, num_classes=10, warmup=1, steps=5)
         return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)), ratios_ref[1:] + main)]
     if sset == "quick":

@@ -9,7 +9,7 @@ from fastmask import MaskedDiTBlock, ops, swap_dit_blocks
 
 
 class DiTBlockSpec(nn.Module):
-    """DiT's block written from SPEC.md (adaLN-Zero; timm-style attention and MLP names)."""
+    """DiT's block written out from the DiT paper's definition (adaLN-Zero; timm-style attention and MLP names)."""
 
     def __init__(self, D, heads, mlp_ratio=4.0, cond=None):
         super().__init__()

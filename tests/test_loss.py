@@ -1,4 +1,4 @@
-"""The token-space DSM+MAE loss equals the SPEC formula written in image space."""
+"""The token-space DSM+MAE loss equals the MaskDiT formula written in image space."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ from fastmask.models import patchify, unpatchify
 
 
 def spec_loss_image_space(D_img, xn_img, y_img, sigma, mask, p, mae_coef=0.1, sd=0.5):
-    """SPEC.md's objective computed per sample, per token, on images [B, C, H, W] (float64)."""
+    """The MaskDiT objective computed per sample, per token, on images [B, C, H, W] (float64)."""
     B, C, H, W = D_img.shape
     g = W // p
     out = []

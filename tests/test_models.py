@@ -1,4 +1,4 @@
-"""MaskDiT / DiT models: structure from SPEC, zero init, masking, checkpoints."""
+"""MaskDiT / DiT models: structure from the papers, zero init, masking, checkpoints."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """Fused MaskDiT objective: DSM on kept tokens + MAE on dropped tokens, and dLoss/dF, one pass.
 
-Per sample b (SPEC "Objective"; c_skip, c_out, lambda from sigma inside the kernel):
+Per sample b (the MaskDiT objective; c_skip, c_out, lambda from sigma inside the kernel):
     D      = c_skip * x_noisy + c_out * F
     e_t    = lambda * mean_p (D - y)^2                    dsm = sum_t kept_t e_t / n_kept
     target = (xn_t - mean xn_t) / sqrt(var_unbiased + 1e-6)

@@ -63,7 +63,7 @@ def dsm_mae_loss(
     F_out: the network output F [B, N, P] (P = p*p*C, (p_row, p_col, channel) order);
     x_noisy: the noisy input y + n, patchified the same way; y: the clean target;
     sigma [B]; mask [B, N], 1 at dropped tokens (None: nothing dropped, plain EDM loss).
-    D = c_skip * x_noisy + c_out * F_out; loss = dsm + mae_coef * mae (../SPEC formulas).
+    D = c_skip * x_noisy + c_out * F_out; loss = dsm + mae_coef * mae, as in the MaskDiT paper.
     With ``return_terms=True`` returns ``(loss, dsm, mae)``; only ``loss`` is differentiable.
     ``check_values=False`` skips the NaN/positivity check of sigma (a device sync); use it for
     sigmas the training loop drew itself.

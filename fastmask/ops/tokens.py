@@ -27,7 +27,7 @@ def random_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ):
-    """Per-sample random masking (SPEC: argsort of uniform noise, the first K kept).
+    """Per-sample random masking (MaskDiT: argsort of uniform noise, the first K kept).
 
     Returns ``(ids_keep [B, K] int64, ids_restore [B, N] int64, mask [B, N] float)`` where
     mask is 1 at dropped positions. ``ids_restore`` is the inverse of the shuffle: token n
