@@ -96,6 +96,18 @@ def _load_tile(base, rows, cols, stride_row, L, HD: tl.constexpr, MASK_ROWS: tl.
 
 
 @triton.jit
+def _load_kv(k_base, v_base, rows, cols, stride_row, L, HD: tl.constexpr, MASK_ROWS: tl.constexpr,
+             MASK_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """The K and V tiles of one head-dim part, upcast to fp32 where tl.dot needs it."""
+    k = _load_tile(k_base, rows, cols, stride_row, L, HD, MASK_ROWS, MASK_COLS)
+    v = _load_tile(v_base, rows, cols, stride_row, L, HD, MASK_ROWS, MASK_COLS)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _store_tile(
     base, val, rows, cols, stride_row, L, HD: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr
 ):
@@ -167,18 +179,10 @@ def _attn_fwd_kernel(
 
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + arange_n
-        k_a = _load_tile(k_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD)
-        v_a = _load_tile(v_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD)
-        if UPCAST:
-            k_a = k_a.to(tl.float32)
-            v_a = v_a.to(tl.float32)
+        k_a, v_a = _load_kv(k_base, v_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD, UPCAST)
         s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
         if HD_B > 0:
-            k_b = _load_tile(k_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD)
-            v_b = _load_tile(v_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD)
-            if UPCAST:
-                k_b = k_b.to(tl.float32)
-                v_b = v_b.to(tl.float32)
+            k_b, v_b = _load_kv(k_base, v_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD, UPCAST)
             s += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PREC)
         # scale before the max: correct for any sign of the scale
         s = s * qk_scale
@@ -271,19 +275,11 @@ def _attn_bwd_dq_kernel(
     dq_a = tl.zeros([BLOCK_M, HD_A], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + arange_n
-        k_a = _load_tile(k_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD)
-        v_a = _load_tile(v_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD)
-        if UPCAST:
-            k_a = k_a.to(tl.float32)
-            v_a = v_a.to(tl.float32)
+        k_a, v_a = _load_kv(k_base, v_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD, UPCAST)
         s = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
         dp = tl.dot(do_a, tl.trans(v_a), input_precision=DOT_PREC)
         if HD_B > 0:
-            k_b = _load_tile(k_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD)
-            v_b = _load_tile(v_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD)
-            if UPCAST:
-                k_b = k_b.to(tl.float32)
-                v_b = v_b.to(tl.float32)
+            k_b, v_b = _load_kv(k_base, v_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD, UPCAST)
             s += tl.dot(q_b, tl.trans(k_b), input_precision=DOT_PREC)
             dp += tl.dot(do_b, tl.trans(v_b), input_precision=DOT_PREC)
         p = tl.exp2(s * qk_scale - lse2[:, None])
@@ -335,20 +331,12 @@ def _attn_bwd_dkdv_kernel(
     arange_m = tl.arange(0, BLOCK_M)
     da = tl.arange(0, HD_A)
 
-    k_a = _load_tile(k_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD)
-    v_a = _load_tile(v_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD)
-    if UPCAST:
-        k_a = k_a.to(tl.float32)
-        v_a = v_a.to(tl.float32)
+    k_a, v_a = _load_kv(k_base, v_base, offs_n, da, stride_l, L, HD, not EVEN_N, HD_A > HD, UPCAST)
     dk_a = tl.zeros([BLOCK_N, HD_A], dtype=tl.float32)
     dv_a = tl.zeros([BLOCK_N, HD_A], dtype=tl.float32)
     if HD_B > 0:
         db = HD_A + tl.arange(0, HD_B)
-        k_b = _load_tile(k_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD)
-        v_b = _load_tile(v_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD)
-        if UPCAST:
-            k_b = k_b.to(tl.float32)
-            v_b = v_b.to(tl.float32)
+        k_b, v_b = _load_kv(k_base, v_base, offs_n, db, stride_l, L, HD, not EVEN_N, HD_A + HD_B > HD, UPCAST)
         dk_b = tl.zeros([BLOCK_N, HD_B], dtype=tl.float32)
         dv_b = tl.zeros([BLOCK_N, HD_B], dtype=tl.float32)
 
