@@ -159,37 +159,6 @@ def save_images(images: Tensor, folder, labels: Tensor | None = None, prefix: st
 
 
 # --------------------------------------------------------------------------- loading models
-class DDPMDenoiser(torch.nn.Module):
-    """A DDPM eps-prediction network (published DiT checkpoints: 1000 steps, linear betas
-    1e-4 .. 0.02) seen as an EDM denoiser D(x; sigma), as in the EDM paper's VP wrapping:
-    sigma(t) = sqrt(1 / alpha_bar(t) - 1); the network sees x / sqrt(1 + sigma^2) at the
-    (fractional) timestep t whose sigma(t) is sigma; D = x - sigma * eps (mean channels only)."""
-
-    def __init__(self, model, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
-        super().__init__()
-        self.model = model
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
-        alpha_bar = torch.cumprod(1 - betas, 0)
-        self.register_buffer("log_sigmas", (1 / alpha_bar - 1).sqrt().log().float(), persistent=False)
-        self.sigma_min = float(self.log_sigmas[0].exp())
-        self.sigma_max = float(self.log_sigmas[-1].exp())
-
-    def timestep(self, sigma: Tensor) -> Tensor:
-        """The fractional DDPM timestep of sigma (linear interpolation in log sigma)."""
-        ls = sigma.float().clamp(self.sigma_min, self.sigma_max).log()
-        hi = torch.searchsorted(self.log_sigmas, ls.contiguous()).clamp(1, len(self.log_sigmas) - 1)
-        lo = hi - 1
-        w = (ls - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
-        return lo.float() + w.clamp(0, 1)
-
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
-        c_in = (1 + sigma**2).rsqrt().view(-1, 1, 1, 1)
-        out = self.model(c_in * x, self.timestep(sigma), class_labels)
-        eps = out[:, : x.shape[1]].float()
-        return x.float() - sigma.view(-1, 1, 1, 1) * eps
-
-
 def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = None, parameterization: str = "auto",
                trust_pickle: bool = False):
     """A denoiser D(x, sigma, labels) from a checkpoint, and facts about it.
@@ -203,13 +172,12 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     """
     from pathlib import Path
 
-    from .models import DiT, EDMPrecond, from_published
+    from .models import DDPMDenoiser, DiT, EDMPrecond, build_model, from_published
 
     p = Path(path)
     if p.is_dir() or p.suffix == ".safetensors":
         from .checkpoint_io import load_checkpoint
         from .presets import TrainConfig
-        from .train import build_model
 
         ck = load_checkpoint(p)
         cfg = TrainConfig.from_dict(ck["config"])

@@ -36,8 +36,7 @@ from torch import Tensor
 from . import ops
 from .checkpoint_io import load_checkpoint, save_checkpoint, set_rng_state
 from .data import batch_indices, build_dataset, make_sampler
-from .models import EDMPrecond, dit, maskdit
-from .models.edm import P_MEAN, P_STD
+from .models import EDMPrecond, build_model, draw_sigma
 from .presets import TrainConfig
 
 
@@ -69,19 +68,6 @@ def distributed_info(device: str = "auto"):
     else:
         dev = torch.device("cpu")
     return rank, world, dev
-
-
-def build_model(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond:
-    C, H, W = shape
-    if H != W:
-        raise ValueError(f"data: expected square inputs, got {H}x{W}")
-    if H != cfg.image_size:
-        raise ValueError(f"image_size: the data are {H}x{W} but the config says {cfg.image_size}")
-    if C != cfg.channels:
-        raise ValueError(f"channels: the data have {C} channels but the config says {cfg.channels}")
-    build = maskdit if cfg.arch == "maskdit" else dit
-    net = build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes)
-    return EDMPrecond(net)
 
 
 def mask_ratio_at(cfg: TrainConfig, step: int, phase: int) -> float:
@@ -131,7 +117,7 @@ def step_randomness(
     g = torch.Generator(device=dev).manual_seed((seed % 2**31) * 2**32 + step)
     B = global_batch
     drop = torch.rand(B, generator=g, device=dev) < label_dropout
-    sigma = (torch.randn(B, generator=g, device=dev) * P_STD + P_MEAN).exp()
+    sigma = draw_sigma(B, generator=g, device=dev)
     noise = torch.randn((B, *shape), generator=g, device=dev)
     ids_keep = None
     if mask_ratio > 0:

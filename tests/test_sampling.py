@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from fastmask.models import EDMPrecond, dit, maskdit
+from fastmask.models import DDPMDenoiser, EDMPrecond, dit, maskdit
 from fastmask.sampling import (
-    DDPMDenoiser,
     edm_sigmas,
     guided_denoiser,
     heun_sample,

@@ -1,15 +1,19 @@
-"""fastmask.models: DiT baseline, MaskDiT, EDM preconditioning, configs, checkpoint loading."""
+"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, configs, checkpoint loading."""
 from .checkpoint import from_published, infer_config, load_published, unwrap_state_dict
-from .configs import config_names, dit, maskdit, model_kwargs
+from .configs import build_model, config_names, dit, maskdit, model_kwargs
 from .dit import DiT, MaskDiT, patchify, unpatchify
-from .edm import EDMPrecond
+from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
 
 __all__ = [
+    "DDPMDenoiser",
     "DiT",
     "EDMPrecond",
     "MaskDiT",
+    "build_model",
     "config_names",
     "dit",
+    "draw_sigma",
+    "edm_coefficients",
     "from_published",
     "infer_config",
     "load_published",

@@ -1,7 +1,9 @@
-"""Named model configurations: DiT/MaskDiT S, B, L, XL with patch 2/4/8, and tiny ones for tests."""
+"""Named model configurations (DiT/MaskDiT S, B, L, XL with patch 2/4/8, tiny ones for tests and
+the CPU demo) and the model a training config builds."""
 from __future__ import annotations
 
 from .dit import DiT, MaskDiT
+from .edm import EDMPrecond
 
 # (depth, hidden_size, num_heads) of the DiT paper.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -51,3 +53,17 @@ def maskdit(name: str = "XL/2", **overrides) -> MaskDiT:
 def dit(name: str = "XL/2", **overrides) -> DiT:
     """A plain DiT of config ``name`` (the baseline)."""
     return DiT(**{**model_kwargs(name, masked=False), **overrides})
+
+
+def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond:
+    """The EDM-preconditioned network a training config describes (``cfg.arch``, ``cfg.model``;
+    ``cfg.image_size`` and ``cfg.channels`` are checked against the data ``shape`` (C, H, W))."""
+    C, H, W = shape
+    if H != W:
+        raise ValueError(f"data: expected square inputs, got {H}x{W}")
+    if H != cfg.image_size:
+        raise ValueError(f"image_size: the data are {H}x{W} but the config says {cfg.image_size}")
+    if C != cfg.channels:
+        raise ValueError(f"channels: the data have {C} channels but the config says {cfg.channels}")
+    build = maskdit if cfg.arch == "maskdit" else dit
+    return EDMPrecond(build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes))

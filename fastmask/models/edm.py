@@ -1,4 +1,7 @@
-"""EDM preconditioning (Karras et al. 2022) around a DiT/MaskDiT, and the MaskDiT training loss."""
+"""Preconditioners that make a DiT/MaskDiT a denoiser D(x; sigma), side by side as in EDM
+(Karras et al. 2022): :class:`EDMPrecond` (with the MaskDiT training loss) and
+:class:`DDPMDenoiser` (a VP / DDPM eps-prediction network, e.g. a published DiT); the EDM
+coefficients and the training distribution of sigma."""
 from __future__ import annotations
 
 import torch
@@ -6,10 +9,27 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
-from ..ops.reference import edm_coefficients
 from .dit import patchify, unpatchify
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
+
+
+def edm_coefficients(sigma: Tensor, sigma_data: float = SIGMA_DATA):
+    """EDM preconditioning: (c_skip, c_out, c_in, c_noise, lambda) for sigma [B]; lambda is
+    the loss weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+    s2 = sigma * sigma
+    d2 = sigma_data * sigma_data
+    c_skip = d2 / (s2 + d2)
+    c_out = sigma * sigma_data / torch.sqrt(s2 + d2)
+    c_in = 1.0 / torch.sqrt(s2 + d2)
+    c_noise = torch.log(sigma) / 4
+    weight = (s2 + d2) / (sigma * sigma_data) ** 2
+    return c_skip, c_out, c_in, c_noise, weight
+
+
+def draw_sigma(batch: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """The training noise levels [batch]: ln(sigma) ~ N(P_MEAN, P_STD^2) (one randn draw)."""
+    return (torch.randn(batch, generator=generator, device=device) * P_STD + P_MEAN).exp()
 
 
 class EDMPrecond(nn.Module):
@@ -74,7 +94,7 @@ class EDMPrecond(nn.Module):
         Draws from ``generator`` in this order: sigma, noise, mask.
         """
         B = y.shape[0]
-        sigma = (torch.randn(B, device=y.device, generator=generator) * P_STD + P_MEAN).exp()
+        sigma = draw_sigma(B, generator=generator, device=y.device)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         ids_keep = None
         if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
@@ -121,3 +141,34 @@ def _sigma(sigma, x: Tensor) -> Tensor:
     if sigma.shape != (x.shape[0],):
         raise ValueError(f"sigma: expected a scalar or shape [{x.shape[0]}], got {tuple(sigma.shape)}")
     return sigma
+
+
+class DDPMDenoiser(nn.Module):
+    """A DDPM eps-prediction network (published DiT checkpoints: 1000 steps, linear betas
+    1e-4 .. 0.02) seen as an EDM denoiser D(x; sigma), as in the EDM paper's VP wrapping:
+    sigma(t) = sqrt(1 / alpha_bar(t) - 1); the network sees x / sqrt(1 + sigma^2) at the
+    (fractional) timestep t whose sigma(t) is sigma; D = x - sigma * eps (mean channels only)."""
+
+    def __init__(self, model, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.model = model
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        alpha_bar = torch.cumprod(1 - betas, 0)
+        self.register_buffer("log_sigmas", (1 / alpha_bar - 1).sqrt().log().float(), persistent=False)
+        self.sigma_min = float(self.log_sigmas[0].exp())
+        self.sigma_max = float(self.log_sigmas[-1].exp())
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The fractional DDPM timestep of sigma (linear interpolation in log sigma)."""
+        ls = sigma.float().clamp(self.sigma_min, self.sigma_max).log()
+        hi = torch.searchsorted(self.log_sigmas, ls.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo = hi - 1
+        w = (ls - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        return lo.float() + w.clamp(0, 1)
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        c_in = (1 + sigma**2).rsqrt().view(-1, 1, 1, 1)
+        out = self.model(c_in * x, self.timestep(sigma), class_labels)
+        eps = out[:, : x.shape[1]].float()
+        return x.float() - sigma.view(-1, 1, 1, 1) * eps

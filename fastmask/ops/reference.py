@@ -109,18 +109,6 @@ def residual_layernorm_modulate(
     return x_new, layernorm_modulate(x_new, shift, scale, eps)
 
 
-def edm_coefficients(sigma: torch.Tensor, sigma_data: float = 0.5):
-    """EDM preconditioning: (c_skip, c_out, c_in, c_noise, lambda) for sigma [B]."""
-    s2 = sigma * sigma
-    d2 = sigma_data * sigma_data
-    c_skip = d2 / (s2 + d2)
-    c_out = sigma * sigma_data / torch.sqrt(s2 + d2)
-    c_in = 1.0 / torch.sqrt(s2 + d2)
-    c_noise = torch.log(sigma) / 4
-    weight = (s2 + d2) / (sigma * sigma_data) ** 2
-    return c_skip, c_out, c_in, c_noise, weight
-
-
 def dsm_mae_loss_terms(
     F_out: torch.Tensor,
     x_noisy: torch.Tensor,
@@ -136,7 +124,11 @@ def dsm_mae_loss_terms(
     D = c_skip * x_noisy + c_out * F_out. Returns (dsm [B], mae [B]) in fp32.
     """
     Fo, xn, yy, s = _acc(F_out), _acc(x_noisy), _acc(y), _acc(sigma)
-    c_skip, c_out, _, _, weight = edm_coefficients(s, sigma_data)
+    # the loss's EDM coefficients, written out as in the fused kernels (the preconditioner's
+    # c_in and c_noise are model code: fastmask.models.edm.edm_coefficients)
+    s2, d2 = s * s, sigma_data * sigma_data
+    c_skip, c_out = d2 / (s2 + d2), s * sigma_data / torch.sqrt(s2 + d2)
+    weight = (s2 + d2) / (s * sigma_data) ** 2
     D = c_skip.view(-1, 1, 1) * xn + c_out.view(-1, 1, 1) * Fo
     e = (weight.view(-1, 1, 1) * (D - yy) ** 2).mean(-1)  # [B, N]
     if mask is None:
