@@ -10,7 +10,7 @@ Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add othe
 (0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
 
 Each row: step time (median, 20/80 % quantiles), images/s, peak memory, model FLOPs per step
-(``fastmask.profiling.count_flops``: 3x the forward's matmul + attention FLOPs) and MFU
+(``fastmask.models.count_flops``: 3x the forward's matmul + attention FLOPs) and MFU
 against the bf16 matmul rate measured in the same session. On the CPU the headline is the
 masked (0.5) vs unmasked (0.0) step-time ratio of a small MaskDiT (reference backend).
 """
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from benchmarks import common
-from fastmask.profiling import build_training
+from benchmarks.setups import build_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,10 @@ class Setting:
     num_classes: int = 1000
     warmup: int = 2
     steps: int = 5
+
+    def shape_kwargs(self) -> dict:
+        """The arguments of :func:`benchmarks.setups.build_training` this setting fixes."""
+        return {k: getattr(self, k) for k in ("input_size", "batch", "in_channels", "num_classes")}
 
 
 def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]]:
@@ -155,16 +159,8 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
     ts = None
     try:
         ts = build_training(
-            s.config,
-            model=v.model,
-            input_size=s.input_size,
-            batch=s.batch,
-            in_channels=s.in_channels,
-            num_classes=s.num_classes,
-            mask_ratio=case.mask_ratio,
-            backend=v.backend,
-            device=common.device(),
-            compile=scope,
+            s.config, model=v.model, mask_ratio=case.mask_ratio, backend=v.backend, device=common.device(),
+            compile=scope, **s.shape_kwargs(),
         )
         params = sum(p.numel() for p in ts.model.parameters())
         flops = ts.flops()

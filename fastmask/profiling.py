@@ -18,14 +18,13 @@ rest as other. Each event counts its self time: device (kernel) time on a GPU, C
 the CPU. Under ``--compile`` Inductor fuses across these boundaries, so most of the time
 lands in "other"; profile eagerly to see the split.
 
-:func:`count_flops` is the explicit FLOP count of a DiT/MaskDiT (matmuls and attention).
-:func:`build_training` is the training step shared with the benchmark suite.
+The FLOP count behind MFU is :func:`fastmask.models.count_flops`; the benchmark suite's
+training setups are in ``benchmarks/setups.py``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import time
@@ -33,7 +32,7 @@ import time
 import torch
 
 from . import ops as _ops
-from .ops.tokens import num_kept
+from .models import EDMPrecond, compile_model, count_flops, dit, maskdit
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer", "other")
 
@@ -64,155 +63,6 @@ _MATMUL_OPS = (
     "aten::convolution_backward",
     "aten::_addmm_activation",
 )
-
-
-# ----------------------------------------------------------------------------- FLOP count
-def _block_flops(blk, L: int) -> dict:
-    """Matmul FLOPs of one MaskedDiTBlock on L tokens, per sample (2 FLOPs per multiply-add)."""
-    D = blk.hidden_size
-    qkv = blk.attn.qkv
-    hidden = blk.mlp.fc1.out_features
-    ada = blk.adaLN_modulation[1]
-    return {
-        "qkv": 2 * L * D * qkv.out_features,
-        "attn": 4 * L * L * D,  # q k^T and p v: 2 L^2 hd each, per head
-        "proj": 2 * L * D * D,
-        "mlp": 2 * L * D * hidden * 2,
-        "adaLN": 2 * ada.in_features * ada.out_features,
-    }
-
-
-def _final_flops(layer, L: int) -> int:
-    lin, ada = layer.linear, layer.adaLN_modulation[1]
-    return 2 * L * lin.in_features * lin.out_features + 2 * ada.in_features * ada.out_features
-
-
-def count_flops(model, batch: int = 1, mask_ratio: float = 0.0) -> dict:
-    """Matmul + attention FLOPs of one forward of a DiT or MaskDiT (the network inside an
-    EDMPrecond is unwrapped), and of one training step (x3: forward + backward).
-
-    Counted: patch embedding, conditioning MLPs (timestep MLP, class Linear), every block
-    (qkv, attention q k^T and p v, proj, MLP, adaLN Linear), MaskDiT's decoder_layer, the
-    decoder blocks on all N tokens, the final layer. Not counted: norms, softmax, element-wise
-    ops (a few % at most). Returns {"parts": {...}, "forward": F, "train_step": 3 F} in FLOPs
-    for the whole batch.
-    """
-    net = getattr(model, "model", model)
-    N = net.num_patches
-    p = net.patch_size
-    masked = hasattr(net, "decoder_blocks")
-    K = num_kept(N, mask_ratio) if masked and mask_ratio > 0 else N
-    D = net.hidden_size
-    conv = net.x_embedder.proj
-    parts: dict[str, float] = {}
-    parts["patch_embed"] = 2 * N * conv.in_channels * p * p * conv.out_channels
-    t = net.t_embedder.mlp
-    cond = 2 * (t[0].in_features * t[0].out_features + t[2].in_features * t[2].out_features)
-    emb = getattr(net.y_embedder, "embedding_table", None)
-    if isinstance(emb, torch.nn.Linear):
-        cond += 2 * emb.in_features * emb.out_features
-    parts["conditioning"] = cond
-
-    def add_blocks(prefix, blocks, L):
-        for blk in blocks:
-            for k, v in _block_flops(blk, L).items():
-                parts[f"{prefix}.{k}"] = parts.get(f"{prefix}.{k}", 0) + v
-
-    add_blocks("blocks", net.blocks, K)
-    if masked:
-        parts["decoder_layer"] = _final_flops(net.decoder_layer, K)
-        add_blocks("decoder_blocks", net.decoder_blocks, N)
-    parts["final_layer"] = _final_flops(net.final_layer, N)
-    parts = {k: v * batch for k, v in parts.items()}
-    fwd = sum(parts.values())
-    return {"parts": parts, "forward": fwd, "train_step": 3 * fwd, "tokens": {"N": N, "K": K}}
-
-
-# ----------------------------------------------------------------------------- training step
-@dataclasses.dataclass
-class TrainSetup:
-    """A model, its optimizer and one fixed batch: ``step()`` runs one training step."""
-
-    model: torch.nn.Module  # EDMPrecond
-    opt: torch.optim.Optimizer
-    y: torch.Tensor
-    labels: torch.Tensor
-    mask_ratio: float
-    backend: str
-    amp: bool
-    device: torch.device
-
-    def step(self) -> torch.Tensor:
-        from . import backend as _backend
-
-        with _backend(self.backend):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss = self.model.loss(self.y, self.labels, mask_ratio=self.mask_ratio).mean()
-            loss.backward()
-        with torch.profiler.record_function("fastmask.optimizer"):
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def flops(self) -> dict:
-        return count_flops(self.model, self.y.shape[0], self.mask_ratio)
-
-
-def compile_model(model, scope: str = "blocks"):
-    """torch.compile a DiT/MaskDiT (inside an EDMPrecond) in place.
-
-    ``blocks``: each transformer block (regional compilation: identical blocks share one
-    compiled graph, so compiling is quick); ``model``: the whole network forward.
-    """
-    net = getattr(model, "model", model)
-    if scope == "blocks":
-        for name in ("blocks", "decoder_blocks"):
-            for blk in getattr(net, name, []):
-                blk.compile()
-    elif scope == "model":
-        net.forward_tokens = torch.compile(net.forward_tokens)
-    else:
-        raise ValueError(f"compile scope: expected 'blocks' or 'model', got {scope!r}")
-    return model
-
-
-def build_training(
-    config: str = "XL/2",
-    *,
-    model: str = "maskdit",
-    input_size: int = 32,
-    batch: int = 8,
-    in_channels: int = 4,
-    num_classes: int = 1000,
-    mask_ratio: float = 0.5,
-    backend: str = "auto",
-    device: str | torch.device | None = None,
-    amp: bool | None = None,
-    compile: str | None = None,
-    lr: float = 1e-4,
-    seed: int = 0,
-) -> TrainSetup:
-    """Build the model (``maskdit`` or ``dit`` of ``config``), AdamW and a random batch.
-
-    ``amp`` (bf16 autocast) defaults to on for CUDA, off for the CPU; ``compile`` is None,
-    ``"blocks"`` or ``"model"`` (see :func:`compile_model`).
-    """
-    from .models import EDMPrecond, dit, maskdit
-
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = dev.type == "cuda" if amp is None else amp
-    torch.manual_seed(seed)
-    build = {"maskdit": maskdit, "dit": dit}[model]
-    with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
-        net = build(config, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
-        edm = EDMPrecond(net).to(dev)  # so move the rest
-        y = torch.randn(batch, in_channels, input_size, input_size)
-        labels = torch.randint(0, num_classes, (batch,))
-    if compile:
-        compile_model(edm, compile)
-    opt_kw = {"fused": True} if dev.type == "cuda" else {}
-    opt = torch.optim.AdamW(edm.parameters(), lr=lr, weight_decay=0.0, **opt_kw)
-    return TrainSetup(edm, opt, y, labels, mask_ratio if model == "maskdit" else 0.0, backend, amp, dev)
 
 
 # ----------------------------------------------------------------------------- attribution
@@ -390,32 +240,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp: bool):
+    """(model, step, mask ratio): ``step()`` runs one training step (forward, backward, AdamW)
+    of ``args.model``/``args.config`` on one fixed random batch."""
+    from . import backend
+
+    torch.manual_seed(0)
+    with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
+        build = maskdit if args.model == "maskdit" else dit
+        net = EDMPrecond(build(args.config, input_size=args.input_size, in_channels=args.in_channels,
+                               num_classes=args.num_classes)).to(dev)  # so move the rest
+        y = torch.randn(batch, args.in_channels, args.input_size, args.input_size)
+        labels = torch.randint(0, args.num_classes, (batch,))
+    if args.compile != "none":
+        compile_model(net, args.compile)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
+    ratio = args.mask_ratio if args.model == "maskdit" else 0.0
+
+    def step():
+        with backend(args.backend):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                loss = net.loss(y, labels, mask_ratio=ratio).mean()
+            loss.backward()
+        with torch.profiler.record_function("fastmask.optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return net, step, ratio
+
+
 def profile(args: argparse.Namespace) -> dict:
     """Profile ``args.steps`` training steps; print the per-kind table; return it as a dict."""
     dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = dev.type == "cuda"
     batch = args.batch or (64 if on_gpu else 8)
-    ts = build_training(
-        args.config,
-        model=args.model,
-        input_size=args.input_size,
-        batch=batch,
-        in_channels=args.in_channels,
-        num_classes=args.num_classes,
-        mask_ratio=args.mask_ratio,
-        backend=args.backend,
-        device=dev,
-        amp=on_gpu and not args.no_amp,
-        compile=None if args.compile == "none" else args.compile,
-    )
+    net, step, ratio = _training_step(args, dev, batch, amp=on_gpu and not args.no_amp)
     for _ in range(max(args.warmup, 1 if args.compile != "none" else 0)):
-        ts.step()
+        step()
     _sync(dev)
 
     # wall time per step, without the profiler's overhead
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        ts.step()
+        step()
     _sync(dev)
     step_s = (time.perf_counter() - t0) / args.steps
 
@@ -425,13 +292,13 @@ def profile(args: argparse.Namespace) -> dict:
     with op_ranges(), torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             with torch.profiler.record_function("fastmask.step"):
-                ts.step()
+                step()
         _sync(dev)
     if args.trace:
         prof.export_chrome_trace(args.trace)
     totals = categorize(prof.events(), on_gpu)
     busy = sum(totals.values()) / args.steps / 1e3  # ms per step
-    flops = ts.flops()
+    flops = count_flops(net, batch, ratio)
     peak = _matmul_peak_tflops(dev)
     tflops = flops["train_step"] / step_s / 1e12
     result = {
@@ -440,7 +307,7 @@ def profile(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
         "batch": batch,
         "input_size": args.input_size,
-        "mask_ratio": ts.mask_ratio,
+        "mask_ratio": ratio,
         "backend": args.backend,
         "compile": args.compile,
         "step_ms": step_s * 1e3,

@@ -113,16 +113,17 @@ def test_profile_run_cpu(tmp_path, one_thread, capsys):
 def test_count_flops_matches_flop_counter(model, config, ratio, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastmask import profiling
+    from benchmarks.setups import build_training
+    from fastmask.models import count_flops
     from fastmask.ops import reference
 
     # the counter sees bmm; SDPA's CPU kernel is not in its table
     monkeypatch.setattr(reference, "attention", reference.attention_math)
-    ts = profiling.build_training(config, model=model, input_size=16, batch=3, num_classes=10, mask_ratio=ratio, device="cpu")
+    ts = build_training(config, model=model, input_size=16, batch=3, num_classes=10, mask_ratio=ratio, device="cpu")
     x = torch.randn(3, 4, 16, 16)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         ts.model.model.forward_tokens(x, torch.randn(3), torch.randint(0, 10, (3,)), mask_ratio=ratio)
-    counted = profiling.count_flops(ts.model, 3, ratio)
+    counted = count_flops(ts.model, 3, ratio)
     assert counted["forward"] == fc.get_total_flops()
     assert counted["train_step"] == 3 * counted["forward"]
 

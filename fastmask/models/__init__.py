@@ -1,8 +1,10 @@
-"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, configs, checkpoint loading."""
+"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, configs, FLOP count,
+checkpoint loading."""
 from .checkpoint import from_published, infer_config, load_published, unwrap_state_dict
 from .configs import build_model, config_names, dit, maskdit, model_kwargs
-from .dit import DiT, MaskDiT, patchify, unpatchify
+from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
+from .flops import count_flops
 
 __all__ = [
     "DDPMDenoiser",
@@ -10,7 +12,9 @@ __all__ = [
     "EDMPrecond",
     "MaskDiT",
     "build_model",
+    "compile_model",
     "config_names",
+    "count_flops",
     "dit",
     "draw_sigma",
     "edm_coefficients",

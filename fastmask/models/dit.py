@@ -1,4 +1,5 @@
-"""DiT and MaskDiT, built from MaskedDiTBlock. Reads top to bottom: base -> DiT -> MaskDiT -> configs."""
+"""DiT and MaskDiT, built from MaskedDiTBlock. Reads top to bottom: base -> DiT -> MaskDiT ->
+:func:`compile_model`. The named configs (XL/2, S/2, ...) are in :mod:`fastmask.models.configs`."""
 from __future__ import annotations
 
 import torch
@@ -250,3 +251,21 @@ class MaskDiT(_DiTBase):
         """[B, C, H, W] -> [B, C, H, W] (no masking unless ``mask_ratio``/``ids_keep`` is given)."""
         tokens, _ = self.forward_tokens(x, noise_labels, class_labels, **kw)
         return unpatchify(tokens, self.patch_size, self.out_channels)
+
+
+def compile_model(model, scope: str = "blocks"):
+    """torch.compile a DiT/MaskDiT (inside an EDMPrecond) in place.
+
+    ``blocks``: each transformer block (regional compilation: identical blocks share one
+    compiled graph, so compiling is quick); ``model``: the whole network forward.
+    """
+    net = getattr(model, "model", model)
+    if scope == "blocks":
+        for name in ("blocks", "decoder_blocks"):
+            for blk in getattr(net, name, []):
+                blk.compile()
+    elif scope == "model":
+        net.forward_tokens = torch.compile(net.forward_tokens)
+    else:
+        raise ValueError(f"compile scope: expected 'blocks' or 'model', got {scope!r}")
+    return model
