@@ -9,66 +9,229 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 
+from .errors import UsageError
 
-def _f(default, help: str):
-    """A config field with its help text (shown by `fastmask train --help`)."""
+
+# --------------------------------------------------------------------------- value checks
+@dataclass(frozen=True)
+class Check:
+    """What one setting accepts: a type (int, float, str, bool or a pair of floats), an
+    optional range [lo, hi] (``lo_open``/``hi_open`` exclude an end), choices or a pattern, and
+    whether None is allowed. :meth:`parse` reads a command-line string, :meth:`check` a value
+    from Python or JSON; both return the value or raise ValueError saying what was expected."""
+
+    type: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | None = None
+    pattern: str | None = None
+    optional: bool = False
+
+    def expected(self) -> str:
+        what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+                tuple: "a pair of numbers a,b"}[self.type]
+        if self.choices:
+            what = "one of " + ", ".join(map(str, self.choices))
+        elif self.pattern:
+            what = self.pattern_help
+        if self.lo is not None or self.hi is not None:
+            if self.lo is not None and self.hi is not None:
+                what += f" in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+            elif self.lo is not None:
+                what += f" {'>' if self.lo_open else '>='} {_num(self.lo)}"
+            else:
+                what += f" {'<' if self.hi_open else '<='} {_num(self.hi)}"
+        return what + (" (or none)" if self.optional else "")
+
+    @property
+    def pattern_help(self) -> str:
+        return "auto, cpu, cuda or cuda:N" if self.pattern == DEVICE_PATTERN else f"a string matching {self.pattern}"
+
+    def parse(self, text: str):
+        """A command-line string converted and checked."""
+        t = text.strip()
+        if self.optional and t.lower() in ("none", "null", ""):
+            return None
+        try:
+            if self.type is bool:
+                value = {"1": True, "true": True, "yes": True, "on": True,
+                         "0": False, "false": False, "no": False, "off": False}[t.lower()]
+            elif self.type is tuple:
+                value = tuple(float(v) for v in t.split(","))
+            else:
+                value = self.type(t)
+            return self.check(value)
+        except (ValueError, KeyError):
+            raise ValueError(f"expected {self.expected()}, got {text!r}") from None
+
+    def check(self, value):
+        """A Python/JSON value checked (ints are accepted for floats, lists for pairs)."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ValueError(f"expected {self.expected()}, got None")
+        bad = ValueError(f"expected {self.expected()}, got {value!r}")
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.type is tuple and isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            raise bad
+        items = value if self.type is tuple else (value,)
+        if self.type is tuple and (len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)):
+            raise bad
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise bad
+            if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+                raise bad
+            if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+                raise bad
+        if self.choices and value not in self.choices:
+            raise bad
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            raise bad
+        return tuple(float(v) for v in value) if self.type is tuple else value
+
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def arg_type(check: Check, name: str | None = None):
+    """An argparse ``type=`` that parses and checks with ``check`` (argparse names the flag)."""
+    import argparse
+
+    def convert(text: str):
+        try:
+            return check.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name or check.type.__name__
+    return convert
+
+
+COUNT = Check(int, lo=1)  # a positive count (--steps, --batch-size, --per-class ...)
+DEVICE = Check(str, pattern=DEVICE_PATTERN)
+
+
+def resolve_device(name: str, flag: str = "--device"):
+    """The torch device of a checked device name (auto: CUDA when there is one)."""
+    import torch
+
+    try:
+        name = DEVICE.check(name)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"{flag}: {name!r} was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def make_out_dir(path, flag: str = "--out"):
+    """Create the output folder ``path``; a path that cannot be a folder is a user error naming ``flag``."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{flag}: {str(p)!r} is not a folder (it or a folder above it is a file)") from None
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot create {str(p)!r}: {e.strerror or e}") from None
+    return p
+
+
+# --------------------------------------------------------------------------- the config
+def _f(default, help: str, *, flag: bool = False, **check):
+    """A config field: its default, its help text (the one shown for both ``--set KEY`` and its
+    flag), whether ``fastmask train`` has a flag ``--key-name`` for it, and what it accepts
+    (:class:`Check` arguments; the type comes from the annotation)."""
+    meta = {"help": help, "flag": flag, "check": check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_UNIT = dict(lo=0.0, hi=1.0, hi_open=True)  # a fraction in [0, 1)
+_LR = dict(lo=0.0, hi=1.0, lo_open=True)  # AdamW learning rates
 
 
 @dataclass
 class TrainConfig:
     # ---- data
-    data: str = _f("digits", "digits | latents | folder")
-    data_path: str | None = _f(None, "latents: .npy/.npz file or folder of shards; folder: root of class sub-folders")
-    image_size: int = _f(16, "pixel data are resized to this; latents must already have it")
-    channels: int = _f(1, "image channels (pixels) or latent channels (latents: moments have 2x this)")
-    latent_scale: float = _f(0.18215, "z = latent_scale * (mean + exp(logvar / 2) * eps)")
+    data: str = _f("digits", "data set: digits (built in, no download), latents (VAE moment shards), folder (images "
+                   "in class sub-folders)", flag=True, choices=("digits", "latents", "folder"))
+    data_path: str | None = _f(None, "file or folder of the data set (latents: .npy/.npz file or folder of shards; "
+                               "folder: root of the class sub-folders)", flag=True)
+    image_size: int = _f(16, "spatial size the model sees (pixel data are resized to it; latents must have it)",
+                         flag=True, lo=1)
+    channels: int = _f(1, "image channels (pixels) or latent channels (latents: moments have 2x this)", flag=True, lo=1)
+    latent_scale: float = _f(0.18215, "z = latent_scale * (mean + exp(logvar / 2) * eps)", lo=0.0, lo_open=True)
     # ---- model
-    arch: str = _f("maskdit", "maskdit | dit")
-    model: str = _f("Digits/2", "model config name (fastmask.models.config_names()): Digits/2, T/2, S/2, XL/2 ...")
-    num_classes: int | None = _f(None, "classes (None: from the data set; 0 = unconditional)")
+    arch: str = _f("maskdit", "maskdit or dit", flag=True, choices=("maskdit", "dit"))
+    model: str = _f("Digits/2", "model config (fastmask.models.config_names()): Digits/2, T/2, S/2, B/2, XL/2 ...",
+                    flag=True)
+    num_classes: int | None = _f(None, "classes (none: from the data set; 0 = unconditional)", lo=0)
     # ---- optimisation
-    batch_size: int = _f(128, "global batch (all ranks together)")
-    lr: float = _f(1e-4, "AdamW learning rate of phase 1 (the masked phase)")
-    weight_decay: float = _f(0.0, "AdamW weight decay (the paper uses none)")
-    betas: tuple = _f((0.9, 0.999), "AdamW betas, e.g. --set betas=0.9,0.99")
-    warmup_steps: int = _f(0, "linear lr warm-up at the start of training")
-    grad_clip: float | None = _f(None, "max global gradient norm; None = no clipping")
-    ema_decay: float = _f(0.9999, "EMA decay, updated every step (paper: 0.9999)")
+    batch_size: int = _f(128, "global batch size (all ranks together)", flag=True, lo=1)
+    lr: float = _f(1e-4, "AdamW learning rate of the masked phase", flag=True, **_LR)
+    weight_decay: float = _f(0.0, "AdamW weight decay (the paper uses none)", lo=0.0)
+    betas: tuple = _f((0.9, 0.999), "AdamW betas, a pair, e.g. --set betas=0.9,0.99", **_UNIT)
+    warmup_steps: int = _f(0, "linear lr warm-up at the start of training", lo=0)
+    grad_clip: float | None = _f(None, "clip the global gradient norm to this value (none: no clipping)", flag=True,
+                                 lo=0.0, lo_open=True)
+    ema_decay: float = _f(0.9999, "EMA decay, updated every step (paper: 0.9999)", flag=True, **_UNIT)
     ema_warmup: bool = _f(False, "EMA decay min(ema_decay, (1 + step) / (10 + step)): for short runs")
-    label_dropout: float = _f(0.1, "probability that a label is replaced by -1 (no label) for CFG")
-    mae_coef: float = _f(0.1, "weight of the MAE term on dropped tokens")
-    amp: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+    label_dropout: float = _f(0.1, "probability that a label is replaced by -1 (no label) for guidance", lo=0.0, hi=1.0)
+    mae_coef: float = _f(0.1, "weight of the MAE term on dropped tokens", lo=0.0)
+    amp: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
     # ---- phase 1: masked training
-    steps: int | None = _f(2000, "optimizer steps of phase 1 (None: until `minutes` runs out)")
-    minutes: float | None = _f(None, "wall-clock cap of phase 1")
-    mask_ratio: float = _f(0.5, "fraction of tokens dropped in phase 1")
-    mask_schedule: str = _f("constant", "constant | linear | cosine (from mask_ratio to mask_ratio_end)")
-    mask_ratio_end: float | None = _f(None, "end of a linear/cosine schedule (default: mask_ratio)")
+    steps: int | None = _f(2000, "--steps N is the total step count of the masked phase; a resumed run continues to N "
+                           "(none: until --minutes runs out)", flag=True, lo=0)
+    minutes: float | None = _f(None, "wall-clock cap (minutes) of the masked phase, counted over all its runs "
+                               "(a resumed run gets what is left)", flag=True, lo=0.0, lo_open=True)
+    mask_ratio: float = _f(0.5, "fraction of tokens dropped in the masked phase", flag=True, **_UNIT)
+    mask_schedule: str = _f("constant", "constant, linear or cosine (from mask_ratio to mask_ratio_end)", flag=True,
+                            choices=("constant", "linear", "cosine"))
+    mask_ratio_end: float | None = _f(None, "end of a linear/cosine schedule (default: mask_ratio)", **_UNIT)
     # ---- phase 2: unmasking fine-tune (mask ratio 0)
-    finetune_steps: int = _f(0, "steps of phase 2, the unmasking fine-tune at ratio 0")
-    finetune_minutes: float | None = _f(None, "wall-clock cap of phase 2")
-    finetune_lr: float | None = _f(None, "learning rate of phase 2 (None: lr / 2)")
+    finetune_steps: int = _f(0, "steps of the unmasking fine-tune at mask ratio 0 (0: none), counted after the "
+                             "masked phase; a resumed run continues to that total", flag=True, lo=0)
+    finetune_minutes: float | None = _f(None, "wall-clock cap (minutes) of the fine-tune, over all its runs", flag=True,
+                                        lo=0.0, lo_open=True)
+    finetune_lr: float | None = _f(None, "learning rate of the fine-tune (none: lr / 2)", flag=True, **_LR)
     # ---- sampling and evaluation after training
-    sample_steps: int = _f(18, "EDM Heun steps (2 * steps - 1 network calls)")
-    guidance: float = _f(1.5, "classifier-free guidance scale (1 = none)")
-    samples_per_class: int = _f(50, "samples per class drawn after training (evaluation)")
-    grid_per_class: int = _f(10, "columns of the sample grid PNG")
+    sample_steps: int = _f(18, "EDM Heun steps of the samples drawn after training (2 * steps - 1 network calls)",
+                           flag=True, lo=1)
+    guidance: float = _f(1.5, "classifier-free guidance scale of those samples (1: none)", flag=True, lo=0.0)
+    samples_per_class: int = _f(50, "samples per class drawn (and evaluated) after training", flag=True, lo=1)
+    grid_per_class: int = _f(10, "columns of the sample grid PNG", lo=1)
     evaluate: bool = _f(True, "digits only: classifier accuracy and Frechet distance")
     eval_unguided: bool = _f(False, "also sample and evaluate without guidance (scale 1): the fairer Frechet distance")
     # ---- bookkeeping
-    seed: int = _f(0, "seeds the initialisation, the data order and all per-step randomness")
-    out: str = _f("runs/digits", "output folder (checkpoints, log.jsonl, PNGs, metrics.json)")
-    log_every: int = _f(20, "steps between rows of log.jsonl")
-    ckpt_every: int = _f(500, "steps between checkpoints (also saved after each phase, on Ctrl-C and at the end)")
-    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (older ones are deleted)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    threads: int | None = _f(None, "CPU threads for torch (None: torch's default); 1 is fastest on a busy machine")
+    seed: int = _f(0, "random seed (initialisation, data order, all per-step randomness)", flag=True, lo=0)
+    out: str = _f("runs/digits", "output folder (checkpoints/, log.jsonl, PNGs, metrics.json)", flag=True)
+    log_every: int = _f(20, "steps between rows of log.jsonl", lo=1)
+    ckpt_every: int = _f(500, "steps between checkpoints (0: none between; also saved after each phase, on Ctrl-C "
+                         "and at the end)", lo=0)
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (older ones are deleted)", lo=1)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N", flag=True, pattern=DEVICE_PATTERN)
+    threads: int | None = _f(None, "CPU threads for torch (none: torch's default; 1 is fastest on a busy machine)",
+                             flag=True, lo=1)
     preset: str = _f("digits", "name of the preset this config started from (informative)")
     description: str = _f("", "what the preset is (informative)")
 
@@ -78,34 +241,16 @@ class TrainConfig:
         return self.finetune_lr if self.finetune_lr is not None else self.lr / 2
 
     def validate(self) -> None:
-        if self.data not in ("digits", "latents", "folder"):
-            raise ValueError(f"data: expected 'digits', 'latents' or 'folder', got {self.data!r}")
+        """Check every value (:func:`check_value`) and how they fit together; raises
+        :class:`~fastmask.errors.UsageError` naming the key."""
+        for name in FIELDS:
+            setattr(self, name, check_value(name, getattr(self, name)))
         if self.data in ("latents", "folder") and not self.data_path:
-            raise ValueError(f"data_path: data={self.data!r} needs --data-path (a file or folder)")
-        if self.arch not in ("maskdit", "dit"):
-            raise ValueError(f"arch: expected 'maskdit' or 'dit', got {self.arch!r}")
+            raise UsageError(f"data_path: data={self.data!r} needs --data-path (a file or folder)")
         if self.arch == "dit" and (self.mask_ratio > 0 or (self.mask_ratio_end or 0) > 0):
-            raise ValueError("mask_ratio: a plain DiT (arch='dit') cannot drop tokens; set mask_ratio=0")
-        for name in ("mask_ratio", "mask_ratio_end"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}: expected a value in [0, 1), got {v}")
-        if self.mask_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"mask_schedule: expected constant, linear or cosine, got {self.mask_schedule!r}")
+            raise UsageError("mask_ratio: a plain DiT (arch='dit') cannot drop tokens; set mask_ratio=0")
         if self.steps is None and self.minutes is None:
-            raise ValueError("steps: give a step count or a time budget (minutes)")
-        if self.steps is not None and self.steps < 0 or self.finetune_steps < 0:
-            raise ValueError(f"steps: expected non-negative counts, got {self.steps} and {self.finetune_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive batch, got {self.batch_size}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.label_dropout <= 1.0:
-            raise ValueError(f"label_dropout: expected a probability, got {self.label_dropout}")
-        if self.amp not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"amp: expected auto, bf16 or fp32, got {self.amp!r}")
-        if self.sample_steps < 1:
-            raise ValueError(f"sample_steps: expected at least 1, got {self.sample_steps}")
+            raise UsageError("steps: give a step count or a time budget (minutes)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,49 +266,71 @@ _HINTS = typing.get_type_hints(TrainConfig)
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def parse_value(key: str, text: str):
-    """A ``--set key=value`` string converted to the type of ``key``."""
-    if key not in FIELDS:
-        raise ValueError(f"--set: unknown key {key!r}; known keys: {', '.join(FIELDS)}")
-    hint = _HINTS[key]
-    optional = type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    if optional and text.lower() in ("none", "null", ""):
-        return None
+def _check_of(name: str) -> Check:
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint)
+    check = dict(FIELDS[name].metadata["check"])
+    if name == "model":
+        from .models import config_names
+
+        check["choices"] = tuple(config_names())
+    return Check(type=base, optional=type(None) in args, **check)
+
+
+CHECKS: dict[str, Check] = {}
+
+
+def field_check(name: str) -> Check:
+    """The :class:`Check` of config key ``name``."""
+    if name not in CHECKS:
+        CHECKS[name] = _check_of(name)
+    return CHECKS[name]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def flag_fields() -> list[str]:
+    """The config keys that ``fastmask train`` has a flag for (``--key-name``)."""
+    return [n for n, f in FIELDS.items() if f.metadata["flag"]]
+
+
+def _known(name: str, where: str) -> None:
+    if name not in FIELDS:
+        raise UsageError(f"{where}: unknown key {name!r}; known keys: {', '.join(FIELDS)}")
+
+
+def check_value(name: str, value, where: str | None = None):
+    """``value`` for config key ``name``, type- and range-checked; the one check that config
+    files, ``--set``, the flags, presets and stored checkpoint configs all go through. Raises
+    :class:`~fastmask.errors.UsageError` naming ``where`` (default: the key)."""
+    _known(name, where or "config")
     try:
-        if base is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            return int(text)
-        if base is float:
-            return float(text)
-        if base is tuple:
-            return tuple(float(v) for v in text.split(","))
-        return text
-    except ValueError:
-        raise ValueError(f"--set {key}={text}: expected a {getattr(base, '__name__', base)}") from None
+        return field_check(name).check(value)
+    except ValueError as e:
+        raise UsageError(f"{where or name}: {e}") from None
+
+
+def parse_value(key: str, text: str):
+    """A ``--set key=value`` string converted to the type of ``key`` and checked."""
+    _known(key, "--set")
+    try:
+        return field_check(key).parse(text)
+    except ValueError as e:
+        raise UsageError(f"--set {key}: {e}") from None
 
 
 def update(cfg: TrainConfig, values: dict, where: str) -> TrainConfig:
+    """Set ``values`` on ``cfg``, each checked; errors name ``where`` and the key."""
     for k, v in values.items():
-        if k not in FIELDS:
-            raise ValueError(f"{where}: unknown key {k!r}; known keys: {', '.join(FIELDS)}")
-        if k == "betas" and v is not None:
-            v = tuple(v)
-        setattr(cfg, k, v)
+        _known(k, where)
+        setattr(cfg, k, check_value(k, v, where=f"{where}: {k}"))
     return cfg
 
 
 # --------------------------------------------------------------------------- presets
-# Digits presets, measured on this project's shared 2-core CPU: 1 thread runs the masked
-# Digits/2 step at batch 64 at about 2 steps/s and the unmasked one at about 1.4 (other work
-# running); 600 + 100 steps, 200 guided samples and the evaluation take about 7 minutes. The step
-# counts keep a run reproducible; the minute caps only protect the 10-minute budget on a machine
-# that is much slower (a run that hits a cap says so in metrics.json).
 # What the two ImageNet recipes share (MaskDiT paper: XL/2 on SD-VAE latents, ratio 0.5 then 0).
 _IMAGENET = dict(
     data="latents",
@@ -184,6 +351,11 @@ _IMAGENET = dict(
     ckpt_every=10_000,
 )
 
+# Digits presets, measured on this project's shared 2-core CPU: 1 thread runs the masked
+# Digits/2 step at batch 64 at about 2 steps/s and the unmasked one at about 1.4 (other work
+# running); 600 + 100 steps, 200 guided samples and the evaluation take about 7 minutes. The step
+# counts keep a run reproducible; the minute caps only protect the 10-minute budget on a machine
+# that is much slower (a run that hits a cap says so in metrics.json).
 _DIGITS = dict(
     data="digits",
     image_size=16,
@@ -279,7 +451,7 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"preset: unknown preset {name!r}; expected one of {preset_names()}")
+        raise UsageError(f"--preset: unknown preset {name!r}; expected one of {', '.join(preset_names())}")
     cfg = TrainConfig()
     update(cfg, PRESETS[name], where=f"preset {name!r}")
     cfg.preset = name
@@ -291,11 +463,13 @@ def load_config_file(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"--config: no such file {path!r}") from None
+        raise UsageError(f"--config: no such file {path!r}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config: cannot read {path!r}: {e}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"--config: {path!r} is not valid JSON: {e}") from None
+        raise UsageError(f"--config: {path!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {path!r} must hold a JSON object of config keys")
+        raise UsageError(f"--config: {path!r} must hold a JSON object of config keys")
     return data
 
 

@@ -1,4 +1,4 @@
-"""Where a training step spends its time: ``fastmask profile`` (and the FLOP count behind MFU).
+"""Where a training step spends its time, per op kind, and its model FLOP utilisation: ``fastmask profile``.
 
     fastmask profile --config XL/2 --input-size 32 --batch 64 --mask-ratio 0.5 \\
         --backend auto --steps 5 --trace step.json
