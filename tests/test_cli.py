@@ -102,3 +102,173 @@ def test_sample_published_latent_model(tmp_path):
                  "--guidance", "1.5", "--out", str(tmp_path / "o")]) == 0
     z = np.load(tmp_path / "o" / "latents.npy")
     assert z.shape == (5, 4, 8, 8) and np.load(tmp_path / "o" / "labels.npy").tolist() == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------- user errors
+def _assert_user_error(capsys, argv, names):
+    """main(argv) exits 2 with one line `fastmask <cmd>: error: ...` naming every string of ``names``."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"fastmask {argv[0]}: error: "), lines[0]
+    assert "Traceback" not in err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+@pytest.mark.parametrize(
+    "argv,names",
+    [
+        (["--set", "log_every=0"], ["log_every", ">= 1"]),
+        (["--threads", "-2"], ["--threads", ">= 1"]),
+        (["--set", "threads=-2"], ["threads"]),
+        (["--set", "betas=0.9"], ["betas", "pair"]),
+        (["--set", "betas=0.9,1.5"], ["betas", "[0, 1)"]),
+        (["--set", "lr=1e39"], ["lr"]),
+        (["--lr", "1e39"], ["--lr"]),
+        (["--lr", "nan"], ["--lr"]),
+        (["--set", "steps=abc"], ["steps"]),
+        (["--steps", "abc"], ["--steps"]),
+        (["--steps", "-1"], ["--steps"]),
+        (["--device", "tpu"], ["--device", "cuda:N"]),
+        (["--device", "bogus"], ["--device"]),
+        (["--set", "device=tpu"], ["device"]),
+        (["--set", "amp=fp16"], ["amp", "bf16"]),
+        (["--set", "evaluate=maybe"], ["evaluate"]),
+        (["--model", "Q/2"], ["--model", "XL/2"]),
+        (["--mask-ratio", "1"], ["--mask-ratio", "[0, 1)"]),
+        (["--batch-size", "0"], ["--batch-size"]),
+        (["--set", "nope=1"], ["nope"]),
+        (["--set", "lr"], ["--set", "KEY=VALUE"]),
+        (["--preset", "imagenet9"], ["--preset", "imagenet9"]),
+        (["--bogus-flag"], ["--bogus-flag"]),
+    ],
+)
+def test_train_config_errors_are_one_line(capsys, argv, names):
+    _assert_user_error(capsys, ["train", *argv, "--print-config"], names)
+
+
+@pytest.mark.parametrize(
+    "content,names",
+    [
+        ({"steps": "abc"}, ["--config", "steps", "integer"]),
+        ({"log_every": 0}, ["log_every"]),
+        ({"threads": -2}, ["threads"]),
+        ({"betas": [0.9]}, ["betas"]),
+        ({"betas": 0.9}, ["betas"]),
+        ({"lr": 1e39}, ["lr"]),
+        ({"device": "tpu"}, ["device"]),
+        ({"evaluate": "yes"}, ["evaluate"]),
+        ({"steps": True}, ["steps"]),
+        ({"nope": 1}, ["nope"]),
+        ([1, 2], ["--config", "JSON object"]),
+    ],
+)
+def test_config_file_errors_are_one_line(tmp_path, capsys, content, names):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(content))
+    _assert_user_error(capsys, ["train", "--config", str(f), "--print-config"], names)
+
+
+def test_config_file_unreadable(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    _assert_user_error(capsys, ["train", "--config", str(bad), "--print-config"], ["--config", "bad.json"])
+    _assert_user_error(capsys, ["train", "--config", str(tmp_path / "missing.json")], ["--config", "missing.json"])
+
+
+def test_one_check_for_every_route(tmp_path):
+    """JSON, --set, the flags and Python attribute values all go through the same check."""
+    from fastmask.errors import UsageError
+    from fastmask.presets import TrainConfig, check_value, parse_value
+
+    cfg = TrainConfig()
+    cfg.log_every = 0
+    with pytest.raises(UsageError, match="^log_every: expected an integer >= 1, got 0"):
+        cfg.validate()
+    with pytest.raises(UsageError, match="steps"):
+        TrainConfig.from_dict({"steps": "abc"})
+    with pytest.raises(UsageError, match="--set threads"):
+        parse_value("threads", "-2")
+    with pytest.raises(UsageError, match="--threads"):
+        check_value("threads", -2, where="--threads")
+    assert parse_value("betas", "0.9,0.99") == (0.9, 0.99) and parse_value("grad_clip", "none") is None
+    assert check_value("lr", 1) == 1.0 and isinstance(check_value("lr", 1), float)
+    assert TrainConfig.from_dict({"betas": [0.8, 0.9]}).betas == (0.8, 0.9)
+
+
+def test_train_flags_share_the_config_help(capsys):
+    from fastmask.presets import FIELDS, field_help
+
+    assert [k for _, k in TRAIN_FLAGS] == [k for k, f in FIELDS.items() if f.metadata["flag"]]
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
+    for flag, key in TRAIN_FLAGS:
+        assert flag == "--" + key.replace("_", "-") and helps[flag] == field_help(key)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--steps N is the total step count of the masked phase; a resumed run continues to N" in text
+
+
+def test_out_under_a_regular_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _assert_user_error(capsys, ["train", "--out", str(tmp_path / "file" / "run"), "--steps", "1"], ["--out"])
+    ck = tmp_path / "m.pt"
+    ck.write_bytes(b"")
+    _assert_user_error(capsys, ["sample", "--checkpoint", str(ck), "--out", str(tmp_path / "file" / "s")], ["--out"])
+    _assert_user_error(capsys, ["sample", "--checkpoint", str(ck), "--out", str(tmp_path / "file")], ["--out"])
+
+
+@pytest.mark.parametrize(
+    "argv,names",
+    [
+        (["sample", "--per-class", "0"], ["--per-class", ">= 1"]),
+        (["sample", "--num", "0"], ["--num"]),
+        (["sample", "--guidance", "nan"], ["--guidance", "finite"]),
+        (["sample", "--guidance", "inf"], ["--guidance"]),
+        (["sample", "--guidance", "-1"], ["--guidance"]),
+        (["sample", "--batch-size", "0"], ["--batch-size"]),
+        (["sample", "--steps", "0"], ["--steps"]),
+        (["sample", "--device", "bogus"], ["--device"]),
+        (["sample", "--device", "tpu"], ["--device"]),
+        (["sample", "--per-class", "2", "--num", "3"], ["--num", "--per-class"]),
+        (["eval", "--samples-per-class", "0"], ["--samples-per-class"]),
+        (["eval", "--device", "bogus"], ["--device"]),
+        (["eval", "--guidance", "nan"], ["--guidance"]),
+    ],
+)
+def test_sample_and_eval_argument_errors(tmp_path, capsys, argv, names):
+    _assert_user_error(capsys, [*argv, "--checkpoint", str(tmp_path / "m.pt")], names)
+
+
+def test_missing_checkpoint_and_labels(tmp_path, capsys):
+    for cmd in ("sample", "eval"):
+        _assert_user_error(capsys, [cmd, "--checkpoint", str(tmp_path / "nothere.pt")], ["--checkpoint", "nothere.pt"])
+    import torch
+
+    from fastmask.models import EDMPrecond, maskdit
+
+    torch.save({"ema": EDMPrecond(maskdit("T/2", input_size=8, in_channels=4, num_classes=5)).state_dict()},
+               tmp_path / "m.pt")
+    for labels in ("a,b", "7", ","):
+        _assert_user_error(capsys, ["sample", "--checkpoint", str(tmp_path / "m.pt"), "--labels", labels,
+                                    "--out", str(tmp_path / "o")], ["--labels"])
+    if not torch.cuda.is_available():
+        _assert_user_error(capsys, ["sample", "--checkpoint", str(tmp_path / "m.pt"), "--device", "cuda",
+                                    "--out", str(tmp_path / "o")], ["--device", "CUDA"])
+
+
+def test_user_error_subprocess_one_line_and_debug_traceback(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FASTMASK_DEBUG"}
+    argv = [sys.executable, "-m", "fastmask", "train", "--set", "log_every=0", "--print-config"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["fastmask train: error: --set log_every: expected an integer >= 1, got '0'"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**env, "FASTMASK_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr and "UsageError" in r.stderr
