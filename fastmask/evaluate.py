@@ -226,20 +226,17 @@ def plot_loss_curve(log_path, png_path, title: str = "training loss") -> None:
 # --------------------------------------------------------------------------- fastmask eval
 def add_arguments(e) -> None:
     """Options of ``fastmask eval``."""
-    from .presets import COUNT, Check, arg_type
+    from .presets import COUNT, arg_type
     from .sampling import add_loading_arguments
 
     e.description = (
         "Sample every class of a digits model with guidance and label the samples with an MLP classifier trained on "
         "real digits; report its accuracy (and the classifier's own held-out accuracy on real digits) and the "
         "Frechet distance in the classifier's hidden-layer features.")
-    count = arg_type(COUNT, "count")
-    add_loading_arguments(e, "a fastmask checkpoint file or run folder of a digits model")
-    e.add_argument("--samples-per-class", type=count, default=50, help="samples drawn and classified per class")
-    e.add_argument("--guidance", type=arg_type(Check(float, lo=0.0), "scale"), default=None,
-                   help="guidance scale (default: the run's config)")
-    e.add_argument("--steps", type=count, default=None, help="EDM Heun steps (default: the run's config)")
-    e.add_argument("--seed", type=arg_type(Check(int, lo=0), "seed"), default=1, help="sampling seed")
+    add_loading_arguments(e, "a fastmask checkpoint file or run folder of a digits model", guidance=None, steps=None,
+                          seed=1)
+    e.add_argument("--samples-per-class", type=arg_type(COUNT, "count"), default=50,
+                   help="samples drawn and classified per class")
     e.add_argument("--out", default=None, help="output folder (default: the run folder); writes eval.json, eval_samples.png")
 
 

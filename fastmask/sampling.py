@@ -214,18 +214,27 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
 
 
 # --------------------------------------------------------------------------- fastmask sample
-def add_loading_arguments(p, what: str) -> None:
-    """--checkpoint, --weights and --device (shared by ``fastmask sample`` and ``fastmask eval``)."""
-    from .presets import DEVICE, arg_type
+def add_loading_arguments(p, what: str, *, guidance: float | None = 1.5, steps: int | None = 18, seed: int = 0) -> None:
+    """--checkpoint, --weights, --device and the sampler's --guidance, --steps and --seed, shared by
+    ``fastmask sample`` and ``fastmask eval`` (``None``: the run's config)."""
+    from .presets import COUNT, DEVICE, Check, arg_type
 
+    run = "the run's config"
     p.add_argument("--checkpoint", required=True, help=what)
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw ones")
     p.add_argument("--device", type=arg_type(DEVICE, "device"), default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--guidance", type=arg_type(Check(float, lo=0.0), "scale"), default=guidance,
+                   help=f"classifier-free guidance scale, 1: none (default: {run if guidance is None else guidance})")
+    p.add_argument("--steps", type=arg_type(COUNT, "count"), default=steps,
+                   help=f"EDM Heun steps, 2 * steps - 1 network calls; 40 for published FIDs (default: "
+                   f"{run if steps is None else steps})")
+    p.add_argument("--seed", type=arg_type(Check(int, lo=0), "seed"), default=seed,
+                   help=f"noise seed; sample i depends only on seed and i (default: {seed})")
 
 
 def add_arguments(s) -> None:
     """Options of ``fastmask sample``."""
-    from .presets import COUNT, Check, arg_type
+    from .presets import COUNT, arg_type
 
     s.description = (
         "Draw samples with the EDM Heun sampler and classifier-free guidance. Pixel models write one PNG per sample "
@@ -237,11 +246,6 @@ def add_arguments(s) -> None:
     g.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 0,1,2,2 (-1: unconditional)")
     g.add_argument("--per-class", type=count, default=None, help="this many samples of every class (default 8)")
     g.add_argument("--num", type=count, default=None, help="number of samples of an unconditional model")
-    s.add_argument("--guidance", type=arg_type(Check(float, lo=0.0), "scale"), default=1.5,
-                   help="classifier-free guidance scale (1: none)")
-    s.add_argument("--steps", type=count, default=18, help="EDM Heun steps (2 * steps - 1 network calls; 40 for published FIDs)")
-    s.add_argument("--seed", type=arg_type(Check(int, lo=0), "seed"), default=0,
-                   help="noise seed (sample i depends only on seed and i)")
     s.add_argument("--out", default="samples", help="output folder")
     s.add_argument("--batch-size", type=count, default=64, help="samples per network batch")
     s.add_argument("--key", default=None, help="entry of a published checkpoint to load (e.g. ema, net)")

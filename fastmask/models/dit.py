@@ -58,7 +58,10 @@ class _DiTBase(nn.Module):
         self.register_buffer("pos_embed", torch.from_numpy(pos).unsqueeze(0))  # fixed, not trained
         self.blocks = nn.ModuleList([MaskedDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
 
-    def _init_base(self):
+    def _init_base(self, decoder_blocks=()):
+        """DiT's initialisation: xavier-uniform Linears, normal(0.02) embeddings, and zeros for the
+        adaLN modulation of every block and the final layer (adaLN-Zero: a fresh block is the identity)."""
+
         def _xavier(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -73,9 +76,12 @@ class _DiTBase(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blk in self.blocks:  # adaLN-Zero: a fresh block is the identity
-            nn.init.zeros_(blk.adaLN_modulation[1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[1].bias)
+        for m in [blk.adaLN_modulation[1] for blk in [*self.blocks, *decoder_blocks]] + [
+            self.final_layer.adaLN_modulation[1],
+            self.final_layer.linear,
+        ]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def condition(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
         """c = timestep embedding + class embedding, [B, D]."""
@@ -118,9 +124,6 @@ class DiT(_DiTBase):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
         self._init_base()
-        for m in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def forward_tokens(
         self,
@@ -184,14 +187,8 @@ class MaskDiT(_DiTBase):
         )
         self.final_layer = FinalLayer(Dd, patch_size * patch_size * in_channels, cond_size=hidden_size)
         # final_layer's adaLN_modulation is over Dd, conditioned on c of width D.
-        self._init_base()
+        self._init_base(self.decoder_blocks)
         nn.init.normal_(self.mask_token, std=0.02)
-        for blk in self.decoder_blocks:
-            nn.init.zeros_(blk.adaLN_modulation[1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[1].bias)
-        for m in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def encode(self, x: Tensor, c: Tensor, ids_keep: Tensor | None) -> Tensor:
         """Patch embed + position embed, keep ``ids_keep`` tokens, run the encoder blocks."""
