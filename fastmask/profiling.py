@@ -187,22 +187,27 @@ def categorize(events, on_gpu: bool, detail: dict | None = None) -> dict[str, fl
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``fastmask profile``."""
+    from .presets import COUNT, DEVICE, Check, arg_type
+
+    count, ratio = arg_type(COUNT, "count"), arg_type(Check(float, lo=0.0, hi=1.0, hi_open=True), "ratio")
     parser.add_argument("--config", default="XL/2", help="model config: XL/2, L/2, B/2, S/2, Digits/2, T/2 ... (default XL/2)")
     parser.add_argument("--model", choices=("maskdit", "dit"), default="maskdit", help="MaskDiT (default) or plain DiT")
-    parser.add_argument("--input-size", type=int, default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
-    parser.add_argument("--in-channels", type=int, default=4, help="input channels (4 for SD-VAE latents)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 64 on a GPU, 8 on the CPU)")
-    parser.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of tokens dropped (MaskDiT)")
-    parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto")
+    parser.add_argument("--input-size", type=count, default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
+    parser.add_argument("--in-channels", type=count, default=4, help="input channels (4 for SD-VAE latents)")
+    parser.add_argument("--num-classes", type=count, default=1000, help="classes of the label embedding")
+    parser.add_argument("--batch", type=count, default=None, help="batch size (default 64 on a GPU, 8 on the CPU)")
+    parser.add_argument("--mask-ratio", type=ratio, default=0.5, help="fraction of tokens dropped (MaskDiT)")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help="op backend")
     parser.add_argument("--compile", choices=("none", "blocks", "model"), default="none", help="torch.compile scope")
-    parser.add_argument("--steps", type=int, default=5, help="profiled steps")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before profiling")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--steps", type=count, default=5, help="profiled steps")
+    parser.add_argument("--warmup", type=arg_type(Check(int, lo=0), "count"), default=2, help="steps before profiling")
+    parser.add_argument("--device", type=arg_type(DEVICE, "device"), default="auto",
+                        help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on the GPU")
     parser.add_argument("--trace", default=None, help="write a Chrome trace (JSON) here")
     parser.add_argument("--json", default=None, help="write the per-kind table and step figures (JSON) here")
-    parser.add_argument("--top", type=int, default=0, help="also list the N ops with the most self time")
+    parser.add_argument("--top", type=arg_type(Check(int, lo=0), "count"), default=0,
+                        help="also list the N ops with the most self time")
     return parser
 
 
@@ -271,7 +276,9 @@ def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp:
 
 def profile(args: argparse.Namespace) -> dict:
     """Profile ``args.steps`` training steps; print the per-kind table; return it as a dict."""
-    dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .presets import resolve_device
+
+    dev = resolve_device(args.device or "auto")
     on_gpu = dev.type == "cuda"
     batch = args.batch or (64 if on_gpu else 8)
     net, step, ratio = _training_step(args, dev, batch, amp=on_gpu and not args.no_amp)
