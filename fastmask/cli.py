@@ -36,14 +36,16 @@ TRAIN_FLAGS = _train_flags()
 
 
 def _config_keys_help() -> str:
-    from .presets import FIELDS, TrainConfig, field_help, flag_name
+    from .presets import FIELDS, TrainConfig, field_check, field_help, flag_name
 
     d = TrainConfig()
     lines = ["config keys (--set KEY=VALUE, keys of a --config JSON file, or the flag named); the defaults shown",
              "are the bare config's, a preset overrides many of them (see --print-config):"]
     for name, f in FIELDS.items():
         flag = f" ({flag_name(name)})" if f.metadata["flag"] else ""
-        lines.append(f"  {name + flag:<34} {field_help(name)} [default {getattr(d, name)!r}]")
+        check = field_check(name)
+        accepts = "" if check.choices and len(check.choices) > 4 else f"; {check.expected()}"
+        lines.append(f"  {name + flag:<34} {field_help(name)} [default {getattr(d, name)!r}{accepts}]")
     return "\n".join(lines)
 
 
@@ -73,6 +75,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     for flag, key in TRAIN_FLAGS:
         check = field_check(key)
         meta = {int: "N", float: "X"}.get(check.type, "STR")
+        if check.choices and len(check.choices) <= 4:
+            meta = "{" + ",".join(check.choices) + "}"
         t.add_argument(flag, dest=f"cfg_{key}", type=arg_type(check), default=None, metavar=meta, help=field_help(key))
     t.add_argument("--no-eval", action="store_true", help="skip the classifier evaluation after training")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",

@@ -3,7 +3,11 @@
 A run's configuration is built in this order, later wins:
     preset (``--preset``, default ``digits``) -> JSON file (``--config``) -> ``--set key=value``
     -> explicit command-line flags (``--steps``, ``--lr`` ...).
-Every key is a field of :class:`TrainConfig`; ``fastmask train --print-config`` shows the result.
+Every key is a field of :class:`TrainConfig`, which carries its help text, whether ``fastmask
+train`` has a flag for it, and what it accepts (a :class:`Check`: type, range, choices). Every
+value, whichever way it comes, passes :func:`check_value`; a bad one raises
+:class:`~fastmask.errors.UsageError` naming the flag, ``--set`` key or file.
+``fastmask train --print-config`` shows the result.
 """
 from __future__ import annotations
 
@@ -200,8 +204,8 @@ class TrainConfig:
     mae_coef: float = _f(0.1, "weight of the MAE term on dropped tokens", lo=0.0)
     amp: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
     # ---- phase 1: masked training
-    steps: int | None = _f(2000, "--steps N is the total step count of the masked phase; a resumed run continues to N "
-                           "(none: until --minutes runs out)", flag=True, lo=0)
+    steps: int | None = _f(2000, "total step count of the masked phase; a resumed run continues to it (none: until "
+                           "--minutes runs out)", flag=True, lo=0)
     minutes: float | None = _f(None, "wall-clock cap (minutes) of the masked phase, counted over all its runs "
                                "(a resumed run gets what is left)", flag=True, lo=0.0, lo_open=True)
     mask_ratio: float = _f(0.5, "fraction of tokens dropped in the masked phase", flag=True, **_UNIT)
