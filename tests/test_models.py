@@ -202,3 +202,51 @@ def test_loss_given_matches_loss_with_same_draws():
     want = net.loss_given(y, labels, sigma, noise, ids)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_build_model_from_a_config_checks_the_data_shape():
+    from types import SimpleNamespace
+
+    from fastmask.models import build_model
+
+    cfg = SimpleNamespace(arch="maskdit", model="T/2", image_size=8, channels=1)
+    net = build_model(cfg, (1, 8, 8), 10)
+    assert isinstance(net, EDMPrecond) and isinstance(net.model, MaskDiT) and net.model.num_classes == 10
+    assert isinstance(build_model(SimpleNamespace(**{**vars(cfg), "arch": "dit"}), (1, 8, 8), 0).model, DiT)
+    with pytest.raises(ValueError, match="image_size"):
+        build_model(cfg, (1, 16, 16), 10)
+    with pytest.raises(ValueError, match="channels"):
+        build_model(cfg, (3, 8, 8), 10)
+    with pytest.raises(ValueError, match="square"):
+        build_model(cfg, (1, 8, 16), 10)
+
+
+def test_reference_loss_uses_the_edm_coefficients():
+    """The loss op writes c_skip, c_out and lambda out (as its kernels do); they must agree with
+    the preconditioner's :func:`fastmask.models.edm_coefficients`."""
+    from fastmask.models import edm_coefficients
+    from fastmask.ops import reference
+
+    g = torch.Generator().manual_seed(0)
+    F, xn, y = (torch.randn(3, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma = torch.tensor([0.01, 0.7, 40.0], dtype=torch.float64)
+    c_skip, c_out, _, _, lam = edm_coefficients(sigma)
+    D = c_skip.view(-1, 1, 1) * xn + c_out.view(-1, 1, 1) * F
+    want = (lam.view(-1, 1, 1) * (D - y) ** 2).mean((1, 2))
+    dsm, _ = reference.dsm_mae_loss_terms(F, xn, y, sigma)
+    torch.testing.assert_close(dsm, want)
+
+
+def test_one_sigma_draw_for_training_and_the_loss():
+    from fastmask.models import draw_sigma
+    from fastmask.models.edm import P_MEAN, P_STD
+    from fastmask.train import step_randomness
+
+    g = torch.Generator().manual_seed(5)
+    s = draw_sigma(100_000, generator=g)
+    assert abs(s.log().mean().item() - P_MEAN) < 0.02 and abs(s.log().std().item() - P_STD) < 0.02
+    # step_randomness draws the label-drop flags, then sigma, from its (seed, step) generator
+    r = step_randomness(0, 3, 16, (1, 2, 2), 4, 0.0, 0.1, False, "cpu")
+    g = torch.Generator().manual_seed(3)
+    torch.rand(16, generator=g)
+    assert torch.equal(r["sigma"], draw_sigma(16, generator=g))

@@ -133,3 +133,12 @@ def test_save_grid(tmp_path):
     save_grid(torch.rand(6, 1, 8, 8) * 2 - 1, tmp_path / "g.png", rows=2, upscale=2)
     im = Image.open(tmp_path / "g.png")
     assert im.size == (3 * 17 + 1, 2 * 17 + 1)
+
+
+def test_sampling_does_not_import_training():
+    import subprocess
+    import sys
+
+    code = "import sys, fastmask.sampling, fastmask.evaluate; print('fastmask.train' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
