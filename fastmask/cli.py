@@ -52,7 +52,8 @@ def _config_keys_help() -> str:
 def _presets_help() -> str:
     from .presets import PRESETS
 
-    return "\n".join(["presets (--preset NAME):"] + [f"  {n:<16} {p.get('description', '')}" for n, p in PRESETS.items()])
+    lines = [f"  {n:<16} {p.get('description', '')}" for n, p in PRESETS.items()]
+    return "\n".join(["presets (--preset NAME):", *lines])
 
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
@@ -70,7 +71,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.epilog = _presets_help() + "\n\n" + _config_keys_help()
     t.formatter_class = argparse.RawDescriptionHelpFormatter
     t.add_argument("--preset", default=None, help="named preset (default: digits; see the list below)")
-    t.add_argument("--config", default=None, metavar="FILE.json", help="JSON object of config keys applied on the preset")
+    t.add_argument("--config", default=None, metavar="FILE.json",
+                   help="JSON object of config keys applied on the preset")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any config key (repeatable)")
     for flag, key in TRAIN_FLAGS:
         check = field_check(key)
@@ -85,7 +87,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--compare-unmasked", action="store_true",
                    help="after the run, train an unmasked model (ratio 0 throughout) for the same wall-clock time and "
                    "evaluate it the same way; results go to metrics.json ('unmasked') and <out>/unmasked/")
-    t.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="tqdm progress bar (auto: on a TTY)")
+    t.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="tqdm progress bar (auto: on a TTY)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     t.add_argument("--list-presets", action="store_true", help="list the presets and exit")
 
@@ -146,7 +149,7 @@ def cmd_train(args) -> int:
 COMMANDS = {
     "train": ("train a MaskDiT (default: the digits demo), then sample and evaluate", add_train_arguments, cmd_train),
     "sample": ("sample from a checkpoint (fastmask's own or a published MaskDiT/DiT .pt)", "fastmask.sampling"),
-    "eval": ("evaluate a digits checkpoint: classifier accuracy and Frechet distance of its samples", "fastmask.evaluate"),
+    "eval": ("evaluate a digits checkpoint: classifier accuracy and Frechet distance of samples", "fastmask.evaluate"),
     "profile": ("profile training steps: time per op kind, MFU", "fastmask.profiling"),
 }
 
@@ -167,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="fastmask",
-        description="fastmask: fast MaskDiT training (masked diffusion transformers): train, sample, evaluate, profile.",
+        description="fastmask: fast MaskDiT training (masked diffusion transformers): train, sample, evaluate, "
+        "profile.",
         epilog="Run `fastmask <command> --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"fastmask {__version__}")

@@ -47,7 +47,8 @@ class Check:
             what = self.pattern_help
         if self.lo is not None or self.hi is not None:
             if self.lo is not None and self.hi is not None:
-                what += f" in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+                left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+                what += f" in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
             elif self.lo is not None:
                 what += f" {'>' if self.lo_open else '>='} {_num(self.lo)}"
             else:
