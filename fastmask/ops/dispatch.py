@@ -179,7 +179,7 @@ def not_supported_reasons(name: str, op: str, tensors) -> list[str]:
         return [mod]
     reasons = list(mod.not_supported_reasons(op, tensors))
     if name != "torch" and not hasattr(mod, f"{op}_fwd"):
-        reasons.append(f"backend {name!r} does not implement {op}")
+        reasons.insert(0, f"backend {name!r} does not implement {op}")
     return reasons
 
 
@@ -203,27 +203,39 @@ def _fallback(op: str, name: str, reason: str) -> None:
             f"fastmask: {op} on CUDA tensors does not use the {name} backend: {reason}. "
             f"It falls back to the next backend (this is said once per reason).",
             BackendFallbackWarning,
-            stacklevel=4,
+            stacklevel=5,  # _fallback < select < op < profiled wrapper < the caller
         )
 
 
-def select(op: str, *tensors) -> str:
-    """The backend that runs ``op`` on ``tensors`` (see the module docstring)."""
+def choice(op: str, *tensors) -> tuple[str, list[tuple[str, str]]]:
+    """``(backend, skipped)``: the backend :func:`select` picks for ``op`` on ``tensors``, and the
+    ``(backend, reasons)`` of each one the automatic choice passed over on the way. No side
+    effects; raises :class:`BackendUnavailable` for an explicit request it cannot serve."""
     want = requested(op)
     if want != "auto":
         reason = why_not(want, op, tensors)
         if reason is not None:
             raise BackendUnavailable(f"fastmask: backend {want!r} was requested for {op} but cannot run it: {reason}")
-        return _chosen(op, want)
+        return want, []
     dev = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
     if dev.type != "cuda":
-        return _chosen(op, "torch")
+        return "torch", []
+    skipped = []
     for name in DEFAULT_PREFERENCE[op]:
         reason = why_not(name, op, tensors)
         if reason is None:
-            return _chosen(op, name)
-        _fallback(op, name, reason)
-    return _chosen(op, "torch")
+            return name, skipped
+        skipped.append((name, reason))
+    return "torch", skipped
+
+
+def select(op: str, *tensors) -> str:
+    """The backend that runs ``op`` on ``tensors`` (see the module docstring): warns about the
+    fast backends an automatic choice skipped, and records the choice for record_choices()."""
+    name, skipped = choice(op, *tensors)
+    for other, reason in skipped:
+        _fallback(op, other, reason)
+    return _chosen(op, name)
 
 
 def impl(name: str) -> ModuleType:
