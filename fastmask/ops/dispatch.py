@@ -165,10 +165,6 @@ def load(name: str) -> ModuleType:
     return mod
 
 
-def interpreting() -> bool:
-    return _env.interpreting()
-
-
 def not_supported_reasons(name: str, op: str, tensors) -> list[str]:
     """Every reason backend ``name`` cannot run ``op`` on ``tensors`` (empty: it can).
 
@@ -261,6 +257,9 @@ def record_choices():
     >>> with record_choices() as ran:
     ...     loss = net.loss(x, labels).mean()
     >>> ran["attention"]   # e.g. {"triton"}
+
+    Under torch.compile the choice is made, and recorded, when a graph is traced: record the
+    first call (or an eager one) to see what a compiled model runs.
     """
     rec: dict[str, set[str]] = {}
     _recorders.append(rec)
