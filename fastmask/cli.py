@@ -151,6 +151,7 @@ COMMANDS = {
     "sample": ("sample from a checkpoint (fastmask's own or a published MaskDiT/DiT .pt)", "fastmask.sampling"),
     "eval": ("evaluate a digits checkpoint: classifier accuracy and Frechet distance of samples", "fastmask.evaluate"),
     "profile": ("profile training steps: time per op kind, MFU", "fastmask.profiling"),
+    "info": ("versions, backends, and the backend each op of a model would take", "fastmask.info"),
 }
 
 
