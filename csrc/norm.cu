@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(256) gated_residual_fwd_kernel(T* __restrict__
 //   grad_shift = sum over rows of grad_out,  grad_scale = sum over rows of grad_out * xhat
 // Gated part, with tot = the gradient reaching x_new = x + gate * y:
 //   grad_x = tot,  grad_y = gate * tot,  grad_gate = sum over rows of tot * y
-// kResidualLayerNorm: tot = grad_x_new + grad_in;  kGatedResidual: tot = grad_out.
+// kResidualLayerNorm: tot = grad_x_new + grad_in;  kGatedResidual: tot = grad_out, and
+// grad_x is grad_out itself: not written (a.grad_x is null).
 template <typename T, int VEC, NormBwdMode MODE>
 __global__ void __launch_bounds__(kMaxRowThreads) norm_bwd_kernel(NormBwdArgs a) {
   constexpr bool LN = MODE != NormBwdMode::kGatedResidual;
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_bwd_kernel(NormBwdArgs a)
             gy[k] = gv[k] * tot[k];
             ag[k] += tot[k] * yv[k];
           }
-          store<VEC>(grad_x + off + c * VEC, tot);
+          if constexpr (LN) store<VEC>(grad_x + off + c * VEC, tot);
           store<VEC>(grad_y + off + c * VEC, gy);
         }
       };
