@@ -229,6 +229,21 @@ def test_gpu_heuristic_configs_in_interpreter(monkeypatch, L, deterministic):
     assert_close_to_ref(dqkv, low_dqkv, ref_dqkv, 3.0, atol=1e-3, name="dqkv")
 
 
+def test_compile_check_api():
+    """What ahead-of-time compile checks read: the kernel, its fixed constexprs, the autotune
+    configs and the heuristic config of every kind, consistent with the kernels' parameters."""
+    assert set(K.KINDS) == set(K.KERNELS)
+    for kind in K.KINDS:
+        params = set(K.KERNELS[kind].arg_names)
+        assert set(K.kind_constexprs(kind)) <= params
+        for cfg in K.autotune_configs(kind):
+            assert set(cfg.kwargs) <= params and cfg.num_warps in (4, 8)
+        m, n, w, s = K.heuristic_config(kind, 128, 72, torch.bfloat16)
+        assert "BLOCK_M" in params and m >= 16 and w in (4, 8) and s >= 1
+    assert K.autotune_configs("delta") == [] and K.kind_constexprs("bwd") == {"ONE_PASS": True}
+    assert K.KERNELS["bwd"] is K.KERNELS["dkdv"] and K.kind_constexprs("dkdv") == {"ONE_PASS": False}
+
+
 def test_autotune_key_includes_batch_times_heads(monkeypatch, device):
     # a config tuned for the first batch seen must not be reused for every later B * H
     for kind in ("fwd", "dq", "dkdv", "bwd"):

@@ -46,7 +46,7 @@ __all__ = [
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). In the dk/dv kernel BLOCK_N is the key block the
 # program owns and BLOCK_M the query block it walks over.
-# The "delta" kernel's BLOCK_N is unused (it reads rows of dO and O only).
+# The "delta" kernel takes no BLOCK_N (it reads rows of dO and O only; the 16 is a placeholder).
 _GPU_CONFIGS = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
@@ -72,7 +72,10 @@ def kind_constexprs(kind: str) -> dict:
 
 
 def autotune_configs(kind: str) -> list[triton.Config]:
-    """The configs the autotuner times for kernel ``kind`` (before pruning)."""
+    """The configs the autotuner times for kernel ``kind`` (before pruning); [] for a kind
+    that always launches with :func:`heuristic_config` ("delta": it has no BLOCK_N)."""
+    if kind in _FIXED_ONLY:
+        return []
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_CONFIGS[kind]
     ]
@@ -351,13 +354,14 @@ def attention_bwd(
     _launch("delta", L, B * H, hd, (grad_out, out, delta, L, H, *_buckets(L, B * H), *_strides8(grad_out, (0, 1))),
             _common_meta(qkv, dot=False))
     # dq in fp32: straight into dqkv's q slice for fp32 inputs, else a buffer cast at the end
-    if qkv.dtype == torch.float32:
+    in_place = qkv.dtype == torch.float32
+    if in_place:
         dq_acc = dqkv[:, :, 0]
         dq_acc.zero_()
     else:
         dq_acc = torch.zeros((B, L, H, hd), device=qkv.device, dtype=torch.float32)
     _launch("bwd", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dq_acc, *head, *strides,
                                   *_strides8(dq_acc, (0, 1))), meta)
-    if dq_acc.data_ptr() != dqkv.data_ptr():
+    if not in_place:
         dqkv[:, :, 0].copy_(dq_acc)
     return dqkv
