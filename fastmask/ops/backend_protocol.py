@@ -44,7 +44,10 @@ class BackendModule(Protocol):
     # attention: (out [B, L, H*hd], lse [B, H, L] fp32); backward -> grad qkv
     def attention_fwd(self, qkv: Tensor, scale: float): ...
 
-    def attention_bwd(self, grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor: ...
+    # deterministic: None follows torch.are_deterministic_algorithms_enabled()
+    def attention_bwd(
+        self, grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, deterministic: bool | None = None
+    ) -> Tensor: ...
 
     # adaLN: forwards return (..., mean, rstd)
     def layernorm_modulate_fwd(self, x: Tensor, shift: Tensor, scale: Tensor, eps: float): ...
@@ -53,6 +56,7 @@ class BackendModule(Protocol):
 
     def gated_residual_fwd(self, x: Tensor, y: Tensor, gate: Tensor) -> Tensor: ...
 
+    # -> (grad_x, grad_y, grad_gate); grad_x is grad_out itself, never a copy
     def gated_residual_bwd(self, grad_out: Tensor, y: Tensor, gate: Tensor): ...
 
     def residual_layernorm_modulate_fwd(
