@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastmask {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,profile,latents,fid}")
 
     # ---- train
     t = sub.add_parser(
@@ -176,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("profile_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_profile)
+
+    # ---- latents (fastmask.latents; diffusers is imported only when it runs)
+    from . import latents
+
+    lt = sub.add_parser(
+        "latents",
+        help="image folder -> VAE-moment shards for `fastmask train --data latents` (needs diffusers)",
+        description=latents.__doc__.split("\n\n")[0],
+    )
+    latents.add_arguments(lt)
+    lt.set_defaults(handler=latents.run)
     return parser
 
 
