@@ -187,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     latents.add_arguments(lt)
     lt.set_defaults(handler=latents.run)
+
+    # ---- fid (fastmask.fid; torch-fidelity is imported only when it runs)
+    from . import fid
+
+    fd = sub.add_parser(
+        "fid",
+        help="FID (and Inception Score, precision/recall) of sample images against a reference (needs torch-fidelity)",
+        description=fid.__doc__.split("\n\n")[0],
+    )
+    fid.add_arguments(fd)
+    fd.set_defaults(handler=fid.run)
     return parser
 
 

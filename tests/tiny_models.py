@@ -42,6 +42,11 @@ def random_inception_file(path, seed: int = 0):
     finally:
         cls.load_state_dict = real_load
         fe.load_state_dict_from_url = real_url
+    for m in net.modules():  # variance-preserving init, so that random features do not vanish with depth
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
     torch.save(net.state_dict(), path)
     return path
 
