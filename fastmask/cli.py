@@ -125,15 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample from a checkpoint (fastmask's own or a published MaskDiT/DiT .pt)",
         description="Draw samples with the EDM Heun sampler and classifier-free guidance. Pixel models write one "
         "PNG per sample plus grid.png; latent models write latents.npy (the scaled VAE latents z, decode with "
-        "z / 0.18215) and labels.npy.",
+        "z / 0.18215) and labels.npy, or with --vae decoded PNGs; --npz also writes one .npz for FID "
+        "(`fastmask fid`). Distributed: torchrun --nproc_per_node=N -m fastmask sample ...",
     )
     s.add_argument("--checkpoint", required=True, help="a fastmask .safetensors checkpoint or run folder, or a published .pt")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 0,1,2,2 (-1: unconditional)")
     g.add_argument("--per-class", type=int, default=None, help="this many samples of every class (default 8)")
-    g.add_argument("--num", type=int, default=None, help="number of samples of an unconditional model")
-    s.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1: none)")
-    s.add_argument("--steps", type=int, default=18, help="EDM Heun steps (2 * steps - 1 network calls; 40 for published FIDs)")
+    g.add_argument("--num", type=int, default=None, help="number of samples (of a class-conditional model: class-balanced)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none; default 1.5 or the preset's)")
+    s.add_argument("--steps", type=int, default=None, help="EDM Heun steps (2 * steps - 1 network calls; default 18 or the preset's; 40 for published FIDs)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (sample i depends only on seed and i)")
     s.add_argument("--out", default="samples", help="output folder")
     s.add_argument("--batch-size", type=int, default=64, help="samples per network batch")
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--trust-pickle", action="store_true", help="allow torch.load to unpickle arbitrary objects")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    from . import generate  # --vae, --npz, --no-png, --preset; the command itself is generate.run
+
+    generate.add_arguments(s)
     s.set_defaults(handler=cmd_sample)
 
     # ---- eval
@@ -433,59 +437,9 @@ def _summary_line(name: str, metrics: dict) -> str:
 
 # --------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
-    import numpy as np
-    import torch
+    from .generate import run  # PNGs, latents, decoded images, FID .npz; one rank or many
 
-    from .sampling import load_model, sample, save_grid, save_images
-
-    dev = _device(args.device)
-    net, info = load_model(
-        args.checkpoint,
-        use_ema=args.weights == "ema",
-        device=dev,
-        key=args.key,
-        parameterization=args.parameterization,
-        trust_pickle=args.trust_pickle,
-    )
-    K = info["num_classes"]
-    if args.labels is not None:
-        try:
-            labels = torch.tensor([int(v) for v in args.labels.split(",") if v.strip()], dtype=torch.long)
-        except ValueError:
-            raise ValueError(f"--labels: expected comma-separated integers, got {args.labels!r}") from None
-        if len(labels) == 0:
-            raise ValueError("--labels: no labels given")
-        if K == 0 and bool((labels >= 0).any()):
-            raise ValueError("--labels: the model is unconditional; use --num")
-        if bool(((labels < -1) | (labels >= max(K, 1))).any()):
-            raise ValueError(f"--labels: expected values in [-1, {K - 1}] for this {K}-class model")
-        num = None
-    elif K > 0 and args.num is None:
-        labels = torch.arange(K).repeat_interleave(args.per_class or 8)
-        num = None
-    else:
-        labels, num = None, args.num or args.per_class or 8
-    if args.steps < 1:
-        raise ValueError(f"--steps: expected at least 1, got {args.steps}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    x = sample(
-        net, labels, info["shape"], num=num, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        batch_size=args.batch_size, device=dev, amp=dev.type == "cuda",
-    )
-    dt = time.perf_counter() - t0
-    if info["kind"] == "latents":
-        np.save(out / "latents.npy", x.numpy())
-        if labels is not None:
-            np.save(out / "labels.npy", labels.numpy())
-        _say(f"fastmask: wrote {len(x)} latents {tuple(x.shape[1:])} to {out / 'latents.npy'} ({dt:.1f} s)")
-    else:
-        save_images(x, out, labels)
-        rows = K if (labels is not None and args.labels is None and K > 0) else max(1, int(len(x) ** 0.5))
-        save_grid(x, out / "grid.png", rows=rows)
-        _say(f"fastmask: wrote {len(x)} PNGs and grid.png to {out} ({dt:.1f} s)")
-    return 0
+    return run(args)
 
 
 # --------------------------------------------------------------------------- eval

@@ -243,3 +243,60 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
             "source": str(p), "parameterization": parameterization}
     return den.to(device).eval(), info
+
+
+# --------------------------------------------------------------------------- large sample sets
+def block_noise(indices: Tensor, shape: tuple[int, ...], seed: int, block: int = 1024) -> Tensor:
+    """Unit Gaussian noise [len(indices), *shape] where the noise of sample i depends only on
+    (seed, i): samples come in blocks of ``block`` indices, block b drawn from a generator seeded
+    by (seed, b). So any split of a sample set over ranks or batches draws the same noise."""
+    idx = indices.cpu().long()
+    out = torch.empty((len(idx), *shape))
+    for b in torch.unique(idx // block).tolist():
+        g = torch.Generator().manual_seed((seed % 2**31) * 2**21 + int(b))
+        noise = torch.randn((block, *shape), generator=g)
+        sel = (idx // block) == b
+        out[sel] = noise[idx[sel] - b * block]
+    return out
+
+
+def balanced_labels(num_classes: int, total: int) -> Tensor:
+    """``total`` class labels, every class ``total // num_classes`` or one more times
+    (label of sample i: i mod num_classes), e.g. 50 of each ImageNet class for a 50k FID set."""
+    if num_classes < 1 or total < 1:
+        raise ValueError(f"total: expected a positive count of samples of {num_classes} classes, got {total}")
+    return torch.arange(total) % num_classes
+
+
+def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous share [start, stop) of n samples that rank ``rank`` of ``world`` draws."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+@torch.no_grad()
+def generate(
+    net,
+    labels: Tensor | None,
+    shape: tuple[int, int, int],
+    start: int,
+    stop: int,
+    *,
+    steps: int = 40,
+    guidance: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    device="cpu",
+    amp: bool = False,
+    decode=None,
+):
+    """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
+    sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
+    (optional) maps a batch of sampled latents to images on the device (the VAE decoder), so
+    only images leave the device."""
+    for s in range(start, stop, batch_size):
+        idx = torch.arange(s, min(s + batch_size, stop))
+        lab = labels[idx].to(device) if labels is not None else None
+        x = heun_sample(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp)
+        if decode is not None:
+            x = decode(x)
+        yield idx, x.cpu()
