@@ -184,7 +184,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     part = parts_dir / f"part-{rank:05d}-of-{world:05d}.npy"
     mm = None
-    keep = images and (args.npz or n <= GRID_MAX) or not images
+    keep = not images or args.npz or (n <= GRID_MAX and not args.no_png)
     for idx, x in generate(net, labels, info["shape"], start, stop, steps=st["steps"], guidance=st["guidance"],
                            seed=args.seed, batch_size=args.batch_size, device=dev, amp=dev.type == "cuda",
                            decode=decode):
@@ -220,7 +220,7 @@ def run(args) -> int:
             written.append(str(out / "latents.npy"))
             if lab_np is not None:
                 np.save(out / "labels.npy", lab_np)
-        elif n <= GRID_MAX:
+        elif n <= GRID_MAX and not args.no_png:
             allx = np.concatenate([np.load(p, mmap_mode="r") for p in parts])
             x = torch.from_numpy(allx).permute(0, 3, 1, 2).float() / 127.5 - 1
             K = info["num_classes"]

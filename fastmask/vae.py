@@ -59,9 +59,9 @@ def load_vae(name_or_path: str | None = None, *, device="cpu", dtype: torch.dtyp
                     f"{flag}: {str(p)!r} is not a diffusers AutoencoderKL folder (expected config.json and "
                     "diffusion_pytorch_model.safetensors in it)"
                 )
-            vae = diffusers.AutoencoderKL.from_pretrained(str(p), torch_dtype=dtype)
+            vae = diffusers.AutoencoderKL.from_pretrained(str(p), torch_dtype=dtype, low_cpu_mem_usage=False)
         else:
-            vae = diffusers.AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+            vae = diffusers.AutoencoderKL.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
     except UsageError:
         raise
     except (OSError, ValueError) as e:
