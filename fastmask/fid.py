@@ -6,8 +6,8 @@
 Built on torch-fidelity (``pip install 'fastmask-dit[fid]'``), the maintained implementation
 whose InceptionV3 is a port of the TensorFlow graph (2015-12-05) that the published FID protocol
 uses (TTUR's FID code and ADM's evaluator, which MaskDiT and DiT report), including its
-TF-style bilinear resize to 299x299; torch-fidelity checks its FID, IS and precision/recall
-against those references. Features: the 2048-d pool features for FID and precision/recall, the
+TF-style bilinear resize to 299x299 (torch-fidelity documents its metrics' agreement with those
+reference implementations). Features: the 2048-d pool features for FID and precision/recall, the
 unbiased logits for IS. Nothing is downloaded: ``--inception`` is a local weights file in
 torch-fidelity's layout (its release file ``weights-inception-2015-12-05-6726825d.pth``).
 
