@@ -12,7 +12,13 @@ pytest.importorskip("diffusers", reason="needs the optional package diffusers ([
 import fastmask  # noqa: E402
 from fastmask import ops  # noqa: E402
 from fastmask.nn import diffusers as fd  # noqa: E402
-from fastmask.nn.diffusers import dit_forward_tokens, fuse_transformer, tokens_of, unfuse_transformer  # noqa: E402
+from fastmask.nn.diffusers import (  # noqa: E402
+    dit_forward_tokens,
+    fuse_transformer,
+    pixart_forward_tokens,
+    tokens_of,
+    unfuse_transformer,
+)
 
 TOL = 1e-5
 
@@ -165,6 +171,20 @@ def test_pixart_blocks_equal_the_unpatched_model(count_ops):
         a = blk(h, encoder_hidden_states=ehs, timestep=temb, ids_keep=ids)
         b = rblk(torch.gather(h, 1, ids[..., None].expand(-1, -1, 16)), encoder_hidden_states=ehs, timestep=temb)
     assert _max(a, b) < TOL
+    # the whole model on all tokens, then on the kept ones (against the unpatched blocks by hand)
+    with torch.no_grad():
+        assert _max(pixart_forward_tokens(model, x, enc, t, encoder_attention_mask=mask), tokens_of(want, 2)) < TOL
+        got = pixart_forward_tokens(model, x, enc, t, ids, encoder_attention_mask=mask)
+        h = ref.pos_embed(x)
+        t6, temb = ref.adaln_single(t, None, batch_size=3, hidden_dtype=h.dtype)
+        ehs = ref.caption_projection(enc)
+        h = torch.gather(h, 1, ids[..., None].expand(-1, -1, 16))
+        bias = ((1 - mask) * -10000.0).unsqueeze(1)
+        for rb in ref.transformer_blocks:
+            h = rb(h, encoder_hidden_states=ehs, encoder_attention_mask=bias, timestep=t6)
+        shift, scale = (ref.scale_shift_table[None] + temb[:, None]).chunk(2, dim=1)
+        want_k = ref.proj_out(F.layer_norm(h, (16,), eps=1e-6) * (1 + scale) + shift)
+    assert got.shape == (3, 8, 32) and _max(got, want_k) < TOL
 
 
 def test_unsupported_blocks_are_refused():

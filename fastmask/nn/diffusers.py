@@ -32,7 +32,8 @@ diffusers' original code.
 Masked training: every fused block takes ``ids_keep`` [B, K] and first keeps only those tokens
 (fused gather); :func:`dit_forward_tokens` runs a whole ``DiTTransformer2DModel`` on the kept
 tokens (patch + position embedding of all tokens, gather, blocks, final adaLN layer) and returns
-their output tokens [B, K, p*p*C_out] in (p_row, p_col, channel) order.
+their output tokens [B, K, p*p*C_out] in (p_row, p_col, channel) order;
+:func:`pixart_forward_tokens` does the same for a ``PixArtTransformer2DModel``.
 """
 from __future__ import annotations
 
@@ -225,6 +226,31 @@ def dit_forward_tokens(model, hidden_states: Tensor, timestep: Tensor, class_lab
     shift, scale = model.proj_out_1(F.silu(cond)).chunk(2, dim=1)
     x = ops.layernorm_modulate(x, shift, scale, model.norm_out.eps)
     return model.proj_out_2(x)
+
+
+def pixart_forward_tokens(model, hidden_states: Tensor, encoder_hidden_states: Tensor, timestep: Tensor,
+                          ids_keep: Tensor | None = None, *, encoder_attention_mask: Tensor | None = None,
+                          added_cond_kwargs: dict | None = None) -> Tensor:
+    """A ``PixArtTransformer2DModel`` (fused or not) on the tokens ``ids_keep`` [B, K] only, as
+    :func:`dit_forward_tokens`: [B, K, p*p*C_out]; ``ids_keep=None`` gives all N tokens."""
+    if model.use_additional_conditions and added_cond_kwargs is None:
+        raise ValueError("added_cond_kwargs: this PixArt model uses resolution/aspect-ratio conditions")
+    if encoder_attention_mask is not None and encoder_attention_mask.ndim == 2:  # keep = 1 -> additive bias
+        encoder_attention_mask = ((1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0).unsqueeze(1)
+    B = hidden_states.shape[0]
+    x = model.pos_embed(hidden_states)
+    t6, t_emb = model.adaln_single(timestep, added_cond_kwargs, batch_size=B, hidden_dtype=x.dtype)
+    if model.caption_projection is not None:
+        encoder_hidden_states = model.caption_projection(encoder_hidden_states).view(B, -1, x.shape[-1])
+    if ids_keep is not None:
+        checks.ids("ids_keep", ids_keep, B, x.shape[1])
+        x = ops.gather_tokens(x, ids_keep)
+    for blk in model.transformer_blocks:
+        x = blk(x, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                timestep=t6)
+    shift, scale = (model.scale_shift_table[None] + t_emb[:, None]).unbind(1)
+    x = ops.layernorm_modulate(x, shift, scale, model.norm_out.eps)
+    return model.proj_out(x)
 
 
 def tokens_of(images: Tensor, patch_size: int, ids_keep: Tensor | None = None) -> Tensor:
