@@ -75,7 +75,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["scikit-learn", "matplotlib", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "pillow", "triton>=3.0"],
+        # ImageNet pipeline: `fastmask latents` / `sample --vae` (diffusers' AutoencoderKL) and
+        # `fastmask fid` (torch-fidelity, which brings torchvision)
+        "latents": ["diffusers>=0.27", "pillow"],
+        "fid": ["torch-fidelity>=0.3", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "pillow", "triton>=3.0",
+                 "diffusers>=0.27", "torch-fidelity>=0.3", "scipy"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib", "triton>=3.0"],
         "xformers": ["xformers"],
     },

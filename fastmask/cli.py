@@ -148,10 +148,12 @@ def cmd_train(args) -> int:
 # path) for a module that provides ``add_arguments`` and ``run`` (imported when the parser is built).
 COMMANDS = {
     "train": ("train a MaskDiT (default: the digits demo), then sample and evaluate", add_train_arguments, cmd_train),
-    "sample": ("sample from a checkpoint (fastmask's own or a published MaskDiT/DiT .pt)", "fastmask.sampling"),
+    "sample": ("sample from a checkpoint (fastmask's own or a published MaskDiT/DiT .pt)", "fastmask.generate"),
     "eval": ("evaluate a digits checkpoint: classifier accuracy and Frechet distance of samples", "fastmask.evaluate"),
     "profile": ("profile training steps: time per op kind, MFU", "fastmask.profiling"),
     "info": ("versions, backends, and the backend each op of a model would take", "fastmask.info"),
+    "latents": ("encode an image folder into VAE-latent training shards", "fastmask.latents"),
+    "fid": ("FID (and IS, precision/recall) of samples against a reference", "fastmask.fid"),
 }
 
 

@@ -232,26 +232,6 @@ def add_loading_arguments(p, what: str, *, guidance: float | None = 1.5, steps: 
                    help=f"noise seed; sample i depends only on seed and i (default: {seed})")
 
 
-def add_arguments(s) -> None:
-    """Options of ``fastmask sample``."""
-    from .presets import COUNT, arg_type
-
-    s.description = (
-        "Draw samples with the EDM Heun sampler and classifier-free guidance. Pixel models write one PNG per sample "
-        "plus grid.png; latent models write latents.npy (the scaled VAE latents z, decode with z / 0.18215) and "
-        "labels.npy.")
-    count = arg_type(COUNT, "count")
-    add_loading_arguments(s, "a fastmask .safetensors checkpoint or run folder, or a published .pt")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 0,1,2,2 (-1: unconditional)")
-    g.add_argument("--per-class", type=count, default=None, help="this many samples of every class (default 8)")
-    g.add_argument("--num", type=count, default=None, help="number of samples of an unconditional model")
-    s.add_argument("--out", default="samples", help="output folder")
-    s.add_argument("--batch-size", type=count, default=64, help="samples per network batch")
-    s.add_argument("--key", default=None, help="entry of a published checkpoint to load (e.g. ema, net)")
-    s.add_argument("--parameterization", choices=("auto", "edm", "ddpm"), default="auto",
-                   help="published checkpoints: edm (MaskDiT) or ddpm (DiT eps-prediction); auto picks by architecture")
-    s.add_argument("--trust-pickle", action="store_true", help="allow torch.load to unpickle arbitrary objects")
 
 
 def parse_labels(text: str, num_classes: int) -> Tensor:
@@ -272,46 +252,58 @@ def parse_labels(text: str, num_classes: int) -> Tensor:
     return labels
 
 
-def run(args) -> int:
-    """``fastmask sample``: write the samples into --out; returns the exit code."""
-    import os
-    import sys
-    import time
+# --------------------------------------------------------------------------- large sample sets
+def block_noise(indices: Tensor, shape: tuple[int, ...], seed: int, block: int = 1024) -> Tensor:
+    """Unit Gaussian noise [len(indices), *shape] where the noise of sample i depends only on
+    (seed, i): samples come in blocks of ``block`` indices, block b drawn from a generator seeded
+    by (seed, b). So any split of a sample set over ranks or batches draws the same noise."""
+    idx = indices.cpu().long()
+    out = torch.empty((len(idx), *shape))
+    for b in torch.unique(idx // block).tolist():
+        g = torch.Generator().manual_seed((seed % 2**31) * 2**21 + int(b))
+        noise = torch.randn((block, *shape), generator=g)
+        sel = (idx // block) == b
+        out[sel] = noise[idx[sel] - b * block]
+    return out
 
-    import numpy as np
 
-    from .presets import make_out_dir, resolve_device
+def balanced_labels(num_classes: int, total: int) -> Tensor:
+    """``total`` class labels, every class ``total // num_classes`` or one more times
+    (label of sample i: i mod num_classes), e.g. 50 of each ImageNet class for a 50k FID set."""
+    if num_classes < 1 or total < 1:
+        raise ValueError(f"total: expected a positive count of samples of {num_classes} classes, got {total}")
+    return torch.arange(total) % num_classes
 
-    from .errors import UsageError
 
-    if not os.path.exists(args.checkpoint):
-        raise UsageError(f"--checkpoint: no such file or folder {args.checkpoint!r}")
-    dev = resolve_device(args.device)
-    out = make_out_dir(args.out)
-    net, info = load_model(args.checkpoint, use_ema=args.weights == "ema", device=dev, key=args.key,
-                           parameterization=args.parameterization, trust_pickle=args.trust_pickle)
-    K = info["num_classes"]
-    per_class = 8 if args.per_class is None else args.per_class
-    labels = num = None
-    if args.labels is not None:
-        labels = parse_labels(args.labels, K)
-    elif K > 0 and args.num is None:
-        labels = torch.arange(K).repeat_interleave(per_class)
-    else:
-        num = args.num if args.num is not None else per_class
-    t0 = time.perf_counter()
-    x = sample(net, labels, info["shape"], num=num, steps=args.steps, guidance=args.guidance, seed=args.seed,
-               batch_size=args.batch_size, device=dev, amp=dev.type == "cuda")
-    dt = time.perf_counter() - t0
-    if info["kind"] == "latents":
-        np.save(out / "latents.npy", x.numpy())
-        if labels is not None:
-            np.save(out / "labels.npy", labels.numpy())
-        msg = f"fastmask: wrote {len(x)} latents {tuple(x.shape[1:])} to {out / 'latents.npy'} ({dt:.1f} s)"
-    else:
-        save_images(x, out, labels)
-        rows = K if (labels is not None and args.labels is None and K > 0) else max(1, int(len(x) ** 0.5))
-        save_grid(x, out / "grid.png", rows=rows)
-        msg = f"fastmask: wrote {len(x)} PNGs and grid.png to {out} ({dt:.1f} s)"
-    print(msg, file=sys.stderr, flush=True)
-    return 0
+def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous share [start, stop) of n samples that rank ``rank`` of ``world`` draws."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+@torch.no_grad()
+def generate(
+    net,
+    labels: Tensor | None,
+    shape: tuple[int, int, int],
+    start: int,
+    stop: int,
+    *,
+    steps: int = 40,
+    guidance: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    device="cpu",
+    amp: bool = False,
+    decode=None,
+):
+    """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
+    sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
+    (optional) maps a batch of sampled latents to images on the device (the VAE decoder), so
+    only images leave the device."""
+    for s in range(start, stop, batch_size):
+        idx = torch.arange(s, min(s + batch_size, stop))
+        lab = labels[idx].to(device) if labels is not None else None
+        x = heun_sample(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp)
+        if decode is not None:
+            x = decode(x)
+        yield idx, x.cpu()

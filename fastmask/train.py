@@ -36,6 +36,7 @@ from torch import Tensor
 from . import ops
 from .checkpoint_io import load_checkpoint, save_checkpoint, set_rng_state
 from .data import batch_indices, build_dataset, make_sampler
+from .latents import check_manifest as check_latent_manifest
 from .models import EDMPrecond, build_model, draw_sigma
 from .presets import TrainConfig
 
@@ -152,6 +153,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size: the global batch {cfg.batch_size} is not divisible by {self.world} ranks")
+        check_latent_manifest(cfg)  # a `fastmask latents` folder: its manifest must fit the config
         self.data = build_dataset(cfg)
         if len(self.data) == 0:
             raise ValueError(f"data: the data set {cfg.data!r} is empty")
