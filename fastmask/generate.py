@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .presets import make_out_dir
+from .presets import make_out_dir, resolve_device
 
 FID_SAMPLES = 50_000
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_PER_CLASS = 18, 1.5, 8
@@ -175,7 +175,9 @@ def run(args) -> int:
 
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint: no such file or folder {args.checkpoint!r}")
+    resolve_device(args.device)  # a device that cannot run is a one-line error naming --device
     rank, world, dev = distributed_info(args.device)
+    make_out_dir(args.out)  # before the (slow) model load: a bad --out fails at once
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
     net, info = load_model(args.checkpoint, use_ema=args.weights == "ema", device=dev, key=args.key,
                            parameterization=args.parameterization, trust_pickle=args.trust_pickle)
@@ -202,8 +204,6 @@ def run(args) -> int:
     start, stop = rank_range(n, rank, world)
     say(f"fastmask: sampling {n} {'images' if images else 'latents'} ({st['steps']} Heun steps, guidance "
         f"{st['guidance']}{', preset ' + st['preset'] if st['preset'] else ''}) on {world} rank(s)")
-    if rank == 0:
-        make_out_dir(out)
     t0 = time.perf_counter()
     part = parts_dir / f"part-{rank:05d}-of-{world:05d}.npy"
     mm = None
