@@ -533,10 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         _say(f"fastmask {args.command}: error: {e}")
         return 2
-    except KeyboardInterrupt:
-        _say("fastmask: interrupted (a checkpoint was saved; resume with `fastmask train --resume`)"
-             if args.command == "train" else "fastmask: interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        ckpt = getattr(e, "checkpoint", None)  # set by the trainer's signal handling
+        if ckpt is not None:
+            _say(f"fastmask: interrupted; saved {ckpt} (resume with `fastmask train --resume`)")
+        else:
+            _say("fastmask: interrupted (no checkpoint was saved)" if args.command == "train" else "fastmask: interrupted")
+        return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Token ops: random masking, fused gather of visible tokens, fused unmask."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -12,9 +11,10 @@ from ._library import empty_like_none, kernels
 
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
-    """K = floor(N * (1 - mask_ratio)), computed so that e.g. 256 * 0.5 gives exactly 128."""
+    """K = int(N * (1 - mask_ratio)), in floating point exactly as the published MaskDiT code
+    computes it (so N = 100 at ratio 0.9 keeps 9 tokens, since 1 - 0.9 < 0.1 in binary)."""
     r = checks.mask_ratio(mask_ratio)
-    K = int(math.floor(num_tokens * (1.0 - r) + 1e-9))
+    K = int(num_tokens * (1 - r))
     if K < 1:
         raise ValueError(f"mask_ratio: {mask_ratio} keeps no token of {num_tokens} (K = 0); lower the ratio")
     return K
