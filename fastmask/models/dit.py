@@ -112,6 +112,8 @@ class _DiTBase(nn.Module):
         want = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x: expected [B, {want[0]}, {want[1]}, {want[2]}], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x: the batch is empty (shape {tuple(x.shape)}); expected at least one sample")
         if noise_labels.shape != (x.shape[0],):
             raise ValueError(f"noise_labels: expected shape [{x.shape[0]}], got {tuple(noise_labels.shape)}")
 

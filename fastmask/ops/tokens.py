@@ -122,6 +122,7 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
     for ids made by :func:`random_mask`.
     """
     checks.tensor("x", x, ndim=3, floating=True)
+    checks.nonempty("x", x, "B N D")
     B, N, D = x.shape
     if check_ids:
         checks.ids("ids_keep", ids_keep, B, N)
@@ -198,6 +199,7 @@ def unmask_tokens(
     Equivalent PyTorch code: :func:`fastmask.ops.reference.unmask_tokens`.
     """
     checks.tensor("x_vis", x_vis, ndim=3, floating=True)
+    checks.nonempty("x_vis", x_vis, "B K D")
     B, K, D = x_vis.shape
     num_tokens = int(num_tokens)
     if check_ids:
