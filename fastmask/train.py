@@ -12,6 +12,20 @@ whole global batch, each rank then taking its slice; the data order is a pure fu
 and the same on 1 or N ranks (to float rounding). The RNG states of torch/Python/NumPy are
 still saved in checkpoints for anything else that draws from them.
 
+Resume. ``steps`` is the global step at which phase 1 ends and ``minutes`` the phase-1
+training time summed over every resume; phase 2 runs to step phase1_end + ``finetune_steps``
+(or ``finetune_minutes`` of fine-tune time). A resumed run continues towards these totals, so
+``--steps 10`` and then ``--resume --steps 20`` trains steps 10..19; a phase 1 that ended can be
+extended while the fine-tune has not begun.
+
+Safety. Rank 0 locks the run folder (a second run on it is refused, naming the holder). Every
+checkpoint is written atomically and only if its weights, EMA and optimizer state are finite.
+The loss terms and the first step with a non-finite loss are kept on the device and read every
+``log_every`` steps and before each checkpoint (no host sync per step); a non-finite loss stops
+the run naming that step and the newest checkpoint from before it, verified finite and never
+deleted by the rotation. SIGINT and SIGTERM finish the step and save; any other error inside
+the loop saves the current state (if whole and finite) and is re-raised.
+
 Distributed: launch with ``torchrun --nproc_per_node=N -m fastmask train ...``; the process
 group uses nccl on GPUs and gloo on CPUs; only rank 0 writes files.
 """
@@ -290,7 +304,8 @@ class Trainer:
         self._bad_val = torch.zeros((), dtype=acc_dtype, device=dev)
         self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self._step_fn = self.device_step
-        if compile_step is not None:
+        self._compiled = compile_step is not None
+        if self._compiled:
             self._step_fn = torch.compile(self.device_step, fullgraph=True, **compile_step)
         skipped = getattr(self.data, "skipped", None)
         if skipped:
@@ -696,11 +711,16 @@ class Trainer:
         labels = labels.to(dev, non_blocking=True) if self.num_classes > 0 else None
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with ctx:
-            mean, self._bad, self._bad_val, self._acc = self._step_fn(
+        if self._compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs may be reused
+        with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
+            mean, bad, bad_val, acc = self._step_fn(
                 y, labels, rnd["drop"][sl], rnd["sigma"][sl], rnd["noise"][sl], ids_keep,
                 self._step_t, self._bad, self._bad_val, self._acc,
             )
+        if self._compiled:  # keep the running state out of the CUDA-graph memory pool
+            bad, bad_val, acc = bad.clone(), bad_val.clone(), acc.clone()
+        self._bad, self._bad_val, self._acc = bad, bad_val, acc
         self.opt.zero_grad(set_to_none=True)
         mean.backward()
         if cfg.grad_clip is not None:

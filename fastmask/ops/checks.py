@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: clear ValueErrors that name the argument."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -13,10 +14,27 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_trusted_depth = 0
+
+
 def value_checks_enabled() -> bool:
-    """Data-dependent checks (ids range/uniqueness, NaN sigma) sync with the device; they are
-    skipped under torch.compile and when FASTMASK_CHECK_VALUES=0."""
-    return not _compiling() and os.environ.get("FASTMASK_CHECK_VALUES", "1") != "0"
+    """Data-dependent checks (ids range/uniqueness, NaN sigma, label range) sync with the
+    device; they are skipped under torch.compile, inside :func:`trusted_values` and when
+    FASTMASK_CHECK_VALUES=0."""
+    return not _compiling() and _trusted_depth == 0 and os.environ.get("FASTMASK_CHECK_VALUES", "1") != "0"
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Skip the data-dependent checks inside the block: for a caller that validated its data
+    once up front (the trainer checks labels at start-up and draws ids and sigmas itself), so
+    that a training step makes no host sync."""
+    global _trusted_depth
+    _trusted_depth += 1
+    try:
+        yield
+    finally:
+        _trusted_depth -= 1
 
 
 def tensor(name: str, t, ndim: int | None = None, shape: tuple | None = None, floating: bool | None = None):
