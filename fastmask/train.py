@@ -512,7 +512,8 @@ class Trainer:
                 last = f"; the last checkpoint is {self.last_ckpt[1]}" if self.last_ckpt else ""
                 self.say(f"fastmask: aborted during step {self.step}{last}")
                 raise TrainingInterrupted(signum, None) from None
-            path = self._save_after_stop(f"interrupted at step {self.step}")
+            # a stop request is agreed on by every rank (at a log boundary), so all of them save
+            path = self._save_after_stop(f"interrupted at step {self.step}", collective=bool(self._interrupted))
             raise TrainingInterrupted(signum, path) from None
         except Exception as e:
             self._save_after_stop(f"{type(e).__name__} at step {self.step}")
@@ -522,11 +523,12 @@ class Trainer:
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
         return self.summary()
 
-    def _save_after_stop(self, why: str) -> Path | None:
+    def _save_after_stop(self, why: str, collective: bool = False) -> Path | None:
         """Save the current state after a stop or an error, if that state is whole (the error
-        did not strike inside the optimizer/EMA update) and finite; never on several ranks,
-        where the others may not reach the save."""
-        if self._in_update or self.world > 1:
+        did not strike inside the optimizer/EMA update) and finite. On several ranks only for
+        a ``collective`` stop that every rank reached at the same step (a signal), since the
+        save waits for all of them."""
+        if self._in_update or (self.world > 1 and not collective):
             self.say(f"fastmask: {why}: no checkpoint saved (the state may be torn); the last one is "
                      f"{self.last_ckpt[1] if self.last_ckpt else 'none'}")
             return None

@@ -140,7 +140,7 @@ def test_dit_checkpoint_forms_and_errors():
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(again(x, torch.zeros(2), torch.tensor([0, 1])), d(x, torch.zeros(2), torch.tensor([0, 1])))
     # learned sigma into a C-channel model: refused unless asked, then the mean channels are kept
-    plain = dit("T/2", input_size=8, in_channels=3, num_classes=5, label_form="table")
+    plain = dit("T/2", input_size=8, in_channels=3, num_classes=5, label_form="table").eval()
     with pytest.raises(ValueError, match="learned-sigma"):
         load_published(plain, sd)
     load_published(plain, sd, drop_learned_sigma=True)

@@ -106,10 +106,11 @@ def test_head_count_comes_from_stored_args_or_is_required():
     assert got["num_heads"] == 16
     got = infer_config({"model": _shapes_only(320), "args": {"num_heads": 10}})
     assert got["num_heads"] == 10
-    d = randomise(dit("T/2", input_size=8, in_channels=4, num_classes=0))
-    with pytest.raises(ValueError, match=r"num_heads: .*width 64.*pass num_heads="):
+    d = randomise(dit("T/2", input_size=8, in_channels=4, num_classes=0, hidden_size=96, num_heads=3))
+    with pytest.raises(ValueError, match=r"num_heads: .*width 96.*pass num_heads="):
         from_published(d.state_dict())
-    assert from_published(d.state_dict(), num_heads=4).blocks[0].attn.num_heads == 4
+    assert from_published(d.state_dict(), num_heads=3).blocks[0].attn.num_heads == 3
+    assert infer_config(dit("T/2", input_size=8, in_channels=4).state_dict())["num_heads"] == 4  # fastmask's T
 
 
 def test_dit_without_null_row_uses_stored_args_or_reports_the_ambiguity():

@@ -113,18 +113,13 @@ def test_ddpm_denoiser_timesteps():
 
 def test_load_published_maskdit_and_dit(tmp_path):
     pre = EDMPrecond(maskdit("T/2", input_size=8, in_channels=4, num_classes=3))
-    # the released layout: weights plus the training arguments (which give the head counts of
-    # this non-published width)
-    import argparse
-
-    args = argparse.Namespace(num_heads=4, decoder_num_heads=2, num_classes=3)
-    torch.save({"ema": pre.state_dict(), "args": args}, tmp_path / "maskdit.pt")
+    torch.save({"ema": pre.state_dict()}, tmp_path / "maskdit.pt")
     net, info = load_model(tmp_path / "maskdit.pt")
     assert isinstance(net, EDMPrecond) and info["kind"] == "latents" and info["num_classes"] == 3
     for k, v in pre.state_dict().items():
         assert torch.equal(net.state_dict()[k], v)
     d = dit("T/2", input_size=8, in_channels=4, num_classes=3, learn_sigma=True)
-    torch.save({"model": d.state_dict(), "args": argparse.Namespace(model="DiT-T/2", num_heads=4, num_classes=3)}, tmp_path / "dit.pt")
+    torch.save(d.state_dict(), tmp_path / "dit.pt")
     den, info = load_model(tmp_path / "dit.pt")
     assert isinstance(den, DDPMDenoiser) and info["parameterization"] == "ddpm"
     x = sample(den, torch.tensor([0, 1]), info["shape"], steps=2, guidance=1.5)

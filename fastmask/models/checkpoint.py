@@ -17,14 +17,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
+from .configs import DIT_SIZES, TINY
 from .dit import DiT, MaskDiT
 
 # The only non-tensor objects released checkpoints need, allowed on top of weights_only's set.
 SAFE_GLOBALS = (argparse.Namespace,)
-# Head counts of the published widths (DiT S/B/L/XL; the MaskDiT decoder) and size names.
-_STANDARD_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
-_STANDARD_DECODER_HEADS = {512: 16}
-_SIZE_HEADS = {"S": 6, "B": 12, "L": 16, "XL": 16}
+# Head counts of the known widths: DiT S/B/L/XL and the MaskDiT decoder (512), plus fastmask's
+# own small configs (T, Digits); and the heads of the size names in stored arguments.
+_STANDARD_HEADS = {**{D: H for _, D, H in DIT_SIZES.values()}, **{c["hidden_size"]: c["num_heads"] for c in TINY.values()}}
+_STANDARD_DECODER_HEADS = {512: 16, **{c["decoder_hidden_size"]: c["decoder_num_heads"] for c in TINY.values()}}
+_SIZE_HEADS = {name: H for name, (_, _, H) in DIT_SIZES.items()}
 
 
 def load_published_file(path, *, trust_pickle: bool = False, map_location="cpu"):
@@ -180,8 +182,8 @@ def infer_config(state_dict, key: str | None = None, **known) -> dict:
     Weights do not store head counts, and a DiT label table of R rows is R - 1 classes plus
     the null row (class dropout > 0) or R classes (class dropout 0). Both are taken from the
     checkpoint's stored arguments (``args``) when it has them. Otherwise head counts follow the
-    published widths (384: 6, 768: 12, 1024 and 1152: 16; decoder 512: 16) and are None for
-    any other width (:func:`from_published` then asks for them); a table is read as holding a
+    published widths (384: 6, 768: 12, 1024 and 1152: 16; decoder 512: 16) and fastmask's own
+    T and Digits configs, and are None for any other width (:func:`from_published` then asks for them); a table is read as holding a
     null row, with a warning unless it has 1001 rows (ImageNet)."""
     args = stored_args(state_dict)
     sd = unwrap_state_dict(state_dict, key)
