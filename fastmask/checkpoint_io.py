@@ -11,11 +11,13 @@ No pickle is involved, so loading a checkpoint never executes code.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import random
 import secrets
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +115,11 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this file system
+                os.close(fd)
+                warnings.warn(f"out: cannot lock {self.path} ({e.strerror}); two runs on this folder are not prevented")
+                return self
             holder = _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             os.close(fd)
             raise UsageError(

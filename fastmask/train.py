@@ -12,11 +12,11 @@ whole global batch, each rank then taking its slice; the data order is a pure fu
 and the same on 1 or N ranks (to float rounding). The RNG states of torch/Python/NumPy are
 still saved in checkpoints for anything else that draws from them.
 
-Resume. ``steps`` is the global step at which phase 1 ends and ``minutes`` the phase-1
-training time summed over every resume; phase 2 runs to step phase1_end + ``finetune_steps``
-(or ``finetune_minutes`` of fine-tune time). A resumed run continues towards these totals, so
-``--steps 10`` and then ``--resume --steps 20`` trains steps 10..19; a phase 1 that ended can be
-extended while the fine-tune has not begun.
+Resume. ``steps`` is the total number of phase-1 (masked) steps and ``minutes`` the phase-1
+training time summed over every resume; phase 2 then runs ``finetune_steps`` steps (or up to
+``finetune_minutes`` of fine-tune time, also a total). A resumed run continues towards these
+totals, so ``--steps 10`` and then ``--resume --steps 20`` trains 10 more masked steps; if the
+fine-tune had already run, it runs again after them.
 
 Safety. Rank 0 locks the run folder (a second run on it is refused, naming the holder). Every
 checkpoint is written atomically and only if its weights, EMA and optimizer state are finite.
@@ -289,7 +289,8 @@ class Trainer:
         self.sampler = make_sampler(len(self.data), cfg.seed)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.step = 0
-        self.phase1_end: int | None = None
+        self.phase1_end: int | None = None  # the step at which the last phase 1 ended
+        self.p1_steps = 0  # phase-1 (masked) steps done, over every resume
         self.elapsed = {"1": 0.0, "2": 0.0}
         self.last_ckpt: tuple[int, Path] | None = None
         self._interrupted = 0  # the signal number of a pending stop request
@@ -322,6 +323,7 @@ class Trainer:
     def state_extra(self) -> dict:
         return {
             "phase1_end": self.phase1_end,
+            "phase1_steps": self.p1_steps,
             "elapsed": self.elapsed,
             "world_size": self.world,
             "data_shape": list(self.data.shape),
@@ -400,21 +402,18 @@ class Trainer:
         self._step_t.fill_(self.step)
         extra = ck["extra"]
         self.phase1_end = extra.get("phase1_end")
+        p1 = extra.get("phase1_steps")
+        self.p1_steps = int(p1) if p1 is not None else (self.phase1_end if self.phase1_end is not None else self.step)
         self.elapsed = {str(k): float(v) for k, v in extra.get("elapsed", self.elapsed).items()}
         self.last_ckpt = (self.step, path)
-        cfg = self.cfg
-        if self.phase1_end is not None and self.step == self.phase1_end:
-            # phase 1 ended here and the fine-tune has not begun: a larger step count or time budget
-            # continues phase 1
+        if self.phase1_end is not None:
+            # phase 1 ended before; a larger step count or time budget continues it (after a
+            # fine-tune that had begun, that fine-tune then runs again in full afterwards)
             self.phase1_end = None
             if self._phase_done(1) or self._time_up(1):
-                self.phase1_end = self.step
-        elif self.phase1_end is not None and cfg.steps is not None and cfg.steps > self.phase1_end:
-            raise UsageError(
-                f"steps: {str(path)!r} is at step {self.step}, in the unmasking fine-tune that began after phase 1 "
-                f"ended at step {self.phase1_end}; phase 1 cannot be extended to steps={cfg.steps} after it "
-                "(raise finetune_steps to fine-tune longer)"
-            )
+                self.phase1_end = extra.get("phase1_end")
+            else:
+                self.say(f"fastmask: continuing phase 1 from {self.p1_steps} masked steps to the new budget")
         self.log({"event": "resume", "step": self.step, "file": str(path)})
 
     # ---- logging
@@ -453,7 +452,7 @@ class Trainer:
     def _phase_done(self, phase: int) -> bool:
         cfg = self.cfg
         if phase == 1:
-            return cfg.steps is not None and self.step >= cfg.steps
+            return cfg.steps is not None and self.p1_steps >= cfg.steps
         return self.step >= self.phase1_end + cfg.finetune_steps
 
     def _time_up(self, phase: int) -> bool:
@@ -484,12 +483,12 @@ class Trainer:
         """Train both phases from the current state; returns a summary.
 
         What ``steps``, ``minutes`` and the phases mean, also after a resume: ``steps`` is the
-        global step at which phase 1 (masked) ends and ``minutes`` the total phase-1 training
-        time, counted over every resume (whichever comes first); phase 2 then runs until step
-        phase1_end + ``finetune_steps`` or ``finetune_minutes`` of fine-tune time. A resume
-        continues towards these totals: ``--steps 10`` and later ``--resume --steps 20``
-        trains steps 10..19. Phase 1 can be extended after it ended only while the fine-tune
-        has not begun."""
+        total number of phase-1 (masked) steps and ``minutes`` the total phase-1 training
+        time, both counted over every resume (whichever comes first); phase 2 then runs
+        ``finetune_steps`` steps (or ``finetune_minutes`` of fine-tune time, also a total).
+        A resume continues towards these totals: ``--steps 10`` and later ``--resume --steps
+        20`` trains 10 more masked steps. If the fine-tune had already run, it runs again after
+        them (up to its step count; its time budget is a total)."""
         prev = self._install_handlers()
         try:
             if self.phase1_end is not None and (self._phase_done(2) or self._time_up(2) or self.cfg.finetune_steps == 0):
@@ -545,11 +544,10 @@ class Trainer:
         return path
 
     def summary(self) -> dict:
-        p1 = self.phase1_end if self.phase1_end is not None else self.step
         return {
             "steps": self.step,
-            "phase1_steps": p1,
-            "phase2_steps": self.step - p1,
+            "phase1_steps": self.p1_steps,
+            "phase2_steps": self.step - self.p1_steps,
             "train_seconds": dict(self.elapsed),
             "train_seconds_total": sum(self.elapsed.values()),
             "checkpoint": str(self.last_ckpt[1]) if self.last_ckpt else None,
@@ -563,9 +561,10 @@ class Trainer:
             return
         self._wrap(phase)
         self.net.train()
-        total = cfg.steps if phase == 1 else (self.phase1_end or 0) + cfg.finetune_steps
-        if phase == 1 and cfg.steps is None:
-            total = None
+        offset = self.step - self.p1_steps if phase == 1 else 0  # fine-tune steps before a continued phase 1
+        total = (cfg.steps + offset if cfg.steps is not None else None) if phase == 1 else (
+            (self.phase1_end or 0) + cfg.finetune_steps
+        )
         if not self._phase_done(phase) and not self._time_up(phase):
             self.say(
                 f"fastmask: phase {phase} ({'mask ratio ' + str(cfg.mask_ratio) if phase == 1 else 'unmasking fine-tune'})"
@@ -641,8 +640,8 @@ class Trainer:
                     "loss": loss,
                     "dsm": dsm,
                     "mae": mae,
-                    "mask_ratio": mask_ratio_at(self.cfg, self.step - 1, phase),
-                    "lr": lr_at(self.cfg, self.step - 1, phase),
+                    "mask_ratio": mask_ratio_at(self.cfg, self._sched_step(phase) - 1, phase),
+                    "lr": lr_at(self.cfg, self._sched_step(phase) - 1, phase),
                     "img_per_s": ips,
                     "elapsed_s": sum(self.elapsed.values()),
                 }
@@ -651,6 +650,7 @@ class Trainer:
 
     def _nonfinite(self, bad: int, value: float) -> NonFiniteLossError:
         phase = 1 if self.phase1_end is None or bad < self.phase1_end else 2
+        sched = bad - (self.step - self.p1_steps) if phase == 1 else bad
         good = None
         if self.rank == 0:
             cands = sorted(
@@ -666,7 +666,7 @@ class Trainer:
         )
         return NonFiniteLossError(
             f"training stopped: the loss is {value} at step {bad} (phase {phase}, mask ratio "
-            f"{mask_ratio_at(self.cfg, bad, phase)}, lr {lr_at(self.cfg, bad, phase):g}); {last}. "
+            f"{mask_ratio_at(self.cfg, sched, phase)}, lr {lr_at(self.cfg, sched, phase):g}); {last}. "
             "Lower the lr or set grad_clip, then resume from that checkpoint."
         )
 
@@ -688,8 +688,8 @@ class Trainer:
     def _train_step(self, phase: int) -> None:
         cfg, dev = self.cfg, self.device
         step = self.step
-        ratio = mask_ratio_at(cfg, step, phase)
-        lr = lr_at(cfg, step, phase)
+        ratio = mask_ratio_at(cfg, self._sched_step(phase), phase)
+        lr = lr_at(cfg, self._sched_step(phase), phase)
         for g in self.opt.param_groups:
             g["lr"] = lr
         net = self.net.model
@@ -731,8 +731,13 @@ class Trainer:
         self.opt.step()
         self._update_ema()
         self.step += 1
+        self.p1_steps += phase == 1
         self._step_t += 1
         self._in_update = False
+
+    def _sched_step(self, phase: int) -> int:
+        """The step the schedules (mask ratio, lr warm-up) see: phase-1 steps in phase 1."""
+        return self.p1_steps if phase == 1 else self.step
 
     @torch.no_grad()
     def _update_ema(self) -> None:

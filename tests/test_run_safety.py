@@ -77,9 +77,15 @@ def test_resume_continues_to_the_requested_step_count(tmp_path):
     # a fine-tune added later runs after the phase-1 steps already done
     ft = train(tiny_cfg(tmp_path / "r", steps=20, finetune_steps=3), resume=tmp_path / "r", progress=False)
     assert ft.step == 23 and ft.summary()["phase1_steps"] == 20
-    # once the fine-tune has begun, phase 1 cannot be extended
-    with pytest.raises(UsageError, match="steps: .*fine-tune"):
-        train(tiny_cfg(tmp_path / "r", steps=30, finetune_steps=3), resume=tmp_path / "r", progress=False)
+    # after a fine-tune, more phase-1 steps continue the masked phase, then the fine-tune runs again
+    again = train(tiny_cfg(tmp_path / "r", steps=30, finetune_steps=3), resume=tmp_path / "r", progress=False)
+    s = again.summary()
+    assert again.step == 36 and s["phase1_steps"] == 30 and s["phase2_steps"] == 6
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    assert [r["step"] for r in rows if r.get("event") == "phase"][-2:] == [23, 33]
+    # at its totals, a resume trains nothing and says so
+    same = train(tiny_cfg(tmp_path / "r", steps=30, finetune_steps=3), resume=tmp_path / "r", progress=False)
+    assert same.step == 36
 
 
 def test_checkpoint_without_optimizer_or_ema_needs_explicit_consent(tmp_path):
