@@ -325,12 +325,14 @@ def test_sigkill_at_random_moments_leaves_a_finite_checkpoint_and_exact_resume(t
     for attempt in range(2):
         resume = "None" if attempt == 0 else repr(str(out))
         proc = _python(f"""
+            import time
             import torch
             torch.set_num_threads(1)
             from test_train import tiny_cfg
             from fastmask.train import train
+            # a short pause per step keeps a fast machine from finishing before the kill
             train(tiny_cfg({str(out)!r}, steps={steps}, finetune_steps=0, ckpt_every=1, keep_checkpoints=2),
-                  resume={resume}, progress=False)
+                  resume={resume}, progress=False, hooks={{"after_step": lambda t, s: time.sleep(0.02)}})
         """)
         deadline = time.time() + 120
         first = load_before = None
