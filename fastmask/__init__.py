@@ -5,7 +5,7 @@
     from fastmask import ops                     # functional ops with autograd
 """
 from . import ops
-from .models import DiT, EDMPrecond, MaskDiT, dit, load_published, maskdit
+from .models import DiT, EDMPrecond, MaskDiT, dit, load_published, load_published_file, maskdit
 from .nn import MaskedDiTBlock, swap_dit_blocks
 from .ops import BackendUnavailable, backend
 
@@ -19,6 +19,7 @@ __all__ = [
     "backend",
     "dit",
     "load_published",
+    "load_published_file",
     "maskdit",
     "ops",
     "swap_dit_blocks",

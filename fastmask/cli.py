@@ -205,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        _say("fastmask: interrupted (a checkpoint was saved; resume with `fastmask train --resume`)"
-             if command == "train" else "fastmask: interrupted")
-        return 130
+        ckpt = getattr(e, "checkpoint", None)  # set by the trainer's signal handling
+        if ckpt is not None:
+            _say(f"fastmask: interrupted; saved {ckpt} (resume with `fastmask train --resume`)")
+        else:
+            _say("fastmask: interrupted (no checkpoint was saved)" if command == "train" else "fastmask: interrupted")
+        return 128 + getattr(e, "signum", 2)
     except Exception as e:
         from .train import NonFiniteLossError
 

@@ -65,15 +65,30 @@ class ImageFolderDataset:
             raise ValueError(
                 f"data_path: {str(path)!r} has no class sub-folders; expected root/<class>/<image files>"
             )
+        from PIL import Image
+
         self.files: list[Path] = []
+        self.skipped: list[Path] = []  # files that PIL cannot open (header check), left out
         labels = []
         for i, c in enumerate(classes):
             files = sorted(f for f in (path / c).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-            self.files += files
-            labels += [i] * len(files)
+            for f in files:
+                try:
+                    with Image.open(f) as im:  # reads the header only
+                        ok = im.size[0] > 0 and im.size[1] > 0
+                except Exception:
+                    ok = False
+                if ok:
+                    self.files.append(f)
+                    labels.append(i)
+                else:
+                    self.skipped.append(f)
         if not self.files:
+            extra = f" ({len(self.skipped)} unreadable, e.g. {str(self.skipped[0])!r})" if self.skipped else ""
             raise ValueError(
-                f"data_path: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {str(path)!r}"
+                f"data_path: no images ({', '.join(IMAGE_EXTENSIONS)}) that can be opened in the class folders of "
+                f"{str(path)!r}"
+                + extra
             )
         self.classes = classes
         self.labels = torch.tensor(labels, dtype=torch.int64)
@@ -91,13 +106,16 @@ class ImageFolderDataset:
             return self._cache[i]
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
-            a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        try:
+            with Image.open(self.files[i]) as im:
+                im = im.convert("L" if self.channels == 1 else "RGB")
+                w, h = im.size
+                s = min(w, h)
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
+                a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        except (OSError, ValueError, SyntaxError) as e:  # a file whose header is fine but data are not
+            raise ValueError(f"{self.files[i]}: cannot decode the image ({type(e).__name__}: {e})") from None
         t = torch.from_numpy(a.reshape(self.image_size, self.image_size, self.channels)).permute(2, 0, 1).contiguous()
         if self._cache is not None:
             self._cache[i] = t
@@ -139,6 +157,8 @@ class LatentShardDataset:
         labels = []
         for f in files:
             m, y = _load_shard(f)
+            if m.dtype not in (np.float16, np.float32, np.float64):
+                raise ValueError(f"{f}: expected floating-point moments, got dtype {m.dtype}")
             if m.ndim != 4:
                 raise ValueError(f"{f}: expected moments of shape [n, {2 * channels}, h, w], got shape {m.shape}")
             if m.shape[1] != 2 * channels:
@@ -152,11 +172,13 @@ class LatentShardDataset:
                 raise ValueError(f"{f}: shape {m.shape[1:]} differs from the first shard's {self.moments[0].shape[1:]}")
             if y is None:
                 y = np.full(m.shape[0], -1, dtype=np.int64)
-            y = np.asarray(y).reshape(-1)
+            y = np.asarray(y)
+            if y.ndim != 1:
+                raise ValueError(f"{f}: expected labels of shape [{m.shape[0]}] (class indices), got shape {y.shape}")
             if y.shape[0] != m.shape[0]:
                 raise ValueError(f"{f}: {m.shape[0]} latents but {y.shape[0]} labels")
             self.moments.append(m)
-            labels.append(y.astype(np.int64))
+            labels.append(_int_labels(f, y))
         h, w = self.moments[0].shape[2:]
         if h != w:
             raise ValueError(f"{files[0]}: expected square latents, got {h}x{w}")
@@ -164,6 +186,13 @@ class LatentShardDataset:
             raise ValueError(f"{files[0]}: latents are {h}x{w} but image_size={image_size}; set image_size={h}")
         self.labels = torch.from_numpy(np.concatenate(labels))
         self.num_classes = int(self.labels.max().item()) + 1 if (self.labels >= 0).any() else 0
+        if self.num_classes > MAX_INFERRED_CLASSES:
+            i = int(self.labels.argmax())
+            f = files[int(np.searchsorted(np.cumsum([len(v) for v in labels]), i, side="right"))]
+            raise ValueError(
+                f"{f}: holds the label {self.num_classes - 1}; labels must be class indices in [0, num_classes) "
+                f"(-1 = unlabelled); set num_classes if {self.num_classes} classes are really meant"
+            )
         self.offsets = np.cumsum([0] + [m.shape[0] for m in self.moments])
         self.shape = (channels, h, w)
         self.kind = "latents"
@@ -183,19 +212,59 @@ class LatentShardDataset:
         return z, self.labels[torch.from_numpy(idx)]
 
 
+MAX_INFERRED_CLASSES = 1_000_000  # more classes than this inferred from labels is taken as bad data
+
+
+def _int_labels(f, y: np.ndarray) -> np.ndarray:
+    """Labels as int64 class indices; float labels must hold whole numbers (no truncation)."""
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{f}: expected integer class labels, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            bad = y[~np.isfinite(y) | (y != np.round(y))][0]
+            raise ValueError(f"{f}: labels must be whole class indices, found {bad} (dtype {y.dtype})")
+        if y.size and (np.abs(y) > 2**62).any():
+            raise ValueError(f"{f}: labels must be class indices, found {y[np.abs(y) > 2**62][0]}")
+    y = y.astype(np.int64)
+    if y.size and y.min() < -1:
+        raise ValueError(f"{f}: labels must be class indices >= 0 (or -1 = unlabelled), found {int(y.min())}")
+    return y
+
+
+def check_labels(ds, num_classes: int) -> None:
+    """Every label of ``ds`` must lie in [0, num_classes) (-1 = unlabelled is also allowed),
+    checked before training rather than as an out-of-range index later."""
+    labels = getattr(ds, "labels", None)
+    if labels is None or num_classes <= 0 or len(labels) == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < -1 or hi >= num_classes:
+        raise ValueError(
+            f"num_classes: the data set has labels in [{lo}, {hi}] but num_classes={num_classes}; "
+            f"labels must lie in [0, {num_classes}) (-1 = unlabelled)"
+        )
+
+
 def _load_shard(f: Path):
-    if f.suffix == ".npz":
-        with np.load(f) as z:
-            key = next((k for k in LATENT_KEYS if k in z.files), None)
-            if key is None:
-                raise ValueError(f"{f}: no moments array; expected one of the keys {LATENT_KEYS}, found {z.files}")
-            lkey = next((k for k in LABEL_KEYS if k in z.files), None)
-            return z[key], (z[lkey] if lkey else None)
-    m = np.load(f, mmap_mode="r")
-    for cand in (f.with_name(f.stem + ".labels.npy"), f.with_name(f.stem + "_labels.npy")):
-        if cand.exists():
-            return m, np.load(cand)
-    return m, None
+    try:
+        if f.suffix == ".npz":
+            with np.load(f) as z:
+                key = next((k for k in LATENT_KEYS if k in z.files), None)
+                if key is None:
+                    raise ValueError(f"{f}: no moments array; expected one of the keys {LATENT_KEYS}, found {z.files}")
+                lkey = next((k for k in LABEL_KEYS if k in z.files), None)
+                return z[key], (z[lkey] if lkey else None)
+        m = np.load(f, mmap_mode="r")
+        for cand in (f.with_name(f.stem + ".labels.npy"), f.with_name(f.stem + "_labels.npy")):
+            if cand.exists():
+                return m, np.load(cand)
+        return m, None
+    except ValueError as e:
+        if str(e).startswith(str(f)):
+            raise
+        raise ValueError(f"{f}: not a readable .npy/.npz latent shard ({e})") from None
+    except Exception as e:  # torn or foreign files: OSError, EOFError, zipfile.BadZipFile ...
+        raise ValueError(f"{f}: not a readable .npy/.npz latent shard ({type(e).__name__}: {e})") from None
 
 
 def build_dataset(cfg):

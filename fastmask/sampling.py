@@ -192,15 +192,9 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
         return net.to(device).eval(), info
     if not p.exists():
         raise ValueError(f"checkpoint: {str(p)!r} does not exist")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as e:
-        if trust_pickle:
-            raise
-        raise ValueError(
-            f"checkpoint: {str(p)!r} could not be loaded with weights_only=True ({type(e).__name__}: {e}); "
-            "if you trust the file, pass --trust-pickle"
-        ) from None
+    from .models import load_published_file
+
+    obj = load_published_file(p, trust_pickle=trust_pickle)  # released files: tensors + argparse.Namespace
     net = from_published(obj, key=key)
     if parameterization == "auto":
         parameterization = "ddpm" if isinstance(net, DiT) else "edm"

@@ -12,6 +12,20 @@ whole global batch, each rank then taking its slice; the data order is a pure fu
 and the same on 1 or N ranks (to float rounding). The RNG states of torch/Python/NumPy are
 still saved in checkpoints for anything else that draws from them.
 
+Resume. ``steps`` is the total number of phase-1 (masked) steps and ``minutes`` the phase-1
+training time summed over every resume; phase 2 then runs ``finetune_steps`` steps (or up to
+``finetune_minutes`` of fine-tune time, also a total). A resumed run continues towards these
+totals, so ``--steps 10`` and then ``--resume --steps 20`` trains 10 more masked steps; if the
+fine-tune had already run, it runs again after them.
+
+Safety. Rank 0 locks the run folder (a second run on it is refused, naming the holder). Every
+checkpoint is written atomically and only if its weights, EMA and optimizer state are finite.
+The loss terms and the first step with a non-finite loss are kept on the device and read every
+``log_every`` steps and before each checkpoint (no host sync per step); a non-finite loss stops
+the run naming that step and the newest checkpoint from before it, verified finite and never
+deleted by the rotation. SIGINT and SIGTERM finish the step and save; any other error inside
+the loop saves the current state (if whole and finite) and is re-raised.
+
 Distributed: launch with ``torchrun --nproc_per_node=N -m fastmask train ...``; the process
 group uses nccl on GPUs and gloo on CPUs; only rank 0 writes files.
 """
@@ -26,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,16 +49,35 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import ops
-from .checkpoint_io import load_checkpoint, save_checkpoint, set_rng_state
-from .data import batch_indices, build_dataset, make_sampler
+from .checkpoint_io import (
+    TMP_SUFFIX,
+    RunLock,
+    checkpoint_step,
+    clean_temp_files,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    verify_finite,
+)
+from .data import batch_indices, build_dataset, check_labels, make_sampler
+from .errors import UsageError
 from .latents import check_manifest as check_latent_manifest
 from .models import EDMPrecond, build_model, draw_sigma
 from .presets import TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and the last good
-    checkpoint (which is left untouched)."""
+    """The training loss became NaN or infinite; the message names the first such step and the
+    last good checkpoint (verified finite, and never deleted by the rotation)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A signal (SIGINT or SIGTERM) stopped training. ``signum`` is the signal, ``checkpoint``
+    the file that holds the state at the stop, or None if none was saved."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None):
+        super().__init__(f"training stopped by signal {int(signum)}")
+        self.signum, self.checkpoint = int(signum), checkpoint
 
 
 # --------------------------------------------------------------------------- setup
@@ -134,17 +168,45 @@ class _LossModule(nn.Module):
         super().__init__()
         self.precond, self.mae_coef = precond, mae_coef
 
-    def forward(self, y, labels, sigma, noise, ids_keep):
-        return self.precond.loss_given(y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef)
+    def forward(self, y, labels, drop, sigma, noise, ids_keep):
+        return self.precond.loss_given(
+            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False
+        )
+
+
+_NO_BAD = 2**62  # "no non-finite step yet" in the on-device record of the first bad step
+
+
+def _first_difference(own: dict, theirs: dict) -> str | None:
+    """One line naming the first key or shape in which two state dicts differ, or None."""
+    for k, v in own.items():
+        if k not in theirs:
+            return f"the model has {k!r} {tuple(v.shape)}, the checkpoint does not"
+        if tuple(theirs[k].shape) != tuple(v.shape):
+            return f"{k!r} is {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+    for k, v in theirs.items():
+        if k not in own:
+            return f"the checkpoint has {k!r} {tuple(v.shape)}, the model does not"
+    return None
 
 
 # --------------------------------------------------------------------------- trainer
 class Trainer:
     """One training run. ``hooks`` (for tests and experiments): ``{"loss": f(step, loss [B]) ->
     loss [B]}`` is applied to the per-sample loss, ``{"after_step": f(trainer, step)}`` after
-    every optimizer step."""
+    every optimizer step.
 
-    def __init__(self, cfg: TrainConfig, *, hooks: dict | None = None, progress: bool | None = None):
+    ``compile_step``: None (eager) or a dict of :func:`torch.compile` options (``{}`` for the
+    defaults) for :meth:`device_step`, the forward pass, loss and bookkeeping of one step; it is
+    traced with ``fullgraph=True`` and makes no host sync, so ``mode="reduce-overhead"`` can
+    capture it in a CUDA graph.
+
+    Rank 0 holds an exclusive lock on ``cfg.out`` from construction until :meth:`close` (called
+    by :func:`train`), so that two runs never write into one folder.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, hooks: dict | None = None, progress: bool | None = None,
+                 compile_step: dict | None = None):
         cfg.validate()
         self.cfg = cfg
         self.hooks = hooks or {}
@@ -153,37 +215,103 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size: the global batch {cfg.batch_size} is not divisible by {self.world} ranks")
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.log_path = self.out / "log.jsonl"
+        self.progress = progress
+        self._lock: RunLock | None = None
+        if self.rank == 0:
+            self._prepare_folder()
+        try:
+            self._setup(compile_step)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_folder(self) -> None:
+        """Create the run folders, take the lock, check that both are writable, remove the
+        temporary files of a killed writer and the torn last line a kill can leave in the log."""
+        for folder in (self.out, self.ckpt_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"out: cannot create the folder {str(folder)!r} ({e.strerror or e})") from None
+        try:
+            self._lock = RunLock(self.out).acquire()
+        except OSError as e:
+            raise UsageError(f"out: cannot create the lock file in {str(self.out)!r} ({e.strerror or e})") from None
+        for folder in (self.out, self.ckpt_dir):
+            probe = folder / f".write-test.{os.getpid()}{TMP_SUFFIX}"
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+                probe.unlink()
+            except OSError as e:
+                raise UsageError(f"out: the folder {str(folder)!r} is not writable ({e.strerror or e})") from None
+        removed = clean_temp_files(self.out) + clean_temp_files(self.ckpt_dir)
+        if self._lock.stale:
+            self.say(f"fastmask: took over the lock of a run that ended without releasing it ({self._lock.stale})")
+        if removed:
+            self.say(f"fastmask: removed {len(removed)} temporary file(s) left by an interrupted write")
+        if self.log_path.exists():
+            data = self.log_path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a kill in the middle of an append
+                with open(self.log_path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+
+    def _setup(self, compile_step) -> None:
+        cfg = self.cfg
         check_latent_manifest(cfg)  # a `fastmask latents` folder: its manifest must fit the config
         self.data = build_dataset(cfg)
         if len(self.data) == 0:
             raise ValueError(f"data: the data set {cfg.data!r} is empty")
         self.num_classes = self.data.num_classes if cfg.num_classes is None else cfg.num_classes
+        check_labels(self.data, self.num_classes)
         torch.manual_seed(cfg.seed)
         self.net = build_model(cfg, self.data.shape, self.num_classes).to(self.device)
+        if hasattr(self.net.model, "class_dropout_prob"):
+            self.net.model.class_dropout_prob = cfg.label_dropout
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
         )
         self.sampler = make_sampler(len(self.data), cfg.seed)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
-        self.out = Path(cfg.out)
-        self.ckpt_dir = self.out / "checkpoints"
-        self.log_path = self.out / "log.jsonl"
         self.step = 0
-        self.phase1_end: int | None = None
+        self.phase1_end: int | None = None  # the step at which the last phase 1 ended
+        self.p1_steps = 0  # phase-1 (masked) steps done, over every resume
         self.elapsed = {"1": 0.0, "2": 0.0}
         self.last_ckpt: tuple[int, Path] | None = None
-        self.progress = progress
-        self._interrupted = False
+        self._interrupted = 0  # the signal number of a pending stop request
         self._aborted = False
+        self._in_update = False
         self._loss_module = None
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+        # on-device bookkeeping, read by the host every log_every steps (no sync per step)
+        dev = self.device
+        acc_dtype = torch.float32 if dev.type == "mps" else torch.float64
+        self._acc = torch.zeros(3, dtype=acc_dtype, device=dev)
+        self._bad = torch.full((), _NO_BAD, dtype=torch.int64, device=dev)
+        self._bad_val = torch.zeros((), dtype=acc_dtype, device=dev)
+        self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
+        self._step_fn = self.device_step
+        self._compiled = compile_step is not None
+        if self._compiled:
+            self._step_fn = torch.compile(self.device_step, fullgraph=True, **compile_step)
+        skipped = getattr(self.data, "skipped", None)
+        if skipped:
+            self.say(f"fastmask: data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+            self.log({"event": "data", "skipped_images": len(skipped), "example": str(skipped[0])})
+
+    def close(self) -> None:
+        """Release the run folder's lock (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ---- checkpoints
     def state_extra(self) -> dict:
         return {
             "phase1_end": self.phase1_end,
+            "phase1_steps": self.p1_steps,
             "elapsed": self.elapsed,
             "world_size": self.world,
             "data_shape": list(self.data.shape),
@@ -192,40 +320,89 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
+        """Write a checkpoint of the current state, after checking on every rank that no
+        loss so far was non-finite (raises :class:`NonFiniteLossError` otherwise). Returns None
+        (and keeps every older checkpoint) if a weight or optimizer state is not finite."""
+        self._sync(phase=None)
         path = None
         if self.rank == 0:
-            path = save_checkpoint(
-                self.ckpt_dir,
-                model=self.net,
-                ema=self.ema,
-                optimizer=self.opt,
-                step=self.step,
-                config=self.cfg.to_dict(),
-                extra=self.state_extra(),
-                keep=self.cfg.keep_checkpoints,
-            )
-            self.last_ckpt = (self.step, path)
-            self.log({"event": "checkpoint", "step": self.step, "file": str(path)})
+            older = [p for p in self.ckpt_dir.glob("ckpt-*.safetensors") if (checkpoint_step(p) or 0) < self.step]
+            protect = [max(older, key=checkpoint_step)] if older else []  # the newest verified one
+            try:
+                path = save_checkpoint(
+                    self.ckpt_dir,
+                    model=self.net,
+                    ema=self.ema,
+                    optimizer=self.opt,
+                    step=self.step,
+                    config=self.cfg.to_dict(),
+                    extra=self.state_extra(),
+                    keep=self.cfg.keep_checkpoints,
+                    protect=protect,
+                )
+            except ValueError as e:
+                self.say(f"fastmask: {e}; the older checkpoints are kept")
+                self.log({"event": "checkpoint_refused", "step": self.step, "reason": str(e)})
+            else:
+                self.last_ckpt = (self.step, path)
+                self.log({"event": "checkpoint", "step": self.step, "file": str(path)})
         if self.world > 1:
             dist.barrier()
         return path
 
-    def resume(self, path) -> None:
+    def resume(self, path, *, allow_partial: bool = False) -> None:
+        """Continue the run saved in ``path`` (a checkpoint file, or a folder resolved through
+        latest.json). The checkpoint must hold the optimizer state and the EMA weights, or the
+        run could not continue exactly; ``allow_partial=True`` resumes anyway, with a warning
+        (fresh optimizer moments; the EMA restarts from the weights)."""
         ck = load_checkpoint(path, device="cpu")
+        path = ck["path"]
+        missing = [n for n, v in (("optimizer state", ck["optimizer"]), ("EMA weights", ck["ema"])) if v is None]
+        if missing and not allow_partial:
+            raise UsageError(
+                f"resume: {str(path)!r} holds no {' and no '.join(missing)}, so the run cannot continue exactly; "
+                "start a new run from its weights, or resume with allow_partial_resume=True to accept that"
+            )
+        if missing:
+            msg = f"resume: {path} holds no {' and no '.join(missing)}; the run does not continue exactly"
+            warnings.warn(msg, stacklevel=2)
+            self.say(f"fastmask: warning: {msg}")
+        want = list(self.data.shape)
+        have = ck["extra"].get("data_shape")
+        if have is not None and list(have) != want:
+            raise UsageError(f"resume: {str(path)!r} was trained on data of shape {tuple(have)}, this data is {tuple(want)}")
+        diff = _first_difference(self.net.state_dict(), ck["model"])
+        if diff is None and ck["ema"] is not None:
+            diff = _first_difference(self.ema.state_dict(), ck["ema"])
+        if diff is not None:
+            raise UsageError(
+                f"resume: {str(path)!r} does not fit the model (arch {self.cfg.arch}, model {self.cfg.model}): {diff}"
+            )
         self.net.load_state_dict(ck["model"])
-        if ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
-        else:
-            self.ema.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"] if ck["ema"] is not None else ck["model"])
         if ck["optimizer"] is not None:
-            self.opt.load_state_dict(ck["optimizer"])
+            try:
+                self.opt.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise UsageError(f"resume: the optimizer state in {str(path)!r} does not fit the model ({e})") from None
         set_rng_state(*ck["rng"])
         self.step = ck["step"]
+        self._step_t.fill_(self.step)
         extra = ck["extra"]
         self.phase1_end = extra.get("phase1_end")
+        p1 = extra.get("phase1_steps")
+        self.p1_steps = int(p1) if p1 is not None else (self.phase1_end if self.phase1_end is not None else self.step)
         self.elapsed = {str(k): float(v) for k, v in extra.get("elapsed", self.elapsed).items()}
-        self.last_ckpt = (self.step, ck["path"])
-        self.log({"event": "resume", "step": self.step, "file": str(ck["path"])})
+        self.last_ckpt = (self.step, path)
+        if self.phase1_end is not None:
+            # phase 1 ended before; a larger step count or time budget continues it (after a
+            # fine-tune that had begun, that fine-tune then runs again in full afterwards)
+            self.phase1_end = None
+            if self._phase_done(1) or self._time_up(1):
+                self.phase1_end = extra.get("phase1_end")
+            else:
+                self.say(f"fastmask: continuing phase 1 from {self.p1_steps} masked steps to the new budget")
+        self.log({"event": "resume", "step": self.step, "file": str(path)})
 
     # ---- logging
     def log(self, row: dict) -> None:
@@ -263,55 +440,102 @@ class Trainer:
     def _phase_done(self, phase: int) -> bool:
         cfg = self.cfg
         if phase == 1:
-            return cfg.steps is not None and self.step >= cfg.steps
+            return cfg.steps is not None and self.p1_steps >= cfg.steps
         return self.step >= self.phase1_end + cfg.finetune_steps
 
     def _time_up(self, phase: int) -> bool:
         cap = self.cfg.minutes if phase == 1 else self.cfg.finetune_minutes
         return cap is not None and self.elapsed[str(phase)] >= cap * 60
 
+    def _install_handlers(self):
+        """SIGINT and SIGTERM: the first finishes the step and saves, a second aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        prev = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            if self._interrupted:  # second signal: stop right now, without saving a half-done step
+                for s, h in prev.items():
+                    signal.signal(s, h if h is not None else signal.SIG_DFL)
+                self._aborted = True
+                raise TrainingInterrupted(signum, None)
+            self._interrupted = signum
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.say(f"fastmask: {name}: finishing this step, saving a checkpoint (send it again to abort)")
+
+        for s in prev:
+            signal.signal(s, on_signal)
+        return prev
+
     def run(self) -> dict:
-        """Train both phases from the current state; returns a summary."""
-        handler_installed = False
-        if threading.current_thread() is threading.main_thread():
-            prev = signal.getsignal(signal.SIGINT)
+        """Train both phases from the current state; returns a summary.
 
-            def on_sigint(signum, frame):
-                if self._interrupted:  # second Ctrl-C: stop right now, without saving a half-done step
-                    signal.signal(signal.SIGINT, prev if callable(prev) else signal.default_int_handler)
-                    self._aborted = True
-                    raise KeyboardInterrupt
-                self._interrupted = True
-                self.say("fastmask: Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
-
-            signal.signal(signal.SIGINT, on_sigint)
-            handler_installed = True
+        What ``steps``, ``minutes`` and the phases mean, also after a resume: ``steps`` is the
+        total number of phase-1 (masked) steps and ``minutes`` the total phase-1 training
+        time, both counted over every resume (whichever comes first); phase 2 then runs
+        ``finetune_steps`` steps (or ``finetune_minutes`` of fine-tune time, also a total).
+        A resume continues towards these totals: ``--steps 10`` and later ``--resume --steps
+        20`` trains 10 more masked steps. If the fine-tune had already run, it runs again after
+        them (up to its step count; its time budget is a total)."""
+        prev = self._install_handlers()
         try:
+            if self.phase1_end is not None and (self._phase_done(2) or self._time_up(2) or self.cfg.finetune_steps == 0):
+                self.say(
+                    f"fastmask: nothing to train: the run is at step {self.step} (phase 1 ended at step "
+                    f"{self.phase1_end}, finetune_steps={self.cfg.finetune_steps}); raise finetune_steps to train on"
+                )
             if self.phase1_end is None:
                 self._run_phase(1)
                 if self.cfg.finetune_steps > 0:
                     self.save()
             self._run_phase(2)
-        except KeyboardInterrupt:
+            if self.last_ckpt is None or self.last_ckpt[0] != self.step:
+                self.save()
+        except NonFiniteLossError:
+            raise
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", None) or self._interrupted or signal.SIGINT
             if self._aborted:
-                self.say(f"fastmask: aborted during step {self.step}; the last checkpoint is {self.last_ckpt}")
-                raise
-            self.say(f"fastmask: interrupted at step {self.step}; saving a checkpoint")
-            self.save()
+                last = f"; the last checkpoint is {self.last_ckpt[1]}" if self.last_ckpt else ""
+                self.say(f"fastmask: aborted during step {self.step}{last}")
+                raise TrainingInterrupted(signum, None) from None
+            # a stop request is agreed on by every rank (at a log boundary), so all of them save
+            path = self._save_after_stop(f"interrupted at step {self.step}", collective=bool(self._interrupted))
+            raise TrainingInterrupted(signum, path) from None
+        except Exception as e:
+            self._save_after_stop(f"{type(e).__name__} at step {self.step}")
             raise
         finally:
-            if handler_installed:
-                signal.signal(signal.SIGINT, prev)
-        if self.last_ckpt is None or self.last_ckpt[0] != self.step:
-            self.save()
+            for s, h in prev.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
         return self.summary()
 
+    def _save_after_stop(self, why: str, collective: bool = False) -> Path | None:
+        """Save the current state after a stop or an error, if that state is whole (the error
+        did not strike inside the optimizer/EMA update) and finite. On several ranks only for
+        a ``collective`` stop that every rank reached at the same step (a signal), since the
+        save waits for all of them."""
+        if self._in_update or (self.world > 1 and not collective):
+            self.say(f"fastmask: {why}: no checkpoint saved (the state may be torn); the last one is "
+                     f"{self.last_ckpt[1] if self.last_ckpt else 'none'}")
+            return None
+        if self.last_ckpt is not None and self.last_ckpt[0] == self.step and self.last_ckpt[1].exists():
+            self.say(f"fastmask: {why}: the checkpoint {self.last_ckpt[1]} holds this state")
+            return self.last_ckpt[1]
+        try:
+            path = self.save()
+        except NonFiniteLossError as e:
+            self.say(f"fastmask: {why}: no checkpoint saved: {e}")
+            return None
+        if path is not None:
+            self.say(f"fastmask: {why}: saved {path}")
+        return path
+
     def summary(self) -> dict:
-        p1 = self.phase1_end if self.phase1_end is not None else self.step
         return {
             "steps": self.step,
-            "phase1_steps": p1,
-            "phase2_steps": self.step - p1,
+            "phase1_steps": self.p1_steps,
+            "phase2_steps": self.step - self.p1_steps,
             "train_seconds": dict(self.elapsed),
             "train_seconds_total": sum(self.elapsed.values()),
             "checkpoint": str(self.last_ckpt[1]) if self.last_ckpt else None,
@@ -325,10 +549,11 @@ class Trainer:
             return
         self._wrap(phase)
         self.net.train()
-        total = cfg.steps if phase == 1 else (self.phase1_end or 0) + cfg.finetune_steps
-        if phase == 1 and cfg.steps is None:
-            total = None
-        if not self._phase_done(phase):
+        offset = self.step - self.p1_steps if phase == 1 else 0  # fine-tune steps before a continued phase 1
+        total = (cfg.steps + offset if cfg.steps is not None else None) if phase == 1 else (
+            (self.phase1_end or 0) + cfg.finetune_steps
+        )
+        if not self._phase_done(phase) and not self._time_up(phase):
             self.say(
                 f"fastmask: phase {phase} ({'mask ratio ' + str(cfg.mask_ratio) if phase == 1 else 'unmasking fine-tune'})"
                 f" from step {self.step}" + (f" to {total}" if total else f" for {cfg.minutes:.2f} min")
@@ -338,29 +563,31 @@ class Trainer:
 
         disable = self.rank != 0 or (self.progress is False) or (self.progress is None and not sys.stderr.isatty())
         bar = tqdm(total=total, initial=self.step, desc=f"phase {phase}", disable=disable, dynamic_ncols=True)
-        acc = torch.zeros(4, dtype=torch.float64)
-        acc_t0, acc_n = time.perf_counter(), 0
+        t_interval, n = time.perf_counter(), 0
         try:
             while not self._phase_done(phase):
-                t0 = time.perf_counter()
-                stats = self._train_step(phase)
-                if stats is None:  # interrupted or out of time
+                if self.world == 1 and (self._interrupted or self._time_up(phase)):
                     break
+                t0 = time.perf_counter()
+                self._train_step(phase)
                 self.elapsed[str(phase)] += time.perf_counter() - t0
-                acc += stats
-                acc_n += 1
+                n += 1
                 if "after_step" in self.hooks:
                     self.hooks["after_step"](self, self.step)
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self._phase_done(phase):
-                    loss, ips = self._log_interval(phase, acc, acc_n, time.perf_counter() - acc_t0)
+                log_now = self.step % cfg.log_every == 0 or self._phase_done(phase)
+                ckpt_now = bool(cfg.ckpt_every) and self.step % cfg.ckpt_every == 0 and not self._phase_done(phase)
+                stop = False
+                if log_now:
+                    stop, loss, ips = self._sync(phase, n, time.perf_counter() - t_interval)
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-                    acc.zero_()
-                    acc_t0, acc_n = time.perf_counter(), 0
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not self._phase_done(phase):
+                    t_interval, n = time.perf_counter(), 0
+                if ckpt_now:
                     self.save()
-            if acc_n:  # the partial interval before a time cap or Ctrl-C
-                self._log_interval(phase, acc, acc_n, time.perf_counter() - acc_t0)
+                if stop:
+                    break
+            if n:  # the partial interval before a time cap or a stop request
+                self._sync(phase, n, time.perf_counter() - t_interval)
         finally:
             bar.close()
         if self._interrupted:
@@ -368,30 +595,89 @@ class Trainer:
         if phase == 1:
             self.phase1_end = self.step
 
-    def _log_interval(self, phase: int, acc: Tensor, n: int, seconds: float) -> tuple[float, float]:
-        cfg = self.cfg
-        loss, dsm, mae = (acc[:3] / n).tolist()
-        ips = n * cfg.batch_size / max(seconds, 1e-9)
-        self.log(
-            {
-                "step": self.step,
-                "phase": phase,
-                "loss": loss,
-                "dsm": dsm,
-                "mae": mae,
-                "mask_ratio": mask_ratio_at(cfg, self.step - 1, phase),
-                "lr": lr_at(cfg, self.step - 1, phase),
-                "img_per_s": ips,
-                "elapsed_s": sum(self.elapsed.values()),
-            }
-        )
-        return loss, ips
+    def _sync(self, phase: int | None, n: int = 0, seconds: float = 0.0):
+        """The one host sync of an interval: reads (and on several ranks all-reduces) the summed
+        loss terms, the first non-finite step and the stop requests; raises
+        :class:`NonFiniteLossError` if a loss was not finite; logs the interval if ``n``.
+        Returns (stop, mean loss, images per second)."""
+        dev = self._acc.device
+        flags = torch.tensor([float(bool(self._interrupted)), float(phase is not None and self._time_up(phase))],
+                             dtype=self._acc.dtype)
+        maxed = torch.cat([(-self._bad).to(self._acc.dtype).view(1), flags.to(dev)])
+        summed = self._acc.clone()
+        if self.world > 1:
+            dist.all_reduce(summed)
+            dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+            summed /= self.world
+        vals = torch.cat([summed, maxed, self._bad_val.view(1).to(summed.dtype)]).tolist()
+        bad = int(-vals[3])
+        if bad != _NO_BAD:
+            raise self._nonfinite(bad, vals[6] if int(self._bad.item()) == bad else float("nan"))
+        stop = bool(vals[4]) or bool(vals[5])
+        if vals[4] and not self._interrupted:
+            self._interrupted = signal.SIGINT
+        loss = ips = float("nan")
+        if n and phase is not None:
+            loss, dsm, mae = (v / n for v in vals[:3])
+            ips = n * self.cfg.batch_size / max(seconds, 1e-9)
+            self._acc.zero_()
+            self.log(
+                {
+                    "step": self.step,
+                    "phase": phase,
+                    "loss": loss,
+                    "dsm": dsm,
+                    "mae": mae,
+                    "mask_ratio": mask_ratio_at(self.cfg, self._sched_step(phase) - 1, phase),
+                    "lr": lr_at(self.cfg, self._sched_step(phase) - 1, phase),
+                    "img_per_s": ips,
+                    "elapsed_s": sum(self.elapsed.values()),
+                }
+            )
+        return stop, loss, ips
 
-    def _train_step(self, phase: int):
+    def _nonfinite(self, bad: int, value: float) -> NonFiniteLossError:
+        phase = 1 if self.phase1_end is None or bad < self.phase1_end else 2
+        sched = bad - (self.step - self.p1_steps) if phase == 1 else bad
+        good = None
+        if self.rank == 0:
+            cands = sorted(
+                (p for p in self.ckpt_dir.glob("ckpt-*.safetensors") if (checkpoint_step(p) or bad) < bad),
+                key=checkpoint_step,
+                reverse=True,
+            )
+            good = next((p for p in cands if verify_finite(p)), None)
+        last = (
+            f"the last good checkpoint is {good} (step {checkpoint_step(good)}, verified finite)"
+            if good is not None
+            else "no finite checkpoint from before that step exists"
+        )
+        return NonFiniteLossError(
+            f"training stopped: the loss is {value} at step {bad} (phase {phase}, mask ratio "
+            f"{mask_ratio_at(self.cfg, sched, phase)}, lr {lr_at(self.cfg, sched, phase):g}); {last}. "
+            "Lower the lr or set grad_clip, then resume from that checkpoint."
+        )
+
+    def device_step(self, y, labels, drop, sigma, noise, ids_keep, step_t, bad, bad_val, acc):
+        """The device work of one step before the backward pass: the loss (returned as the batch
+        mean, to differentiate) and the bookkeeping that replaces a per-step host sync: the
+        summed loss terms ``acc`` and the first step whose loss was not finite (``bad``, with
+        its value ``bad_val``). Traceable by ``torch.compile(fullgraph=True)``."""
+        loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep)
+        if "loss" in self.hooks:
+            loss = self.hooks["loss"](int(self.step), loss)
+        mean = loss.mean()
+        vals = torch.stack([mean.detach(), dsm.detach().float().mean(), mae.detach().float().mean()]).to(acc.dtype)
+        first = (bad == _NO_BAD) & ~torch.isfinite(vals[0])
+        bad = torch.where(first, step_t, bad)
+        bad_val = torch.where(first, vals[0], bad_val)
+        return mean, bad, bad_val, acc + vals
+
+    def _train_step(self, phase: int) -> None:
         cfg, dev = self.cfg, self.device
         step = self.step
-        ratio = mask_ratio_at(cfg, step, phase)
-        lr = lr_at(cfg, step, phase)
+        ratio = mask_ratio_at(cfg, self._sched_step(phase), phase)
+        lr = lr_at(cfg, self._sched_step(phase), phase)
         for g in self.opt.param_groups:
             g["lr"] = lr
         net = self.net.model
@@ -412,48 +698,34 @@ class Trainer:
         eps = rnd["eps"][sl] if rnd["eps"] is not None else None
         y, labels = self.data.batch(idx, eps=eps.cpu() if eps is not None else None)
         y = y.to(dev, non_blocking=True)
-        if self.num_classes > 0:
-            labels = torch.where(rnd["drop"][sl], torch.full_like(labels, -1, device=dev), labels.to(dev))
-        else:
-            labels = None
+        labels = labels.to(dev, non_blocking=True) if self.num_classes > 0 else None
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with ctx:
-            loss, dsm, mae = self._loss_module(y, labels, rnd["sigma"][sl], rnd["noise"][sl], ids_keep)
-        if "loss" in self.hooks:
-            loss = self.hooks["loss"](step, loss)
-        mean = loss.mean()
-        # one all-reduce per step: the global mean loss terms plus the stop flags of all ranks
-        vals = torch.stack([mean.detach().float(), dsm.detach().float().mean(), mae.detach().float().mean()])
-        flags = torch.tensor([float(self._interrupted), float(self._time_up(phase))], device=vals.device)
-        flags = torch.cat([vals.double(), flags.double()])
-        if self.world > 1:
-            dist.all_reduce(flags)
-            flags[:3] /= self.world
-        flags = flags.cpu()
-        if flags[3] > 0:
-            self._interrupted = True
-            return None
-        if flags[4] > 0:
-            return None
-        if not math.isfinite(flags[0].item()):
-            last = (
-                f"the last good checkpoint is {self.last_ckpt[1]} (step {self.last_ckpt[0]})"
-                if self.last_ckpt
-                else "no checkpoint was written yet"
+        if self._compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs may be reused
+        with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
+            mean, bad, bad_val, acc = self._step_fn(
+                y, labels, rnd["drop"][sl], rnd["sigma"][sl], rnd["noise"][sl], ids_keep,
+                self._step_t, self._bad, self._bad_val, self._acc,
             )
-            raise NonFiniteLossError(
-                f"training stopped: the loss is {flags[0].item()} at step {step} (phase {phase}, mask ratio "
-                f"{ratio}, lr {lr:g}); {last}. Lower the lr or set grad_clip, then resume from that checkpoint."
-            )
+        if self._compiled:  # keep the running state out of the CUDA-graph memory pool
+            bad, bad_val, acc = bad.clone(), bad_val.clone(), acc.clone()
+        self._bad, self._bad_val, self._acc = bad, bad_val, acc
         self.opt.zero_grad(set_to_none=True)
         mean.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        self._in_update = True
         self.opt.step()
         self._update_ema()
         self.step += 1
-        return torch.cat([flags[:3], flags.new_zeros(1)])
+        self.p1_steps += phase == 1
+        self._step_t += 1
+        self._in_update = False
+
+    def _sched_step(self, phase: int) -> int:
+        """The step the schedules (mask ratio, lr warm-up) see: phase-1 steps in phase 1."""
+        return self.p1_steps if phase == 1 else self.step
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -462,11 +734,16 @@ class Trainer:
         torch._foreach_lerp_(ema_p, p, 1.0 - ema_decay_at(self.cfg, self.step))
 
 
-def train(cfg: TrainConfig, *, resume=None, hooks: dict | None = None, progress: bool | None = None):
+def train(cfg: TrainConfig, *, resume=None, hooks: dict | None = None, progress: bool | None = None,
+          allow_partial_resume: bool = False, compile_step: dict | None = None):
     """Train according to ``cfg`` (resuming from a checkpoint file/folder if given); returns the
-    :class:`Trainer` (its ``net``, ``ema`` and ``summary()``)."""
-    trainer = Trainer(cfg, hooks=hooks, progress=progress)
-    if resume is not None:
-        trainer.resume(resume)
-    trainer.run()
+    :class:`Trainer` (its ``net``, ``ema`` and ``summary()``). The run folder's lock is held
+    until this returns or raises."""
+    trainer = Trainer(cfg, hooks=hooks, progress=progress, compile_step=compile_step)
+    try:
+        if resume is not None:
+            trainer.resume(resume, allow_partial=allow_partial_resume)
+        trainer.run()
+    finally:
+        trainer.close()
     return trainer

@@ -46,8 +46,16 @@ class _DiTBase(nn.Module):
         mlp_ratio: float,
         num_classes: int,
         label_form: str,
+        class_dropout_prob: float = 0.1,
     ):
         super().__init__()
+        if not (isinstance(num_heads, int) and num_heads > 0):
+            raise ValueError(f"num_heads: expected a positive integer, got {num_heads!r}")
+        if hidden_size % num_heads or hidden_size // num_heads == 0:
+            raise ValueError(f"num_heads: hidden_size {hidden_size} is not divisible into {num_heads} heads")
+        if not 0.0 <= float(class_dropout_prob) <= 1.0:
+            raise ValueError(f"class_dropout_prob: expected a probability in [0, 1], got {class_dropout_prob}")
+        self.class_dropout_prob = float(class_dropout_prob)
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.num_heads, self.num_classes = hidden_size, num_heads, num_classes
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -83,12 +91,27 @@ class _DiTBase(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def condition(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
-        """c = timestep embedding + class embedding, [B, D]."""
+    def condition(self, noise_labels: Tensor, class_labels: Tensor | None, force_drop_ids: Tensor | None = None) -> Tensor:
+        """c = timestep embedding + class embedding, [B, D].
+
+        As in DiT/MaskDiT: ``class_labels=None`` is unconditional (the null label); in train
+        mode each label is dropped to the null label with probability ``class_dropout_prob``
+        (for classifier-free guidance), drawn from the global RNG, or where ``force_drop_ids``
+        [B] is true/1 (a caller that draws its own randomness, in any mode)."""
         c = self.t_embedder(noise_labels)
         if self.y_embedder is not None:
             if class_labels is None:
-                raise ValueError(f"class_labels: this model is class-conditional ({self.num_classes} classes)")
+                class_labels = torch.full((noise_labels.shape[0],), -1, dtype=torch.long, device=noise_labels.device)
+            else:
+                drop = force_drop_ids
+                if drop is None and self.training and self.class_dropout_prob > 0:
+                    drop = torch.rand(class_labels.shape[0], device=class_labels.device) < self.class_dropout_prob
+                if drop is not None:
+                    drop = drop.to(class_labels.device) == 1
+                    if class_labels.dim() == 2:  # one-hot: a dropped row is all zeros
+                        class_labels = class_labels * (~drop).unsqueeze(1).to(class_labels.dtype)
+                    else:
+                        class_labels = torch.where(drop, torch.full_like(class_labels, -1), class_labels)
             c = c + self.y_embedder(class_labels).to(c.dtype)
         return c
 
@@ -96,6 +119,8 @@ class _DiTBase(nn.Module):
         want = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x: expected [B, {want[0]}, {want[1]}, {want[2]}], got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x: the batch is empty (shape {tuple(x.shape)}); expected at least one sample")
         if noise_labels.shape != (x.shape[0],):
             raise ValueError(f"noise_labels: expected shape [{x.shape[0]}], got {tuple(noise_labels.shape)}")
 
@@ -116,9 +141,11 @@ class DiT(_DiTBase):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         label_form: str = "table",
+        class_dropout_prob: float = 0.1,
     ):
         super().__init__(
-            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form
+            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
+            class_dropout_prob,
         )
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -133,13 +160,14 @@ class DiT(_DiTBase):
         *,
         mask_ratio: float = 0.0,
         ids_keep: Tensor | None = None,
+        force_drop_ids: Tensor | None = None,
         **_,
     ) -> Tensor:
         """[B, C, H, W] -> output tokens [B, N, p*p*out_channels]."""
         if mask_ratio or ids_keep is not None:
             raise ValueError("mask_ratio: plain DiT runs every token; use MaskDiT to train with masking")
         self._check_input(x, noise_labels)
-        c = self.condition(noise_labels, class_labels)
+        c = self.condition(noise_labels, class_labels, force_drop_ids)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
             h = blk(h, c)
@@ -152,7 +180,7 @@ class DiT(_DiTBase):
 class MaskDiT(_DiTBase):
     """MaskDiT: DiT encoder on the visible tokens, a narrow DiT decoder on all tokens.
 
-    x_emb = PatchEmbed(x) + pos_embed; keep K = floor(N (1 - mask_ratio)) tokens (fused gather
+    x_emb = PatchEmbed(x) + pos_embed; keep K = int(N * (1 - mask_ratio)) tokens (fused gather
     with the position embedding); encoder blocks; decoder_layer (LN + adaLN + Linear D -> Dd);
     unmask (visible tokens back in place, ``mask_token`` elsewhere, + ``decoder_pos_embed``, one
     fused pass); decoder blocks of width Dd conditioned on c of width D; final layer; unpatchify.
@@ -172,10 +200,18 @@ class MaskDiT(_DiTBase):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         label_form: str = "linear",
+        class_dropout_prob: float = 0.1,
     ):
         super().__init__(
-            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form
+            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
+            class_dropout_prob,
         )
+        if not (isinstance(decoder_num_heads, int) and decoder_num_heads > 0):
+            raise ValueError(f"decoder_num_heads: expected a positive integer, got {decoder_num_heads!r}")
+        if decoder_hidden_size % decoder_num_heads or decoder_hidden_size // decoder_num_heads == 0:
+            raise ValueError(
+                f"decoder_num_heads: decoder_hidden_size {decoder_hidden_size} is not divisible into {decoder_num_heads} heads"
+            )
         Dd = decoder_hidden_size
         self.decoder_hidden_size, self.out_channels = Dd, in_channels
         self.decoder_layer = FinalLayer(hidden_size, Dd, cond_size=hidden_size)
@@ -224,15 +260,18 @@ class MaskDiT(_DiTBase):
         ids_keep: Tensor | None = None,
         generator: torch.Generator | None = None,
         check_ids: bool = True,
+        force_drop_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Output tokens [B, N, p*p*C] and the mask [B, N] (1 = dropped; None if nothing dropped).
 
-        Give either ``mask_ratio`` (a random mask is drawn, from ``generator`` if given) or
-        explicit ``ids_keep`` [B, K] (``check_ids=False`` skips validating them: a device sync).
+        Give either ``mask_ratio`` (in train mode a random mask is drawn, from ``generator`` if
+        given; in eval mode nothing is masked, as in the published model) or explicit
+        ``ids_keep`` [B, K], used in either mode (``check_ids=False`` skips validating them: a
+        device sync).
         """
         self._check_input(x, noise_labels)
         B, N = x.shape[0], self.num_patches
-        if ids_keep is None and checks.mask_ratio(mask_ratio) > 0:
+        if ids_keep is None and checks.mask_ratio(mask_ratio) > 0 and self.training:
             ids_keep, _, mask = ops.random_mask(B, N, mask_ratio, generator=generator, device=x.device)
         elif ids_keep is not None:
             if check_ids:
@@ -240,12 +279,13 @@ class MaskDiT(_DiTBase):
             mask = ops.mask_from_ids(ids_keep, N)
         else:
             mask = None
-        c = self.condition(noise_labels, class_labels)
+        c = self.condition(noise_labels, class_labels, force_drop_ids)
         h = self.encode(x, c, ids_keep)
         return self.decode(h, c, ids_keep), mask
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
-        """[B, C, H, W] -> [B, C, H, W] (no masking unless ``mask_ratio``/``ids_keep`` is given)."""
+        """[B, C, H, W] -> [B, C, H, W] (no masking unless ``ids_keep`` is given, or ``mask_ratio``
+        in train mode)."""
         tokens, _ = self.forward_tokens(x, noise_labels, class_labels, **kw)
         return unpatchify(tokens, self.patch_size, self.out_channels)
 

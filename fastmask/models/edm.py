@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
+from ..ops import checks
 from .dit import patchify, unpatchify
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
@@ -41,8 +42,11 @@ class EDMPrecond(nn.Module):
 
     def __init__(self, model: nn.Module, sigma_data: float = SIGMA_DATA):
         super().__init__()
+        sd = float(sigma_data)
+        if not (sd > 0 and sd < float("inf")):
+            raise ValueError(f"sigma_data: expected a positive finite number, got {sigma_data}")
         self.model = model
-        self.sigma_data = sigma_data
+        self.sigma_data = sd
 
     @property
     def patch_size(self) -> int:
@@ -58,7 +62,8 @@ class EDMPrecond(nn.Module):
         ids_keep: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Denoised image D [B, C, H, W] (fp32). sigma: [B] or a scalar."""
+        """Denoised image D [B, C, H, W] (fp32). sigma: [B] or a scalar. ``class_labels=None``
+        is unconditional; ``mask_ratio`` masks only in train mode, ``ids_keep`` in any mode."""
         sigma = _sigma(sigma, x)
         F_tokens, _ = self._network(x, sigma, class_labels, mask_ratio, ids_keep, generator)
         c_skip, c_out, _, _, _ = edm_coefficients(sigma, self.sigma_data)
@@ -70,9 +75,12 @@ class EDMPrecond(nn.Module):
     def _network(self, x, sigma, class_labels, mask_ratio, ids_keep, generator, **kw):
         _, _, c_in, c_noise, _ = edm_coefficients(sigma, self.sigma_data)
         xin = (c_in.view(-1, 1, 1, 1) * x.float()).to(x.dtype)
+        drop = kw.pop("force_drop_ids", None)
         kw = dict(mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator, **kw)
         if mask_ratio == 0 and ids_keep is None:  # plain DiT takes no masking arguments
             kw = {}
+        if drop is not None:
+            kw["force_drop_ids"] = drop
         out = self.model.forward_tokens(xin, c_noise, class_labels, **kw)
         return out if isinstance(out, tuple) else (out, None)
 
@@ -85,13 +93,15 @@ class EDMPrecond(nn.Module):
         mae_coef: float = 0.1,
         generator: torch.Generator | None = None,
         return_terms: bool = False,
+        force_drop_ids: Tensor | None = None,
     ):
         """The MaskDiT objective for clean data y [B, C, H, W]: per-sample loss [B].
 
         ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
         with ``mask_ratio`` of its tokens dropped; DSM on kept tokens + mae_coef * MAE on dropped
         tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
-        Draws from ``generator`` in this order: sigma, noise, mask.
+        Draws from ``generator`` in this order: sigma, noise, mask. In train mode the model drops
+        labels with its ``class_dropout_prob`` (or where ``force_drop_ids`` is set).
         """
         B = y.shape[0]
         sigma = draw_sigma(B, generator=generator, device=y.device)
@@ -99,7 +109,9 @@ class EDMPrecond(nn.Module):
         ids_keep = None
         if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
             ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
-        loss, dsm, mae = self.loss_given(y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef)
+        loss, dsm, mae = self.loss_given(
+            y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False
+        )
         return (loss, dsm, mae) if return_terms else loss
 
     def loss_given(
@@ -111,11 +123,23 @@ class EDMPrecond(nn.Module):
         ids_keep: Tensor | None,
         *,
         mae_coef: float = 0.1,
+        force_drop_ids: Tensor | None = None,
+        check_ids: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The objective with every random draw given: sigma [B], noise [B, C, H, W] (unit
-        variance), ids_keep [B, K] or None. Returns (loss, dsm, mae), each [B]."""
+        variance), ids_keep [B, K] or None, and optionally the label-drop flags
+        ``force_drop_ids`` [B]. Returns (loss, dsm, mae), each [B].
+
+        ``ids_keep`` must hold distinct ids in [0, N) per sample; ``check_ids=False`` skips that
+        check (a device sync), for ids made by :func:`fastmask.ops.random_mask`."""
+        if y.dim() != 4 or y.shape[0] == 0:
+            raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
+        if ids_keep is not None and check_ids:
+            checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
-        kw = {} if ids_keep is None else {"check_ids": False}  # ids drawn by the caller's random_mask
+        kw = {} if ids_keep is None else {"check_ids": False}  # checked above
+        if force_drop_ids is not None:
+            kw["force_drop_ids"] = force_drop_ids
         F_tokens, mask = self._network(x_noisy.to(y.dtype), sigma, class_labels, 0.0, ids_keep, None, **kw)
         p = self.model.patch_size
         C = y.shape[1]

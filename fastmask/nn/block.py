@@ -27,6 +27,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"num_heads: expected a positive integer, got {num_heads!r}")
         if dim % num_heads != 0:
             raise ValueError(f"num_heads: {num_heads} does not divide hidden_size {dim}")
         self.num_heads = num_heads

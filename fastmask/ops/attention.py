@@ -72,8 +72,9 @@ def attention(qkv: Tensor, scale: float | None = None, *, deterministic: bool | 
         raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
     if qkv.shape[1] == 0:
         raise ValueError("qkv: sequence length L is 0")
+    checks.nonempty("qkv", qkv, "B L 3 H head_dim")
     hd = qkv.shape[-1]
-    scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(hd) if scale is None else checks.positive_float("scale", scale)
     backend = dispatch.select("attention", qkv)
     if backend == "torch":
         return reference.attention(qkv, scale)

@@ -1,6 +1,9 @@
 """Input validation shared by the public ops: clear ValueErrors that name the argument."""
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from .. import _env
@@ -12,10 +15,27 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_trusted_depth = 0
+
+
 def value_checks_enabled() -> bool:
-    """Data-dependent checks (ids range/uniqueness, NaN sigma) sync with the device; they are
-    skipped under torch.compile and when FASTMASK_CHECK_VALUES=0."""
-    return not _compiling() and _env.check_values()
+    """Data-dependent checks (ids range/uniqueness, NaN sigma, label range) sync with the
+    device; they are skipped under torch.compile, inside :func:`trusted_values` and when
+    FASTMASK_CHECK_VALUES=0."""
+    return not _compiling() and _trusted_depth == 0 and _env.check_values()
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Skip the data-dependent checks inside the block: for a caller that validated its data
+    once up front (the trainer checks labels at start-up and draws ids and sigmas itself), so
+    that a training step makes no host sync."""
+    global _trusted_depth
+    _trusted_depth += 1
+    try:
+        yield
+    finally:
+        _trusted_depth -= 1
 
 
 def tensor(name: str, t, ndim: int | None = None, shape: tuple | None = None, floating: bool | None = None):
@@ -75,3 +95,30 @@ def mask_ratio(value) -> float:
     if not (0.0 <= r < 1.0):
         raise ValueError(f"mask_ratio: expected a value in [0, 1), got {value}")
     return r
+
+
+def nonempty(name: str, t: torch.Tensor, labels: str) -> None:
+    """Every dimension of ``t`` is non-zero; ``labels`` names them (e.g. "B L D")."""
+    names = labels.split()
+    for i, n in enumerate(t.shape):
+        if n == 0:
+            what = names[i] if i < len(names) else f"dimension {i}"
+            raise ValueError(f"{name}: {what} is 0 in shape {tuple(t.shape)}; expected a non-empty tensor")
+
+
+def positive_float(name: str, value, allow_zero: bool = False) -> float:
+    """A finite number > 0 (or >= 0 with ``allow_zero``), as a float."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return v
+
+
+def binary_mask(name: str, mask: torch.Tensor) -> None:
+    """A mask holds only 0 and 1 (a data-dependent check: skipped like the other value checks)."""
+    if value_checks_enabled() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name}: expected only 0 (kept) and 1 (dropped), found {bad}")

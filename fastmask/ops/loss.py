@@ -72,7 +72,10 @@ def dsm_mae_loss(
     Equivalent PyTorch code: :func:`fastmask.ops.reference.dsm_mae_loss_terms`.
     """
     checks.tensor("F_out", F_out, ndim=3, floating=True)
+    checks.nonempty("F_out", F_out, "B N P")
     B, N, P = F_out.shape
+    sigma_data = checks.positive_float("sigma_data", sigma_data)
+    mae_coef = checks.positive_float("mae_coef", mae_coef, allow_zero=True)
     checks.tensor("x_noisy", x_noisy, shape=(B, N, P), floating=True)
     checks.tensor("y", y, shape=(B, N, P), floating=True)
     checks.tensor("sigma", sigma, shape=(B,), floating=True)
@@ -82,6 +85,8 @@ def dsm_mae_loss(
     if P < 2 and mask is not None:
         raise ValueError(f"F_out: the MAE target needs at least 2 values per token (unbiased variance), got P = {P}")
     if check_values and checks.value_checks_enabled():
+        if mask is not None:
+            checks.binary_mask("mask", mask)
         if not bool(torch.isfinite(sigma).all()):
             raise ValueError("sigma: contains NaN or inf")
         if bool((sigma <= 0).any()):

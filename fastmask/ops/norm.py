@@ -27,6 +27,7 @@ def _check_vec(name: str, v: Tensor, x: Tensor) -> Tensor:
 
 def _check_x(name: str, x: Tensor) -> None:
     checks.tensor(name, x, ndim=3, floating=True)
+    checks.nonempty(name, x, "B L D")
 
 
 # ------------------------------------------------------------------ layernorm_modulate
@@ -77,6 +78,7 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_
     Equivalent PyTorch code: :func:`fastmask.ops.reference.layernorm_modulate`.
     """
     _check_x("x", x)
+    eps = checks.positive_float("eps", eps)
     shift = _check_vec("shift", shift, x)
     scale = _check_vec("scale", scale, x)
     backend = dispatch.select("layernorm_modulate", x, shift, scale)
@@ -218,6 +220,7 @@ def residual_layernorm_modulate(
     :func:`fastmask.ops.reference.residual_layernorm_modulate`.
     """
     _check_x("x", x)
+    eps = checks.positive_float("eps", eps)
     checks.tensor("y", y, shape=tuple(x.shape))
     checks.same_dtype("x", x, y=y)
     checks.same_device("x", x, y=y)

@@ -1,7 +1,6 @@
 """Token ops: random masking, fused gather of visible tokens, fused unmask."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -13,9 +12,10 @@ from ._library import empty_like_none, kernels
 
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
-    """K = floor(N * (1 - mask_ratio)), computed so that e.g. 256 * 0.5 gives exactly 128."""
+    """K = int(N * (1 - mask_ratio)), in floating point exactly as the published MaskDiT code
+    computes it (so N = 100 at ratio 0.9 keeps 9 tokens, since 1 - 0.9 < 0.1 in binary)."""
     r = checks.mask_ratio(mask_ratio)
-    K = int(math.floor(num_tokens * (1.0 - r) + 1e-9))
+    K = int(num_tokens * (1 - r))
     if K < 1:
         raise ValueError(f"mask_ratio: {mask_ratio} keeps no token of {num_tokens} (K = 0); lower the ratio")
     return K
@@ -126,6 +126,7 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
     for ids made by :func:`random_mask`.
     """
     checks.tensor("x", x, ndim=3, floating=True)
+    checks.nonempty("x", x, "B N D")
     B, N, D = x.shape
     if check_ids:
         checks.ids("ids_keep", ids_keep, B, N)
@@ -203,6 +204,7 @@ def unmask_tokens(
     Equivalent PyTorch code: :func:`fastmask.ops.reference.unmask_tokens`.
     """
     checks.tensor("x_vis", x_vis, ndim=3, floating=True)
+    checks.nonempty("x_vis", x_vis, "B K D")
     B, K, D = x_vis.shape
     num_tokens = int(num_tokens)
     if check_ids:
