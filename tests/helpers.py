@@ -44,3 +44,13 @@ class poisoned_empty:
     def __exit__(self, *exc):
         torch.empty, torch.empty_like = self._empty, self._empty_like
         return False
+
+
+def randomise(model, std=0.05, seed=0):
+    """Every parameter of ``model`` drawn from N(0, std^2) with a fixed seed (DiT's zero
+    initialisation would make many comparisons trivially equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

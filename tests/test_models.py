@@ -1,6 +1,7 @@
 """MaskDiT / DiT models: structure from the papers, zero init, masking, checkpoints."""
 import pytest
 import torch
+from helpers import randomise
 
 import fastmask
 from fastmask import ops
@@ -16,14 +17,6 @@ def torch_backend():
 
 def tiny(**kw):
     return maskdit("T/2", input_size=8, in_channels=3, num_classes=5, **kw)
-
-
-def randomise(model, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def test_patchify_order_and_inverse():

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import randomise
 
 from fastmask import ops
 from fastmask.errors import UsageError
@@ -18,14 +19,6 @@ from fastmask.models import (
     load_published_file,
     maskdit,
 )
-
-
-def randomise(model, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def tiny_maskdit(**kw):

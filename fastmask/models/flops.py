@@ -42,7 +42,6 @@ def count_flops(model, batch: int = 1, mask_ratio: float = 0.0) -> dict:
     p = net.patch_size
     masked = hasattr(net, "decoder_blocks")
     K = num_kept(N, mask_ratio) if masked and mask_ratio > 0 else N
-    D = net.hidden_size
     conv = net.x_embedder.proj
     parts: dict[str, float] = {}
     parts["patch_embed"] = 2 * N * conv.in_channels * p * p * conv.out_channels
