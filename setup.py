@@ -75,8 +75,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["scikit-learn", "matplotlib", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "pillow", "triton>=3.0"],
-        "bench": ["pytest", "pytest-benchmark", "matplotlib", "triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scikit-learn", "matplotlib", "pillow", "triton>=3.0"],
+        "bench": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib", "triton>=3.0"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["fastmask=fastmask.cli:main"]},
