@@ -31,6 +31,9 @@ MODES = ("forward", "backward", "full")
 FASTMASK_PROVIDERS = ("fastmask-triton", "fastmask-cuda")
 COMMON_PROVIDERS = (*FASTMASK_PROVIDERS, "torch", "torch-compile")
 ATTENTION_BASELINES = ("torch-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
+# The GPU script's "ops" stage: the headline shape, forward and backward, these providers.
+HEADLINE_PROVIDERS = (*FASTMASK_PROVIDERS, "torch", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
+HEADLINE_MODES = ("forward", "backward")
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -78,7 +81,7 @@ def grid() -> tuple[list[Shape], Shape]:
     """(shapes of this run's size set, the headline shape)."""
     sset = common.size_set()
     if sset == "dry":
-        shapes = [Shape("T/2", 8, 2, r) for r in (0.5, 0.0)]
+        shapes = [Shape("T/2", 8, 2, 0.5)]
     elif sset == "cpu":
         shapes = [Shape("S/2", 32, 8, r) for r in (0.5, 0.0, 0.75)]
     elif sset == "quick":
@@ -280,6 +283,7 @@ class OpCase:
     provider: str
     mode: str
     priority: tuple = ()
+    headline: bool = False  # the GPU script's "ops" stage (FASTMASK_BENCH_PART)
 
     @property
     def id(self) -> str:
@@ -331,7 +335,8 @@ def build_cases() -> list[OpCase]:
                     compiled = provider == "torch-compile"
                     for mode_rank, mode in enumerate(MODES):
                         prio = (int(compiled), shape_rank, op_rank, mode_rank)
-                        cases.append(OpCase(op, stage, shape, provider, mode, prio))
+                        head = shape_rank == 0 and provider in HEADLINE_PROVIDERS and mode in HEADLINE_MODES
+                        cases.append(OpCase(op, stage, shape, provider, mode, prio, head))
     return cases
 
 
@@ -363,11 +368,24 @@ def _sdpa_fn(provider: str):
     return fn
 
 
-def _xformers_fn():
+def xformers_reason() -> str | None:
+    """None if xformers' compiled kernels load here, else why it is no baseline: without its
+    compiled part (a wheel built for another torch / CUDA) it runs PyTorch's own SDPA."""
     try:
-        import xformers.ops as xops
+        import xformers
+        import xformers.ops  # noqa: F401
     except Exception as e:
-        pytest.skip(f"xformers is not installed ({type(e).__name__})")
+        return f"xformers is not installed ({type(e).__name__})"
+    if not getattr(xformers, "_has_cpp_library", False):
+        return f"xformers {xformers.__version__}: its compiled part does not load with this torch/CUDA (it would run PyTorch's SDPA)"
+    return None
+
+
+def _xformers_fn():
+    reason = xformers_reason()
+    if reason:
+        pytest.skip(reason)
+    import xformers.ops as xops
 
     def fn(qkv, scale):
         B, L, _, H, hd = qkv.shape
@@ -375,6 +393,17 @@ def _xformers_fn():
         return xops.memory_efficient_attention(q, k, v, scale=scale).reshape(B, L, H * hd)
 
     return fn
+
+
+def _xformers_kernel(qkv, scale) -> str | None:
+    """The name of the xformers forward kernel its dispatcher picks for these inputs."""
+    try:
+        from xformers.ops import fmha
+
+        q, k, v = qkv.unbind(2)
+        return fmha._dispatch_fw(fmha.Inputs(query=q, key=k, value=v, scale=scale), True).NAME
+    except Exception as e:  # a private API: the label is a courtesy
+        return f"unknown ({type(e).__name__})"
 
 
 def provider_fn(case: OpCase, s: OpSetup):
@@ -421,15 +450,25 @@ def _grads_for(outs) -> tuple:
     )
 
 
+def _ran_label(case: OpCase, ran: dict, s: OpSetup) -> str:
+    """What actually computed the case: the fastmask backend the dispatcher chose, the forced
+    SDPA kernel, xformers' own kernel, or the reference."""
+    p = case.provider
+    if p in FASTMASK_PROVIDERS:
+        return common.backends_field(ran).get(case.op, "none")
+    if p in _SDPA_BACKENDS:
+        return f"sdpa:{_SDPA_BACKENDS[p]}"
+    if p == "xformers":
+        return f"xformers:{_xformers_kernel(*s.inputs)}"
+    return p
+
+
 # ----------------------------------------------------------------------------- the test
 @pytest.mark.bench_case
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
-    if case.provider == "xformers":  # cheap skip before building inputs
-        try:
-            import xformers.ops  # noqa: F401
-        except Exception as e:
-            pytest.skip(f"xformers is not installed ({type(e).__name__})")
+    if case.provider == "xformers" and xformers_reason():  # cheap skip before building inputs
+        pytest.skip(xformers_reason())
     if case.provider == "torch-compile" and common.compile_allowed():
         pytest.skip(common.compile_allowed())
     s = SETUPS[case.op](case.shape, case.stage)
@@ -452,13 +491,14 @@ def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
         return torch.autograd.grad(forward(), grad_inputs, grads)
 
     try:
-        grads = _grads_for(forward())
-        if case.mode == "forward":
-            stats = common.measure(benchmark, forward)
-        elif case.mode == "backward":
-            stats = common.measure(benchmark, backward, setup=forward)
-        else:
-            stats = common.measure(benchmark, full)
+        with common.record_backends() as ran:  # which backend the fastmask op really ran on
+            grads = _grads_for(forward())
+            if case.mode == "forward":
+                stats = common.measure(benchmark, forward)
+            elif case.mode == "backward":
+                stats = common.measure(benchmark, backward, setup=forward)
+            else:
+                stats = common.measure(benchmark, full)
     except Exception as e:
         # A baseline kernel that cannot run this shape on this machine (no cuDNN kernel for the
         # head dim, out of memory for the explicit softmax, ...) is skipped with the reason;
@@ -468,6 +508,7 @@ def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
         raise
     result_row.update(stats)
     result_row.update(common.roofline(result_row, ceilings))
+    result_row["ran"] = _ran_label(case, ran, s)
     benchmark.extra_info.update(case.row())
     benchmark.extra_info.update({k: v for k, v in result_row.items() if k != "dims"})
     benchmark.extra_info.update(
