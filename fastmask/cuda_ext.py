@@ -3,9 +3,10 @@
 The kernels are compiled into the extension module ``fastmask._C`` by
 ``FASTMASK_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (see setup.py), or at run
 time by :func:`build_jit`. The dispatcher (:mod:`fastmask.ops.dispatch`) imports this
-module and asks :func:`unavailable_reason` whether the backend can run.
+module and asks :func:`not_supported_reasons` whether the backend can run a call: the
+device, the dtypes and the build state (:func:`unavailable_reason`), every reason at once.
 
-Every launcher has the signature that :mod:`fastmask.ops` calls, takes contiguous CUDA
+Every launcher has the signature written down in :mod:`fastmask.ops.backend_protocol`, takes contiguous CUDA
 tensors, allocates its outputs with ``torch.empty`` / ``torch.empty_like`` (the tests
 poison those to catch unwritten elements), converts the small per-sample vectors
 (shift, scale, gate: [B, D]) to fp32 and the position table and mask token to the
@@ -15,6 +16,7 @@ the dtype the op layer expects.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -57,6 +59,27 @@ def unavailable_reason() -> str | None:
     return None
 
 
+DEVICE_TYPES = ("cuda",)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def not_supported_reasons(op: str, tensors) -> list[str]:
+    """Every reason the compiled kernels cannot run ``op`` on ``tensors`` (empty if they can):
+    device, dtypes and the build state. Reads only devices and dtypes (meta tensors are fine)."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    out = []
+    dev = tensors[0].device.type if tensors else "cpu"
+    if dev not in DEVICE_TYPES:
+        out.append(f"tensors are on {dev}, the CUDA extension runs on CUDA devices")
+    bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in DTYPES})
+    if bad:
+        out.append(f"dtype {', '.join(bad)} is not supported by the CUDA kernels (float32, float16, bfloat16)")
+    build = unavailable_reason()
+    if build:
+        out.append(build)
+    return out
+
+
 def _C() -> ModuleType:
     ext = _extension()
     if ext is None:
@@ -69,11 +92,28 @@ def csrc_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "csrc"
 
 
-def _build_module(csrc: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build", csrc / "build.py")
+def load_file(path: Path | str, name: str) -> ModuleType:
+    """Import the Python file ``path`` as module ``name`` (a build script that is not part of
+    the installed package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@functools.lru_cache(maxsize=None)
+def build_module() -> ModuleType:
+    """csrc/build.py of this source checkout: the one list of CUDA sources, flags and the
+    nvcc / CUDA_HOME lookup (setup.py imports it as ``csrc.build``; everything else loads
+    it through here)."""
+    path = csrc_dir() / "build.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"fastmask.cuda_ext compiles the CUDA sources of a fastmask source checkout, but {path.parent} "
+            "does not hold them (an installed wheel has no csrc/). Clone the repository and install it with "
+            "`FASTMASK_BUILD_CUDA=1 pip install --no-build-isolation -e .`, or call build_jit from that checkout."
+        )
+    return load_file(path, "_fastmask_csrc_build")
 
 
 def build_jit(verbose: bool = False, archs=None) -> ModuleType:
@@ -84,14 +124,7 @@ def build_jit(verbose: bool = False, archs=None) -> ModuleType:
     those of the installed build (sm_80 and sm_90). Takes minutes the first time.
     """
     global _ext, _import_error
-    csrc = csrc_dir()
-    if not (csrc / "build.py").is_file():
-        raise FileNotFoundError(
-            f"fastmask.cuda_ext.build_jit compiles the CUDA sources of a fastmask source checkout, but {csrc} "
-            "does not hold them (an installed wheel has no csrc/). Clone the repository and install it with "
-            "`FASTMASK_BUILD_CUDA=1 pip install --no-build-isolation -e .`, or call build_jit from that checkout."
-        )
-    build = _build_module(csrc)
+    build = build_module()
     if build.ensure_cuda_home() is None:
         raise RuntimeError("fastmask.cuda_ext.build_jit: nvcc not found; set CUDA_HOME to the CUDA toolkit root")
     import torch.utils.cpp_extension as cpp_extension
@@ -102,10 +135,7 @@ def build_jit(verbose: bool = False, archs=None) -> ModuleType:
         major, minor = torch.cuda.get_device_capability()
         archs = (f"{major}{minor}",)
     ext = cpp_extension.load(**build.jit_kwargs(archs), verbose=verbose)
-    _ext, _import_error = ext, None
-    from .ops import dispatch
-
-    dispatch._module_cache.pop("cuda", None)  # let the dispatcher see the new backend
+    _ext, _import_error = ext, None  # not_supported_reasons() now sees the built backend
     return ext
 
 
@@ -205,16 +235,7 @@ def residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: T
     return x_new, out, mean, rstd
 
 
-def residual_layernorm_modulate_bwd(
-    grad_x_new: Tensor,
-    grad_out: Tensor,
-    x_new: Tensor,
-    y: Tensor,
-    gate: Tensor,
-    scale: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-):
+def residual_layernorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd):  # see backend_protocol
     grad_x = torch.empty_like(x_new)
     grad_y = torch.empty_like(y)
     grad_gate = torch.empty_like(gate)

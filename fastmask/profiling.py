@@ -24,9 +24,7 @@ lands in "other"; profile eagerly to see the split.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import time
 
@@ -216,30 +214,10 @@ def build_training(
 
 
 # ----------------------------------------------------------------------------- attribution
-@contextlib.contextmanager
 def op_ranges():
-    """Wrap every public fastmask op in a ``fastmask.op.<name>`` profiler range (restored on exit).
-
-    The models call ops as ``ops.<name>(...)`` (module attribute look-ups), so wrapping the
-    attributes of :mod:`fastmask.ops` is seen everywhere.
-    """
-    saved = {}
-    for name in _OP_CATEGORY:
-        fn = getattr(_ops, name, None)
-        if fn is None:
-            continue
-        saved[name] = fn
-
-        def wrapped(*a, __fn=fn, __name=name, **k):
-            with torch.profiler.record_function(_RANGE_PREFIX + __name):
-                return __fn(*a, **k)
-
-        setattr(_ops, name, functools.wraps(fn)(wrapped))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(_ops, name, fn)
+    """Wrap every public fastmask op in a ``fastmask.op.<name>`` profiler range: the ops open
+    it themselves (:func:`fastmask.ops.op_ranges`)."""
+    return _ops.op_ranges()
 
 
 def _self_time_us(evt, on_gpu: bool) -> float:

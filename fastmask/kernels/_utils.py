@@ -9,15 +9,12 @@ into several partials, so the CPU tests exercise the partial-sum paths.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .._env import interpreting  # noqa: F401  (the kernels import it from here)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..constants import MAE_EPS
 from ._utils import cdiv, interpreting
-
-MAE_EPS = 1e-6  # the reference's (fastmask.ops.reference.MAE_EPS)
 
 
 @triton.jit

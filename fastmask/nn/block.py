@@ -2,38 +2,24 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import ops
+from .. import _env, ops
+from ..ops.ranges import named_range
 
-# FASTMASK_NVTX=1 (read at import) names the block's stages in Nsight Systems (NVTX) and
+# FASTMASK_NVTX=1 (read at call time) names the block's stages in Nsight Systems (NVTX) and
 # torch.profiler traces. Off, a stage costs one shared no-op context; under torch.compile
 # it is always off, so compiled graphs are unchanged.
-_RANGES = os.environ.get("FASTMASK_NVTX", "0") == "1"
 _NO_RANGE = contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _named_range(name: str):
-    nvtx = torch.cuda.is_available()
-    if nvtx:
-        torch.cuda.nvtx.range_push(name)
-    try:
-        with torch.profiler.record_function(name):
-            yield
-    finally:
-        if nvtx:
-            torch.cuda.nvtx.range_pop()
-
-
 def _stage(name: str):
-    if not _RANGES or torch.compiler.is_compiling():
+    if not _env.nvtx() or torch.compiler.is_compiling():
         return _NO_RANGE
-    return _named_range("fastmask.block." + name)
+    return named_range("fastmask.block." + name)
 
 
 class Attention(nn.Module):

@@ -3,19 +3,22 @@
 Every op has "equivalent PyTorch code" in :mod:`fastmask.ops.reference`; the public
 function here validates its inputs, asks :mod:`fastmask.ops.dispatch` for a backend and
 runs either the reference (torch) or a registered ``torch.library`` custom op (Triton or
-CUDA kernels, forward and backward).
+CUDA kernels, forward and backward). ``record_choices()`` tells which backend each op ran
+on; ``op_ranges()`` (or ``FASTMASK_NVTX=1``) names each op in profiler traces.
 """
 from . import reference
 from .attention import attention
-from .dispatch import BackendUnavailable, available_backends, backend
+from .dispatch import BackendFallbackWarning, BackendUnavailable, available_backends, backend, record_choices
 from .loss import dsm_mae_loss
 from .norm import gated_residual, layernorm_modulate, residual_layernorm_modulate
+from .ranges import op_ranges
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
 __all__ = [
     "attention",
     "available_backends",
     "backend",
+    "BackendFallbackWarning",
     "BackendUnavailable",
     "dsm_mae_loss",
     "gated_residual",
@@ -23,7 +26,9 @@ __all__ = [
     "layernorm_modulate",
     "mask_from_ids",
     "num_kept",
+    "op_ranges",
     "random_mask",
+    "record_choices",
     "reference",
     "residual_layernorm_modulate",
     "unmask_tokens",

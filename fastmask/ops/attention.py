@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .ranges import profiled
 from ._library import kernels
 
 
@@ -47,6 +48,7 @@ def _attn_backward(ctx, grad_out, _glse):
 _attn_op.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+@profiled("attention")
 def attention(qkv: Tensor, scale: float | None = None) -> Tensor:
     """``softmax(q k^T * scale) v`` per head, non-causal.
 

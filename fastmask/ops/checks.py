@@ -1,9 +1,9 @@
 """Input validation shared by the public ops: clear ValueErrors that name the argument."""
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .. import _env
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -15,7 +15,7 @@ def _compiling() -> bool:
 def value_checks_enabled() -> bool:
     """Data-dependent checks (ids range/uniqueness, NaN sigma) sync with the device; they are
     skipped under torch.compile and when FASTMASK_CHECK_VALUES=0."""
-    return not _compiling() and os.environ.get("FASTMASK_CHECK_VALUES", "1") != "0"
+    return not _compiling() and _env.check_values()
 
 
 def tensor(name: str, t, ndim: int | None = None, shape: tuple | None = None, floating: bool | None = None):

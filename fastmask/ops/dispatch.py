@@ -1,6 +1,7 @@
 """The one place that decides which backend runs an op.
 
-Backends:
+Backends (each module declares ``DEVICE_TYPES``, ``DTYPES`` and ``not_supported_reasons``;
+the launchers it must provide are written down in :mod:`fastmask.ops.backend_protocol`):
     ``torch``  the PyTorch reference (fastmask.ops.reference); runs everywhere.
     ``triton`` Triton kernels (fastmask.kernels); CUDA tensors, or CPU tensors when
                TRITON_INTERPRET=1 (the Triton interpreter, used by the tests).
@@ -13,19 +14,23 @@ Choice, in order:
     3. automatic: the first backend in :data:`DEFAULT_PREFERENCE` that can serve the call.
 
 An explicitly requested backend that cannot serve a call raises :class:`BackendUnavailable`
-with the reason; the automatic choice falls back to the next backend instead (and logs why
-at debug level).
+listing every reason. The automatic choice falls back to the next backend instead; on CUDA
+tensors each skipped backend is reported once per (op, reason) with a
+:class:`BackendFallbackWarning` (a GPU run that quietly lands on the reference is slow).
+:func:`record_choices` shows which backend each op actually ran on; ``fastmask info`` prints
+the choice and the reasons for a model config without running it.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-import os
 import threading
+import warnings
 from types import ModuleType
 
 import torch
+
+from .. import _env
 
 log = logging.getLogger("fastmask.dispatch")
 
@@ -47,18 +52,18 @@ ENV_VAR = "FASTMASK_BACKEND"
 # (Kept here, next to the code that reads it; see benchmarks/README.md for the numbers.)
 DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "torch") for op in OPS}
 
-_SUPPORTED_DTYPES = {
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-}
-
-_MODULES = {"triton": "fastmask.kernels", "cuda": "fastmask.cuda_ext"}
 _module_cache: dict[str, ModuleType | str] = {}
 _local = threading.local()
+_warned: set[tuple[str, str]] = set()
+_recorders: list[dict[str, set[str]]] = []
 
 
 class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run the call; the message says why."""
+    """An explicitly requested backend cannot run the call; the message lists every reason."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """The automatic choice skipped a fast backend for CUDA tensors (given once per op and reason)."""
 
 
 def _parse(spec: str) -> dict[str, str]:
@@ -117,58 +122,91 @@ def requested(op: str) -> str:
             return frame[op]
         if "*" in frame:
             return frame["*"]
-    env = _parse(os.environ.get(ENV_VAR, ""))
+    env = _parse(_env.backend_spec())
     return env.get(op, env.get("*", "auto"))
 
 
-def load(name: str) -> ModuleType:
-    """Import a backend module; raises BackendUnavailable with the import error."""
+def _import(name: str) -> ModuleType:
+    # Plain imports, so that a reader (and an editor's "go to definition") can follow them;
+    # inside the function because a backend may be missing (no triton) or slow to import.
+    if name == "triton":
+        from .. import kernels
+
+        return kernels
+    if name == "cuda":
+        from .. import cuda_ext
+
+        return cuda_ext
+    from . import reference
+
+    return reference
+
+
+def _module(name: str) -> ModuleType | str:
+    """The backend module of ``name``, or why it cannot be imported (cached)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     mod = _module_cache.get(name)
     if mod is None:
         try:
-            mod = importlib.import_module(_MODULES[name])
-            reason = getattr(mod, "unavailable_reason", lambda: None)()
-            if reason:
-                mod = reason
-        except Exception as e:  # ImportError, missing driver, failed extension build ...
-            mod = f"{type(e).__name__}: {e}"
+            mod = _import(name)
+        except Exception as e:  # ImportError, a missing driver ...
+            mod = f"{name} cannot be imported ({type(e).__name__}: {e})"
         _module_cache[name] = mod
+    return mod
+
+
+def load(name: str) -> ModuleType:
+    """Import a backend module; raises BackendUnavailable with the import error or build state."""
+    mod = _module(name)
     if isinstance(mod, str):
         raise BackendUnavailable(f"fastmask backend {name!r} is not available: {mod}")
+    build = getattr(mod, "unavailable_reason", lambda: None)()
+    if build:
+        raise BackendUnavailable(f"fastmask backend {name!r} is not available: {build}")
     return mod
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.interpreting()
+
+
+def not_supported_reasons(name: str, op: str, tensors) -> list[str]:
+    """Every reason backend ``name`` cannot run ``op`` on ``tensors`` (empty: it can).
+
+    The backend module's own :func:`not_supported_reasons` (device, dtypes, shapes, build
+    state), or the import error when the module cannot be imported at all."""
+    mod = _module(name)
+    if isinstance(mod, str):
+        return [mod]
+    reasons = list(mod.not_supported_reasons(op, tensors))
+    if name != "torch" and not hasattr(mod, f"{op}_fwd"):
+        reasons.append(f"backend {name!r} does not implement {op}")
+    return reasons
 
 
 def why_not(name: str, op: str, tensors) -> str | None:
-    """None if backend ``name`` can run ``op`` on these tensors, else the reason it cannot."""
-    if name == "torch":
-        return None
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    dev = tensors[0].device if tensors else torch.device("cpu")
-    if name == "triton":
-        if dev.type == "cpu" and not interpreting():
-            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-        if dev.type not in ("cpu", "cuda"):
-            return f"tensors are on {dev.type}, Triton runs on CUDA devices"
-        if dev.type == "cuda" and interpreting():
-            return "TRITON_INTERPRET=1 is set, the interpreter runs on CPU tensors only"
-    elif name == "cuda":
-        if dev.type != "cuda":
-            return f"tensors are on {dev.type}, the CUDA extension runs on CUDA devices"
-    for t in tensors:
-        if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES[name]:
-            return f"dtype {t.dtype} is not supported (supported: {_SUPPORTED_DTYPES[name]})"
-    try:
-        mod = load(name)
-    except BackendUnavailable as e:
-        return str(e)
-    if not hasattr(mod, f"{op}_fwd"):
-        return f"backend {name!r} does not implement {op}"
-    op_reason = getattr(mod, "not_supported_reasons", lambda op, ts: None)(op, tensors)
-    return op_reason or None
+    """None if backend ``name`` can run ``op`` on these tensors, else every reason, joined by "; "."""
+    return "; ".join(not_supported_reasons(name, op, tensors)) or None
+
+
+def _chosen(op: str, name: str) -> str:
+    for rec in _recorders:
+        rec.setdefault(op, set()).add(name)
+    return name
+
+
+def _fallback(op: str, name: str, reason: str) -> None:
+    log.debug("fastmask: %s skips backend %s: %s", op, name, reason)
+    key = (op, f"{name}: {reason}")
+    if key not in _warned and not torch.compiler.is_compiling():
+        _warned.add(key)
+        warnings.warn(
+            f"fastmask: {op} on CUDA tensors does not use the {name} backend: {reason}. "
+            f"It falls back to the next backend (this is said once per reason).",
+            BackendFallbackWarning,
+            stacklevel=4,
+        )
 
 
 def select(op: str, *tensors) -> str:
@@ -178,16 +216,16 @@ def select(op: str, *tensors) -> str:
         reason = why_not(want, op, tensors)
         if reason is not None:
             raise BackendUnavailable(f"fastmask: backend {want!r} was requested for {op} but cannot run it: {reason}")
-        return want
+        return _chosen(op, want)
     dev = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
     if dev.type != "cuda":
-        return "torch"
+        return _chosen(op, "torch")
     for name in DEFAULT_PREFERENCE[op]:
         reason = why_not(name, op, tensors)
         if reason is None:
-            return name
-        log.debug("fastmask: %s skips backend %s: %s", op, name, reason)
-    return "torch"
+            return _chosen(op, name)
+        _fallback(op, name, reason)
+    return _chosen(op, "torch")
 
 
 def impl(name: str) -> ModuleType:
@@ -196,15 +234,29 @@ def impl(name: str) -> ModuleType:
 
 
 def available_backends() -> dict[str, str | None]:
-    """Each backend mapped to None (importable) or the reason it is not."""
+    """Each backend mapped to None (importable and built) or the reason it is not."""
     out: dict[str, str | None] = {}
     for name in BACKENDS:
-        if name == "torch":
-            out[name] = None
-            continue
         try:
             load(name)
             out[name] = None
         except BackendUnavailable as e:
             out[name] = str(e)
     return out
+
+
+@contextlib.contextmanager
+def record_choices():
+    """Record the backend each op ran on inside the block: yields a dict
+    ``{op: {backend names select() returned}}``, filled as the ops run.
+
+    >>> with record_choices() as ran:
+    ...     loss = net.loss(x, labels).mean()
+    >>> ran["attention"]   # e.g. {"triton"}
+    """
+    rec: dict[str, set[str]] = {}
+    _recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        _recorders.remove(rec)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .ranges import profiled
 from ._library import kernels
 
 
@@ -46,6 +47,7 @@ def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
+@profiled("dsm_mae_loss")
 def dsm_mae_loss(
     F_out: Tensor,
     x_noisy: Tensor,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .ranges import profiled
 from ._library import kernels
 from .reference import LN_EPS
 
@@ -69,6 +70,7 @@ def _lnm_backward(ctx, grad_out, _gmean, _grstd):
 _lnm_op.register_autograd(_lnm_backward, setup_context=_lnm_setup)
 
 
+@profiled("layernorm_modulate")
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_EPS) -> Tensor:
     """``LN(x) * (1 + scale[b]) + shift[b]``; x [B, L, D], shift/scale [B, D] -> [B, L, D].
 
@@ -120,6 +122,7 @@ def _gr_backward(ctx, grad_out):
 _gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
 
 
+@profiled("gated_residual")
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """``x + gate[b] * y``; x, y [B, L, D], gate [B, D].
 
@@ -199,6 +202,7 @@ def _rlnm_backward(ctx, grad_x_new, grad_out, _gmean, _grstd):
 _rlnm_op.register_autograd(_rlnm_backward, setup_context=_rlnm_setup)
 
 
+@profiled("residual_layernorm_modulate")
 def residual_layernorm_modulate(
     x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_EPS
 ) -> tuple[Tensor, Tensor]:

@@ -15,8 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-LN_EPS = 1e-6
-MAE_EPS = 1e-6
+from ..constants import LN_EPS, MAE_EPS  # noqa: F401  (re-exported: fastmask.ops.reference.LN_EPS)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,3 +163,15 @@ def dsm_mae_loss(
     """Per-sample loss [B]: dsm + mae_coef * mae (see :func:`dsm_mae_loss_terms`)."""
     dsm, mae = dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data)
     return dsm + mae_coef * mae
+
+
+# ------------------------------------------------------------------ the ``torch`` backend
+# What the dispatcher asks of every backend module (see fastmask.ops.backend_protocol): the
+# reference runs on any device and floating dtype, so it never refuses a call.
+DEVICE_TYPES = ("cpu", "cuda")  # and any other device torch runs on
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def not_supported_reasons(op: str, tensors) -> list[str]:
+    """Always empty: the reference is the fallback that runs every call."""
+    return []

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .ranges import profiled
 from ._library import empty_like_none, kernels
 
 
@@ -20,6 +21,7 @@ def num_kept(num_tokens: int, mask_ratio: float) -> int:
     return K
 
 
+@profiled("random_mask")
 def random_mask(
     batch: int,
     num_tokens: int,
@@ -50,6 +52,7 @@ def random_mask(
     return ids_keep, ids_restore, mask
 
 
+@profiled("mask_from_ids")
 def mask_from_ids(ids_keep: Tensor, num_tokens: int) -> Tensor:
     """mask [B, N]: 1 at positions not in ids_keep (dropped), 0 at kept ones."""
     mask = torch.ones(ids_keep.shape[0], num_tokens, device=ids_keep.device)
@@ -113,6 +116,7 @@ def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Te
     return pos
 
 
+@profiled("gather_tokens")
 def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, check_ids: bool = True) -> Tensor:
     """Visible tokens: ``x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])``.
 
@@ -181,6 +185,7 @@ def _unmask_backward(ctx, grad_out):
 _unmask_op.register_autograd(_unmask_backward, setup_context=_unmask_setup)
 
 
+@profiled("unmask_tokens")
 def unmask_tokens(
     x_vis: Tensor,
     ids_keep: Tensor,

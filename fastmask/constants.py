@@ -1,0 +1,9 @@
+"""Numerical constants shared by the reference (fastmask.ops.reference) and the Triton kernels
+(fastmask.kernels): one home, low enough for every layer to import. The CUDA C++ sources
+cannot import them: csrc/loss.cu spells MAE_EPS as ``kMaeEps``, and LN_EPS arrives there as
+the ``eps`` argument of the norm launchers."""
+
+#: LayerNorm epsilon of DiT's norms (no affine parameters; statistics in fp32)
+LN_EPS = 1e-6
+#: epsilon in the MAE target's per-token normalisation, (x - mean) / sqrt(var + MAE_EPS)
+MAE_EPS = 1e-6
