@@ -1,4 +1,4 @@
-"""Flash-style attention kernels (fastmask.kernels.attention) against the explicit-softmax oracle.
+"""Flash-style attention kernels (fastmask.kernels.attention, launched by attention_launch) against the explicit-softmax oracle.
 
 CPU: the Triton interpreter on small shapes (fp32, plus fp16/bf16 spot checks).
 GPU (marked ``gpu``): DiT shapes in bf16/fp16, judged relative to PyTorch SDPA in the same
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastmask
-from fastmask.kernels import attention as K
+from fastmask.kernels import attention_launch as K
 from fastmask.ops.reference import attention as sdpa_attention
 from fastmask.ops.reference import attention_math
 from helpers import assert_all_written, assert_close_to_ref, max_err, poisoned_empty
@@ -116,14 +116,18 @@ def test_forward_backward_fp32(hd, L, device):
         torch.testing.assert_close(dqkv[:, :, i], ref_dqkv[:, :, i], atol=5e-5, rtol=1e-4, msg=f"d{name}")
 
 
-def test_backward_is_deterministic(device):
-    qkv = _qkv(2, 33, 2, 72, device=device, seed=1)
-    scale = 72**-0.5
+def _assert_backward_repeats(qkv, scale, repeats):
+    """Runs the forward, then the backward ``repeats + 1`` times: every dqkv bit-identical."""
     out, lse = K.attention_fwd(qkv, scale)
     grad_out = torch.randn_like(out)
     first = K.attention_bwd(grad_out, qkv, out, lse, scale)
-    for _ in range(2):
+    for _ in range(repeats):
         assert torch.equal(K.attention_bwd(grad_out, qkv, out, lse, scale), first)
+    return out, lse
+
+
+def test_backward_is_deterministic(device):
+    _assert_backward_repeats(_qkv(2, 33, 2, 72, device=device, seed=1), 72**-0.5, repeats=2)
 
 
 @pytest.mark.parametrize("scale", [4.0, -0.7])
@@ -302,11 +306,7 @@ def test_gpu_backward_repeat_large_batch():
     # B * L * 3 * H * hd = 256 * 128 * 3 * 16 * 72 ~ 1.1e8 elements per tensor
     qkv = _qkv(256, 128, 16, 72, dtype=torch.bfloat16, device="cuda", seed=8)
     scale = 72**-0.5
-    out, lse = K.attention_fwd(qkv, scale)
-    grad = torch.randn_like(out)
-    first = K.attention_bwd(grad, qkv, out, lse, scale)
-    for _ in range(3):
-        assert torch.equal(K.attention_bwd(grad, qkv, out, lse, scale), first)
+    out, lse = _assert_backward_repeats(qkv, scale, repeats=3)
     out2, lse2 = K.attention_fwd(qkv, scale)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
     assert max_err(out, sdpa_attention(qkv, scale)) < 0.05

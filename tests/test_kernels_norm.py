@@ -65,6 +65,17 @@ def _check_all(ours, ref_lo, ref32, dtype, factor, names):
         _check(o, lo, r32, dtype, factor, n)
 
 
+def _check_vs_reference(fn, inputs, upstream, outs, grads, dtype, grad_names):
+    """Runs ``fn`` in the inputs' dtype and in fp32, checks ``outs`` ({index: tensor} of fn's
+    outputs) by the 2x rule and ``grads`` by the 3x rule; returns (low, fp32) outputs."""
+    lo, glo = _reference(fn, inputs, upstream, upcast=False)
+    r32, g32 = _reference(fn, inputs, upstream, upcast=True)
+    for i, o in outs.items():
+        _check(o, lo[i], r32[i], dtype, 2, f"out{i}")
+    _check_all(list(grads), glo, g32, dtype, 3, grad_names)
+    return lo, r32
+
+
 # ------------------------------------------------------------------- layernorm_modulate
 @pytest.mark.parametrize("B,L,D", SHAPES)
 @pytest.mark.parametrize("dtype,vdtype", DTYPES)
@@ -80,10 +91,7 @@ def test_layernorm_modulate_kernel(B, L, D, dtype, vdtype):
     torch.testing.assert_close(rstd, torch.rsqrt(x32.var(-1, unbiased=False) + EPS).reshape(-1), atol=1e-5, rtol=1e-5)
     fn = lambda x, sh, sc: R.layernorm_modulate(x, sh, sc, EPS)  # noqa: E731
     ins = [c["x"], c["shift"], c["scale"]]
-    lo, glo = _reference(fn, ins, [c["g1"]], upcast=False)
-    r32, g32 = _reference(fn, ins, [c["g1"]], upcast=True)
-    _check(out, lo[0], r32[0], dtype, 2, "out")
-    _check_all([gx, gshift, gscale], glo, g32, dtype, 3, ["grad_x", "grad_shift", "grad_scale"])
+    _check_vs_reference(fn, ins, [c["g1"]], {0: out}, [gx, gshift, gscale], dtype, ["grad_x", "grad_shift", "grad_scale"])
 
 
 # ----------------------------------------------------------------------- gated_residual
@@ -95,10 +103,27 @@ def test_gated_residual_kernel(B, L, D, dtype, vdtype):
         out = fk.gated_residual_fwd(c["x"], c["y"], c["gate"])
         gx, gy, ggate = fk.gated_residual_bwd(c["g1"], c["y"], c["gate"])
     ins = [c["x"], c["y"], c["gate"]]
-    lo, glo = _reference(R.gated_residual, ins, [c["g1"]], upcast=False)
-    r32, g32 = _reference(R.gated_residual, ins, [c["g1"]], upcast=True)
-    _check(out, lo[0], r32[0], dtype, 2, "out")
-    _check_all([gx, gy, ggate], glo, g32, dtype, 3, ["grad_x", "grad_y", "grad_gate"])
+    _check_vs_reference(R.gated_residual, ins, [c["g1"]], {0: out}, [gx, gy, ggate], dtype,
+                        ["grad_x", "grad_y", "grad_gate"])
+
+
+def test_gated_residual_bwd_writes_no_copy_of_grad_out():
+    # d(x + gate * y)/dx is the identity: grad_x is grad_out itself, never a copy (a copy
+    # would move B * L * D more elements through memory in every block's backward)
+    c = _case(2, 7, 24, torch.float32, torch.float32, seed=2)
+    g = c["g1"]
+    gx, gy, ggate = fk.gated_residual_bwd(g, c["y"], c["gate"])
+    assert gx.data_ptr() == g.data_ptr() and gx.shape == g.shape
+    # through the public op, autograd hands that same tensor on to x
+    x, y, gate = (c[k].detach().clone().requires_grad_() for k in ("x", "y", "gate"))
+    seen = []
+    x.register_hook(lambda grad: seen.append(grad.data_ptr()))
+    with fastmask.backend("triton"):
+        out = fastmask.ops.gated_residual(x, y, gate)
+    out.backward(g)
+    assert seen == [g.data_ptr()]
+    torch.testing.assert_close(y.grad, gy)
+    torch.testing.assert_close(gate.grad, ggate)
 
 
 # ---------------------------------------------------------- residual_layernorm_modulate
@@ -117,14 +142,12 @@ def test_residual_layernorm_modulate_kernel(B, L, D, dtype, vdtype):
     assert_all_written(rstd, "rstd")
     fn = lambda x, y, g, sh, sc: R.residual_layernorm_modulate(x, y, g, sh, sc, EPS)  # noqa: E731
     ins = [c["x"], c["y"], c["gate"], c["shift"], c["scale"]]
-    lo, glo = _reference(fn, ins, [c["g1"], c["g2"]], upcast=False)
-    r32, g32 = _reference(fn, ins, [c["g1"], c["g2"]], upcast=True)
+    lo, r32 = _check_vs_reference(fn, ins, [c["g1"], c["g2"]], {1: out}, grads, dtype,
+                                  ["grad_x", "grad_y", "grad_gate", "grad_shift", "grad_scale"])
     if dtype == torch.float32:
         torch.testing.assert_close(x_new, r32[0], atol=1e-5, rtol=1e-5)
     else:  # same rounding of the same fp32 sum as the reference
         assert torch.equal(x_new, lo[0])
-    _check(out, lo[1], r32[1], dtype, 2, "out")
-    _check_all(list(grads), glo, g32, dtype, 3, ["grad_x", "grad_y", "grad_gate", "grad_shift", "grad_scale"])
 
 
 def test_norm_bwd_deterministic():

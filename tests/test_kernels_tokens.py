@@ -156,6 +156,57 @@ def test_unmask_bwd_deterministic():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+class _LaunchSpy:
+    """Stands in for a jitted kernel: records each launch's grid and arguments, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("gpu_sizes", [False, True])
+@pytest.mark.parametrize("G,R,M", [(1, 1000, 72), (3, 37, 1100), (2, 5, 24), (1, 1, 40)])
+def test_sum_partials_is_a_parallel_fixed_order_reduction(monkeypatch, gpu_sizes, G, R, M):
+    from fastmask.kernels import _utils
+    if gpu_sizes:
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    spy = _LaunchSpy(_utils._sum_partials_kernel)
+    monkeypatch.setattr(_utils, "_sum_partials_kernel", spy)
+    part = torch.randn(G, R, M, generator=torch.Generator().manual_seed(R + M))
+    out = _utils.sum_partials(part, torch.float32)
+    launches = list(spy.launches)
+    torch.testing.assert_close(out.double(), part.double().sum(1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(out, _utils.sum_partials(part, torch.float32))  # bit-identical repeat
+    # no program walks more than sum_rows_per_program() partial rows: R = 1000 is split
+    # over many programs instead of walked by one
+    per_prog = _utils.sum_rows_per_program()
+    for _, args in launches:
+        rows, chunks, rows_per_prog = args[2], args[5], args[6]
+        assert rows_per_prog <= per_prog and chunks * rows_per_prog >= rows
+    passes, r = 1, R
+    while r > per_prog:
+        passes, r = passes + 1, -(-r // per_prog)
+    assert len(launches) == passes
+
+
+@pytest.mark.parametrize("B,N,K,D", [(5, 100, 37, 40), (2, 257, 1, 24), (7, 33, 32, 72)])
+def test_unmask_bwd_mask_token_grad_awkward_shapes(B, N, K, D):
+    xv, ids, mt, pos, g = _unmask_case(B, N, K, D, torch.float32, torch.float32, torch.float32, seed=B + N)
+    with poisoned_empty():
+        gxv, gmt, gpos = fk.unmask_tokens_bwd(g, ids, True)
+    dropped = torch.ones(B, N, dtype=torch.bool).scatter(1, ids, False)
+    torch.testing.assert_close(gmt.double(), g.double()[dropped].sum(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gpos.double(), g.double().sum(0), atol=1e-4, rtol=1e-5)
+    again = fk.unmask_tokens_bwd(g, ids, True)
+    assert torch.equal(gmt, again[1]) and torch.equal(gpos, again[2]) and torch.equal(gxv, again[0])
+
+
 # ------------------------------------------------------------ public ops, Triton forced
 @pytest.mark.parametrize("dtype,pos_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32)])
 def test_gather_op_triton_backend(dtype, pos_dtype):
@@ -232,3 +283,69 @@ def test_gpu_launch_configs_in_interpreter(monkeypatch):
     monkeypatch.setattr(tokens, "target_programs", lambda t: 8 * 132)
     test_gather_kernel(3, 59, 30, 72, torch.float32, torch.float32)
     test_unmask_kernel(3, 59, 30, 24, torch.float16, torch.float32, torch.float32)
+
+
+# ------------------------------------------------------------ ids outside [0, N)
+def _bad_ids(B, N, K, gen):
+    """Distinct in-range ids with some replaced by ids outside [0, N) (what an unchecked
+    caller might pass), and the mask of the entries that are valid."""
+    ids = _ids(B, N, K, gen)
+    bad = torch.tensor([-1, N, N + 100, 2**40, -(2**35)])
+    ids[0, : min(K, 3)] = bad[: min(K, 3)]
+    ids[-1, -1] = bad[-1]
+    ids[-1, 0] = bad[3]
+    return ids, (ids >= 0) & (ids < N)
+
+
+@pytest.mark.parametrize("B,N,K,D", [(2, 19, 7, 24), (3, 40, 40, 72)])
+def test_out_of_range_ids_touch_nothing_outside(B, N, K, D):
+    """With the id check skipped, an out-of-range id reads and writes nothing: its gathered
+    row is zeros, it keeps no token in unmask, and its grad_x_vis row is zeros."""
+    gen = torch.Generator().manual_seed(N + K)
+    ids, valid = _bad_ids(B, N, K, gen)
+    x = torch.randn(B, N, D, generator=gen)
+    pos = torch.randn(N, D, generator=gen)
+    safe = ids.clamp(0, N - 1)
+    with poisoned_empty():
+        out = fk.gather_tokens_fwd(x, ids, pos)
+    want = torch.where(valid[..., None], R.gather_tokens(x, safe, pos), 0.0)
+    assert torch.equal(out, want)
+
+    g = torch.randn(B, K, D, generator=gen)
+    with poisoned_empty():
+        gx, gpos = fk.gather_tokens_bwd(g, ids, N, True)
+    want_gx = torch.zeros(B, N + 1, D).scatter(1, torch.where(valid, ids, N)[..., None].expand(-1, -1, D), g)[:, :N]
+    assert torch.equal(gx, want_gx)
+    torch.testing.assert_close(gpos, want_gx.sum(0))
+
+    xv = torch.randn(B, K, D, generator=gen)
+    mt = torch.randn(D, generator=gen)
+    with poisoned_empty():
+        out = fk.unmask_tokens_fwd(xv, ids, mt, N, pos)
+    kept = torch.zeros(B, N + 1, dtype=torch.bool).scatter(1, torch.where(valid, ids, N), True)[:, :N]
+    want = torch.where(kept[..., None], want_gx.new_zeros(()), mt) + pos
+    src = torch.zeros(B, N + 1, D).scatter(1, torch.where(valid, ids, N)[..., None].expand(-1, -1, D), xv)[:, :N]
+    torch.testing.assert_close(out, want + src)
+
+    gu = torch.randn(B, N, D, generator=gen)
+    with poisoned_empty():
+        gxv, gmt, gpos = fk.unmask_tokens_bwd(gu, ids, True)
+    want_gxv = torch.where(valid[..., None], torch.gather(gu, 1, safe[..., None].expand(-1, -1, D)), 0.0)
+    assert torch.equal(gxv, want_gxv)
+    torch.testing.assert_close(gmt, gu[~kept].sum(0))
+    torch.testing.assert_close(gpos, gu.sum(0))
+
+
+def test_out_of_range_ids_public_ops_unchecked():
+    B, N, K, D = 2, 19, 7, 24
+    gen = torch.Generator().manual_seed(5)
+    ids, valid = _bad_ids(B, N, K, gen)
+    x = torch.randn(B, N, D, generator=gen, requires_grad=True)
+    with fastmask.backend("triton"):
+        out = fastmask.ops.gather_tokens(x, ids, check_ids=False)
+        back = fastmask.ops.unmask_tokens(out, ids, torch.zeros(D), N, check_ids=False)
+    back.sum().backward()
+    assert torch.isfinite(back).all() and torch.isfinite(x.grad).all()
+    assert (out[~valid] == 0).all()
+    with pytest.raises(ValueError, match="ids_keep"):
+        fastmask.ops.gather_tokens(x, ids)  # checked by default

@@ -50,5 +50,5 @@ from .norm import (  # noqa: E402, F401
     residual_layernorm_modulate_fwd,
 )
 from .loss import dsm_mae_loss_fwd  # noqa: E402, F401
-from .attention import attention_bwd, attention_fwd  # noqa: E402, F401
-from .attention import not_supported_reason as attention_not_supported  # noqa: E402
+from .attention_launch import attention_bwd, attention_fwd  # noqa: E402, F401
+from .attention_launch import not_supported_reason as attention_not_supported  # noqa: E402

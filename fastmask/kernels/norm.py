@@ -95,9 +95,10 @@ def _norm_bwd_kernel(
             total = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_RES:
                 total += tl.load(GXN + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(GX + offs, total.to(GX.dtype.element_ty), mask=m)
         else:
+            # gated residual alone: grad_x is grad_x_new itself, returned as is (not copied)
             total = tl.load(GXN + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(GX + offs, total.to(GX.dtype.element_ty), mask=m)
         if HAS_RES:
             y = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
             tl.store(GY + offs, (gate[None, :] * total).to(GY.dtype.element_ty), mask=m)
@@ -153,7 +154,8 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
     chunks, rows_per_prog = _row_chunks(B, L, BLOCK_R, ref)
     n_prog = B * chunks
-    grad_x = torch.empty_like(x) if x is not None else torch.empty_like(grad_x_new)
+    # Without the LayerNorm, x_new = x + gate * y passes its gradient to x unchanged.
+    grad_x = torch.empty_like(x) if has_ln else grad_x_new
     grad_y = torch.empty_like(y) if has_res else None
     p_gate = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_res else None
     p_shift = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_ln else None
@@ -197,8 +199,8 @@ def gated_residual_fwd(x, y, gate):
 
 
 def gated_residual_bwd(grad_out, y, gate):
-    # grad_x is grad_out itself, but a custom op may not return an alias of its input:
-    # the kernel writes the copy in the same pass that reads grad_out for grad_y.
+    """(grad_x, grad_y, grad_gate); grad_x IS grad_out (the exact gradient of x + gate * y
+    with respect to x), returned without a copy."""
     gx, gy, ggate, _, _ = _bwd(grad_out, None, None, y, gate, None, None, None, has_res=True, has_ln=False)
     return gx, gy, ggate
 

@@ -9,8 +9,13 @@ All four are pure data movement, so each element is read and written once:
     unmask bwd    reads grad_out once: scatters the kept rows into grad_x_vis and sums the
                   dropped rows (mask_token) and all rows (pos) in fp32.
 The batch sums use programs that own a tile of token rows n and walk a chunk of samples in
-order, writing fp32 partials that a second small kernel adds up in a fixed order: the
-gradients are deterministic (no float atomics).
+order, writing fp32 partials that a parallel reduction adds up in a fixed order
+(:func:`fastmask.kernels._utils.sum_partials`): the gradients are deterministic (no float
+atomics).
+
+Ids are not trusted for memory safety: an id outside [0, N) (possible when the caller skips
+the id check) reads and writes nothing; the rows it names come out as zeros (gather fwd,
+the unmask bwd's grad_x_vis) or are left to the mask token (unmask fwd).
 """
 from __future__ import annotations
 
@@ -22,11 +27,14 @@ from ._utils import cdiv, row_config, sum_partials, target_programs
 
 
 def _inverse_ids(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """inv [B, N] int64: inv[b, n] = k where ids_keep[b, k] = n, else -1 (a tiny torch scatter)."""
+    """inv [B, N] int64: inv[b, n] = k where ids_keep[b, k] = n, else -1 (a tiny torch scatter).
+    Ids outside [0, N) are scattered into a spare column that is then dropped."""
     B, K = ids_keep.shape
-    inv = torch.full((B, num_tokens), -1, device=ids_keep.device, dtype=torch.int64)
+    N = num_tokens
+    inv = torch.full((B, N + 1), -1, device=ids_keep.device, dtype=torch.int64)
     src = torch.arange(K, device=ids_keep.device, dtype=torch.int64).expand(B, K)
-    return inv.scatter_(1, ids_keep, src)
+    idx = torch.where((ids_keep >= 0) & (ids_keep < N), ids_keep, N)
+    return inv.scatter_(1, idx, src)[:, :N].contiguous()
 
 
 def _batch_chunks(B: int, n_tiles: int, ref: torch.Tensor) -> int:
@@ -34,6 +42,23 @@ def _batch_chunks(B: int, n_tiles: int, ref: torch.Tensor) -> int:
     partial buffer small, enough programs to fill the device."""
     chunks = max(1, min(B, cdiv(target_programs(ref), n_tiles)))
     return cdiv(B, chunks)
+
+
+@triton.jit
+def _batch_sum_tile(pid, B, N, D, N_TILES, B_PER_PROG, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a batch-sum program owns: token rows n of one tile (with their column mask) and
+    the samples [b_start, b_end) of one chunk of the batch."""
+    chunk = pid // N_TILES
+    n = (pid % N_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = n < N
+    n = n.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    m = n_ok[:, None] & col_ok[None, :]
+    # int64 bounds give an int64 loop variable (row offsets b * N * D overflow int32).
+    b_start = (chunk * B_PER_PROG).to(tl.int64)
+    b_end = tl.minimum(b_start + B_PER_PROG, B)
+    return chunk, n, n_ok, cols, col_ok, m, b_start, b_end
 
 
 # ------------------------------------------------------------------------------ gather
@@ -49,10 +74,12 @@ def _gather_fwd_kernel(
     src = (rows // K) * N + ids
     cols = tl.arange(0, BLOCK_D)
     m = row_ok[:, None] & (cols < D)[None, :]
-    v = tl.load(X + src[:, None] * D + cols[None, :], mask=m, other=0.0)
+    # an id outside [0, N) reads nothing: its output row is zeros
+    m_src = m & ((ids >= 0) & (ids < N))[:, None]
+    v = tl.load(X + src[:, None] * D + cols[None, :], mask=m_src, other=0.0)
     if HAS_POS:
         # pos may be fp32 next to bf16 activations: add in fp32, round once.
-        p = tl.load(POS + ids[:, None] * D + cols[None, :], mask=m, other=0.0)
+        p = tl.load(POS + ids[:, None] * D + cols[None, :], mask=m_src, other=0.0)
         v = v.to(tl.float32) + p.to(tl.float32)
     tl.store(OUT + rows[:, None] * D + cols[None, :], v.to(OUT.dtype.element_ty), mask=m)
 
@@ -78,16 +105,10 @@ def _gather_bwd_kernel(
     POS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    chunk = pid // N_TILES
-    n = (pid % N_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_ok = n < N
-    n = n.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    m = n_ok[:, None] & (cols < D)[None, :]
+    chunk, n, n_ok, cols, col_ok, m, b_start, b_end = _batch_sum_tile(
+        pid, B, N, D, N_TILES, B_PER_PROG, BLOCK_R, BLOCK_D
+    )
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    # int64 bounds give an int64 loop variable (row offsets b * N * D overflow int32).
-    b_start = (chunk * B_PER_PROG).to(tl.int64)
-    b_end = tl.minimum(b_start + B_PER_PROG, B)
     for b64 in range(b_start, b_end):
         k = tl.load(INV + b64 * N + n, mask=n_ok, other=-1)
         kept = k >= 0
@@ -174,18 +195,11 @@ def _unmask_bwd_kernel(
     POS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    chunk = pid // N_TILES
-    n = (pid % N_TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_ok = n < N
-    n = n.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    m = n_ok[:, None] & col_ok[None, :]
+    chunk, n, n_ok, cols, col_ok, m, b_start, b_end = _batch_sum_tile(
+        pid, B, N, D, N_TILES, B_PER_PROG, BLOCK_R, BLOCK_D
+    )
     acc_mask = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_pos = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    # int64 bounds give an int64 loop variable (row offsets b * N * D overflow int32).
-    b_start = (chunk * B_PER_PROG).to(tl.int64)
-    b_end = tl.minimum(b_start + B_PER_PROG, B)
     for b64 in range(b_start, b_end):
         k = tl.load(INV + b64 * N + n, mask=n_ok, other=-1)
         kept = k >= 0
@@ -199,6 +213,22 @@ def _unmask_bwd_kernel(
     tl.store(GMASK_PART + pid.to(tl.int64) * D + cols, tl.sum(acc_mask, axis=0), mask=col_ok)
     if POS_GRAD:
         tl.store(GPOS_PART + (chunk.to(tl.int64) * N + n)[:, None] * D + cols[None, :], acc_pos, mask=m)
+
+
+@triton.jit
+def _zero_orphan_rows_kernel(IDS, INV, GXV, n_rows, K, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Rows (b, k) of grad_x_vis that the main kernel never visits: ids outside [0, N), or an
+    # id that another k of the same sample also names. They get zeros (only they are written).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    ids = tl.load(IDS + rows, mask=row_ok, other=0)
+    valid = (ids >= 0) & (ids < N)
+    owner = tl.load(INV + (rows // K) * N + ids, mask=row_ok & valid, other=-1)
+    orphan = row_ok & (owner != rows % K)
+    cols = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_R, BLOCK_D], dtype=GXV.dtype.element_ty)
+    tl.store(GXV + rows[:, None] * D + cols[None, :], zeros, mask=orphan[:, None] & (cols < D)[None, :])
 
 
 def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: bool):
@@ -221,6 +251,10 @@ def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: 
         grad_out, inv, grad_x_vis, mask_part, pos_part, B, N, K, D, n_tiles, b_per_prog,
         POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
+    if K > 0:
+        _zero_orphan_rows_kernel[(cdiv(B * K, BLOCK_R),)](
+            ids_keep, inv, grad_x_vis, B * K, K, N, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps
+        )
     grad_mask = sum_partials(mask_part.view(1, n_prog, D), torch.float32).view(D)
     gpos = None
     if pos_grad:

@@ -97,14 +97,18 @@ def _(x, y, gate, backend):
     return torch.empty_like(x)
 
 
+# The gradient of x is grad_out itself: the backward op computes only grad_y and grad_gate
+# (a custom op may not return an alias of its input), and autograd passes grad_out on to x,
+# so no copy of grad_out is ever written.
 @torch.library.custom_op("fastmask::gated_residual_backward", mutates_args=())
-def _gr_bwd_op(grad_out: Tensor, y: Tensor, gate: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels(backend).gated_residual_bwd(grad_out, y, gate)
+def _gr_bwd_op(grad_out: Tensor, y: Tensor, gate: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    _, gy, ggate = kernels(backend).gated_residual_bwd(grad_out, y, gate)
+    return gy, ggate
 
 
 @_gr_bwd_op.register_fake
 def _(grad_out, y, gate, backend):
-    return torch.empty_like(grad_out), torch.empty_like(y), torch.empty_like(gate)
+    return torch.empty_like(y), torch.empty_like(gate)
 
 
 def _gr_setup(ctx, inputs, output):
@@ -115,8 +119,9 @@ def _gr_setup(ctx, inputs, output):
 
 def _gr_backward(ctx, grad_out):
     y, gate = ctx.saved_tensors
-    gx, gy, ggate = _gr_bwd_op(grad_out.contiguous(), y, gate, ctx.backend)
-    return gx, gy, ggate, None
+    grad_out = grad_out.contiguous()
+    gy, ggate = _gr_bwd_op(grad_out, y, gate, ctx.backend)
+    return grad_out, gy, ggate, None
 
 
 _gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)

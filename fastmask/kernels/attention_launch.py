@@ -1,0 +1,291 @@
+"""Launch policy of the attention kernels: configs, the heuristic, the register model,
+pruning, the resource fallback, and the launchers :func:`attention_fwd` / :func:`attention_bwd`.
+
+The kernel math is in :mod:`fastmask.kernels.attention`. Each kernel is a *kind*: ``fwd``,
+``dq`` and ``dkdv``; ``KERNELS[kind]`` is the jitted kernel, :func:`autotune_configs` the
+configs the autotuner times for it, :func:`heuristic_config` the config used without
+autotuning. Ahead-of-time compile checks take their candidates from these three.
+
+Launch configs: on a GPU, 16-bit inputs are autotuned over :func:`autotune_configs`, keyed on
+(power-of-two bucket of L, bucket of B * H, head dim, dtype), pruned of configs that would
+spill registers; ``FASTMASK_ATTN_AUTOTUNE=0`` uses :func:`heuristic_config` instead (no timing
+runs on the first call of a new shape), as do fp32 inputs. The interpreter (CPU tests) always
+uses a fixed small config.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from ._utils import cdiv, interpreting
+from .attention import KERNELS, LOG2E, head_dim_split, not_supported_reason
+
+__all__ = [
+    "KERNELS",
+    "attention_bwd",
+    "attention_fwd",
+    "autotune_configs",
+    "head_dim_split",
+    "heuristic_config",
+    "not_supported_reason",
+]
+
+# ----------------------------------------------------------------------------- launch configs
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). In the dk/dv kernel BLOCK_N is the key block the
+# program owns and BLOCK_M the query block it walks over.
+_GPU_CONFIGS = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
+}
+# Fixed blocks in the interpreter: small, and different for queries and keys, so the CPU
+# tests cover several blocks on each side, ragged tails, and M != N.
+_INTERPRET_BLOCKS = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (32, 16)}
+# The dimension of L each kind's grid is split along.
+_GRID_DIM = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+
+
+def autotune_configs(kind: str) -> list[triton.Config]:
+    """The configs the autotuner times for kernel ``kind`` (before pruning)."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_CONFIGS[kind]
+    ]
+
+
+def _l_bucket(L: int) -> int:
+    return min(triton.next_power_of_2(max(L, 1)), 4096)
+
+
+def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel ``kind`` without autotuning.
+
+    After the Triton flash-attention tutorial's H100 settings (128-row query tiles in the
+    forward and dq, 128-row key tiles walked by 32-row query tiles in dk/dv), adjusted with
+    ptxas register counts for sm_90 (see :func:`_regs_estimate`): 8 warps, or 64-row tiles,
+    for wide padded head dims, so that no chosen config spills.
+
+    fp32 inputs (a correctness path, not a fast one: no tensor cores with "ieee" dots) get
+    32 x 32 tiles, the largest that ptxas compiled without spills at head dim 72.
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"attention: unknown kernel kind {kind!r}, expected one of {sorted(KERNELS)}")
+    if dtype == torch.float32:
+        return (32, 32, 4, 2)
+    width = sum(head_dim_split(hd))
+    if L <= 64:
+        return (32, 64, 4, 2) if kind == "dkdv" else (64, 64, 4, 2)
+    if kind == "fwd":
+        return (128, 64, 8, 3) if width > 64 else (128, 64, 4, 3)
+    if kind == "dq":
+        return (64, 64, 4, 3) if width > 64 else (128, 32, 4, 3)
+    # dkdv holds two fp32 accumulators of 128 x width: 8 warps from width 48 on
+    return (32, 128, 8, 2) if width > 32 else (32, 128, 4, 3)
+
+
+# A rough per-thread register count: fp32 accumulators + fp32 score tiles + 16-bit tiles held
+# across the loop. Calibrated on ptxas -v for sm_90a (triton 3.8, bf16): configs above the
+# limit spilled (e.g. dk/dv with a 128 x 80 key tile on 4 warps: 180 bytes of spills).
+_REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250}
+
+
+def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float:
+    t = 32 * warps
+    if kind == "fwd":  # acc [BM, W], s/p [BM, BN], q [BM, W]
+        return (BM * width + 2 * BM * BN + BM * width / 2) / t
+    if kind == "dq":  # dq [BM, W], s/p and dp [BM, BN], q and dO [BM, W]
+        return (BM * width + 2 * BM * BN + BM * width) / t
+    # dk, dv [BN, W]; s^T, dp^T [BN, BM] plus the transposes; k, v [BN, W]
+    return (2 * BN * width + 3 * BN * BM + BN * width) / t
+
+
+def _prune(kind, configs, named_args, **kwargs):
+    # Blocks much longer than the sequence only add masked work; configs that would spill
+    # registers are never the fastest and each costs a compile.
+    args = {**named_args, **kwargs}
+    cap = max(64, args["L_BUCKET"])
+    width = args["HD_A"] + args["HD_B"] if "HD_A" in args and "HD_B" in args else 0
+
+    def ok(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return m <= cap and n <= cap and _regs_estimate(kind, m, n, c.num_warps, width) <= _REG_LIMIT[kind]
+
+    return [c for c in configs if ok(c)] or configs[:1]
+
+
+_EVEN = {
+    "EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0,
+}
+_tuned: dict[str, object] = {}
+# Kernel arguments the autotuner keys its choice on.
+AUTOTUNE_KEY = ("L_BUCKET", "BH_BUCKET", "HD")
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FASTMASK_ATTN_AUTOTUNE", "1") != "0"
+
+
+def _tuned_kernel(kind: str):
+    k = _tuned.get(kind)
+    if k is None:
+        k = triton.autotune(
+            configs=autotune_configs(kind),
+            key=list(AUTOTUNE_KEY),  # the autotuner adds the tensors' dtypes to the key
+            prune_configs_by={"early_config_prune": functools.partial(_prune, kind)},
+        )(triton.heuristics(_EVEN)(KERNELS[kind]))
+        _tuned[kind] = k
+    return k
+
+
+_fixed_choice: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _fixed_candidates(kind: str, L: int, hd: int, dtype: torch.dtype):
+    # The heuristic config, then cheaper ones for GPUs with less shared memory than an H100
+    # (fewer pipeline stages, then small tiles).
+    BM, BN, w, st = heuristic_config(kind, L, hd, dtype)
+    yield BM, BN, w, st
+    for stages in range(st - 1, 0, -1):
+        yield BM, BN, w, stages
+    yield (32, 64, 4, 1) if kind == "dkdv" else (64, 32, 4, 1)
+    yield 32, 32, 4, 1
+
+
+def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> None:
+    """Run kernel ``kind`` on a 1-D grid of (blocks of L) x (B * H) programs, the blocks of one
+    head adjacent (they share its K/V, or Q/dO, in L2). 1-D because B * H can exceed the
+    65535 limit of the grid's second axis."""
+    kernel = KERNELS[kind]
+    grid_dim = _GRID_DIM[kind]
+
+    def run(BLOCK_M, BLOCK_N, warps, stages):
+        block = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
+        kernel[(cdiv(L, block[grid_dim]) * BH,)](
+            *args, **meta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            EVEN_M=L % BLOCK_M == 0, EVEN_N=L % BLOCK_N == 0,
+            num_warps=warps, num_stages=stages,
+        )
+
+    if interpreting():
+        run(*_INTERPRET_BLOCKS[kind], 4, 1)
+        return
+    qkv = args[0]
+    if _autotune_enabled() and qkv.dtype != torch.float32:
+        grid = lambda META: (cdiv(L, META[grid_dim]) * BH,)  # noqa: E731
+        _tuned_kernel(kind)[grid](*args, **meta)
+        return
+    key = (kind, _l_bucket(L), hd, qkv.dtype, qkv.device.index)
+    if key in _fixed_choice:
+        run(*_fixed_choice[key])
+        return
+    from triton.runtime.errors import OutOfResources
+
+    err = None
+    for cfg in _fixed_candidates(kind, L, hd, qkv.dtype):
+        try:
+            run(*cfg)  # raises before launching when the config does not fit the GPU
+        except OutOfResources as e:
+            err = e
+            continue
+        _fixed_choice[key] = cfg
+        return
+    raise err
+
+
+def _common_meta(qkv: torch.Tensor) -> dict:
+    hd = qkv.shape[-1]
+    HD_A, HD_B = head_dim_split(hd)
+    upcast = interpreting() and qkv.dtype == torch.bfloat16  # interpreter bf16 tl.dot is wrong
+    if qkv.dtype == torch.float32 and qkv.is_cuda and not torch.backends.cuda.matmul.allow_tf32:
+        prec = "ieee"
+    else:
+        prec = "tf32"  # ignored for 16-bit operands
+    return dict(HD=hd, HD_A=HD_A, HD_B=HD_B, UPCAST=upcast, DOT_PREC=prec)
+
+
+def _check(qkv: torch.Tensor) -> None:
+    reason = not_supported_reason(qkv)
+    if reason:
+        raise ValueError(f"attention (triton): {reason}")
+
+
+def _strides8(t: torch.Tensor, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of ``dims`` divided by 8. The kernels multiply them back by the literal 8 (and
+    address heads as h * HD), so the compiler can prove every row starts 16-byte aligned and
+    vectorise the loads; Triton itself only specialises integer arguments divisible by 16,
+    which a row stride like 3 * H * 72 with odd H is not."""
+    return tuple(t.stride(d) // 8 for d in dims)
+
+
+def _qkv_layout_ok(qkv: torch.Tensor) -> bool:
+    # head dim contiguous, heads packed (stride hd), other strides multiples of 8 elements
+    hd = qkv.shape[-1]
+    return qkv.stride(4) == 1 and qkv.stride(3) == hd and all(qkv.stride(d) % 8 == 0 for d in (0, 1, 2))
+
+
+def _rows_layout_ok(t: torch.Tensor) -> bool:
+    # [B, L, H * hd] with the last dim contiguous and row strides multiples of 8
+    return t.stride(2) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0
+
+
+def _bh_bucket(BH: int) -> int:
+    # the number of (batch, head) pairs decides how many waves of programs fill the GPU,
+    # so a config tuned at B * H = 16 need not be the best at 4096
+    return min(triton.next_power_of_2(max(BH, 1)), 1 << 16)
+
+
+def _buckets(L: int, BH: int) -> tuple[int, int]:
+    """(L_BUCKET, BH_BUCKET): the autotune key's view of the launch size."""
+    return _l_bucket(L), _bh_bucket(BH)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def attention_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [B, L, 3, H, hd] -> (out [B, L, H * hd] in qkv's dtype, lse [B, H, L] fp32, natural log)."""
+    _check(qkv)
+    if not _qkv_layout_ok(qkv):
+        qkv = qkv.contiguous()
+    B, L, _, H, hd = qkv.shape
+    out = torch.empty((B, L, H * hd), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    scale = float(scale)
+    args = (
+        qkv, out, lse, scale * LOG2E, L, H, *_buckets(L, B * H),
+        *_strides8(qkv, (0, 1, 2)), *_strides8(out, (0, 1)),
+    )
+    _launch("fwd", L, B * H, hd, args, _common_meta(qkv))
+    return out, lse
+
+
+def attention_bwd(
+    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Gradient of :func:`attention_fwd`'s out: dqkv [B, L, 3, H, hd] (qkv's shape and dtype,
+    contiguous)."""
+    _check(qkv)
+    if not _qkv_layout_ok(qkv):
+        qkv = qkv.contiguous()
+    B, L, _, H, hd = qkv.shape
+    if not (_rows_layout_ok(grad_out) and _rows_layout_ok(out) and grad_out.stride() == out.stride()):
+        grad_out, out = grad_out.contiguous(), out.contiguous()
+    lse = lse.contiguous()
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    if dqkv.numel() == 0:
+        return dqkv
+    delta = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
+    scale = float(scale)
+    strides = (*_strides8(qkv, (0, 1, 2)), *_strides8(grad_out, (0, 1)), *_strides8(dqkv, (0, 1, 2)))
+    head = (scale * LOG2E, scale, L, H, *_buckets(L, B * H))
+    meta = _common_meta(qkv)
+    # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
+    _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides), meta)
+    _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, *head, *strides), meta)
+    return dqkv
