@@ -69,12 +69,13 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
     for wide padded head dims, so that no chosen config spills.
 
     fp32 inputs (a correctness path, not a fast one: no tensor cores with "ieee" dots) get
-    32 x 32 tiles, the largest that ptxas compiled without spills at head dim 72.
+    32 x 32 tiles; dk/dv walks 16-row query tiles, since with 32 it spilled at head dim 72 on
+    sm_90 and sm_80 (48 / 28 bytes; benchmarks/static_check.py).
     """
     if kind not in KERNELS:
         raise ValueError(f"attention: unknown kernel kind {kind!r}, expected one of {sorted(KERNELS)}")
     if dtype == torch.float32:
-        return (32, 32, 4, 2)
+        return (16, 32, 4, 2) if kind == "dkdv" else (32, 32, 4, 2)
     width = sum(head_dim_split(hd))
     if L <= 64:
         return (32, 64, 4, 2) if kind == "dkdv" else (64, 64, 4, 2)
@@ -90,6 +91,14 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
 # across the loop. Calibrated on ptxas -v for sm_90a (triton 3.8, bf16): configs above the
 # limit spilled (e.g. dk/dv with a 128 x 80 key tile on 4 warps: 180 bytes of spills).
 _REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250}
+# The same budget per target (compute capability as 90 / 80). sm_80 spills sooner (no wgmma:
+# the mma.sync fragments live in registers); calibrated with benchmarks/static_check.py, which
+# compiles every autotune config for both targets (tests/test_static_gpu.py keeps it true).
+REG_LIMIT_BY_ARCH = {90: _REG_LIMIT, 80: {"fwd": 236, "dq": 240, "dkdv": 250}}
+# Configs ptxas spilled on although the model above passes them, per target:
+# (kind, BLOCK_M, BLOCK_N, num_warps, padded head width). sm_80, triton 3.8: dk/dv 64 x 64 on
+# 4 warps at width 80 (36 bytes), forward 64 x 64 on 4 warps at width 32 (8 bytes).
+SPILLS_BY_ARCH = {90: set(), 80: {("dkdv", 64, 64, 4, 80), ("fwd", 64, 64, 4, 32)}}
 
 
 def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float:
@@ -102,18 +111,34 @@ def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float
     return (2 * BN * width + 3 * BN * BM + BN * width) / t
 
 
-def _prune(kind, configs, named_args, **kwargs):
-    # Blocks much longer than the sequence only add masked work; configs that would spill
-    # registers are never the fastest and each costs a compile.
-    args = {**named_args, **kwargs}
-    cap = max(64, args["L_BUCKET"])
-    width = args["HD_A"] + args["HD_B"] if "HD_A" in args and "HD_B" in args else 0
+def _device_arch() -> int:
+    """The register table's key for the current GPU: 90 from Hopper on, else 80."""
+    if torch.cuda.is_available():
+        return 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
+    return 90
+
+
+def prune_for_target(kind, configs, named_args, arch: int | None = None, keep_one: bool = True):
+    """The configs worth timing on target ``arch`` (default: this GPU): blocks much longer than
+    the sequence only add masked work; configs the register model says spill on that target
+    are never the fastest and each costs a compile."""
+    cap = max(64, named_args["L_BUCKET"])
+    width = named_args["HD_A"] + named_args["HD_B"] if "HD_A" in named_args and "HD_B" in named_args else 0
+    arch = _device_arch() if arch is None else arch
+    limit, spills = REG_LIMIT_BY_ARCH[arch][kind], SPILLS_BY_ARCH[arch]
 
     def ok(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return m <= cap and n <= cap and _regs_estimate(kind, m, n, c.num_warps, width) <= _REG_LIMIT[kind]
+        if (kind, m, n, c.num_warps, width) in spills:
+            return False
+        return m <= cap and n <= cap and _regs_estimate(kind, m, n, c.num_warps, width) <= limit
 
-    return [c for c in configs if ok(c)] or configs[:1]
+    kept = [c for c in configs if ok(c)]
+    return kept or (configs[:1] if keep_one else [])
+
+
+def _prune(kind, configs, named_args, **kwargs):
+    return prune_for_target(kind, configs, {**named_args, **kwargs})
 
 
 _EVEN = {
