@@ -183,62 +183,38 @@ def setup_attention(shape: Shape, stage: str) -> OpSetup:
     )
 
 
-def _vec_bytes(B, D, e, n):
-    return n * B * D * e
+# The row-wise norm ops: (number of [B, L, D] activations, number of [B, D] vectors,
+# activation tensors moved forward / backward, vector tensors moved forward / backward).
+# gated_residual's backward: dx is dout itself (read dout and y, write dy).
+_NORM_OPS = {
+    "layernorm_modulate": (1, 2, (2, 3), (2, 3)),
+    "gated_residual": (2, 1, (3, 3), (1, 2)),
+    "residual_layernorm_modulate": (2, 3, (4, 6), (3, 5)),
+}
 
 
-def setup_layernorm_modulate(shape: Shape, stage: str) -> OpSetup:
+def _setup_norm(op: str, shape: Shape, stage: str) -> OpSetup:
+    n_act, n_vec, (act_f, act_b), (vec_f, vec_b) = _NORM_OPS[op]
     B, L = shape.batch, shape.tokens(stage)
     D, _ = shape.width(stage)
     e = common.bench_dtype().itemsize
-    x = _randn(B, L, D, requires_grad=True)
-    shift, scale = (_randn(B, D, requires_grad=True) for _ in range(2))
-    fwd = 2 * B * L * D * e + _vec_bytes(B, D, e, 2)
-    bwd = 3 * B * L * D * e + _vec_bytes(B, D, e, 3)
+    inputs = tuple(_randn(B, L, D, requires_grad=True) for _ in range(n_act))
+    inputs += tuple(_randn(B, D, requires_grad=True) for _ in range(n_vec))
+    fwd = (act_f * L + vec_f) * B * D * e
+    bwd = (act_b * L + vec_b) * B * D * e
     return OpSetup(
-        inputs=(x, shift, scale),
-        grad_idx=(0, 1, 2),
-        public=fastmask.ops.layernorm_modulate,
-        ref=reference.layernorm_modulate,
+        inputs=inputs,
+        grad_idx=tuple(range(len(inputs))),
+        public=getattr(fastmask.ops, op),
+        ref=getattr(reference, op),
         bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
         dims=dict(B=B, L=L, D=D),
     )
 
 
-def setup_gated_residual(shape: Shape, stage: str) -> OpSetup:
-    B, L = shape.batch, shape.tokens(stage)
-    D, _ = shape.width(stage)
-    e = common.bench_dtype().itemsize
-    x, y = (_randn(B, L, D, requires_grad=True) for _ in range(2))
-    gate = _randn(B, D, requires_grad=True)
-    fwd = 3 * B * L * D * e + _vec_bytes(B, D, e, 1)
-    bwd = 3 * B * L * D * e + _vec_bytes(B, D, e, 2)  # dx is dout itself: read dout, y; write dy
-    return OpSetup(
-        inputs=(x, y, gate),
-        grad_idx=(0, 1, 2),
-        public=fastmask.ops.gated_residual,
-        ref=reference.gated_residual,
-        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
-        dims=dict(B=B, L=L, D=D),
-    )
-
-
-def setup_residual_layernorm_modulate(shape: Shape, stage: str) -> OpSetup:
-    B, L = shape.batch, shape.tokens(stage)
-    D, _ = shape.width(stage)
-    e = common.bench_dtype().itemsize
-    x, y = (_randn(B, L, D, requires_grad=True) for _ in range(2))
-    gate, shift, scale = (_randn(B, D, requires_grad=True) for _ in range(3))
-    fwd = 4 * B * L * D * e + _vec_bytes(B, D, e, 3)
-    bwd = 6 * B * L * D * e + _vec_bytes(B, D, e, 5)
-    return OpSetup(
-        inputs=(x, y, gate, shift, scale),
-        grad_idx=(0, 1, 2, 3, 4),
-        public=fastmask.ops.residual_layernorm_modulate,
-        ref=reference.residual_layernorm_modulate,
-        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
-        dims=dict(B=B, L=L, D=D),
-    )
+setup_layernorm_modulate = functools.partial(_setup_norm, "layernorm_modulate")
+setup_gated_residual = functools.partial(_setup_norm, "gated_residual")
+setup_residual_layernorm_modulate = functools.partial(_setup_norm, "residual_layernorm_modulate")
 
 
 def setup_dsm_mae_loss(shape: Shape, stage: str) -> OpSetup:
