@@ -71,7 +71,7 @@ DEFAULT_STAGES = [
     Stage("probe", 40, 15, "GPU, driver, versions, Python.h, nvcc, xformers"),
     Stage("quick", 100, 45, "pytest -m gpu_quick: every Triton kernel fwd+bwd at DiT-XL/2 shapes"),
     Stage("train", 210, 90, "MaskDiT-XL/2 256 px bf16 training step: 6 headline rows"),
-    Stage("ops", 110, 50, "ops fwd/bwd at the headline shape vs copy bandwidth; attention vs SDPA"),
+    Stage("ops", 140, 60, "ops fwd/bwd at the headline shape vs copy bandwidth; attention vs SDPA"),
     Stage("train512", 90, 0, "512 px training rows and other mask ratios"),
     Stage("opgrid", 10_000, 0, "the rest of the op grid"),
 ]
@@ -307,6 +307,12 @@ def _git_commit() -> str:
 
 
 # ----------------------------------------------------------------------------- tests
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _pytest_timeout_args(per_test: float) -> list[str]:
     try:
         import pytest_timeout  # noqa: F401
@@ -326,8 +332,6 @@ def stage_tests(r: Runner, name: str, args: list[str], env: dict, per_test: floa
     st = r.run(name, cmd, env=env, cap=cap)
     counts, failed = _count_tests(junit, st.get("tail", []))
     st.update(counts=counts, failed_tests=failed[:60])
-    if st["status"] == "failed" and st["rc"] == 5:  # pytest: no tests collected
-        st["status"] = "failed"
     r.add_row({"kind": "tests", "gpu_stage": name, "counts": counts, "failed": failed})
     r.finish(st, ", ".join(f"{v} {k}" for k, v in counts.items()))
 
@@ -562,6 +566,8 @@ def main(argv=None) -> int:
             kill_group(r.proc)
         try:
             final_report(r)
+        except Exception as e:  # the archive and the log are what matters now
+            r.say(f"   final report failed: {type(e).__name__}: {e}")
         finally:
             r.close()
         os._exit(128 + signum)
@@ -581,10 +587,13 @@ def main(argv=None) -> int:
             if not args.dry_run and not info.get("gpu"):
                 r.say("   WARNING: torch sees no GPU here; the stages run their CPU sets")
         elif s.name == "quick":
-            env = dict(r.env)
+            # the default (heuristic) attention configs: autotuning each shape from cold caches
+            # would not fit the cap; kernels compile in 4 pytest-xdist workers where it is there
+            env = dict(r.env, FASTMASK_ATTN_AUTOTUNE="0")
             if args.dry_run:
                 env.update(FASTMASK_QUICK_CPU="1", TRITON_INTERPRET="1")
-            stage_tests(r, "quick", ["tests", "-m", "gpu_quick"], env, per_test=60)
+            workers = [] if args.dry_run or not _has_module("xdist") else ["-n", "4"]
+            stage_tests(r, "quick", ["tests", "-m", "gpu_quick", *workers], env, per_test=60)
         elif s.name == "train":
             # heuristic attention configs: autotuning every shape from cold caches would cost
             # the headline a minute; the ops stage measures the autotuned kernels
@@ -599,6 +608,7 @@ def main(argv=None) -> int:
             stage_build(r, info)
         elif s.name == "cuda_tests":
             args_ = ["tests/test_cuda_ext.py", "-m", "gpu", "-k", "not triton and not emu"]
+            args_ += ["-n", "8"] if _has_module("xdist") else []
             stage_tests(r, "cuda_tests", args_, dict(r.env), per_test=120)
         elif s.name == "cuda_ops":
             stage_bench(r, "cuda_ops", ["bench_ops.py"], "headline",

@@ -405,7 +405,7 @@ def cuda_report(archs: list[int]) -> list[dict]:
                 h = hashlib.sha256(" ".join(c for c in cmd if d not in c).encode())
                 for name in (source,) + tuple(build.HEADERS):
                     h.update((ROOT / "csrc" / name).read_bytes())
-                hit = CACHE / f"nvcc-{source}-{arch}-{h.hexdigest()[:24]}.json"
+                hit = CACHE / f"nvcc2-{source}-{arch}-{h.hexdigest()[:24]}.json"
                 if hit.exists():
                     rows += json.loads(hit.read_text())
                     continue
@@ -426,7 +426,7 @@ def _parse_nvcc(log: str, source: str, arch: int, seconds: float) -> list[dict]:
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)", line)
         if m:
-            cur = {"source": source, "arch": arch, "kernel": _demangle(m.group(1))}
+            cur = {"source": source, "arch": arch, "mangled": m.group(1)}
             rows.append(cur)
             continue
         if cur is None:
@@ -445,14 +445,27 @@ def _parse_nvcc(log: str, source: str, arch: int, seconds: float) -> list[dict]:
 
 
 def _demangle(name: str) -> str:
+    """``unmask_bwd_kernel<bf16, 4>`` from a mangled kernel name (as is without c++filt)."""
     exe = shutil.which("c++filt")
     if not exe:
         return name
     try:
         out = subprocess.run([exe, name], capture_output=True, text=True, timeout=10).stdout.strip()
-        return re.sub(r"<.*>", "<...>", out.split("(")[0]) or name
     except Exception:
         return name
+    out = out.replace("(anonymous namespace)::", "").removeprefix("void ")
+    depth, end = 0, len(out)
+    for i, ch in enumerate(out):  # the argument list starts at the first '(' outside <...>
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            end = i
+            break
+    out = out[:end].removeprefix("fastmask::")
+    for a, b in (("__nv_bfloat16", "bf16"), ("c10::BFloat16", "bf16"), ("__half", "fp16"), ("c10::Half", "fp16"),
+                 ("float", "fp32"), ("(bool)1", "true"), ("(bool)0", "false")):
+        out = out.replace(a, b)
+    return out or name
 
 
 # ----------------------------------------------------------------------------- report
@@ -491,7 +504,7 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
                 lines.append(f"| {r.get('source', '-')} | ERROR: {r['error'][:200]} | sm_{r.get('arch', '?')} | | | | |")
                 continue
             spill = r.get("spill_stores")
-            lines.append(f"| {r['source']} | {r['kernel']} | sm_{r['arch']} | {r.get('regs')} | "
+            lines.append(f"| {r['source']} | {_demangle(r['mangled'])} | sm_{r['arch']} | {r.get('regs')} | "
                          f"{'**' + str(spill) + '**' if spill else spill} | {r.get('stack')} | {r.get('shared')} |")
     return "\n".join(lines) + "\n"
 
