@@ -221,3 +221,17 @@ def test_report_markdown_and_plots(tmp_path, capsys):
     assert "FAILED" in md and "boom" in md
     assert (tmp_path / "speedup_vs_mask_ratio.png").stat().st_size > 0
     assert (tmp_path / "roofline.png").stat().st_size > 0
+
+
+def test_report_writes_the_readme_section(tmp_path):
+    from benchmarks import report
+
+    p = tmp_path / "h100.json"
+    p.write_text(json.dumps(_synthetic_doc()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\nafter\n")
+    assert report.main([str(p), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and "NVIDIA H100" in text and text.endswith("after\n")
+    readme.write_text("no markers\n")
+    assert report.main([str(p), "--readme", str(readme)]) == 2
