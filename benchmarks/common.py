@@ -2,8 +2,7 @@
 
 Run modes (environment variables, read once per process):
     FASTMASK_BENCH_MODE   ``full`` (default), ``quick`` (the GPU script's mode) or ``dry``
-                          (tiny shapes, 2 rounds: proves the code paths, measures nothing);
-                          ``FASTMASK_BENCH_QUICK=1`` is the same as ``FASTMASK_BENCH_MODE=quick``.
+                          (tiny shapes, 2 rounds: proves the code paths, measures nothing).
                           On a machine without a GPU ``full`` and ``quick`` both run the reduced
                           CPU set (fp32, small shapes).
     FASTMASK_BENCH_JSON   where the session writes its JSON (default: benchmarks/results/
@@ -56,9 +55,7 @@ SCHEMA = 1
 
 # ----------------------------------------------------------------------------- mode, device
 def bench_mode() -> str:
-    mode = os.environ.get("FASTMASK_BENCH_MODE", "").strip().lower()
-    if not mode:
-        mode = "quick" if os.environ.get("FASTMASK_BENCH_QUICK", "0") == "1" else "full"
+    mode = os.environ.get("FASTMASK_BENCH_MODE", "").strip().lower() or "full"
     if mode not in ("full", "quick", "dry"):
         raise ValueError(f"FASTMASK_BENCH_MODE: expected full, quick or dry, got {mode!r}")
     return mode

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastmask {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,eval,profile,info}")
 
     # ---- train
     t = sub.add_parser(
@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("profile_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_profile)
+
+    # ---- info (fastmask.info)
+    from . import info
+
+    i = sub.add_parser("info", help="versions, backends, and the backend each op of a model would take")
+    info.add_arguments(i)
+    i.set_defaults(handler=info.run)
     return parser
 
 

@@ -101,7 +101,6 @@ def load_file(path: Path | str, name: str) -> ModuleType:
     return mod
 
 
-@functools.lru_cache(maxsize=None)
 def build_module() -> ModuleType:
     """csrc/build.py of this source checkout: the one list of CUDA sources, flags and the
     nvcc / CUDA_HOME lookup (setup.py imports it as ``csrc.build``; everything else loads
@@ -113,6 +112,11 @@ def build_module() -> ModuleType:
             "does not hold them (an installed wheel has no csrc/). Clone the repository and install it with "
             "`FASTMASK_BUILD_CUDA=1 pip install --no-build-isolation -e .`, or call build_jit from that checkout."
         )
+    return _load_build(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_build(path: Path) -> ModuleType:
     return load_file(path, "_fastmask_csrc_build")
 
 

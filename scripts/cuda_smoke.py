@@ -146,18 +146,12 @@ def main() -> int:
     args = ap.parse_args()
     global DEV
     if args.emulate:
-        import importlib.util
-
         from fastmask.ops import dispatch
 
         path = Path(__file__).resolve().parent.parent / "tests" / "cuda_emu" / "build.py"
-        spec = importlib.util.spec_from_file_location("_fastmask_cuda_emu_build", path)
-        emu = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(emu)
-        cuda_ext._ext = emu.load_emulated()
+        cuda_ext._ext = cuda_ext.load_file(path, "_fastmask_cuda_emu_build").load_emulated()
         why_not = dispatch.why_not  # let the dispatcher send CPU tensors to the "cuda" backend
         dispatch.why_not = lambda name, op, ts: None if name == "cuda" else why_not(name, op, ts)
-        dispatch._module_cache["cuda"] = cuda_ext
         DEV = "cpu"
     elif not torch.cuda.is_available():
         print("cuda_smoke: no CUDA device visible", file=sys.stderr)

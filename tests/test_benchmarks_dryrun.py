@@ -161,6 +161,11 @@ def test_profile_run_cpu(tmp_path, one_thread, capsys):
     import fastmask
 
     assert fastmask.ops.attention is attention_before
+    # and the op ranges are off again once the profile is done
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastmask.ops.attention(torch.randn(1, 4, 3, 2, 8))
+    if os.environ.get("FASTMASK_NVTX", "0") != "1":
+        assert not [e.name for e in prof.events() if e.name.startswith("fastmask.op.")]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib.util
-import inspect
 import os
 import subprocess
 import time
@@ -38,17 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
 
-def _load_build():
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_tests", CSRC / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _load_build()
+build = cuda_ext.build_module()
 
 # ============================================================= compile check (no GPU)
-CACHE = Path(os.environ.get("FASTMASK_NVCC_CACHE", Path.home() / ".cache" / "fastmask-nvcc"))
+CACHE = Path.home() / ".cache" / "fastmask-nvcc"
 CHECK_ARCH = ("80",)  # one arch keeps the check fast; the real build adds sm_90
 ALL_SOURCES = build.KERNEL_SOURCES + build.BINDING_SOURCES
 
@@ -163,12 +155,9 @@ def test_unavailable_reason_names_the_build(monkeypatch):
 def test_dispatcher_reports_missing_extension(monkeypatch):
     monkeypatch.setattr(cuda_ext, "_ext", None)
     monkeypatch.setattr(cuda_ext, "_import_error", "No module named 'fastmask._C'")
-    monkeypatch.delitem(dispatch._module_cache, "cuda", raising=False)
-    try:
-        why = dispatch.available_backends()["cuda"]
-        assert why is not None and "fastmask._C" in why
-    finally:
-        dispatch._module_cache.pop("cuda", None)
+    why = dispatch.available_backends()["cuda"]
+    assert why is not None and "fastmask._C" in why
+    assert cuda_ext.unavailable_reason() in dispatch.why_not("cuda", "gather_tokens", [torch.zeros(1)])
 
 
 def test_build_jit_explains_missing_sources(monkeypatch, tmp_path):
@@ -177,25 +166,8 @@ def test_build_jit_explains_missing_sources(monkeypatch, tmp_path):
         cuda_ext.build_jit()
 
 
-# The launcher signatures the op layer calls (fastmask/ops/*.py), identical in both backends.
-SIGNATURES = {
-    "gather_tokens_fwd": ["x", "ids_keep", "pos"],
-    "gather_tokens_bwd": ["grad_out", "ids_keep", "num_tokens", "pos_grad"],
-    "unmask_tokens_fwd": ["x_vis", "ids_keep", "mask_token", "num_tokens", "pos"],
-    "unmask_tokens_bwd": ["grad_out", "ids_keep", "pos_grad"],
-    "layernorm_modulate_fwd": ["x", "shift", "scale", "eps"],
-    "layernorm_modulate_bwd": ["grad_out", "x", "scale", "mean", "rstd"],
-    "gated_residual_fwd": ["x", "y", "gate"],
-    "gated_residual_bwd": ["grad_out", "y", "gate"],
-    "residual_layernorm_modulate_fwd": ["x", "y", "gate", "shift", "scale", "eps"],
-    "residual_layernorm_modulate_bwd": ["grad_x_new", "grad_out", "x_new", "y", "gate", "scale", "mean", "rstd"],
-    "dsm_mae_loss_fwd": ["F_out", "x_noisy", "y", "sigma", "mask", "mae_coef", "sigma_data"],
-}
-
-
-@pytest.mark.parametrize("name", sorted(SIGNATURES))
-def test_launcher_signatures(name):
-    assert list(inspect.signature(getattr(cuda_ext, name)).parameters) == SIGNATURES[name]
+# The launcher signatures: tests/test_dispatch.py checks both backends against
+# fastmask.ops.backend_protocol.
 
 
 def test_bindings_refuse_cpu_tensors():
@@ -217,10 +189,7 @@ EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 
 
 def _load_emu_build():
-    spec = importlib.util.spec_from_file_location("_fastmask_cuda_emu_build", EMU_DIR / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return cuda_ext.load_file(EMU_DIR / "build.py", "_fastmask_cuda_emu_build")
 
 
 @pytest.fixture(scope="session")
@@ -623,7 +592,6 @@ def test_public_ops_cuda_backend(impl, monkeypatch, dt, vdt):
     if impl.name == "emu":
         why_not = dispatch.why_not
         monkeypatch.setattr(dispatch, "why_not", lambda name, op, ts: None if name == "cuda" else why_not(name, op, ts))
-        monkeypatch.setitem(dispatch._module_cache, "cuda", cuda_ext)
     dev = impl.device
     dtype, vdtype = DT[dt], DT[vdt]
     gen = _gen(impl, 11)

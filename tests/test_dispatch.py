@@ -77,3 +77,195 @@ def test_unsupported_head_dim_falls_back_or_raises(monkeypatch):
         with pytest.raises(fastmask.BackendUnavailable, match="head dim 12"):
             ops.attention(qkv)
     torch.testing.assert_close(ops.attention(qkv), ops.reference.attention(qkv))  # auto: reference
+
+
+# ------------------------------------------------------------ declared support, every reason
+def _fake(*shape, device="cuda", dtype=torch.float32):
+    """A tensor that only describes itself (device, dtype, shape): a CUDA tensor on a machine
+    without a GPU, no memory behind it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _backend_modules():
+    from fastmask import cuda_ext
+
+    mods = {"cuda": cuda_ext}
+    triton_mod = dispatch._module("triton")
+    if isinstance(triton_mod, str):
+        pytest.skip(triton_mod)
+    mods["triton"] = triton_mod
+    return mods
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_backends_follow_the_protocol(backend_name):
+    import inspect
+
+    from fastmask.ops import backend_protocol as P
+
+    mod = _backend_modules()[backend_name]
+    assert len(P.LAUNCHERS) == 13 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
+    for op in dispatch.OPS:  # every dispatched op has a forward launcher in the protocol
+        assert f"{op}_fwd" in P.LAUNCHERS
+    for name in P.DECLARATIONS:
+        assert hasattr(mod, name), f"{mod.__name__} does not declare {name}"
+    assert all(isinstance(d, torch.dtype) for d in mod.DTYPES) and all(isinstance(d, str) for d in mod.DEVICE_TYPES)
+
+    def params(fn, drop_self):
+        ps = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
+        return [(p.name, p.kind, p.default) for p in ps]
+
+    names = ["not_supported_reasons"]
+    for op in dispatch.OPS:
+        if hasattr(mod, f"{op}_fwd"):
+            names += P.launchers(op)
+        else:  # an op left out entirely (CUDA C++ has no attention): the dispatcher says so
+            assert not any(hasattr(mod, n) for n in P.launchers(op)), f"{mod.__name__}: {op} half implemented"
+            assert any("does not implement" in r for r in dispatch.not_supported_reasons(backend_name, op, []))
+    assert len(names) > 8
+    for name in names:
+        want = params(getattr(P.BackendModule, name), drop_self=True)
+        assert params(getattr(mod, name), drop_self=False) == want, f"{mod.__name__}.{name}"
+
+
+def test_triton_lists_every_reason(monkeypatch):
+    dispatch.not_supported_reasons("triton", "attention", [torch.zeros(1)])  # import under the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    qkv = torch.zeros(1, 4, 3, 2, 12, dtype=torch.float64)
+    reasons = dispatch.not_supported_reasons("triton", "attention", [qkv])
+    if len(reasons) == 1 and "cannot be imported" in reasons[0]:
+        pytest.skip(reasons[0])
+    assert len(reasons) == 3, reasons
+    assert "TRITON_INTERPRET" in reasons[0] and "float64" in reasons[1] and "head dim 12" in reasons[2]
+    assert dispatch.why_not("triton", "attention", [qkv]) == "; ".join(reasons)
+    assert dispatch.not_supported_reasons("torch", "attention", [qkv]) == []
+
+
+def test_cuda_lists_every_reason(monkeypatch):
+    from fastmask import cuda_ext
+
+    monkeypatch.setattr(cuda_ext, "_ext", None)
+    monkeypatch.setattr(cuda_ext, "_import_error", "No module named 'fastmask._C'")
+    x = torch.zeros(2, 3, 4, dtype=torch.float64)
+    reasons = dispatch.not_supported_reasons("cuda", "layernorm_modulate", [x])
+    assert len(reasons) == 3, reasons
+    assert "tensors are on cpu" in reasons[0] and "float64" in reasons[1]
+    assert reasons[2] == cuda_ext.unavailable_reason()
+    # a CUDA tensor in a supported dtype: only the build state is left
+    assert dispatch.not_supported_reasons("cuda", "layernorm_modulate", [_fake(2, 3, 4, dtype=torch.bfloat16)]) == [
+        cuda_ext.unavailable_reason()
+    ]
+
+
+def test_explicit_request_lists_every_reason(monkeypatch):
+    from fastmask import cuda_ext
+
+    monkeypatch.setattr(cuda_ext, "_ext", None)
+    monkeypatch.setattr(cuda_ext, "_import_error", "No module named 'fastmask._C'")
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    v = torch.randn(2, 4, dtype=torch.float64)
+    with fastmask.backend("cuda"), pytest.raises(fastmask.BackendUnavailable) as e:
+        ops.layernorm_modulate(x, v, v)
+    msg = str(e.value)
+    for reason in dispatch.not_supported_reasons("cuda", "layernorm_modulate", [x, v, v]):
+        assert reason in msg
+
+
+def test_import_error_is_a_reason(monkeypatch):
+    monkeypatch.setitem(dispatch._module_cache, "triton", "triton cannot be imported (ImportError: no triton)")
+    assert dispatch.not_supported_reasons("triton", "gather_tokens", [torch.zeros(1)]) == [
+        "triton cannot be imported (ImportError: no triton)"
+    ]
+    assert "no triton" in ops.available_backends()["triton"]
+
+
+# -------------------------------------------------------------------------- fallback warning
+def test_fallback_on_cuda_tensors_warns_once_per_reason(monkeypatch):
+    """Auto choice on CUDA tensors (fake ones, so this runs without a GPU): head dim 12 is no
+    Triton shape, the CUDA extension has no attention: the reference runs, and says why once."""
+    import warnings
+
+    triton_missing = isinstance(dispatch._module("triton"), str)  # imported here under the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setenv("FASTMASK_BACKEND", "auto")
+    qkv = _fake(1, 4, 3, 2, 12, dtype=torch.bfloat16)
+    with pytest.warns(fastmask.ops.BackendFallbackWarning) as rec:
+        assert dispatch.select("attention", qkv) == "torch"
+    msgs = [str(w.message) for w in rec]
+    assert len(msgs) == 2, msgs  # one per skipped backend
+    assert "triton backend" in msgs[0] and ("head dim 12" in msgs[0] or triton_missing), msgs
+    assert "cuda backend" in msgs[1] and "does not implement attention" in msgs[1], msgs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same (op, reason) again: no second warning
+        assert dispatch.select("attention", qkv) == "torch"
+    if not triton_missing:  # a call Triton serves: chosen without a word
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dispatch.select("layernorm_modulate", _fake(2, 3, 8, dtype=torch.bfloat16)) == "triton"
+
+
+def test_cpu_tensors_never_warn():
+    import warnings
+
+    x = torch.randn(2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.layernorm_modulate(x, torch.randn(2, 4), torch.randn(2, 4))
+
+
+# ----------------------------------------------------------------- what ran, profiler ranges
+def test_record_choices_names_the_backend_that_ran():
+    x, v = torch.randn(2, 3, 4), torch.randn(2, 4)
+    with ops.record_choices() as ran:
+        ops.layernorm_modulate(x, v, v)
+        ops.gated_residual(x, x, v)
+    assert ran == {"layernorm_modulate": {"torch"}, "gated_residual": {"torch"}}
+    ops.layernorm_modulate(x, v, v)  # outside the block: not recorded
+    assert ran == {"layernorm_modulate": {"torch"}, "gated_residual": {"torch"}}
+    if dispatch.why_not("triton", "layernorm_modulate", [x]) is None:
+        with ops.record_choices() as ran, fastmask.backend(layernorm_modulate="triton"):
+            ops.layernorm_modulate(x, v, v)
+            with ops.record_choices() as inner:
+                ops.gated_residual(x, x, v)
+        assert ran == {"layernorm_modulate": {"triton"}, "gated_residual": {"torch"}}
+        assert inner == {"gated_residual": {"torch"}}
+
+
+def _range_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("fastmask.")}
+
+
+def test_op_ranges_name_every_public_op(monkeypatch):
+    from fastmask.ops import attention  # imported by name: still counted
+
+    monkeypatch.delenv("FASTMASK_NVTX", raising=False)
+    qkv = torch.randn(1, 4, 3, 2, 8)
+    assert _range_names(lambda: attention(qkv)) == set()  # off by default
+    with ops.op_ranges():
+        assert _range_names(lambda: attention(qkv)) == {"fastmask.op.attention"}
+        ids = ops.random_mask(1, 4, 0.5)[0]
+        assert _range_names(lambda: ops.gather_tokens(qkv[:, :, 0, 0], ids)) == {"fastmask.op.gather_tokens"}
+    assert _range_names(lambda: attention(qkv)) == set()
+    monkeypatch.setenv("FASTMASK_NVTX", "1")  # the block's switch, read at call time
+    assert _range_names(lambda: attention(qkv)) == {"fastmask.op.attention"}
+    from fastmask import profiling
+
+    monkeypatch.setenv("FASTMASK_NVTX", "0")
+    with profiling.op_ranges():
+        assert _range_names(lambda: attention(qkv)) == {"fastmask.op.attention"}
+
+
+def test_block_stage_ranges_follow_the_switch_at_call_time(monkeypatch):
+    blk = fastmask.MaskedDiTBlock(16, 2)
+    x, c = torch.randn(1, 4, 16), torch.randn(1, 16)
+    monkeypatch.setenv("FASTMASK_NVTX", "0")
+    assert _range_names(lambda: blk(x, c)) == set()
+    monkeypatch.setenv("FASTMASK_NVTX", "1")
+    names = _range_names(lambda: blk(x, c))
+    assert {"fastmask.block.attention", "fastmask.block.mlp", "fastmask.op.attention"} <= names

@@ -157,18 +157,12 @@ def _module(name: str) -> ModuleType | str:
 
 
 def load(name: str) -> ModuleType:
-    """Import a backend module; raises BackendUnavailable with the import error or build state."""
+    """Import a backend module; raises BackendUnavailable with the import error. (Whether it
+    can run a call, build state included, is :func:`not_supported_reasons`' answer.)"""
     mod = _module(name)
     if isinstance(mod, str):
         raise BackendUnavailable(f"fastmask backend {name!r} is not available: {mod}")
-    build = getattr(mod, "unavailable_reason", lambda: None)()
-    if build:
-        raise BackendUnavailable(f"fastmask backend {name!r} is not available: {build}")
     return mod
-
-
-def interpreting() -> bool:
-    return _env.interpreting()
 
 
 def not_supported_reasons(name: str, op: str, tensors) -> list[str]:
@@ -181,7 +175,7 @@ def not_supported_reasons(name: str, op: str, tensors) -> list[str]:
         return [mod]
     reasons = list(mod.not_supported_reasons(op, tensors))
     if name != "torch" and not hasattr(mod, f"{op}_fwd"):
-        reasons.append(f"backend {name!r} does not implement {op}")
+        reasons.insert(0, f"backend {name!r} does not implement {op}")
     return reasons
 
 
@@ -205,27 +199,39 @@ def _fallback(op: str, name: str, reason: str) -> None:
             f"fastmask: {op} on CUDA tensors does not use the {name} backend: {reason}. "
             f"It falls back to the next backend (this is said once per reason).",
             BackendFallbackWarning,
-            stacklevel=4,
+            stacklevel=5,  # _fallback < select < op < profiled wrapper < the caller
         )
 
 
-def select(op: str, *tensors) -> str:
-    """The backend that runs ``op`` on ``tensors`` (see the module docstring)."""
+def choice(op: str, *tensors) -> tuple[str, list[tuple[str, str]]]:
+    """``(backend, skipped)``: the backend :func:`select` picks for ``op`` on ``tensors``, and the
+    ``(backend, reasons)`` of each one the automatic choice passed over on the way. No side
+    effects; raises :class:`BackendUnavailable` for an explicit request it cannot serve."""
     want = requested(op)
     if want != "auto":
         reason = why_not(want, op, tensors)
         if reason is not None:
             raise BackendUnavailable(f"fastmask: backend {want!r} was requested for {op} but cannot run it: {reason}")
-        return _chosen(op, want)
+        return want, []
     dev = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
     if dev.type != "cuda":
-        return _chosen(op, "torch")
+        return "torch", []
+    skipped = []
     for name in DEFAULT_PREFERENCE[op]:
         reason = why_not(name, op, tensors)
         if reason is None:
-            return _chosen(op, name)
-        _fallback(op, name, reason)
-    return _chosen(op, "torch")
+            return name, skipped
+        skipped.append((name, reason))
+    return "torch", skipped
+
+
+def select(op: str, *tensors) -> str:
+    """The backend that runs ``op`` on ``tensors`` (see the module docstring): warns about the
+    fast backends an automatic choice skipped, and records the choice for record_choices()."""
+    name, skipped = choice(op, *tensors)
+    for other, reason in skipped:
+        _fallback(op, other, reason)
+    return _chosen(op, name)
 
 
 def impl(name: str) -> ModuleType:
@@ -237,11 +243,9 @@ def available_backends() -> dict[str, str | None]:
     """Each backend mapped to None (importable and built) or the reason it is not."""
     out: dict[str, str | None] = {}
     for name in BACKENDS:
-        try:
-            load(name)
-            out[name] = None
-        except BackendUnavailable as e:
-            out[name] = str(e)
+        mod = _module(name)
+        reason = mod if isinstance(mod, str) else getattr(mod, "unavailable_reason", lambda: None)()
+        out[name] = None if reason is None else f"fastmask backend {name!r} is not available: {reason}"
     return out
 
 
@@ -253,6 +257,9 @@ def record_choices():
     >>> with record_choices() as ran:
     ...     loss = net.loss(x, labels).mean()
     >>> ran["attention"]   # e.g. {"triton"}
+
+    Under torch.compile the choice is made, and recorded, when a graph is traced: record the
+    first call (or an eager one) to see what a compiled model runs.
     """
     rec: dict[str, set[str]] = {}
     _recorders.append(rec)

@@ -4,7 +4,6 @@ tensors. Used by tests/test_cuda_ext.py and by ``scripts/cuda_smoke.py --emulate
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,10 +12,9 @@ CSRC = EMU_DIR.parent.parent / "csrc"
 
 
 def _csrc_build():
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_emu", CSRC / "build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from fastmask.cuda_ext import build_module  # csrc/build.py, loaded in one place
+
+    return build_module()
 
 
 def cuda_include_dir() -> str | None:
