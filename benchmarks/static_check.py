@@ -155,13 +155,15 @@ def capture_launches(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                     os.environ["FASTMASK_ATTN_AUTOTUNE"] = flag
                     al._fixed_choice.clear()
                     shape = f"L={L} H={H} hd={hd}"
-                    for kind, call in (("fwd", lambda: fk.attention_fwd(qkv, hd**-0.5)),
-                                       ("dq+dkdv", lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5))):
+                    # forward; one-pass backward (delta + bwd); deterministic backward (dq + dkdv)
+                    for call in (lambda: fk.attention_fwd(qkv, hd**-0.5),
+                                 lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5, deterministic=False),
+                                 lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5, deterministic=True)):
                         before = len(cap.launches)
                         with cap.tag(op="attention", shape=shape, dtype=dname, role=role):
                             call()
                         for ln in cap.launches[before:]:
-                            ln.kind = _attention_kind(ln.fn)
+                            ln.kind = _attention_kind(ln)
             for D in WIDTHS:
                 L = K if D == 1152 else N
                 x, y = _meta(B, L, D, dtype=dt), _meta(B, L, D, dtype=dt)
@@ -193,11 +195,15 @@ def capture_launches(dtypes: list[str], defaults_only: bool) -> list[Launch]:
     return cap.launches
 
 
-def _attention_kind(fn) -> str:
+def _attention_kind(ln: Launch) -> str:
+    """The launch policy's kind of a captured attention launch (kinds may share one kernel
+    and differ in constexprs, as the one-pass and deterministic dk/dv do)."""
     from fastmask.kernels import attention_launch as al
 
     for kind, k in al.KERNELS.items():
-        if k is fn or getattr(k, "fn", None) is fn:
+        if (k is ln.fn or getattr(k, "fn", None) is ln.fn) and all(
+            ln.kwargs.get(c) == v for c, v in al.kind_constexprs(kind).items()
+        ):
             return kind
     return ""
 

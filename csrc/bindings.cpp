@@ -63,6 +63,52 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// ---------------------------------------------------------------- compile-time switches
+// Each runs the lambda given as its last argument with a runtime choice turned into a
+// constant the lambda can use as a template argument, and yields the lambda's result:
+//   FASTMASK_VEC_SWITCH(vec, [&] { return kernel<T, VEC>(...); })
+// instantiates kernel<T, kVec<T>> (16-byte vectors) when `vec` and kernel<T, 1> otherwise.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+#define FASTMASK_VEC_SWITCH(COND, ...)   \
+  [&] {                                  \
+    if (COND) {                          \
+      constexpr int VEC = kVec<T>;       \
+      return __VA_ARGS__();              \
+    }                                    \
+    constexpr int VEC = 1;               \
+    return __VA_ARGS__();                \
+  }()
+
+#define FASTMASK_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                       \
+    if (COND) {                               \
+      constexpr bool NAME = true;             \
+      return __VA_ARGS__();                   \
+    }                                         \
+    constexpr bool NAME = false;              \
+    return __VA_ARGS__();                     \
+  }()
+
+#define FASTMASK_NORM_MODE_SWITCH(MODE_VALUE, NAME, ...)                   \
+  [&] {                                                                   \
+    switch (MODE_VALUE) {                                                 \
+      case fm::NormBwdMode::kLayerNorm: {                                 \
+        constexpr fm::NormBwdMode NAME = fm::NormBwdMode::kLayerNorm;      \
+        return __VA_ARGS__();                                             \
+      }                                                                   \
+      case fm::NormBwdMode::kResidualLayerNorm: {                         \
+        constexpr fm::NormBwdMode NAME = fm::NormBwdMode::kResidualLayerNorm; \
+        return __VA_ARGS__();                                             \
+      }                                                                   \
+      default: {                                                          \
+        constexpr fm::NormBwdMode NAME = fm::NormBwdMode::kGatedResidual;  \
+        return __VA_ARGS__();                                             \
+      }                                                                   \
+    }                                                                     \
+  }()
+
 #ifdef FASTMASK_CPU_EMULATION
 constexpr bool kEmulated = true;
 // The emulated kernels read and write CPU tensors; there is no device or stream.
@@ -158,6 +204,28 @@ at::Tensor inverse_ids(const at::Tensor& ids, int64_t B, int64_t N, int64_t K, c
 }
 
 // ------------------------------------------------------------------------ token ops
+// The checks the token backwards share; true when there is nothing to launch (B * N * D ==
+// 0), after zeroing the batch sums (grad_pos, and `sum` when given).
+bool token_bwd_nothing_to_do(const char* op, const at::Tensor& grad_out, const at::Tensor& ids,
+                             const OptTensor& grad_pos, const OptTensor& sum, int64_t B, int64_t N, int64_t K,
+                             int64_t D) {
+  check(ids, op, "ids_keep", grad_out, {B, K}, at::kLong);
+  if (grad_pos.has_value()) check(*grad_pos, op, "grad_pos", grad_out, {N, D}, at::kFloat);
+  TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
+  if (B * N * D != 0) return false;
+  for (const OptTensor* t : {&grad_pos, &sum}) {
+    if (t->has_value()) (*t)->zero_();
+  }
+  return true;
+}
+
+// The fp32 per-split partials [splits, N, D] of grad_pos (grad_pos itself for one split), or
+// none without a position gradient.
+OptTensor pos_partials(const OptTensor& grad_pos, int64_t splits, int64_t N, int64_t D) {
+  if (!grad_pos.has_value()) return std::nullopt;
+  return splits == 1 ? *grad_pos : at::empty({splits, N, D}, grad_pos->options());
+}
+
 void gather_tokens_fwd(const at::Tensor& out, const at::Tensor& x, const at::Tensor& ids, const OptTensor& pos) {
   const char* op = "gather_tokens_fwd";
   check_rank(x, 3, op, "x");
@@ -172,13 +240,13 @@ void gather_tokens_fwd(const at::Tensor& out, const at::Tensor& x, const at::Ten
   const cudaStream_t stream = scope.stream();
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
     const T* p = ptr<T>(pos);
-    if (use_vec(D, V, {out.data_ptr(), x.data_ptr(), p})) {
-      check_launch(fm::gather_tokens_fwd<T, V>(ptr<T>(out), ptr<T>(x), ptr<int64_t>(ids), p, B, N, K, D, stream), op);
-    } else {
-      check_launch(fm::gather_tokens_fwd<T, 1>(ptr<T>(out), ptr<T>(x), ptr<int64_t>(ids), p, B, N, K, D, stream), op);
-    }
+    const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x.data_ptr(), p});
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::gather_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x), ptr<int64_t>(ids), p, B, N, K, D,
+                                                        stream);
+                 }),
+                 op);
   });
 }
 
@@ -189,40 +257,24 @@ void gather_tokens_bwd(const at::Tensor& grad_x, const OptTensor& grad_pos, cons
   check_rank(grad_x, 3, op, "grad_x");
   const int64_t B = grad_out.size(0), K = grad_out.size(1), D = grad_out.size(2), N = grad_x.size(1);
   check(grad_out, op, "grad_out", grad_out, {B, K, D}, std::nullopt);
-  check(ids, op, "ids_keep", grad_out, {B, K}, at::kLong);
   check(grad_x, op, "grad_x", grad_out, {B, N, D}, grad_out.scalar_type());
-  if (grad_pos.has_value()) check(*grad_pos, op, "grad_pos", grad_out, {N, D}, at::kFloat);
-  TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
-  if (B * N * D == 0) {
-    if (grad_x.numel() != 0) grad_x.zero_();
-    if (grad_pos.has_value()) grad_pos->zero_();
-    return;
-  }
+  if (token_bwd_nothing_to_do(op, grad_out, ids, grad_pos, std::nullopt, B, N, K, D)) return;
   const DeviceScope scope(grad_out);
   const cudaStream_t stream = scope.stream();
   const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
   dispatch_float(grad_out.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
-    const bool vec = use_vec(D, V, {grad_x.data_ptr(), grad_out.data_ptr(), ptr<float>(grad_pos)});
-    const int64_t chunks = D / (vec ? V : 1);
+    const bool vec = use_vec(D, kVec<T>, {grad_x.data_ptr(), grad_out.data_ptr(), ptr<float>(grad_pos)});
+    const int64_t chunks = D / (vec ? kVec<T> : 1);
     // Without a position gradient every (b, n) row is independent: one split per sample.
     const int64_t splits = grad_pos.has_value() ? fm::token_bwd_splits(B, N, chunks, sm_count(grad_out)) : B;
-    at::Tensor partial;
-    float* pos_partial = nullptr;
-    if (grad_pos.has_value()) {
-      partial = splits == 1 ? *grad_pos : at::empty({splits, N, D}, grad_out.options().dtype(at::kFloat));
-      pos_partial = ptr<float>(partial);
-    }
-    const int32_t* inv_p = ptr<int32_t>(inv);
-    if (vec) {
-      check_launch(fm::gather_tokens_bwd<T, V>(ptr<T>(grad_x), pos_partial, ptr<T>(grad_out), inv_p, B, N, K, D,
-                                               splits, stream), op);
-    } else {
-      check_launch(fm::gather_tokens_bwd<T, 1>(ptr<T>(grad_x), pos_partial, ptr<T>(grad_out), inv_p, B, N, K, D,
-                                               splits, stream), op);
-    }
-    if (grad_pos.has_value() && splits > 1) reduce_into(*grad_pos, partial, 1, splits, N * D, stream, op);
+    const OptTensor pos_partial = pos_partials(grad_pos, splits, N, D);
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::gather_tokens_bwd<T, VEC>(ptr<T>(grad_x), ptr<float>(pos_partial), ptr<T>(grad_out),
+                                                        ptr<int32_t>(inv), B, N, K, D, splits, stream);
+                 }),
+                 op);
+    if (splits > 1 && grad_pos.has_value()) reduce_into(*grad_pos, *pos_partial, 1, splits, N * D, stream, op);
   });
 }
 
@@ -244,16 +296,13 @@ void unmask_tokens_fwd(const at::Tensor& out, const at::Tensor& x_vis, const at:
   const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
   dispatch_float(x_vis.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
     const T* p = ptr<T>(pos);
-    const int32_t* inv_p = ptr<int32_t>(inv);
-    if (use_vec(D, V, {out.data_ptr(), x_vis.data_ptr(), mask_token.data_ptr(), p})) {
-      check_launch(fm::unmask_tokens_fwd<T, V>(ptr<T>(out), ptr<T>(x_vis), inv_p, ptr<T>(mask_token), p, B, N, K, D,
-                                               stream), op);
-    } else {
-      check_launch(fm::unmask_tokens_fwd<T, 1>(ptr<T>(out), ptr<T>(x_vis), inv_p, ptr<T>(mask_token), p, B, N, K, D,
-                                               stream), op);
-    }
+    const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x_vis.data_ptr(), mask_token.data_ptr(), p});
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::unmask_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x_vis), ptr<int32_t>(inv),
+                                                        ptr<T>(mask_token), p, B, N, K, D, stream);
+                 }),
+                 op);
   });
 }
 
@@ -264,40 +313,27 @@ void unmask_tokens_bwd(const at::Tensor& grad_x_vis, const at::Tensor& grad_mask
   check_rank(ids, 2, op, "ids_keep");
   const int64_t B = grad_out.size(0), N = grad_out.size(1), D = grad_out.size(2), K = ids.size(1);
   check(grad_out, op, "grad_out", grad_out, {B, N, D}, std::nullopt);
-  check(ids, op, "ids_keep", grad_out, {B, K}, at::kLong);
   check(grad_x_vis, op, "grad_x_vis", grad_out, {B, K, D}, grad_out.scalar_type());
   check(grad_mask, op, "grad_mask_token", grad_out, {D}, at::kFloat);
-  if (grad_pos.has_value()) check(*grad_pos, op, "grad_pos", grad_out, {N, D}, at::kFloat);
-  TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
-  if (B * N * D == 0) {
-    grad_mask.zero_();
-    if (grad_pos.has_value()) grad_pos->zero_();
-    return;
-  }
+  if (token_bwd_nothing_to_do(op, grad_out, ids, grad_pos, grad_mask, B, N, K, D)) return;
   const DeviceScope scope(grad_out);
   const cudaStream_t stream = scope.stream();
   const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
   dispatch_float(grad_out.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
-    const bool vec = use_vec(D, V, {grad_x_vis.data_ptr(), grad_out.data_ptr(), ptr<float>(grad_pos)});
-    const int64_t chunks = D / (vec ? V : 1);
+    const bool vec = use_vec(D, kVec<T>, {grad_x_vis.data_ptr(), grad_out.data_ptr(), ptr<float>(grad_pos)});
+    const int64_t chunks = D / (vec ? kVec<T> : 1);
     const int64_t splits = fm::token_bwd_splits(B, N, chunks, sm_count(grad_out));
-    const auto f32 = grad_out.options().dtype(at::kFloat);
-    const at::Tensor mask_partial = at::empty({splits, N, D}, f32);
-    at::Tensor pos_partial;
-    if (grad_pos.has_value()) pos_partial = splits == 1 ? *grad_pos : at::empty({splits, N, D}, f32);
-    float* pp = grad_pos.has_value() ? ptr<float>(pos_partial) : nullptr;
-    const int32_t* inv_p = ptr<int32_t>(inv);
-    if (vec) {
-      check_launch(fm::unmask_tokens_bwd<T, V>(ptr<T>(grad_x_vis), ptr<float>(mask_partial), pp, ptr<T>(grad_out),
-                                               inv_p, B, N, K, D, splits, stream), op);
-    } else {
-      check_launch(fm::unmask_tokens_bwd<T, 1>(ptr<T>(grad_x_vis), ptr<float>(mask_partial), pp, ptr<T>(grad_out),
-                                               inv_p, B, N, K, D, splits, stream), op);
-    }
+    const at::Tensor mask_partial = at::empty({splits, N, D}, grad_out.options().dtype(at::kFloat));
+    const OptTensor pos_partial = pos_partials(grad_pos, splits, N, D);
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::unmask_tokens_bwd<T, VEC>(ptr<T>(grad_x_vis), ptr<float>(mask_partial),
+                                                        ptr<float>(pos_partial), ptr<T>(grad_out), ptr<int64_t>(ids),
+                                                        ptr<int32_t>(inv), B, N, K, D, splits, stream);
+                 }),
+                 op);
     reduce_into(grad_mask, mask_partial, 1, splits * N, D, stream, op);
-    if (grad_pos.has_value() && splits > 1) reduce_into(*grad_pos, pos_partial, 1, splits, N * D, stream, op);
+    if (splits > 1 && grad_pos.has_value()) reduce_into(*grad_pos, *pos_partial, 1, splits, N * D, stream, op);
   });
 }
 
@@ -341,16 +377,11 @@ void ln_fwd_impl(const char* op, const OptTensor& x_new, const at::Tensor& out, 
   a.eps = static_cast<float>(eps);
   dispatch_float(st, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
-    const bool vec = use_vec(D, V, {a.out, a.x_new, a.x, a.y, a.gate, a.shift, a.scale});
-    cudaError_t err;
-    if (residual) {
-      err = vec ? fm::layernorm_modulate_fwd<T, V, true>(a, stream) : fm::layernorm_modulate_fwd<T, 1, true>(a, stream);
-    } else {
-      err = vec ? fm::layernorm_modulate_fwd<T, V, false>(a, stream)
-                : fm::layernorm_modulate_fwd<T, 1, false>(a, stream);
-    }
-    check_launch(err, op);
+    const bool vec = use_vec(D, kVec<T>, {a.out, a.x_new, a.x, a.y, a.gate, a.shift, a.scale});
+    check_launch(FASTMASK_BOOL_SWITCH(residual, RESIDUAL, [&] {
+                   return FASTMASK_VEC_SWITCH(vec, [&] { return fm::layernorm_modulate_fwd<T, VEC, RESIDUAL>(a, stream); });
+                 }),
+                 op);
   });
 }
 
@@ -381,12 +412,11 @@ void gated_residual_fwd(const at::Tensor& out, const at::Tensor& x, const at::Te
   const cudaStream_t stream = scope.stream();
   dispatch_float(st, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
-    const bool vec = use_vec(D, V, {out.data_ptr(), x.data_ptr(), y.data_ptr(), gate.data_ptr()});
-    check_launch(vec ? fm::gated_residual_fwd<T, V>(ptr<T>(out), ptr<T>(x), ptr<T>(y), ptr<float>(gate), B, L, D,
-                                                    stream)
-                     : fm::gated_residual_fwd<T, 1>(ptr<T>(out), ptr<T>(x), ptr<T>(y), ptr<float>(gate), B, L, D,
-                                                    stream),
+    const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x.data_ptr(), y.data_ptr(), gate.data_ptr()});
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::gated_residual_fwd<T, VEC>(ptr<T>(out), ptr<T>(x), ptr<T>(y), ptr<float>(gate), B, L, D,
+                                                         stream);
+                 }),
                  op);
   });
 }
@@ -405,7 +435,7 @@ void norm_bwd_impl(const char* op, fm::NormBwdMode mode, const NormBwdOutputs& o
   const int64_t B = grad_out.size(0), L = grad_out.size(1), D = grad_out.size(2);
   const auto st = grad_out.scalar_type();
   check(grad_out, op, "grad_out", grad_out, {B, L, D}, std::nullopt);
-  check(*o.grad_x, op, "grad_x", grad_out, {B, L, D}, st);
+  if (ln) check(*o.grad_x, op, "grad_x", grad_out, {B, L, D}, st);
   if (mode == fm::NormBwdMode::kResidualLayerNorm) check(*grad_res, op, "grad_x_new", grad_out, {B, L, D}, st);
   if (ln) {
     check(*x, op, mode == fm::NormBwdMode::kLayerNorm ? "x" : "x_new", grad_out, {B, L, D}, st);
@@ -433,9 +463,8 @@ void norm_bwd_impl(const char* op, fm::NormBwdMode mode, const NormBwdOutputs& o
   const int sms = sm_count(grad_out);
   dispatch_float(st, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
     fm::NormBwdArgs a{};
-    a.grad_x = o.grad_x->data_ptr();
+    a.grad_x = ln ? o.grad_x->data_ptr() : nullptr;  // gated residual: grad_x is grad_out
     a.grad_y = gated ? o.grad_y->data_ptr() : nullptr;
     a.grad_out = grad_out.data_ptr();
     a.grad_res = grad_res.has_value() ? grad_res->data_ptr() : nullptr;
@@ -445,11 +474,11 @@ void norm_bwd_impl(const char* op, fm::NormBwdMode mode, const NormBwdOutputs& o
     a.scale = ln ? ptr<float>(*scale) : nullptr;
     a.mean = ln ? ptr<float>(*mean) : nullptr;
     a.rstd = ln ? ptr<float>(*rstd) : nullptr;
-    const bool vec = use_vec(D, V, {a.grad_x, a.grad_y, a.grad_out, a.grad_res, a.x, a.y, a.gate, a.scale});
+    const bool vec = use_vec(D, kVec<T>, {a.grad_x, a.grad_y, a.grad_out, a.grad_res, a.x, a.y, a.gate, a.scale});
     a.B = B;
     a.L = L;
     a.D = D;
-    a.tpr = fm::row_threads(D / (vec ? V : 1), fm::kNormBwdCache);
+    a.tpr = fm::row_threads(D / (vec ? kVec<T> : 1), fm::kNormBwdCache);
     a.rows_per_unit = fm::norm_bwd_rows_per_unit(B, L, a.tpr, sms);
     a.units = fm::ceil_div(L, a.rows_per_unit);
     const auto f32 = grad_out.options().dtype(at::kFloat);
@@ -464,22 +493,10 @@ void norm_bwd_impl(const char* op, fm::NormBwdMode mode, const NormBwdOutputs& o
       a.part_shift = ptr<float>(p_shift);
       a.part_scale = ptr<float>(p_scale);
     }
-    cudaError_t err;
-    switch (mode) {
-      case fm::NormBwdMode::kLayerNorm:
-        err = vec ? fm::norm_bwd<T, V, fm::NormBwdMode::kLayerNorm>(a, stream)
-                  : fm::norm_bwd<T, 1, fm::NormBwdMode::kLayerNorm>(a, stream);
-        break;
-      case fm::NormBwdMode::kResidualLayerNorm:
-        err = vec ? fm::norm_bwd<T, V, fm::NormBwdMode::kResidualLayerNorm>(a, stream)
-                  : fm::norm_bwd<T, 1, fm::NormBwdMode::kResidualLayerNorm>(a, stream);
-        break;
-      default:
-        err = vec ? fm::norm_bwd<T, V, fm::NormBwdMode::kGatedResidual>(a, stream)
-                  : fm::norm_bwd<T, 1, fm::NormBwdMode::kGatedResidual>(a, stream);
-        break;
-    }
-    check_launch(err, op);
+    check_launch(FASTMASK_NORM_MODE_SWITCH(mode, MODE, [&] {
+                   return FASTMASK_VEC_SWITCH(vec, [&] { return fm::norm_bwd<T, VEC, MODE>(a, stream); });
+                 }),
+                 op);
     if (gated) reduce_into(*o.grad_gate, p_gate, B, a.units, D, stream, op);
     if (ln) {
       reduce_into(*o.grad_shift, p_shift, B, a.units, D, stream, op);
@@ -496,9 +513,10 @@ void layernorm_modulate_bwd(const at::Tensor& grad_x, const at::Tensor& grad_shi
                 std::nullopt, scale, mean, rstd);
 }
 
-void gated_residual_bwd(const at::Tensor& grad_x, const at::Tensor& grad_y, const at::Tensor& grad_gate,
-                        const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& gate) {
-  NormBwdOutputs o{grad_x, grad_y, grad_gate, std::nullopt, std::nullopt};
+// grad_x of x + gate * y is grad_out itself: the caller uses grad_out, nothing is written.
+void gated_residual_bwd(const at::Tensor& grad_y, const at::Tensor& grad_gate, const at::Tensor& grad_out,
+                        const at::Tensor& y, const at::Tensor& gate) {
+  NormBwdOutputs o{std::nullopt, grad_y, grad_gate, std::nullopt, std::nullopt};
   norm_bwd_impl("gated_residual_bwd", fm::NormBwdMode::kGatedResidual, o, grad_out, std::nullopt, std::nullopt, y,
                 gate, std::nullopt, std::nullopt, std::nullopt);
 }
@@ -542,7 +560,6 @@ void dsm_mae_loss_fwd(const at::Tensor& loss, const at::Tensor& terms, const at:
   const cudaStream_t stream = scope.stream();
   dispatch_float(st, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int V = 16 / sizeof(T);
     fm::LossArgs a{};
     a.grad_F = grad_F.data_ptr();
     a.F = F_out.data_ptr();
@@ -555,20 +572,17 @@ void dsm_mae_loss_fwd(const at::Tensor& loss, const at::Tensor& terms, const at:
     a.P = P;
     a.mae_coef = static_cast<float>(mae_coef);
     a.sigma_data = static_cast<float>(sigma_data);
-    const bool vec = use_vec(P, V, {a.grad_F, a.F, a.x_noisy, a.y});
-    const int64_t blocks = fm::loss_blocks(N, P, vec ? V : 1);
+    const bool vec = use_vec(P, kVec<T>, {a.grad_F, a.F, a.x_noisy, a.y});
+    const int64_t blocks = fm::loss_blocks(N, P, vec ? kVec<T> : 1);
     TORCH_CHECK(B * blocks < (int64_t(1) << 30), "fastmask.", op, ": batch too large for one launch");
     const at::Tensor partial = at::empty({B, blocks + 1, 2}, F_out.options().dtype(at::kFloat));
     a.partial = ptr<float>(partial);
-    cudaError_t err;
-    if (sx == st) {
-      err = vec ? fm::dsm_mae_loss_fwd<T, T, V>(a, stream) : fm::dsm_mae_loss_fwd<T, T, 1>(a, stream);
-    } else if constexpr (!std::is_same_v<T, float>) {
-      err = vec ? fm::dsm_mae_loss_fwd<T, float, V>(a, stream) : fm::dsm_mae_loss_fwd<T, float, 1>(a, stream);
-    } else {
-      err = cudaErrorInvalidValue;  // unreachable: sx == st when F_out is fp32
-    }
-    check_launch(err, op);
+    // x_noisy and y in F_out's dtype, or fp32 (only reachable when F_out is 16-bit)
+    check_launch(FASTMASK_BOOL_SWITCH((sx == st || std::is_same_v<T, float>), SAME, [&] {
+                   using TX = std::conditional_t<SAME, T, float>;
+                   return FASTMASK_VEC_SWITCH(vec, [&] { return fm::dsm_mae_loss_fwd<T, TX, VEC>(a, stream); });
+                 }),
+                 op);
     check_launch(fm::dsm_mae_loss_finish(ptr<float>(loss), ptr<float>(terms), ptr<float>(partial), B, blocks,
                                          a.mae_coef, stream),
                  op);
@@ -592,8 +606,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layernorm_modulate_bwd", &layernorm_modulate_bwd, py::arg("grad_x"), py::arg("grad_shift"),
         py::arg("grad_scale"), py::arg("grad_out"), py::arg("x"), py::arg("scale"), py::arg("mean"), py::arg("rstd"));
   m.def("gated_residual_fwd", &gated_residual_fwd, py::arg("out"), py::arg("x"), py::arg("y"), py::arg("gate"));
-  m.def("gated_residual_bwd", &gated_residual_bwd, py::arg("grad_x"), py::arg("grad_y"), py::arg("grad_gate"),
-        py::arg("grad_out"), py::arg("y"), py::arg("gate"));
+  m.def("gated_residual_bwd", &gated_residual_bwd, py::arg("grad_y"), py::arg("grad_gate"), py::arg("grad_out"),
+        py::arg("y"), py::arg("gate"));
   m.def("residual_layernorm_modulate_fwd", &residual_layernorm_modulate_fwd, py::arg("x_new"), py::arg("out"),
         py::arg("mean"), py::arg("rstd"), py::arg("x"), py::arg("y"), py::arg("gate"), py::arg("shift"),
         py::arg("scale"), py::arg("eps"));

@@ -73,6 +73,22 @@ __device__ __forceinline__ void fill(float (&dst)[VEC], float v) {
   for (int i = 0; i < VEC; ++i) dst[i] = v;
 }
 
+// ------------------------------------------------------------------ row chunks
+// Visits, when `valid`, the chunks c = lane, lane + tpr, ... (c < chunks) of a row that this
+// thread of its row group owns: the first NC through cached(i, c), where i is the chunk's
+// slot in the thread's register cache (a constant once the loop is unrolled), the rest
+// through uncached(c).
+template <int NC, typename Cached, typename Uncached>
+__device__ __forceinline__ void for_each_chunk(int lane, int tpr, int64_t chunks, bool valid, Cached&& cached,
+                                               Uncached&& uncached) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int64_t c = lane + static_cast<int64_t>(i) * tpr;
+    if (valid && c < chunks) cached(i, c);
+  }
+  for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) uncached(c);
+}
+
 // ------------------------------------------------------------------ row-group sums
 // Sums each of the NV values over the `tpr` threads of a row group (see row_threads):
 // groups of up to 32 threads (a power of two) are aligned lane ranges of one warp

@@ -76,7 +76,8 @@ inline int64_t token_bwd_splits(int64_t B, int64_t N, int64_t chunks, int sm_cou
 // one; the bindings pick the vectorised one when D % VEC == 0 and every pointer is 16-byte
 // aligned.
 
-// inv[b, n] = k where ids[b, k] = n, else -1 (int32 map of kept positions).
+// inv[b, n] = k where ids[b, k] = n, else -1 (int32 map of kept positions). Ids outside
+// [0, N) are skipped: no kernel reads or writes through them.
 cudaError_t inverse_ids(int32_t* inv, const int64_t* ids, int64_t B, int64_t N, int64_t K, cudaStream_t stream);
 
 template <typename T, int VEC>
@@ -92,11 +93,12 @@ template <typename T, int VEC>
 cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const T* pos, int64_t B,
                               int64_t N, int64_t K, int64_t D, cudaStream_t stream);
 
-// grad_x_vis [B, K, D]; mask_partial [splits, N, D] fp32; pos_partial [splits, N, D] fp32 (or null).
+// grad_x_vis [B, K, D] fully written (zeros at ids outside [0, N) or repeated); mask_partial
+// [splits, N, D] fp32; pos_partial [splits, N, D] fp32 (or null).
 template <typename T, int VEC>
 cudaError_t unmask_tokens_bwd(T* grad_x_vis, float* mask_partial, float* pos_partial, const T* grad_out,
-                              const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D, int64_t splits,
-                              cudaStream_t stream);
+                              const int64_t* ids, const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D,
+                              int64_t splits, cudaStream_t stream);
 
 // out[g, jb, w] = sum of in[g, j, w] over j in [jb * fan, (jb + 1) * fan), in index order
 // (deterministic); with fan >= J it is the full sum out[g, w].

@@ -80,32 +80,31 @@ __global__ void __launch_bounds__(kMaxRowThreads) dsm_mae_fwd_kernel(LossArgs a,
   };
 
   float dv[NC][VEC], rv[NC][VEC], xv[NC][VEC];
-  float s1[2] = {0.f, 0.f};  // sum (D - y)^2, sum x_noisy
 #pragma unroll
   for (int i = 0; i < NC; ++i) {
-    const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-    if (valid && c < chunks) {
-      fetch(c, dv[i], rv[i], xv[i]);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        s1[0] += rv[i][k] * rv[i][k];
-        s1[1] += xv[i][k];
-      }
-    } else {
-      fill(dv[i], 0.f);
-      fill(rv[i], 0.f);
-      fill(xv[i], 0.f);
-    }
+    fill(dv[i], 0.f);
+    fill(rv[i], 0.f);
+    fill(xv[i], 0.f);
   }
-  for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-    float d[VEC], r[VEC], v[VEC];
-    fetch(c, d, r, v);
+  float s1[2] = {0.f, 0.f};  // sum (D - y)^2, sum x_noisy
+  auto add_s1 = [&](const float (&r)[VEC], const float (&v)[VEC]) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       s1[0] += r[k] * r[k];
       s1[1] += v[k];
     }
-  }
+  };
+  for_each_chunk<NC>(
+      lane, tpr, chunks, valid,
+      [&](int i, int64_t c) {
+        fetch(c, dv[i], rv[i], xv[i]);
+        add_s1(rv[i], xv[i]);
+      },
+      [&](int64_t c) {
+        float d[VEC], r[VEC], v[VEC];
+        fetch(c, d, r, v);
+        add_s1(r, v);
+      });
   group_sum(s1, tpr, smem);
 
   // MAE target statistics: exact two-pass unbiased variance of x_noisy over the token.
@@ -113,20 +112,17 @@ __global__ void __launch_bounds__(kMaxRowThreads) dsm_mae_fwd_kernel(LossArgs a,
   if (has_mask) {
     mean = s1[1] * inv_p;
     float q[1] = {0.f};
-#pragma unroll
-    for (int i = 0; i < NC; ++i) {
-      const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-      if (valid && c < chunks) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) q[0] += (xv[i][k] - mean) * (xv[i][k] - mean);
-      }
-    }
-    for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-      float v[VEC];
-      load<VEC>(v, xn + off + c * VEC);
+    auto add_q = [&](const float (&v)[VEC]) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) q[0] += (v[k] - mean) * (v[k] - mean);
-    }
+    };
+    for_each_chunk<NC>(
+        lane, tpr, chunks, valid, [&](int i, int64_t) { add_q(xv[i]); },
+        [&](int64_t c) {
+          float v[VEC];
+          load<VEC>(v, xn + off + c * VEC);
+          add_q(v);
+        });
     group_sum(q, tpr, smem);
     inv_std = 1.f / sqrtf(q[0] / static_cast<float>(P - 1) + kMaeEps);
   }
@@ -148,16 +144,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) dsm_mae_fwd_kernel(LossArgs a,
     }
     store<VEC>(grad_F + off + c * VEC, g);
   };
-#pragma unroll
-  for (int i = 0; i < NC; ++i) {
-    const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-    if (valid && c < chunks) emit(c, dv[i], rv[i], xv[i]);
-  }
-  for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-    float d[VEC], r[VEC], v[VEC];
-    fetch(c, d, r, v);
-    emit(c, d, r, v);
-  }
+  for_each_chunk<NC>(
+      lane, tpr, chunks, valid, [&](int i, int64_t c) { emit(c, dv[i], rv[i], xv[i]); },
+      [&](int64_t c) {
+        float d[VEC], r[VEC], v[VEC];
+        fetch(c, d, r, v);
+        emit(c, d, r, v);
+      });
   if (has_mask) group_sum(s3, tpr, smem);
 
   float contrib[2] = {0.f, 0.f};  // kept * e_t, drop * m_t of this thread's token (lane 0 only)

@@ -68,48 +68,42 @@ __global__ void __launch_bounds__(kMaxRowThreads) ln_modulate_fwd_kernel(NormFwd
     };
 
     float v[NC][VEC];
+#pragma unroll
+    for (int i = 0; i < NC; ++i) fill(v[i], 0.f);
     float s[1] = {0.f};
-#pragma unroll
-    for (int i = 0; i < NC; ++i) {
-      const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-      if (valid && c < chunks) {
-        fetch(c, v[i]);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) s[0] += v[i][k];
-      } else {
-        fill(v[i], 0.f);
-      }
-    }
-    for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-      float t[VEC];
-      fetch(c, t);
+    auto add_s = [&](const float (&t)[VEC]) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) s[0] += t[k];
-    }
+    };
+    for_each_chunk<NC>(
+        lane, tpr, chunks, valid,
+        [&](int i, int64_t c) {
+          fetch(c, v[i]);
+          add_s(v[i]);
+        },
+        [&](int64_t c) {
+          float t[VEC];
+          fetch(c, t);
+          add_s(t);
+        });
     group_sum(s, tpr, smem);
     const float mean = s[0] * inv_d;
 
     float q[1] = {0.f};
-#pragma unroll
-    for (int i = 0; i < NC; ++i) {
-      const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-      if (valid && c < chunks) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float d = v[i][k] - mean;
-          q[0] += d * d;
-        }
-      }
-    }
-    for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-      float t[VEC];
-      refetch(c, t);
+    auto add_q = [&](const float (&t)[VEC]) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float d = t[k] - mean;
         q[0] += d * d;
       }
-    }
+    };
+    for_each_chunk<NC>(
+        lane, tpr, chunks, valid, [&](int i, int64_t) { add_q(v[i]); },
+        [&](int64_t c) {
+          float t[VEC];
+          refetch(c, t);
+          add_q(t);
+        });
     group_sum(q, tpr, smem);
     const float rstd = rsqrtf(q[0] * inv_d + a.eps);
 
@@ -121,16 +115,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) ln_modulate_fwd_kernel(NormFwd
       for (int k = 0; k < VEC; ++k) o[k] = (t[k] - mean) * rstd * (1.f + sc[k]) + sh[k];
       store<VEC>(out + off + c * VEC, o);
     };
-#pragma unroll
-    for (int i = 0; i < NC; ++i) {
-      const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-      if (valid && c < chunks) emit(c, v[i]);
-    }
-    for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-      float t[VEC];
-      refetch(c, t);
-      emit(c, t);
-    }
+    for_each_chunk<NC>(
+        lane, tpr, chunks, valid, [&](int i, int64_t c) { emit(c, v[i]); },
+        [&](int64_t c) {
+          float t[VEC];
+          refetch(c, t);
+          emit(c, t);
+        });
     if (valid && lane == 0) {
       a.mean[row] = mean;
       a.rstd[row] = rstd;
@@ -169,7 +160,8 @@ __global__ void __launch_bounds__(256) gated_residual_fwd_kernel(T* __restrict__
 //   grad_shift = sum over rows of grad_out,  grad_scale = sum over rows of grad_out * xhat
 // Gated part, with tot = the gradient reaching x_new = x + gate * y:
 //   grad_x = tot,  grad_y = gate * tot,  grad_gate = sum over rows of tot * y
-// kResidualLayerNorm: tot = grad_x_new + grad_in;  kGatedResidual: tot = grad_out.
+// kResidualLayerNorm: tot = grad_x_new + grad_in;  kGatedResidual: tot = grad_out, and
+// grad_x is grad_out itself: not written (a.grad_x is null).
 template <typename T, int VEC, NormBwdMode MODE>
 __global__ void __launch_bounds__(kMaxRowThreads) norm_bwd_kernel(NormBwdArgs a) {
   constexpr bool LN = MODE != NormBwdMode::kGatedResidual;
@@ -242,37 +234,35 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_bwd_kernel(NormBwdArgs a)
         }
       };
       if constexpr (LN) {
-#pragma unroll
-        for (int i = 0; i < NC; ++i) {
-          const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-          if (valid && c < chunks) {
-            float g[VEC];
-            ln_chunk(c, g, gh[i], xh[i]);
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              acc_shift[i][k] += g[k];
-              acc_scale[i][k] += g[k] * xh[i][k];
-            }
-          }
-        }
-        for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-          float g[VEC], h[VEC], hx[VEC], ps[VEC], pc[VEC];
-          ln_chunk(c, g, h, hx);
-          if (first_row) {
-            fill(ps, 0.f);
-            fill(pc, 0.f);
-          } else {
-            load<VEC>(ps, p_shift + c * VEC);
-            load<VEC>(pc, p_scale + c * VEC);
-          }
+        // shift sums += g, scale sums += g * xhat
+        auto add_ln = [&](float (&ps)[VEC], float (&pc)[VEC], const float (&g)[VEC], const float (&hx)[VEC]) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             ps[k] += g[k];
             pc[k] += g[k] * hx[k];
           }
-          store<VEC>(p_shift + c * VEC, ps);
-          store<VEC>(p_scale + c * VEC, pc);
-        }
+        };
+        for_each_chunk<NC>(
+            lane, tpr, chunks, valid,
+            [&](int i, int64_t c) {
+              float g[VEC];
+              ln_chunk(c, g, gh[i], xh[i]);
+              add_ln(acc_shift[i], acc_scale[i], g, xh[i]);
+            },
+            [&](int64_t c) {
+              float g[VEC], h[VEC], hx[VEC], ps[VEC], pc[VEC];
+              ln_chunk(c, g, h, hx);
+              if (first_row) {
+                fill(ps, 0.f);
+                fill(pc, 0.f);
+              } else {
+                load<VEC>(ps, p_shift + c * VEC);
+                load<VEC>(pc, p_scale + c * VEC);
+              }
+              add_ln(ps, pc, g, hx);
+              store<VEC>(p_shift + c * VEC, ps);
+              store<VEC>(p_scale + c * VEC, pc);
+            });
         group_sum(sums, tpr, smem);
       }
       const float mean_gh = sums[0] * inv_d;
@@ -304,31 +294,28 @@ __global__ void __launch_bounds__(kMaxRowThreads) norm_bwd_kernel(NormBwdArgs a)
             gy[k] = gv[k] * tot[k];
             ag[k] += tot[k] * yv[k];
           }
-          store<VEC>(grad_x + off + c * VEC, tot);
+          if constexpr (LN) store<VEC>(grad_x + off + c * VEC, tot);
           store<VEC>(grad_y + off + c * VEC, gy);
         }
       };
-#pragma unroll
-      for (int i = 0; i < NC; ++i) {
-        const int64_t c = lane + static_cast<int64_t>(i) * tpr;
-        if (valid && c < chunks) out_chunk(c, gh[i], xh[i], acc_gate[i]);
-      }
-      for (int64_t c = lane + static_cast<int64_t>(NC) * tpr; valid && c < chunks; c += tpr) {
-        float h[VEC], hx[VEC], ag[VEC];
-        if constexpr (LN) {
-          float g[VEC];
-          ln_chunk(c, g, h, hx);  // recompute gh and xhat (the row sums are final by now)
-        }
-        if constexpr (GATED) {
-          if (first_row) {
-            fill(ag, 0.f);
-          } else {
-            load<VEC>(ag, p_gate + c * VEC);
-          }
-        }
-        out_chunk(c, h, hx, ag);
-        if constexpr (GATED) store<VEC>(p_gate + c * VEC, ag);
-      }
+      for_each_chunk<NC>(
+          lane, tpr, chunks, valid, [&](int i, int64_t c) { out_chunk(c, gh[i], xh[i], acc_gate[i]); },
+          [&](int64_t c) {
+            float h[VEC], hx[VEC], ag[VEC];
+            if constexpr (LN) {
+              float g[VEC];
+              ln_chunk(c, g, h, hx);  // recompute gh and xhat (the row sums are final by now)
+            }
+            if constexpr (GATED) {
+              if (first_row) {
+                fill(ag, 0.f);
+              } else {
+                load<VEC>(ag, p_gate + c * VEC);
+              }
+            }
+            out_chunk(c, h, hx, ag);
+            if constexpr (GATED) store<VEC>(p_gate + c * VEC, ag);
+          });
     }
 
     // The unit's partial rows for the cached columns.

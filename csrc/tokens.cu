@@ -27,40 +27,64 @@ TokenGrid token_grid(int64_t chunks) {
   return {tpr, rpb, tpr * rpb};
 }
 
-__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+// The grid-stride loop over token rows of the four token kernels: this thread's lane in its
+// row group, the first row of its group and the step between its rows.
+struct RowLoop {
+  int lane;
+  int64_t first, step;
+};
+
+__device__ __forceinline__ RowLoop row_loop(int tpr, int rpb) {
+  const int group = threadIdx.x / tpr;
+  return {static_cast<int>(threadIdx.x) - group * tpr, static_cast<int64_t>(blockIdx.x) * rpb + group,
+          static_cast<int64_t>(gridDim.x) * rpb};
+}
+
+// Chunk c of a token row, plus chunk c of its position embedding row p when there is one.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_row_chunk(float (&v)[VEC], const T* __restrict__ src, const T* __restrict__ p,
+                                               int64_t c) {
+  load<VEC>(v, src + c * VEC);
+  if (p != nullptr) {
+    float q[VEC];
+    load<VEC>(q, p + c * VEC);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] += q[i];
+  }
+}
+
+// Row `row` = (split s, token n) of the batch-sum kernels: n and the samples [b0, b1) of s.
+struct SplitRow {
+  int64_t n, b0, b1;
+};
+
+__device__ __forceinline__ SplitRow split_row(int64_t row, int64_t B, int64_t N, int64_t splits) {
+  const int64_t per_split = (B + splits - 1) / splits;
+  const int64_t s = row / N;
+  const int64_t b0 = s * per_split;
+  return {row - s * N, b0, b0 + per_split < B ? b0 + per_split : B};
+}
 
 // out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]]): the add rounds once, in T, like the
-// reference (pos arrives already converted to T).
+// reference (pos arrives already converted to T). An id outside [0, N) (the caller skipped
+// the id check) reads nothing and gives a row of zeros.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) gather_fwd_kernel(T* __restrict__ out, const T* __restrict__ x,
                                                          const int64_t* __restrict__ ids, const T* __restrict__ pos,
                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr, int rpb) {
   const int64_t chunks = D / VEC;
-  const int group = threadIdx.x / tpr;
-  const int lane = threadIdx.x - group * tpr;
-  const int64_t rows = B * K;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * rpb) {
+  const RowLoop rl = row_loop(tpr, rpb);
+  for (int64_t row = rl.first; row < B * K; row += rl.step) {
     const int64_t b = row / K;
     const int64_t n = ids[row];
     const bool ok = 0 <= n && n < N;
-    assert(ok && "fastmask gather_tokens: ids_keep holds an id outside [0, num_tokens)");
     const T* src = x + (b * N + (ok ? n : 0)) * D;
     const T* p = pos == nullptr ? nullptr : pos + (ok ? n : 0) * D;
     T* dst = out + row * D;
-    for (int64_t c = lane; c < chunks; c += tpr) {
+    for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float v[VEC];
-      if (ok) {
-        load<VEC>(v, src + c * VEC);
-        if (p != nullptr) {
-          float q[VEC];
-          load<VEC>(q, p + c * VEC);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) v[i] += q[i];
-        }
-      } else {
-        fill(v, quiet_nan());  // only reachable with NDEBUG: make the bad row visible
-      }
+      fill(v, 0.f);
+      if (ok) load_row_chunk(v, src, p, c);
       store<VEC>(dst + c * VEC, v);
     }
   }
@@ -74,20 +98,14 @@ __global__ void __launch_bounds__(256) gather_bwd_kernel(T* __restrict__ grad_x,
                                                          const int32_t* __restrict__ inv, int64_t B, int64_t N,
                                                          int64_t K, int64_t D, int64_t splits, int tpr, int rpb) {
   const int64_t chunks = D / VEC;
-  const int group = threadIdx.x / tpr;
-  const int lane = threadIdx.x - group * tpr;
-  const int64_t per_split = (B + splits - 1) / splits;
-  const int64_t rows = splits * N;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * rpb) {
-    const int64_t s = row / N;
-    const int64_t n = row - s * N;
-    const int64_t b0 = s * per_split;
-    const int64_t b1 = b0 + per_split < B ? b0 + per_split : B;
-    for (int64_t c = lane; c < chunks; c += tpr) {
+  const RowLoop rl = row_loop(tpr, rpb);
+  for (int64_t row = rl.first; row < splits * N; row += rl.step) {
+    const SplitRow sr = split_row(row, B, N, splits);
+    const int64_t n = sr.n;
+    for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float acc[VEC];
       fill(acc, 0.f);
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = sr.b0; b < sr.b1; ++b) {
         const int32_t j = inv[b * N + n];
         float v[VEC];
         if (j >= 0) {
@@ -112,26 +130,17 @@ __global__ void __launch_bounds__(256) unmask_fwd_kernel(T* __restrict__ out, co
                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr,
                                                          int rpb) {
   const int64_t chunks = D / VEC;
-  const int group = threadIdx.x / tpr;
-  const int lane = threadIdx.x - group * tpr;
-  const int64_t rows = B * N;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * rpb) {
+  const RowLoop rl = row_loop(tpr, rpb);
+  for (int64_t row = rl.first; row < B * N; row += rl.step) {
     const int64_t b = row / N;
     const int64_t n = row - b * N;
     const int32_t j = inv[row];
     const T* src = j >= 0 ? x_vis + (b * K + j) * D : mask_token;
     const T* p = pos == nullptr ? nullptr : pos + n * D;
     T* dst = out + row * D;
-    for (int64_t c = lane; c < chunks; c += tpr) {
+    for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float v[VEC];
-      load<VEC>(v, src + c * VEC);
-      if (p != nullptr) {
-        float q[VEC];
-        load<VEC>(q, p + c * VEC);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[i] += q[i];
-      }
+      load_row_chunk(v, src, p, c);
       store<VEC>(dst + c * VEC, v);
     }
   }
@@ -147,21 +156,15 @@ __global__ void __launch_bounds__(256) unmask_bwd_kernel(T* __restrict__ grad_x_
                                                          const int32_t* __restrict__ inv, int64_t B, int64_t N,
                                                          int64_t K, int64_t D, int64_t splits, int tpr, int rpb) {
   const int64_t chunks = D / VEC;
-  const int group = threadIdx.x / tpr;
-  const int lane = threadIdx.x - group * tpr;
-  const int64_t per_split = (B + splits - 1) / splits;
-  const int64_t rows = splits * N;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rpb + group; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * rpb) {
-    const int64_t s = row / N;
-    const int64_t n = row - s * N;
-    const int64_t b0 = s * per_split;
-    const int64_t b1 = b0 + per_split < B ? b0 + per_split : B;
-    for (int64_t c = lane; c < chunks; c += tpr) {
+  const RowLoop rl = row_loop(tpr, rpb);
+  for (int64_t row = rl.first; row < splits * N; row += rl.step) {
+    const SplitRow sr = split_row(row, B, N, splits);
+    const int64_t n = sr.n;
+    for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float acc_mask[VEC], acc_pos[VEC];
       fill(acc_mask, 0.f);
       fill(acc_pos, 0.f);
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = sr.b0; b < sr.b1; ++b) {
         float v[VEC];
         load<VEC>(v, grad_out + (b * N + n) * D + c * VEC);
         const int32_t j = inv[b * N + n];
@@ -180,6 +183,7 @@ __global__ void __launch_bounds__(256) unmask_bwd_kernel(T* __restrict__ grad_x_
   }
 }
 
+// Ids outside [0, N) are skipped: no token is kept for them.
 __global__ void inverse_ids_kernel(int32_t* __restrict__ inv, const int64_t* __restrict__ ids, int64_t B, int64_t N,
                                    int64_t K) {
   const int64_t total = B * K;
@@ -187,9 +191,26 @@ __global__ void inverse_ids_kernel(int32_t* __restrict__ inv, const int64_t* __r
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / K;
     const int64_t n = ids[i];
-    const bool ok = 0 <= n && n < N;
-    assert(ok && "fastmask: ids_keep holds an id outside [0, num_tokens)");
-    if (ok) inv[b * N + n] = static_cast<int32_t>(i - b * K);
+    if (0 <= n && n < N) inv[b * N + n] = static_cast<int32_t>(i - b * K);
+  }
+}
+
+// Rows (b, k) of grad_x_vis that unmask_bwd_kernel never writes, because ids[b, k] lies
+// outside [0, N) or another k of sample b names the same token: zeros (nothing else written).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) zero_orphan_rows_kernel(T* __restrict__ grad_x_vis,
+                                                               const int64_t* __restrict__ ids,
+                                                               const int32_t* __restrict__ inv, int64_t B, int64_t N,
+                                                               int64_t K, int64_t D, int tpr, int rpb) {
+  const int64_t chunks = D / VEC;
+  const RowLoop rl = row_loop(tpr, rpb);
+  for (int64_t row = rl.first; row < B * K; row += rl.step) {
+    const int64_t b = row / K;
+    const int64_t n = ids[row];
+    if (0 <= n && n < N && inv[b * N + n] == row - b * K) continue;
+    float zeros[VEC];
+    fill(zeros, 0.f);
+    for (int64_t c = rl.lane; c < chunks; c += tpr) store<VEC>(grad_x_vis + row * D + c * VEC, zeros);
   }
 }
 
@@ -251,11 +272,15 @@ cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const 
 
 template <typename T, int VEC>
 cudaError_t unmask_tokens_bwd(T* grad_x_vis, float* mask_partial, float* pos_partial, const T* grad_out,
-                              const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D, int64_t splits,
-                              cudaStream_t stream) {
+                              const int64_t* ids, const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D,
+                              int64_t splits, cudaStream_t stream) {
   const TokenGrid g = token_grid(D / VEC);
   FASTMASK_LAUNCH(grid_for(splits * N, g.rows_per_block), g.threads, stream, unmask_bwd_kernel<T, VEC>)(
       grad_x_vis, mask_partial, pos_partial, grad_out, inv, B, N, K, D, splits, g.tpr, g.rows_per_block);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || B * K == 0) return err;
+  FASTMASK_LAUNCH(grid_for(B * K, g.rows_per_block), g.threads, stream, zero_orphan_rows_kernel<T, VEC>)(
+      grad_x_vis, ids, inv, B, N, K, D, g.tpr, g.rows_per_block);
   return cudaGetLastError();
 }
 
@@ -274,8 +299,8 @@ cudaError_t reduce_middle(TOut* out, const float* in, int64_t G, int64_t J, int6
                                                  int64_t, int64_t, cudaStream_t);                                  \
   template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const T*, int64_t,         \
                                                  int64_t, int64_t, int64_t, cudaStream_t);                         \
-  template cudaError_t unmask_tokens_bwd<T, VEC>(T*, float*, float*, const T*, const int32_t*, int64_t, int64_t,    \
-                                                 int64_t, int64_t, int64_t, cudaStream_t);
+  template cudaError_t unmask_tokens_bwd<T, VEC>(T*, float*, float*, const T*, const int64_t*, const int32_t*,      \
+                                                 int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
 
 FASTMASK_TOKENS(float, 4)
 FASTMASK_TOKENS(float, 1)

@@ -224,11 +224,11 @@ def gated_residual_fwd(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
 
 def gated_residual_bwd(grad_out: Tensor, y: Tensor, gate: Tensor):
-    grad_x = torch.empty_like(grad_out)
+    # grad_x is grad_out itself (x + gate * y passes it unchanged): returned, not copied
     grad_y = torch.empty_like(y)
     grad_gate = torch.empty_like(gate)
-    _C().gated_residual_bwd(grad_x, grad_y, grad_gate, grad_out, y, _f32(gate))
-    return grad_x, grad_y, grad_gate
+    _C().gated_residual_bwd(grad_y, grad_gate, grad_out, y, _f32(gate))
+    return grad_out, grad_y, grad_gate
 
 
 def residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float):

@@ -420,6 +420,43 @@ def test_tokens_misaligned_inputs(impl):
     assert torch.equal(impl.unmask_tokens_fwd(_misalign(xv), ids, _misalign(mt), N, pos), ref)
 
 
+@pytest.mark.parametrize("D", [72, 20])  # vector and scalar paths
+def test_tokens_out_of_range_ids(impl, D):
+    """Unchecked ids outside [0, N) never read or write outside the tensors: the gathered row
+    is zeros, no token is kept for them, and their grad_x_vis rows are zeros; ids a sample
+    repeats leave no grad_x_vis row unwritten."""
+    gen = _gen(impl, 8)
+    B, N, K = 2, 19, 7
+    ids = _ids(gen, B, N, K)
+    ids[0, 0], ids[0, 3], ids[1, 6], ids[1, 1] = -1, N, 2**40, ids[1, 2]
+    valid = (ids >= 0) & (ids < N)
+    safe = ids.clamp(0, N - 1)
+    x = _rand(gen, B, N, D, dtype=torch.float32)
+    pos = _rand(gen, N, D, dtype=torch.float32)
+    with poisoned_empty():
+        out = impl.gather_tokens_fwd(x, ids, pos)
+    assert torch.equal(out, torch.where(valid[..., None], R.gather_tokens(x, safe, pos), 0.0))
+    g = _rand(gen, B, K, D, dtype=torch.float32)
+    with poisoned_empty():
+        gx, gpos = impl.gather_tokens_bwd(g, ids, N, True)
+    assert_all_written(gx, "grad_x")
+    kept_rows = torch.zeros(B, N + 1, dtype=torch.bool).to(ids.device).scatter(1, torch.where(valid, ids, N), True)
+    kept = kept_rows[:, :N]
+    assert (gx[~kept] == 0).all() and torch.isfinite(gpos).all()
+    xv = _rand(gen, B, K, D, dtype=torch.float32)
+    mt = _rand(gen, D, dtype=torch.float32)
+    with poisoned_empty():
+        out = impl.unmask_tokens_fwd(xv, ids, mt, N, pos)
+    torch.testing.assert_close(out[~kept], (mt + pos).expand(B, N, D)[~kept])
+    gu = _rand(gen, B, N, D, dtype=torch.float32)
+    with poisoned_empty():
+        gxv, gmt, gpos = impl.unmask_tokens_bwd(gu, ids, True)
+    assert_all_written(gxv, "grad_x_vis")
+    assert (gxv[~valid] == 0).all()
+    torch.testing.assert_close(gmt, gu[~kept].sum(0))
+    torch.testing.assert_close(gpos, gu.sum(0))
+
+
 # ---------------------------------------------------------------------------- norm ops
 NORM_SHAPES = [  # (B, L, D)
     (1, 59, 72),
@@ -483,6 +520,7 @@ def test_gated_residual(impl, B, L, D, dt, vdt):
     with poisoned_empty():
         out = impl.gated_residual_fwd(x, y, gate)
         gx, gy, ggate = impl.gated_residual_bwd(g, y, gate)
+    assert gx.data_ptr() == g.data_ptr()  # grad_x is grad_out itself, never a copy
     (o_lo,), g_lo = _ref(R.gated_residual, [x, y, gate], [g], upcast=False)
     (o32,), g32 = _ref(R.gated_residual, [x, y, gate], [g], upcast=True)
     _check(out, o_lo, o32, 2, "out", x.dtype)

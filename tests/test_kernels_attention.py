@@ -69,7 +69,7 @@ def test_unsupported_head_dim_raises(hd):
 
 
 def test_launch_configs_are_sane():
-    for kind in ("fwd", "dq", "dkdv"):
+    for kind in ("fwd", "dq", "dkdv", "bwd"):
         for hd in range(8, 129, 8):
             for L in (1, 64, 128, 1024):
                 m, n, w, s = K.heuristic_config(kind, L, hd)
@@ -93,8 +93,9 @@ def test_launch_configs_are_sane():
 CASES = [(hd, L) for hd in (8, 32, 40, 72) for L in (1, 17, 64)]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
 @pytest.mark.parametrize("hd,L", CASES, ids=[f"hd{hd}-L{L}" for hd, L in CASES])
-def test_forward_backward_fp32(hd, L, device):
+def test_forward_backward_fp32(hd, L, deterministic, device):
     torch.manual_seed(hd + L)
     B, H = (2, 1) if L == 64 else (2, 2)
     qkv = _qkv(B, L, H, hd, device=device, seed=hd * 100 + L)
@@ -104,7 +105,7 @@ def test_forward_backward_fp32(hd, L, device):
 
     with poisoned_empty():
         out, lse = K.attention_fwd(qkv, scale)
-        dqkv = K.attention_bwd(grad_out, qkv, out, lse, scale)
+        dqkv = K.attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
     for t, name in ((out, "out"), (lse, "lse"), (dqkv, "dqkv")):
         assert_all_written(t, name)
     assert out.shape == (B, L, H * hd) and out.dtype == qkv.dtype
@@ -117,17 +118,146 @@ def test_forward_backward_fp32(hd, L, device):
 
 
 def _assert_backward_repeats(qkv, scale, repeats):
-    """Runs the forward, then the backward ``repeats + 1`` times: every dqkv bit-identical."""
+    """Runs the forward, then the deterministic backward ``repeats + 1`` times: every dqkv
+    bit-identical."""
     out, lse = K.attention_fwd(qkv, scale)
     grad_out = torch.randn_like(out)
-    first = K.attention_bwd(grad_out, qkv, out, lse, scale)
+    first = K.attention_bwd(grad_out, qkv, out, lse, scale, deterministic=True)
     for _ in range(repeats):
-        assert torch.equal(K.attention_bwd(grad_out, qkv, out, lse, scale), first)
+        assert torch.equal(K.attention_bwd(grad_out, qkv, out, lse, scale, deterministic=True), first)
     return out, lse
 
 
 def test_backward_is_deterministic(device):
     _assert_backward_repeats(_qkv(2, 33, 2, 72, device=device, seed=1), 72**-0.5, repeats=2)
+
+
+class _KindSpy:
+    """Records the kinds (and arguments) the attention launcher runs."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = K._launch
+
+        def launch(kind, L, BH, hd, args, meta):
+            self.calls.append((kind, args))
+            return real(kind, L, BH, hd, args, meta)
+
+        monkeypatch.setattr(K, "_launch", launch)
+
+    @property
+    def kinds(self):
+        return [k for k, _ in self.calls]
+
+
+def test_backward_choice_follows_option_and_torch_flag(monkeypatch, device):
+    spy = _KindSpy(monkeypatch)
+    qkv = _qkv(1, 9, 1, 16, device=device, seed=9)
+    out, lse = K.attention_fwd(qkv, 0.25)
+    g = torch.randn_like(out)
+    for deterministic, torch_flag, want in [
+        (None, False, ["delta", "bwd"]),
+        (None, True, ["dq", "dkdv"]),
+        (False, True, ["delta", "bwd"]),
+        (True, False, ["dq", "dkdv"]),
+    ]:
+        spy.calls.clear()
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(torch_flag)
+        try:
+            K.attention_bwd(g, qkv, out, lse, 0.25, deterministic=deterministic)
+        finally:
+            torch.use_deterministic_algorithms(prev)
+        assert spy.kinds == want, (deterministic, torch_flag)
+    # the public op resolves the choice when it is called and carries it to its backward
+    for deterministic, want in [(True, ["dq", "dkdv"]), (False, ["delta", "bwd"])]:
+        x = qkv.clone().requires_grad_(True)
+        with fastmask.backend("triton"):
+            y = fastmask.ops.attention(x, deterministic=deterministic)
+        spy.calls.clear()
+        y.backward(torch.ones_like(y))
+        assert spy.kinds == want
+
+
+@pytest.mark.parametrize("hd,L", [(72, 17), (32, 64), (8, 17)])
+def test_one_pass_matches_deterministic(hd, L, device):
+    qkv = _qkv(2, L, 2, hd, device=device, seed=hd + L)
+    scale = hd**-0.5
+    out, lse = K.attention_fwd(qkv, scale)
+    g = torch.randn_like(out)
+    fast = K.attention_bwd(g, qkv, out, lse, scale, deterministic=False)
+    det = K.attention_bwd(g, qkv, out, lse, scale, deterministic=True)
+    torch.testing.assert_close(fast, det, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_pass_low_precision_dq_buffer(dtype, device):
+    # 16-bit inputs: dq is summed in an fp32 buffer and cast once at the end
+    B, L, H, hd = 1, 33, 2, 40
+    qkv = _qkv(B, L, H, hd, device=device, seed=11).to(dtype)
+    grad = torch.randn(B, L, H * hd, device=device).to(dtype)
+    scale = hd**-0.5
+    ref_out, ref_dqkv = _ref_grads(qkv.double(), grad.double(), scale)
+    _, low_dqkv = _ref_grads(qkv, grad, scale, fn=attention_math)
+    out, lse = K.attention_fwd(qkv, scale)
+    with poisoned_empty():
+        dqkv = K.attention_bwd(grad, qkv, out, lse, scale, deterministic=False)
+    assert_all_written(dqkv, "dqkv")
+    for i, name in enumerate("qkv"):
+        assert_close_to_ref(dqkv[:, :, i], low_dqkv[:, :, i], ref_dqkv[:, :, i], 3.0, atol=1e-3, name=f"d{name}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("L", [17, 130])
+def test_gpu_heuristic_configs_in_interpreter(monkeypatch, L, deterministic):
+    """The GPU's untuned launch path (heuristic blocks, the resource fallback loop) runs here
+    too, in fp16, so its block sizes' indexing is proven before a GPU sees them."""
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    monkeypatch.setenv("FASTMASK_ATTN_AUTOTUNE", "0")
+    monkeypatch.setattr(K, "_fixed_choice", {})
+    B, H, hd = 1, 2, 72
+    qkv = _qkv(B, L, H, hd, seed=L).to(torch.float16)
+    grad = torch.randn(B, L, H * hd).to(torch.float16)
+    scale = hd**-0.5
+    ref_out, ref_dqkv = _ref_grads(qkv.double(), grad.double(), scale)
+    low_out, low_dqkv = _ref_grads(qkv, grad, scale, fn=attention_math)
+    with poisoned_empty():
+        out, lse = K.attention_fwd(qkv, scale)
+        dqkv = K.attention_bwd(grad, qkv, out, lse, scale, deterministic=deterministic)
+    assert {k[0] for k in K._fixed_choice} == {"fwd", *(("dq", "dkdv") if deterministic else ("delta", "bwd"))}
+    assert_close_to_ref(out, low_out, ref_out, 2.0, atol=1e-3, name="out")
+    assert_close_to_ref(dqkv, low_dqkv, ref_dqkv, 3.0, atol=1e-3, name="dqkv")
+
+
+def test_compile_check_api():
+    """What ahead-of-time compile checks read: the kernel, its fixed constexprs, the autotune
+    configs and the heuristic config of every kind, consistent with the kernels' parameters."""
+    assert set(K.KINDS) == set(K.KERNELS)
+    for kind in K.KINDS:
+        params = set(K.KERNELS[kind].arg_names)
+        assert set(K.kind_constexprs(kind)) <= params
+        for cfg in K.autotune_configs(kind):
+            assert set(cfg.kwargs) <= params and cfg.num_warps in (4, 8)
+        m, n, w, s = K.heuristic_config(kind, 128, 72, torch.bfloat16)
+        assert "BLOCK_M" in params and m >= 16 and w in (4, 8) and s >= 1
+    assert K.autotune_configs("delta") == [] and K.kind_constexprs("bwd") == {"ONE_PASS": True}
+    assert K.KERNELS["bwd"] is K.KERNELS["dkdv"] and K.kind_constexprs("dkdv") == {"ONE_PASS": False}
+
+
+def test_autotune_key_includes_batch_times_heads(monkeypatch, device):
+    # a config tuned for the first batch seen must not be reused for every later B * H
+    for kind in ("fwd", "dq", "dkdv", "bwd"):
+        assert "BH_BUCKET" in K._tuned_kernel(kind).keys
+    assert K._buckets(128, 16) != K._buckets(128, 4096)
+    assert K._buckets(128, 3000) == K._buckets(128, 4096)  # bucketed: no retune per batch size
+    spy = _KindSpy(monkeypatch)
+    for B in (1, 5):
+        qkv = _qkv(B, 9, 3, 16, device=device, seed=B)
+        K.attention_fwd(qkv, 0.25)
+        kind, args = spy.calls[-1]
+        names = K.KERNELS[kind].arg_names
+        assert args[names.index("BH_BUCKET")] == K._bh_bucket(B * 3)
+        assert args[names.index("L_BUCKET")] == K._l_bucket(9)
 
 
 @pytest.mark.parametrize("scale", [4.0, -0.7])

@@ -14,11 +14,17 @@ slices, HD_A + HD_B (72 = 64 + 16, 8 of them masked), each with its own tl.dot, 
 padding to the next power of two (128 would waste 44% of the matmul work). HD_B is 0 when
 one slice fits as tightly; every slice is at least 16 wide (the smallest tl.dot K/N).
 
-Backward, deterministic (no atomics, every output element written by one program):
+Backward, one pass (the default): a small kernel computes delta = rowsum(dO * O); then the
+dk/dv kernel, one program per (key block, head), walks the query blocks and does the five
+matmuls S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk += dS^T Q and dq += dS K, the last one
+added into an fp32 dq buffer with atomics (so the order of the additions, and the last bits
+of dq, may differ from run to run).
+
+Backward, deterministic (no atomics, every output element written by one program; seven
+matmuls, since dq recomputes S and dP):
   1. dq kernel, one program per (query block, head): computes delta = rowsum(dO * O) for its
      rows (stored for step 2), then walks the key blocks: dq = scale * dS @ K.
-  2. dk/dv kernel, one program per (key block, head): walks the query blocks:
-     dv = P^T @ dO, dk = scale * dS^T @ Q.
+  2. the dk/dv kernel as above without the dq part: dv = P^T @ dO, dk = scale * dS^T @ Q.
 
 Offsets: batch and head offsets are int64 (B * L * 3 * H * hd passes 2**31 at large B); the
 offsets inside one batch element stay int32. The grid is 1-D, since B * H can pass 65535:
@@ -123,6 +129,15 @@ def _load_kv(k_base, v_base, rows, cols, stride_row, L, HD: tl.constexpr, MASK_R
 
 
 @triton.jit
+def _row_dot(a_base, b_base, rows, cols, stride_row, L, HD: tl.constexpr, MASK_ROWS: tl.constexpr,
+             MASK_COLS: tl.constexpr):
+    """rowsum(a * b) over one head-dim part, in fp32."""
+    a = _load_tile(a_base, rows, cols, stride_row, L, HD, MASK_ROWS, MASK_COLS)
+    b = _load_tile(b_base, rows, cols, stride_row, L, HD, MASK_ROWS, MASK_COLS)
+    return tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
+
+
+@triton.jit
 def _store_tile(
     base, val, rows, cols, stride_row, L, HD: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr
 ):
@@ -138,6 +153,23 @@ def _store_tile(
             tl.store(ptrs, val, mask=cols[None, :] < HD)
         else:
             tl.store(ptrs, val)
+
+
+@triton.jit
+def _atomic_add_tile(
+    base, val, rows, cols, stride_row, L, HD: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr
+):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if MASK_ROWS:
+        if MASK_COLS:
+            tl.atomic_add(ptrs, val, mask=(rows[:, None] < L) & (cols[None, :] < HD), sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, val, mask=rows[:, None] < L, sem="relaxed")
+    else:
+        if MASK_COLS:
+            tl.atomic_add(ptrs, val, mask=cols[None, :] < HD, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, val, sem="relaxed")
 
 
 @triton.jit
@@ -291,17 +323,40 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(
+    DO, O, Delta,
+    L, H, L_BUCKET, BH_BUCKET,
+    stride_ob8, stride_ol8,  # out and grad_out [B, L, H * hd] strides / 8
+    HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr,
+):
+    # delta = rowsum(dO * O) for one (query block, head); the one-pass backward reads it.
+    # _program_start on grad_out's layout: its "q" base is this head's dO rows.
+    offs_m, pid_bh, b, h, do_base, _k, _v, o_off = _program_start(DO, L, H, stride_ob8, 0, stride_ob8, HD, BLOCK_M)
+    stride_ol = stride_ol8 * 8
+    o_base = O + o_off
+    da = tl.arange(0, HD_A)
+    delta = _row_dot(do_base, o_base, offs_m, da, stride_ol, L, HD, not EVEN_M, HD_A > HD)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        delta += _row_dot(do_base, o_base, offs_m, db, stride_ol, L, HD, not EVEN_M, HD_A + HD_B > HD)
+    _store_vec(Delta + pid_bh * L, delta, offs_m, L, not EVEN_M)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
-    QKV, DO, Lse, Delta, DQKV,
+    QKV, DO, Lse, Delta, DQKV, DQ_ACC,
     qk_scale, scale,
     L, H, L_BUCKET, BH_BUCKET,
     stride_b8, stride_l8, stride_38,  # qkv strides / 8
     stride_ob8, stride_ol8,  # grad_out [B, L, H * hd] strides / 8
     stride_gb8, stride_gl8, stride_g38,  # dqkv strides / 8
+    stride_ab8, stride_al8,  # DQ_ACC (fp32 [B, L, H, hd], heads packed) strides / 8
     HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # also add scale * dS @ K into DQ_ACC (atomics)
 ):
     # Works on transposed scores (keys x queries) so that dk, dv accumulate as [BLOCK_N, hd].
     offs_n, pid_bh, b, h, q_base, k_base, v_base, o_off = _program_start(
@@ -312,6 +367,8 @@ def _attn_bwd_dkdv_kernel(
     do_base = DO + o_off
     lse_base = Lse + pid_bh * L
     delta_base = Delta + pid_bh * L
+    stride_al = stride_al8 * 8
+    dq_base = DQ_ACC + b * stride_ab8 * 8 + h * HD
     arange_m = tl.arange(0, BLOCK_M)
     da = tl.arange(0, HD_A)
 
@@ -340,6 +397,9 @@ def _attn_bwd_dkdv_kernel(
             s_t += tl.dot(k_b, tl.trans(q_b), input_precision=DOT_PREC)
             dp_t += tl.dot(v_b, tl.trans(do_b), input_precision=DOT_PREC)
         p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
+        if ONE_PASS and not EVEN_N:
+            # padded keys may give inf/NaN probabilities; dq sums over keys, so drop them
+            p_t = tl.where(offs_n[:, None] < L, p_t, 0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
         p_t = p_t.to(do_a.dtype)
         dv_a += tl.dot(p_t, do_a, input_precision=DOT_PREC)
@@ -347,6 +407,13 @@ def _attn_bwd_dkdv_kernel(
         if HD_B > 0:
             dv_b += tl.dot(p_t, do_b, input_precision=DOT_PREC)
             dk_b += tl.dot(ds_t, q_b, input_precision=DOT_PREC)
+        if ONE_PASS:
+            ds = tl.trans(ds_t)
+            _atomic_add_tile(dq_base, tl.dot(ds, k_a, input_precision=DOT_PREC) * scale, offs_m, da, stride_al,
+                             L, HD, not EVEN_M, HD_A > HD)
+            if HD_B > 0:
+                _atomic_add_tile(dq_base, tl.dot(ds, k_b, input_precision=DOT_PREC) * scale, offs_m, db, stride_al,
+                                 L, HD, not EVEN_M, HD_A + HD_B > HD)
 
     stride_gl = stride_gl8 * 8
     dk_base = DQKV + b * stride_gb8 * 8 + h * HD + stride_g38 * 8
@@ -358,5 +425,12 @@ def _attn_bwd_dkdv_kernel(
         _store_tile(dv_base, dv_b, offs_n, db, stride_gl, L, HD, not EVEN_N, HD_A + HD_B > HD)
 
 
-# Kernel per launch kind; ``attention_launch`` picks each one's config.
-KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+# Kernel per launch kind; ``attention_launch`` picks each one's config. "bwd" is the dk/dv
+# kernel launched with ONE_PASS (it then also accumulates dq), "delta" its preprocessing.
+KERNELS = {
+    "fwd": _attn_fwd_kernel,
+    "dq": _attn_bwd_dq_kernel,
+    "dkdv": _attn_bwd_dkdv_kernel,
+    "bwd": _attn_bwd_dkdv_kernel,
+    "delta": _attn_bwd_delta_kernel,
+}

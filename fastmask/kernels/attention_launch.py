@@ -1,10 +1,16 @@
 """Launch policy of the attention kernels: configs, the heuristic, the register model,
 pruning, the resource fallback, and the launchers :func:`attention_fwd` / :func:`attention_bwd`.
 
-The kernel math is in :mod:`fastmask.kernels.attention`. Each kernel is a *kind*: ``fwd``,
-``dq`` and ``dkdv``; ``KERNELS[kind]`` is the jitted kernel, :func:`autotune_configs` the
-configs the autotuner times for it, :func:`heuristic_config` the config used without
-autotuning. Ahead-of-time compile checks take their candidates from these three.
+The kernel math is in :mod:`fastmask.kernels.attention`. Each launch is a *kind*: ``fwd``;
+``delta`` and ``bwd`` (the one-pass backward, the default); ``dq`` and ``dkdv`` (the
+deterministic backward). ``KERNELS[kind]`` is the jitted kernel, :func:`kind_constexprs` the
+constexprs the kind fixes (``bwd`` and ``dkdv`` are one kernel, told apart by ONE_PASS),
+:func:`autotune_configs` the configs the autotuner times for it and :func:`heuristic_config`
+the config used without autotuning. Ahead-of-time compile checks take their candidates from
+these.
+
+Which backward runs: the deterministic one when ``deterministic=True`` is passed, or when it
+is left unset (None) and ``torch.are_deterministic_algorithms_enabled()``; else the one-pass.
 
 Launch configs: on a GPU, 16-bit inputs are autotuned over :func:`autotune_configs`, keyed on
 (power-of-two bucket of L, bucket of B * H, head dim, dtype), pruned of configs that would
@@ -25,35 +31,62 @@ from .attention import KERNELS, LOG2E, head_dim_split, not_supported_reason
 
 __all__ = [
     "KERNELS",
+    "KINDS",
     "attention_bwd",
     "attention_fwd",
     "autotune_configs",
     "head_dim_split",
     "heuristic_config",
+    "kind_constexprs",
     "not_supported_reason",
+    "use_deterministic",
 ]
 
 # ----------------------------------------------------------------------------- launch configs
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). In the dk/dv kernel BLOCK_N is the key block the
 # program owns and BLOCK_M the query block it walks over.
+# The "delta" kernel takes no BLOCK_N (it reads rows of dO and O only; the 16 is a placeholder).
 _GPU_CONFIGS = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
+    "bwd": [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 2)],
+    "delta": [(64, 16, 4, 1)],
 }
+KINDS = tuple(_GPU_CONFIGS)
 # Fixed blocks in the interpreter: small, and different for queries and keys, so the CPU
 # tests cover several blocks on each side, ragged tails, and M != N.
-_INTERPRET_BLOCKS = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (32, 16)}
+_INTERPRET_BLOCKS = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (32, 16), "bwd": (16, 32), "delta": (16, 16)}
 # The dimension of L each kind's grid is split along.
-_GRID_DIM = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N"}
+_GRID_DIM = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N", "bwd": "BLOCK_N", "delta": "BLOCK_M"}
+_KIND_CONSTEXPRS = {"dkdv": {"ONE_PASS": False}, "bwd": {"ONE_PASS": True}}
+# Kinds that never go through the autotuner (one cheap memory-bound config).
+_FIXED_ONLY = ("delta",)
+
+
+def kind_constexprs(kind: str) -> dict:
+    """Constexprs that launch ``kind`` fixes beyond the per-call meta (HD, HD_A, HD_B, UPCAST,
+    DOT_PREC) and the config's blocks."""
+    return dict(_KIND_CONSTEXPRS.get(kind, {}))
 
 
 def autotune_configs(kind: str) -> list[triton.Config]:
-    """The configs the autotuner times for kernel ``kind`` (before pruning)."""
+    """The configs the autotuner times for kernel ``kind`` (before pruning); [] for a kind
+    that always launches with :func:`heuristic_config` ("delta": it has no BLOCK_N)."""
+    if kind in _FIXED_ONLY:
+        return []
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _GPU_CONFIGS[kind]
     ]
+
+
+def use_deterministic(deterministic: bool | None = None) -> bool:
+    """Whether the backward runs the deterministic kernels: ``deterministic`` when given, else
+    ``torch.are_deterministic_algorithms_enabled()``."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return bool(deterministic)
 
 
 def _l_bucket(L: int) -> int:
@@ -74,27 +107,37 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
     """
     if kind not in KERNELS:
         raise ValueError(f"attention: unknown kernel kind {kind!r}, expected one of {sorted(KERNELS)}")
+    if kind == "delta":
+        return _GPU_CONFIGS["delta"][0]
     if dtype == torch.float32:
-        return (16, 32, 4, 2) if kind == "dkdv" else (32, 32, 4, 2)
+        return (16, 32, 4, 2) if kind in ("dkdv", "bwd") else (32, 32, 4, 2)
     width = sum(head_dim_split(hd))
-    if L <= 64:
-        return (32, 64, 4, 2) if kind == "dkdv" else (64, 64, 4, 2)
+    if kind in ("fwd", "dq") and L <= 64:
+        return (64, 64, 4, 2)
     if kind == "fwd":
         return (128, 64, 8, 3) if width > 64 else (128, 64, 4, 3)
     if kind == "dq":
         return (64, 64, 4, 3) if width > 64 else (128, 32, 4, 3)
-    # dkdv holds two fp32 accumulators of 128 x width: 8 warps from width 48 on
-    return (32, 128, 8, 2) if width > 32 else (32, 128, 4, 3)
+    # dkdv holds two fp32 accumulators of 128 x width: 8 warps from width 48 on; the one-pass
+    # kernel also holds a dq tile, so at the widest head dims it takes 8 warps on 64-key tiles
+    if L <= 64:
+        cfg = (32, 64, 4, 2)
+    else:
+        cfg = (32, 128, 8, 2) if width > 32 else (32, 128, 4, 3)
+    if _regs_estimate(kind, cfg[0], cfg[1], cfg[2], width) > _REG_LIMIT[kind]:
+        cfg = (32, 64, 8, 2)
+    return cfg
 
 
 # A rough per-thread register count: fp32 accumulators + fp32 score tiles + 16-bit tiles held
 # across the loop. Calibrated on ptxas -v for sm_90a (triton 3.8, bf16): configs above the
 # limit spilled (e.g. dk/dv with a 128 x 80 key tile on 4 warps: 180 bytes of spills).
-_REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250}
+# The one-pass "bwd" limit is the dkdv one until ptxas counts calibrate it.
+_REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250, "bwd": 250, "delta": 300}
 # The same budget per target (compute capability as 90 / 80). sm_80 spills sooner (no wgmma:
 # the mma.sync fragments live in registers); calibrated with benchmarks/static_check.py, which
 # compiles every autotune config for both targets (tests/test_static_gpu.py keeps it true).
-REG_LIMIT_BY_ARCH = {90: _REG_LIMIT, 80: {"fwd": 236, "dq": 240, "dkdv": 250}}
+REG_LIMIT_BY_ARCH = {90: _REG_LIMIT, 80: {"fwd": 236, "dq": 240, "dkdv": 250, "bwd": 250, "delta": 300}}
 # Configs ptxas spilled on although the model above passes them, per target:
 # (kind, BLOCK_M, BLOCK_N, num_warps, padded head width). sm_80, triton 3.8: dk/dv 64 x 64 on
 # 4 warps at width 80 (36 bytes), forward 64 x 64 on 4 warps at width 32 (8 bytes).
@@ -107,8 +150,13 @@ def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float
         return (BM * width + 2 * BM * BN + BM * width / 2) / t
     if kind == "dq":  # dq [BM, W], s/p and dp [BM, BN], q and dO [BM, W]
         return (BM * width + 2 * BM * BN + BM * width) / t
+    if kind == "delta":  # dO and O rows [BM, W]
+        return 2 * BM * width / t
     # dk, dv [BN, W]; s^T, dp^T [BN, BM] plus the transposes; k, v [BN, W]
-    return (2 * BN * width + 3 * BN * BM + BN * width) / t
+    est = (2 * BN * width + 3 * BN * BM + BN * width) / t
+    if kind == "bwd":  # plus the dq tile [BM, W] added into the fp32 buffer
+        est += BM * width / t
+    return est
 
 
 def _device_arch() -> int:
@@ -161,6 +209,8 @@ def _tuned_kernel(kind: str):
             configs=autotune_configs(kind),
             key=list(AUTOTUNE_KEY),  # the autotuner adds the tensors' dtypes to the key
             prune_configs_by={"early_config_prune": functools.partial(_prune, kind)},
+            # timing runs add into the dq buffer: zero it before each, and before the real run
+            reset_to_zero=["DQ_ACC"] if kind == "bwd" else None,
         )(triton.heuristics(_EVEN)(KERNELS[kind]))
         _tuned[kind] = k
     return k
@@ -186,20 +236,21 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
     65535 limit of the grid's second axis."""
     kernel = KERNELS[kind]
     grid_dim = _GRID_DIM[kind]
+    meta = {**meta, **kind_constexprs(kind)}
 
     def run(BLOCK_M, BLOCK_N, warps, stages):
         block = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
-        kernel[(cdiv(L, block[grid_dim]) * BH,)](
-            *args, **meta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            EVEN_M=L % BLOCK_M == 0, EVEN_N=L % BLOCK_N == 0,
-            num_warps=warps, num_stages=stages,
-        )
+        if kind == "delta":
+            block_args = {"BLOCK_M": BLOCK_M, "EVEN_M": L % BLOCK_M == 0}
+        else:
+            block_args = {**block, "EVEN_M": L % BLOCK_M == 0, "EVEN_N": L % BLOCK_N == 0}
+        kernel[(cdiv(L, block[grid_dim]) * BH,)](*args, **meta, **block_args, num_warps=warps, num_stages=stages)
 
     if interpreting():
         run(*_INTERPRET_BLOCKS[kind], 4, 1)
         return
     qkv = args[0]
-    if _autotune_enabled() and qkv.dtype != torch.float32:
+    if _autotune_enabled() and qkv.dtype != torch.float32 and kind not in _FIXED_ONLY:
         grid = lambda META: (cdiv(L, META[grid_dim]) * BH,)  # noqa: E731
         _tuned_kernel(kind)[grid](*args, **meta)
         return
@@ -221,7 +272,7 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
     raise err
 
 
-def _common_meta(qkv: torch.Tensor) -> dict:
+def _common_meta(qkv: torch.Tensor, dot: bool = True) -> dict:
     hd = qkv.shape[-1]
     HD_A, HD_B = head_dim_split(hd)
     upcast = interpreting() and qkv.dtype == torch.bfloat16  # interpreter bf16 tl.dot is wrong
@@ -229,6 +280,8 @@ def _common_meta(qkv: torch.Tensor) -> dict:
         prec = "ieee"
     else:
         prec = "tf32"  # ignored for 16-bit operands
+    if not dot:  # kernels without tl.dot
+        return dict(HD=hd, HD_A=HD_A, HD_B=HD_B)
     return dict(HD=hd, HD_A=HD_A, HD_B=HD_B, UPCAST=upcast, DOT_PREC=prec)
 
 
@@ -291,10 +344,17 @@ def attention_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
 
 
 def attention_bwd(
-    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Gradient of :func:`attention_fwd`'s out: dqkv [B, L, 3, H, hd] (qkv's shape and dtype,
-    contiguous)."""
+    contiguous). ``deterministic`` picks the backward (see :func:`use_deterministic`): the
+    one-pass kernel adds dq with fp32 atomics, the deterministic pair of kernels gives
+    bit-identical results from run to run at the cost of two more matmuls."""
     _check(qkv)
     if not _qkv_layout_ok(qkv):
         qkv = qkv.contiguous()
@@ -310,7 +370,23 @@ def attention_bwd(
     strides = (*_strides8(qkv, (0, 1, 2)), *_strides8(grad_out, (0, 1)), *_strides8(dqkv, (0, 1, 2)))
     head = (scale * LOG2E, scale, L, H, *_buckets(L, B * H))
     meta = _common_meta(qkv)
-    # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
-    _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides), meta)
-    _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, *head, *strides), meta)
+    if use_deterministic(deterministic):
+        # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
+        _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides), meta)
+        # (DQ_ACC and its strides are unused without ONE_PASS)
+        _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dqkv, *head, *strides, 0, 0), meta)
+        return dqkv
+    _launch("delta", L, B * H, hd, (grad_out, out, delta, L, H, *_buckets(L, B * H), *_strides8(grad_out, (0, 1))),
+            _common_meta(qkv, dot=False))
+    # dq in fp32: straight into dqkv's q slice for fp32 inputs, else a buffer cast at the end
+    in_place = qkv.dtype == torch.float32
+    if in_place:
+        dq_acc = dqkv[:, :, 0]
+        dq_acc.zero_()
+    else:
+        dq_acc = torch.zeros((B, L, H, hd), device=qkv.device, dtype=torch.float32)
+    _launch("bwd", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dq_acc, *head, *strides,
+                                  *_strides8(dq_acc, (0, 1))), meta)
+    if not in_place:
+        dqkv[:, :, 0].copy_(dq_acc)
     return dqkv

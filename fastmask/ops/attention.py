@@ -11,50 +11,61 @@ from .ranges import profiled
 from ._library import kernels
 
 
+# ``deterministic`` is resolved when attention is called and travels with the op to its
+# backward: False runs the one-pass backward (dq added with fp32 atomics), True the
+# bit-reproducible one.
 @torch.library.custom_op("fastmask::attention", mutates_args=())
-def _attn_op(qkv: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+def _attn_op(qkv: Tensor, scale: float, backend: str, deterministic: bool = False) -> tuple[Tensor, Tensor]:
     return kernels(backend).attention_fwd(qkv, scale)
 
 
 @_attn_op.register_fake
-def _(qkv, scale, backend):
+def _(qkv, scale, backend, deterministic=False):
     B, L, _, H, hd = qkv.shape
     return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastmask::attention_backward", mutates_args=())
-def _attn_bwd_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str) -> Tensor:
-    return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale)
+def _attn_bwd_op(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str, deterministic: bool = False
+) -> Tensor:
+    return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
 
 
 @_attn_bwd_op.register_fake
-def _(grad_out, qkv, out, lse, scale, backend):
+def _(grad_out, qkv, out, lse, scale, backend, deterministic=False):
     return torch.empty_like(qkv)
 
 
 def _attn_setup(ctx, inputs, output):
-    qkv, scale, backend = inputs
+    qkv, scale, backend, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse)
     ctx.scale = scale
     ctx.backend = backend
+    ctx.deterministic = deterministic
 
 
 def _attn_backward(ctx, grad_out, _glse):
     qkv, out, lse = ctx.saved_tensors
-    return _attn_bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend), None, None
+    dqkv = _attn_bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend, ctx.deterministic)
+    return dqkv, None, None, None
 
 
 _attn_op.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
 @profiled("attention")
-def attention(qkv: Tensor, scale: float | None = None) -> Tensor:
+def attention(qkv: Tensor, scale: float | None = None, *, deterministic: bool | None = None) -> Tensor:
     """``softmax(q k^T * scale) v`` per head, non-causal.
 
     qkv [B, L, 3, H, hd] (the output of the qkv Linear, viewed; no transposes needed);
     scale defaults to 1/sqrt(hd). Returns [B, L, H * hd], ready for the output projection.
     Equivalent PyTorch code: :func:`fastmask.ops.reference.attention`.
+
+    ``deterministic``: the Triton backward is bit-identical from run to run when True, and
+    faster (fewer matmuls, dq added with atomics) when False; None (the default) follows
+    ``torch.are_deterministic_algorithms_enabled()``.
     """
     checks.tensor("qkv", qkv, ndim=5, floating=True)
     if qkv.shape[2] != 3:
@@ -66,5 +77,7 @@ def attention(qkv: Tensor, scale: float | None = None) -> Tensor:
     backend = dispatch.select("attention", qkv)
     if backend == "torch":
         return reference.attention(qkv, scale)
-    out, _ = _attn_op(qkv.contiguous(), scale, backend)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    out, _ = _attn_op(qkv.contiguous(), scale, backend, bool(deterministic))
     return out
