@@ -76,8 +76,9 @@ class Launch:
     shape: str
     dtype: str
     role: str  # "default" or "autotune"
-    kind: str = ""  # attention kernel kind (fwd / dq / dkdv), else ""
+    kind: str = ""  # attention kernel kind (fwd / dq / dkdv / bwd / delta), else ""
     config: tuple = ()  # (BLOCK_M, BLOCK_N, warps, stages) for attention
+    arch: int = 90  # the target the launch policy planned for
 
 
 # ----------------------------------------------------------------------------- capture
@@ -138,7 +139,25 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def capture_launches(dtypes: list[str], defaults_only: bool) -> list[Launch]:
+def capture_launches(dtypes: list[str], defaults_only: bool, archs=(90,)) -> list[Launch]:
+    """Every launch the launchers make at the shapes, planned for each target in turn (the
+    launch policy may choose per target)."""
+    from fastmask.kernels import attention_launch as al
+
+    launches = []
+    real = al._device_arch
+    try:
+        for arch in archs:
+            al._device_arch = lambda arch=arch: arch
+            for ln in _capture(dtypes, defaults_only):
+                ln.arch = arch
+                launches.append(ln)
+    finally:
+        al._device_arch = real
+    return launches
+
+
+def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
     from fastmask import kernels as fk
     from fastmask.kernels import attention_launch as al
 
@@ -151,7 +170,7 @@ def capture_launches(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 qkv = _meta(B, L, 3, H, hd, dtype=dt)
                 out, lse = _meta(B, L, D, dtype=dt), _meta(B, H, L, dtype=torch.float32)
                 modes = [("0", "default")] if (defaults_only or dt == torch.float32) else [("0", "default"), ("1", "autotune")]
-                for flag, role in modes:
+                for flag, _ in modes:  # launches through the autotuner are tagged by auto_run
                     os.environ["FASTMASK_ATTN_AUTOTUNE"] = flag
                     al._fixed_choice.clear()
                     shape = f"L={L} H={H} hd={hd}"
@@ -160,7 +179,7 @@ def capture_launches(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                                  lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5, deterministic=False),
                                  lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5, deterministic=True)):
                         before = len(cap.launches)
-                        with cap.tag(op="attention", shape=shape, dtype=dname, role=role):
+                        with cap.tag(op="attention", shape=shape, dtype=dname):
                             call()
                         for ln in cap.launches[before:]:
                             ln.kind = _attention_kind(ln)
@@ -324,6 +343,8 @@ def compile_all(launches: list[Launch], archs: list[int], jobs: int) -> list[dic
     _JOBS = []
     for ln in launches:
         for arch in archs:
+            if arch != ln.arch:
+                continue
             ident = (id(ln.fn), _launch_ident(ln), arch)
             if ident in seen:
                 seen[ident]["uses"].append(ln)
@@ -517,7 +538,7 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
 
 def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
     t0 = time.time()
-    launches = capture_launches(dtypes, defaults_only)
+    launches = capture_launches(dtypes, defaults_only, archs)
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
     cuda_rows = cuda_report(archs) if with_cuda else []
     meta = {

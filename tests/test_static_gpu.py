@@ -53,9 +53,11 @@ def test_every_default_config_compiles_without_spills(report):
     assert not [r for r in rows if r.get("error")], [r for r in rows if r.get("error")][:3]
     defaults = [r for r in rows if r["role"] == "default"]
     kernels = {r["kernel"] for r in defaults}
-    # every launcher's kernels were captured: attention (3), norm (2 + partial sums),
+    # every launcher's kernels were captured: attention (4: forward, delta, the one-pass
+    # backward and the deterministic pair share the dk/dv kernel), norm (2 + partial sums),
     # tokens (gather/unmask fwd/bwd), loss (2)
-    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_norm_fwd_kernel",
+    assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_delta_kernel",
+            "_norm_fwd_kernel",
             "_norm_bwd_kernel", "_gather_fwd_kernel", "_gather_bwd_kernel", "_unmask_fwd_kernel",
             "_unmask_bwd_kernel", "_dsm_mae_fwd_kernel", "_sum_partials_kernel"} <= kernels, kernels
     for arch in (90, 80):
@@ -70,14 +72,17 @@ def test_every_default_config_compiles_without_spills(report):
 
 
 def test_attention_uses_wgmma_on_sm90(report):
-    attn = [r for r in report["triton"] if r["op"] == "attention" and r["dtype"] == "bf16" and r["role"] == "default"]
-    assert attn and all(r["wgmma"] for r in attn if r["arch"] == 90), [r["kernel"] for r in attn if not r["wgmma"]]
+    # every kernel with a tl.dot ("delta" only reads rows of dO and O)
+    attn = [r for r in report["triton"] if r["op"] == "attention" and r["dtype"] == "bf16" and r["role"] == "default"
+            and r["kind"] != "delta"]
+    assert {r["kind"] for r in attn} == {"fwd", "dq", "dkdv", "bwd"}
+    assert all(r["wgmma"] for r in attn if r["arch"] == 90), [r["kind"] for r in attn if not r["wgmma"]]
     assert all(r["mma"] and not r["wgmma"] for r in attn if r["arch"] == 80)
 
 
 def test_autotune_configs_that_spill_are_pruned_for_that_target(report):
     auto = [r for r in report["triton"] if "autotune" in r["roles"] and r["kind"]]
-    assert {r["kind"] for r in auto} == {"fwd", "dq", "dkdv"}
+    assert {r["kind"] for r in auto} == {"fwd", "dq", "dkdv", "bwd"}
     spilling = [r for r in auto if r["spill_stores"]]
     unpruned = [(r["kind"], r["shape"], r["config"], r["arch"], r["spill_stores"]) for r in spilling if not r["pruned"]]
     assert not unpruned, unpruned
