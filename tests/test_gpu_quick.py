@@ -3,7 +3,7 @@ backward, at DiT-XL/2 shapes, in bf16 and fp32, against the PyTorch reference.
 
 Rule (flash-attention's): the error of the Triton op against the reference in float64 is at
 most 2x (outputs) / 3x (gradients) the error of the PyTorch reference run in the same dtype,
-plus a small absolute term. About 26 tests, seconds each on a GPU: the GPU script runs them
+plus a small absolute term. 28 tests, seconds each on a GPU: the GPU script runs them
 first (``pytest tests -m gpu_quick``) under a 90 s cap.
 
 Without a GPU they are skipped, unless ``FASTMASK_QUICK_CPU=1`` runs them in the Triton
@@ -11,6 +11,7 @@ interpreter on tiny shapes of the same structure (what the GPU script's dry run 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -65,10 +66,13 @@ def _case(op: str, stage: str, dtype: torch.dtype):
     """(inputs, indices of differentiable inputs, public fn, reference fn)."""
     D, H = WIDTHS[stage]
     L = K if stage == "encoder" else N
-    if op == "attention":
+    if op in ("attention", "attention_deterministic"):
         qkv = _rand((B, L, 3, H, D // H), dtype, 1)
         scale = (D // H) ** -0.5
-        return (qkv, scale), (0,), fastmask.ops.attention, reference.attention
+        public = fastmask.ops.attention
+        if op == "attention_deterministic":  # the dq + dk/dv kernel pair instead of the one-pass backward
+            public = functools.partial(fastmask.ops.attention, deterministic=True)
+        return (qkv, scale), (0,), public, reference.attention
     if op == "layernorm_modulate":
         ins = (_rand((B, L, D), dtype, 1), _rand((B, D), dtype, 2), _rand((B, D), dtype, 3))
         return ins, (0, 1, 2), fastmask.ops.layernorm_modulate, reference.layernorm_modulate
@@ -98,6 +102,8 @@ CASES = [
     ("attention", "encoder"),  # L 128, hd 72
     ("attention", "decoder"),  # L 256, hd 32
     ("attention", "hd64"),  # L 256, hd 64
+    ("attention_deterministic", "encoder"),
+    ("attention_deterministic", "decoder"),
     ("layernorm_modulate", "encoder"),
     ("layernorm_modulate", "decoder"),
     ("residual_layernorm_modulate", "encoder"),
@@ -139,7 +145,7 @@ def test_triton_matches_reference(op, stage, dtype_name):
     inputs, grad_idx, public, ref = _case(op, stage, dtype)
     with dispatch.record_choices() as ran, fastmask.backend("triton"):
         out, grads = _run(public, inputs, grad_idx, None)
-    assert ran == {op: {"triton"}}, ran  # no silent fallback to torch
+    assert ran == {op.removesuffix("_deterministic"): {"triton"}}, ran  # no silent fallback to torch
     ref_out, ref_grads = _run(ref, inputs, grad_idx, None)
     hi_out, hi_grads = _run(ref, inputs, grad_idx, torch.float64)
     assert all(torch.isfinite(t).all() for t in (*out, *grads))
