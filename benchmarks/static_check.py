@@ -519,8 +519,9 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
         cfg = "x".join(str(c) for c in r["config"][:2]) + (f" w{r['config'][2]} s{r['config'][3]}" if len(r["config"]) == 4
                                                            else "") if r["kind"] else f"w{r['num_warps']}"
         spill = r.get("spill_stores")
+        op = f"{r['op']} ({r['kind']})" if r["kind"] else r["op"]
         lines.append(
-            f"| {r['kernel']} | {r['op']} | {r['dtype']} | {r['shape']} | {cfg} | {r['role']} | sm_{r['arch']} | {r.get('regs')} "
+            f"| {r['kernel']} | {op} | {r['dtype']} | {r['shape']} | {cfg} | {r['role']} | sm_{r['arch']} | {r.get('regs')} "
             f"| {'**' + str(spill) + '**' if spill else spill} | {r['shared'] / 1024:.1f} | {r.get('blocks_per_sm')} "
             f"| {'yes' if r.get('wgmma') else ('mma' if r.get('mma') else '-')} | {'yes' if r.get('pruned') else '-'} |")
     if cuda_rows:

@@ -98,7 +98,7 @@ def test_autotune_configs_that_spill_are_pruned_for_that_target(report):
 
 def test_report_table(report):
     md = report["markdown"]
-    assert "| _attn_fwd_kernel | attention | bf16 |" in md and "sm_90" in md and "sm_80" in md
+    assert "| _attn_fwd_kernel | attention (fwd) | bf16 |" in md and "sm_90" in md and "sm_80" in md
     assert "**Default configs**" in md
 
 
