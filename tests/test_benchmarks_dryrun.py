@@ -242,3 +242,15 @@ def test_report_writes_the_readme_section(tmp_path):
     assert "old table" not in text and "NVIDIA H100" in text and text.endswith("after\n")
     readme.write_text("no markers\n")
     assert report.main([str(p), "--readme", str(readme)]) == 2
+
+
+def test_device_command_in_readme():
+    """The command to paste into the device tool: one line under 2,000 characters that runs
+    this very script with its results under $OUT."""
+    import re
+
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    section = text[text.index("### The command to paste into the device tool"):]
+    cmd = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1)
+    assert "\n" not in cmd and len(cmd) <= 2000
+    assert 'benchmarks/gpu_script.py "$OUT"' in cmd and "timeout" in cmd
