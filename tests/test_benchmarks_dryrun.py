@@ -154,6 +154,7 @@ def test_profile_run_cpu(tmp_path, one_thread, capsys):
     for kind in ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer"):
         assert cats[kind]["ms"] > 0, (kind, cats)
     assert res["step_ms"] > 0 and res["flops_per_step"] > 0
+    assert res["backends"]["attention"] == "torch" and "gather_tokens" in res["backends"]  # what really ran
     assert trace.exists() and trace.stat().st_size > 0
     printed = capsys.readouterr().out
     assert "gather/unmask" in printed and "ms/step" in printed
