@@ -21,32 +21,25 @@ signature, constexprs, options, target, Triton version) in ``~/.cache/fastmask-s
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import io
+import json
+import multiprocessing
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-# Before triton is imported: compile for real (never the interpreter), always run ptxas (its
-# -v report is what we read), and let it print that report.
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_ALWAYS_COMPILE"] = "1"
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime as _dt  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import triton  # noqa: E402
+import torch
+import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -537,7 +530,19 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prepare_env() -> None:
+    """Compile for real, always run ptxas (its -v report is what we read) and let it print
+    that report. Must run before fastmask.kernels is imported: under TRITON_INTERPRET=1 the
+    kernels would be interpreter functions, which do not compile."""
+    if "fastmask.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("static_check: fastmask.kernels was imported under TRITON_INTERPRET=1; run it as a script")
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+
 def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
+    _prepare_env()
     t0 = time.time()
     launches = capture_launches(dtypes, defaults_only, archs)
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
