@@ -102,6 +102,19 @@ def test_gpu_script_dry_run(tmp_path):
         "train", "ops", "train512", "opgrid"}
 
 
+def test_gpu_script_cuda_ext_mode_layout(tmp_path):
+    """The second device call's stages, dry: the build is skipped on the CPU, the CUDA tests
+    are collected (and skip without a GPU), and the same four files come back."""
+    out = tmp_path / "out"
+    proc = _run_script(out, "--mode", "cuda-ext", "--skip", "cuda_ops", "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads((out / "results.json").read_text())
+    stages = {s["name"]: s["status"] for s in doc["stages"]}
+    assert stages == {"probe": "ok", "build": "skipped", "cuda_tests": "ok", "cuda_ops": "skipped"}, stages
+    assert doc["tests"]["cuda_tests"]["counts"]["skipped"] > 100  # collected, GPU-only
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.tar.gz", "summary.md"]
+
+
 def test_gpu_script_survives_sigkill(tmp_path):
     """Killed at any moment, the run leaves its log and an archive at most one period old,
     and no stage process outlives it."""
