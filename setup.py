@@ -79,9 +79,9 @@ setup(
         # `fastmask fid` (torch-fidelity, which brings torchvision)
         "latents": ["diffusers>=0.27", "pillow"],
         "fid": ["torch-fidelity>=0.3", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "pillow", "triton>=3.0",
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scikit-learn", "matplotlib", "pillow", "triton>=3.0",
                  "diffusers>=0.27", "torch-fidelity>=0.3", "scipy"],
-        "bench": ["pytest", "pytest-benchmark", "matplotlib", "triton>=3.0"],
+        "bench": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib", "triton>=3.0"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["fastmask=fastmask.cli:main"]},

@@ -31,6 +31,9 @@ MODES = ("forward", "backward", "full")
 FASTMASK_PROVIDERS = ("fastmask-triton", "fastmask-cuda")
 COMMON_PROVIDERS = (*FASTMASK_PROVIDERS, "torch", "torch-compile")
 ATTENTION_BASELINES = ("torch-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
+# The GPU script's "ops" stage: the headline shape, forward and backward, these providers.
+HEADLINE_PROVIDERS = (*FASTMASK_PROVIDERS, "torch", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
+HEADLINE_MODES = ("forward", "backward")
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -78,7 +81,7 @@ def grid() -> tuple[list[Shape], Shape]:
     """(shapes of this run's size set, the headline shape)."""
     sset = common.size_set()
     if sset == "dry":
-        shapes = [Shape("T/2", 8, 2, r) for r in (0.5, 0.0)]
+        shapes = [Shape("T/2", 8, 2, 0.5)]
     elif sset == "cpu":
         shapes = [Shape("S/2", 32, 8, r) for r in (0.5, 0.0, 0.75)]
     elif sset == "quick":
@@ -180,62 +183,38 @@ def setup_attention(shape: Shape, stage: str) -> OpSetup:
     )
 
 
-def _vec_bytes(B, D, e, n):
-    return n * B * D * e
+# The row-wise norm ops: (number of [B, L, D] activations, number of [B, D] vectors,
+# activation tensors moved forward / backward, vector tensors moved forward / backward).
+# gated_residual's backward: dx is dout itself (read dout and y, write dy).
+_NORM_OPS = {
+    "layernorm_modulate": (1, 2, (2, 3), (2, 3)),
+    "gated_residual": (2, 1, (3, 3), (1, 2)),
+    "residual_layernorm_modulate": (2, 3, (4, 6), (3, 5)),
+}
 
 
-def setup_layernorm_modulate(shape: Shape, stage: str) -> OpSetup:
+def _setup_norm(op: str, shape: Shape, stage: str) -> OpSetup:
+    n_act, n_vec, (act_f, act_b), (vec_f, vec_b) = _NORM_OPS[op]
     B, L = shape.batch, shape.tokens(stage)
     D, _ = shape.width(stage)
     e = common.bench_dtype().itemsize
-    x = _randn(B, L, D, requires_grad=True)
-    shift, scale = (_randn(B, D, requires_grad=True) for _ in range(2))
-    fwd = 2 * B * L * D * e + _vec_bytes(B, D, e, 2)
-    bwd = 3 * B * L * D * e + _vec_bytes(B, D, e, 3)
+    inputs = tuple(_randn(B, L, D, requires_grad=True) for _ in range(n_act))
+    inputs += tuple(_randn(B, D, requires_grad=True) for _ in range(n_vec))
+    fwd = (act_f * L + vec_f) * B * D * e
+    bwd = (act_b * L + vec_b) * B * D * e
     return OpSetup(
-        inputs=(x, shift, scale),
-        grad_idx=(0, 1, 2),
-        public=fastmask.ops.layernorm_modulate,
-        ref=reference.layernorm_modulate,
+        inputs=inputs,
+        grad_idx=tuple(range(len(inputs))),
+        public=getattr(fastmask.ops, op),
+        ref=getattr(reference, op),
         bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
         dims=dict(B=B, L=L, D=D),
     )
 
 
-def setup_gated_residual(shape: Shape, stage: str) -> OpSetup:
-    B, L = shape.batch, shape.tokens(stage)
-    D, _ = shape.width(stage)
-    e = common.bench_dtype().itemsize
-    x, y = (_randn(B, L, D, requires_grad=True) for _ in range(2))
-    gate = _randn(B, D, requires_grad=True)
-    fwd = 3 * B * L * D * e + _vec_bytes(B, D, e, 1)
-    bwd = 3 * B * L * D * e + _vec_bytes(B, D, e, 2)  # dx is dout itself: read dout, y; write dy
-    return OpSetup(
-        inputs=(x, y, gate),
-        grad_idx=(0, 1, 2),
-        public=fastmask.ops.gated_residual,
-        ref=reference.gated_residual,
-        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
-        dims=dict(B=B, L=L, D=D),
-    )
-
-
-def setup_residual_layernorm_modulate(shape: Shape, stage: str) -> OpSetup:
-    B, L = shape.batch, shape.tokens(stage)
-    D, _ = shape.width(stage)
-    e = common.bench_dtype().itemsize
-    x, y = (_randn(B, L, D, requires_grad=True) for _ in range(2))
-    gate, shift, scale = (_randn(B, D, requires_grad=True) for _ in range(3))
-    fwd = 4 * B * L * D * e + _vec_bytes(B, D, e, 3)
-    bwd = 6 * B * L * D * e + _vec_bytes(B, D, e, 5)
-    return OpSetup(
-        inputs=(x, y, gate, shift, scale),
-        grad_idx=(0, 1, 2, 3, 4),
-        public=fastmask.ops.residual_layernorm_modulate,
-        ref=reference.residual_layernorm_modulate,
-        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
-        dims=dict(B=B, L=L, D=D),
-    )
+setup_layernorm_modulate = functools.partial(_setup_norm, "layernorm_modulate")
+setup_gated_residual = functools.partial(_setup_norm, "gated_residual")
+setup_residual_layernorm_modulate = functools.partial(_setup_norm, "residual_layernorm_modulate")
 
 
 def setup_dsm_mae_loss(shape: Shape, stage: str) -> OpSetup:
@@ -280,6 +259,7 @@ class OpCase:
     provider: str
     mode: str
     priority: tuple = ()
+    headline: bool = False  # the GPU script's "ops" stage (FASTMASK_BENCH_PART)
 
     @property
     def id(self) -> str:
@@ -331,7 +311,8 @@ def build_cases() -> list[OpCase]:
                     compiled = provider == "torch-compile"
                     for mode_rank, mode in enumerate(MODES):
                         prio = (int(compiled), shape_rank, op_rank, mode_rank)
-                        cases.append(OpCase(op, stage, shape, provider, mode, prio))
+                        head = shape_rank == 0 and provider in HEADLINE_PROVIDERS and mode in HEADLINE_MODES
+                        cases.append(OpCase(op, stage, shape, provider, mode, prio, head))
     return cases
 
 
@@ -363,11 +344,24 @@ def _sdpa_fn(provider: str):
     return fn
 
 
-def _xformers_fn():
+def xformers_reason() -> str | None:
+    """None if xformers' compiled kernels load here, else why it is no baseline: without its
+    compiled part (a wheel built for another torch / CUDA) it runs PyTorch's own SDPA."""
     try:
-        import xformers.ops as xops
+        import xformers
+        import xformers.ops  # noqa: F401
     except Exception as e:
-        pytest.skip(f"xformers is not installed ({type(e).__name__})")
+        return f"xformers is not installed ({type(e).__name__})"
+    if not getattr(xformers, "_has_cpp_library", False):
+        return f"xformers {xformers.__version__}: its compiled part does not load with this torch/CUDA (it would run PyTorch's SDPA)"
+    return None
+
+
+def _xformers_fn():
+    reason = xformers_reason()
+    if reason:
+        pytest.skip(reason)
+    import xformers.ops as xops
 
     def fn(qkv, scale):
         B, L, _, H, hd = qkv.shape
@@ -375,6 +369,17 @@ def _xformers_fn():
         return xops.memory_efficient_attention(q, k, v, scale=scale).reshape(B, L, H * hd)
 
     return fn
+
+
+def _xformers_kernel(qkv, scale) -> str | None:
+    """The name of the xformers forward kernel its dispatcher picks for these inputs."""
+    try:
+        from xformers.ops import fmha
+
+        q, k, v = qkv.unbind(2)
+        return fmha._dispatch_fw(fmha.Inputs(query=q, key=k, value=v, scale=scale), True).NAME
+    except Exception as e:  # a private API: the label is a courtesy
+        return f"unknown ({type(e).__name__})"
 
 
 def provider_fn(case: OpCase, s: OpSetup):
@@ -421,15 +426,25 @@ def _grads_for(outs) -> tuple:
     )
 
 
+def _ran_label(case: OpCase, ran: dict, s: OpSetup) -> str:
+    """What actually computed the case: the fastmask backend the dispatcher chose, the forced
+    SDPA kernel, xformers' own kernel, or the reference."""
+    p = case.provider
+    if p in FASTMASK_PROVIDERS:
+        return common.backends_field(ran).get(case.op, "none")
+    if p in _SDPA_BACKENDS:
+        return f"sdpa:{_SDPA_BACKENDS[p]}"
+    if p == "xformers":
+        return f"xformers:{_xformers_kernel(*s.inputs)}"
+    return p
+
+
 # ----------------------------------------------------------------------------- the test
 @pytest.mark.bench_case
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
-    if case.provider == "xformers":  # cheap skip before building inputs
-        try:
-            import xformers.ops  # noqa: F401
-        except Exception as e:
-            pytest.skip(f"xformers is not installed ({type(e).__name__})")
+    if case.provider == "xformers" and xformers_reason():  # cheap skip before building inputs
+        pytest.skip(xformers_reason())
     if case.provider == "torch-compile" and common.compile_allowed():
         pytest.skip(common.compile_allowed())
     s = SETUPS[case.op](case.shape, case.stage)
@@ -452,13 +467,14 @@ def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
         return torch.autograd.grad(forward(), grad_inputs, grads)
 
     try:
-        grads = _grads_for(forward())
-        if case.mode == "forward":
-            stats = common.measure(benchmark, forward)
-        elif case.mode == "backward":
-            stats = common.measure(benchmark, backward, setup=forward)
-        else:
-            stats = common.measure(benchmark, full)
+        with common.record_backends() as ran:  # which backend the fastmask op really ran on
+            grads = _grads_for(forward())
+            if case.mode == "forward":
+                stats = common.measure(benchmark, forward)
+            elif case.mode == "backward":
+                stats = common.measure(benchmark, backward, setup=forward)
+            else:
+                stats = common.measure(benchmark, full)
     except Exception as e:
         # A baseline kernel that cannot run this shape on this machine (no cuDNN kernel for the
         # head dim, out of memory for the explicit softmax, ...) is skipped with the reason;
@@ -468,6 +484,7 @@ def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
         raise
     result_row.update(stats)
     result_row.update(common.roofline(result_row, ceilings))
+    result_row["ran"] = _ran_label(case, ran, s)
     benchmark.extra_info.update(case.row())
     benchmark.extra_info.update({k: v for k, v in result_row.items() if k != "dims"})
     benchmark.extra_info.update(

@@ -2,6 +2,7 @@
 
 Variants (same config, input size and batch within a group):
     dit-torch                 plain DiT, eager, torch backend (attention = SDPA)
+    dit-torch-compile         the same under torch.compile
     maskdit-torch             MaskDiT, reference ops, eager
     maskdit-torch-compile     the same under torch.compile (regional: every block compiled)
     maskdit-fastmask          MaskDiT with the fused kernels (automatic backend)
@@ -40,6 +41,7 @@ VARIANTS = {
     v.name: v
     for v in (
         Variant("dit-torch", "dit", "torch", None),
+        Variant("dit-torch-compile", "dit", "torch", "blocks"),
         Variant("maskdit-torch", "maskdit", "torch", None),
         Variant("maskdit-torch-compile", "maskdit", "torch", "blocks"),
         Variant("maskdit-fastmask", "maskdit", "auto", None),
@@ -48,6 +50,12 @@ VARIANTS = {
     )
 }
 MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
+# The headline rows (the first setting, the GPU script's "train" stage), most valuable first:
+# what fastmask does, the two baselines of the targets (DiT-XL/2 eager, MaskDiT compiled),
+# then the rest of the comparison. Compiled rows of the first setting come before any row of
+# a larger one.
+HEADLINE = ("maskdit-fastmask", "dit-torch", "maskdit-fastmask-compile", "maskdit-torch-compile",
+            "maskdit-torch", "dit-torch-compile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,22 +76,23 @@ class Setting:
 def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]]:
     """[(setting, main (variant, ratio) pairs, extra pairs)] of this run's size set."""
     main = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in MAIN)
+    headline = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in HEADLINE)
     ratios = (("maskdit-fastmask", 0.0), ("maskdit-fastmask", 0.25), ("maskdit-fastmask", 0.75))
     ratios_ref = (("maskdit-torch", 0.0), ("maskdit-torch", 0.25), ("maskdit-torch", 0.75))
     sset = common.size_set()
     if sset == "dry":
-        return [(Setting("T/2", 8, 4, warmup=1, steps=2), main, (("maskdit-torch", 0.0),))]
+        return [(Setting("T/2", 8, 4, warmup=1, steps=2), headline, (("maskdit-torch", 0.0),))]
     if sset == "cpu":
         # the no-download default's scale: ~1.5M parameters, 16x16 inputs, batch 128
         s = Setting("Digits/2", 16, 128, in_channels=1, num_classes=10, warmup=1, steps=5)
         return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)), ratios_ref[1:] + main)]
     if sset == "quick":
         return [
-            (Setting("XL/2", 32, 64, warmup=2, steps=5), main, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
+            (Setting("XL/2", 32, 64, warmup=2, steps=5), headline, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
             (Setting("XL/2", 64, 16, warmup=2, steps=5), main, ()),
         ]
     return [
-        (Setting("XL/2", 32, 128, warmup=3, steps=10), main, ratios + ratios_ref + (("dit-fastmask", 0.0),)),
+        (Setting("XL/2", 32, 128, warmup=3, steps=10), headline, ratios + ratios_ref + (("dit-fastmask", 0.0),)),
         (Setting("XL/2", 64, 32, warmup=3, steps=10), main, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
     ]
 
@@ -94,6 +103,7 @@ class StepCase:
     variant: Variant
     mask_ratio: float
     priority: tuple = ()
+    headline: bool = False  # one of the first setting's main rows (FASTMASK_BENCH_PART)
 
     @property
     def id(self) -> str:
@@ -127,10 +137,12 @@ def build_cases() -> list[StepCase]:
                 if (s, name, r) in seen:
                     continue
                 seen.add((s, name, r))
-                # eager main rows of every setting first, then eager extras, then the compiled
-                # variants (their compile time would otherwise eat a short run's budget)
+                # the first setting's main rows in their listed order, then the other settings'
+                # main rows, then the extras (eager before compiled)
                 v = VARIANTS[name]
-                cases.append(StepCase(s, v, r, priority=(100 + (2 if v.compile else tier), rank)))
+                head = rank == 0 and tier == 0
+                prio = (100, rank, len(cases)) if tier == 0 else (101, int(bool(v.compile)), rank, len(cases))
+                cases.append(StepCase(s, v, r, priority=prio, headline=head))
     return cases
 
 
@@ -164,13 +176,14 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         )
         params = sum(p.numel() for p in ts.model.parameters())
         flops = ts.flops()
-        t0 = time.perf_counter()
-        for _ in range(s.warmup):  # includes torch.compile's compile time
-            ts.step()
-        common.sync()
-        warmup_s = time.perf_counter() - t0
-        timed = common.RoundTimer(ts.step)
-        benchmark.pedantic(timed, rounds=s.steps, iterations=1, warmup_rounds=0)
+        with common.record_backends() as ran:  # which backend each op really ran on
+            t0 = time.perf_counter()
+            for _ in range(s.warmup):  # includes torch.compile's compile time
+                ts.step()
+            common.sync()
+            warmup_s = time.perf_counter() - t0
+            timed = common.RoundTimer(ts.step)
+            benchmark.pedantic(timed, rounds=s.steps, iterations=1, warmup_rounds=0)
         stats = common.summarize(timed.times_ms())
         timed = None  # it holds ts.step, hence the model: let the finally free it
         peak = torch.cuda.max_memory_allocated() / 2**30 if common.on_gpu() else None
@@ -194,6 +207,8 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         tflops=tflops,
         mfu_pct=100.0 * tflops / ceilings["matmul_tflops"],
         tokens=flops["tokens"],
+        backends=common.backends_field(ran),
+        attn_autotune=os.environ.get("FASTMASK_ATTN_AUTOTUNE", "1") != "0",
     )
     benchmark.extra_info.update(case.row())
     benchmark.extra_info.update({k: v for k, v in result_row.items() if k != "tokens"})

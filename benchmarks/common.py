@@ -8,6 +8,13 @@ Run modes (environment variables, read once per process):
     FASTMASK_BENCH_JSON   where the session writes its JSON (default: benchmarks/results/
                           <device>_<date>_<mode>.json); rows are also appended to
                           ``<json>.partial.jsonl`` as they come, so a killed run keeps them.
+    FASTMASK_BENCH_PART   ``headline`` (the GPU script's first benchmark stages: the 256 px
+                          training rows, the ops at the headline shape), ``rest`` (everything
+                          else) or ``all`` (default).
+    FASTMASK_BENCH_PROVIDERS  comma-separated op providers to keep (default: all).
+    FASTMASK_BENCH_JSONL  a JSON-lines file every row (and the session's environment and
+                          ceilings) is also appended to, tagged ``gpu_stage`` =
+                          ``FASTMASK_BENCH_STAGE`` (the GPU script's one results stream).
     FASTMASK_BENCH_DEADLINE  Unix time after which the remaining cases are skipped (the GPU
                           script uses it so that a stage ends cleanly inside its time cap).
     FASTMASK_BENCH_COMPILE   ``1`` runs the torch.compile providers on the CPU too (skipped there
@@ -25,6 +32,7 @@ median and the 20/80 % quantiles of those device times.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -51,6 +59,24 @@ def bench_mode() -> str:
     if mode not in ("full", "quick", "dry"):
         raise ValueError(f"FASTMASK_BENCH_MODE: expected full, quick or dry, got {mode!r}")
     return mode
+
+
+def bench_part() -> str:
+    part = os.environ.get("FASTMASK_BENCH_PART", "").strip().lower() or "all"
+    if part not in ("all", "headline", "rest"):
+        raise ValueError(f"FASTMASK_BENCH_PART: expected all, headline or rest, got {part!r}")
+    return part
+
+
+def in_part(headline: bool) -> bool:
+    """Whether a case (on the headline list or not) belongs to this run's part."""
+    part = bench_part()
+    return part == "all" or (part == "headline") == headline
+
+
+def providers_kept() -> set[str] | None:
+    v = os.environ.get("FASTMASK_BENCH_PROVIDERS", "").strip()
+    return {p.strip() for p in v.split(",") if p.strip()} or None
 
 
 def device() -> torch.device:
@@ -186,6 +212,40 @@ def env_info() -> dict:
     info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
     info["fastmask_check_values"] = os.environ.get("FASTMASK_CHECK_VALUES", "1") != "0"
     return info
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Yields a dict filled with {op: set of backends that really ran} inside the block.
+
+    Uses ``fastmask.ops.dispatch.record_choices`` where the dispatcher has it; otherwise it
+    wraps ``dispatch.select`` (the one point every op asks) for the duration of the block.
+    """
+    from fastmask.ops import dispatch
+
+    native = getattr(dispatch, "record_choices", None)
+    if native is not None:
+        with native() as got:
+            yield got
+        return
+    got: dict = {}
+    real = dispatch.select
+
+    def select(op, *tensors):
+        name = real(op, *tensors)
+        got.setdefault(op, set()).add(name)
+        return name
+
+    dispatch.select = select
+    try:
+        yield got
+    finally:
+        dispatch.select = real
+
+
+def backends_field(got: dict) -> dict:
+    """{op: "triton"} (or "torch+triton" where one op ran on several) for a result row."""
+    return {op: "+".join(sorted(v)) for op, v in sorted(got.items())}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -407,6 +467,16 @@ class ResultLog:
         self.rows.append(row)
         with open(self.partial, "a") as f:
             f.write(json.dumps(row, default=_jsonable) + "\n")
+        self.stream(row)
+
+    @staticmethod
+    def stream(row: dict) -> None:
+        """Append to FASTMASK_BENCH_JSONL (the GPU script's results stream), if set."""
+        path = os.environ.get("FASTMASK_BENCH_JSONL")
+        if path:
+            row = {**row, "gpu_stage": os.environ.get("FASTMASK_BENCH_STAGE", "bench")}
+            with open(path, "a") as f:
+                f.write(json.dumps(row, default=_jsonable) + "\n")
 
     def document(self) -> dict:
         return {

@@ -40,6 +40,19 @@ def _log(config) -> common.ResultLog:
 
 
 def pytest_collection_modifyitems(config, items):
+    # FASTMASK_BENCH_PART / FASTMASK_BENCH_PROVIDERS: cases of other parts are deselected
+    # (not skipped: they are no rows of this run).
+    keep, drop = [], []
+    providers = common.providers_kept()
+    for item in items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        ok = case is None or common.in_part(getattr(case, "headline", False))
+        if ok and providers and case is not None and hasattr(case, "provider"):
+            ok = case.provider in providers
+        (keep if ok else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
     # Most informative first (the headline shape, eager providers), so that a run cut short by
     # its deadline still has them. sort() is stable: the file order stays within one priority.
     def key(item):
@@ -54,6 +67,7 @@ def bench_env(pytestconfig):
     log = _log(pytestconfig)
     if not log.env:
         log.env = common.env_info()
+        common.ResultLog.stream({"kind": "env", **log.env})
     return log.env
 
 
@@ -62,6 +76,7 @@ def ceilings(pytestconfig, bench_env):
     log = _log(pytestconfig)
     if not log.ceilings:
         log.ceilings = common.measure_ceilings()
+        common.ResultLog.stream({"kind": "ceilings", **log.ceilings})
     return log.ceilings
 
 

@@ -29,6 +29,7 @@ PROVIDER_ORDER = (
 )
 VARIANT_ORDER = (
     "dit-torch",
+    "dit-torch-compile",
     "dit-fastmask",
     "maskdit-torch",
     "maskdit-torch-compile",
@@ -37,6 +38,7 @@ VARIANT_ORDER = (
 )
 VARIANT_LABEL = {
     "dit-torch": "DiT, PyTorch eager (SDPA)",
+    "dit-torch-compile": "DiT, PyTorch + torch.compile",
     "dit-fastmask": "DiT, fastmask kernels",
     "maskdit-torch": "MaskDiT, PyTorch reference eager",
     "maskdit-torch-compile": "MaskDiT, reference + torch.compile",
@@ -94,14 +96,16 @@ def _input_label(r) -> str:
     return f"{s * 8}px ({s}x{s}x4 latent)" if c == 4 else f"{s}x{s}x{c} input"
 
 
+def _table_head(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def train_table(rows) -> list[str]:
     steps = _ok(rows, kind="train_step")
     if not steps:
         return []
-    out = [
-        "| model | variant | input | batch | mask ratio | step (ms) | images/s | vs DiT | peak mem (GiB) | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    out = _table_head("model", "variant", "input", "batch", "mask ratio", "step (ms)", "images/s", "vs DiT",
+                      "peak mem (GiB)", "MFU", "ops ran on")
     groups = sorted({(r["config"], r["input_size"], r["batch"]) for r in steps}, key=lambda g: (g[1], g[0]))
     for g in groups:
         rs = [r for r in steps if (r["config"], r["input_size"], r["batch"]) == g]
@@ -114,8 +118,37 @@ def train_table(rows) -> list[str]:
             model = ("MaskDiT-" if r["model"] == "maskdit" else "DiT-") + r["config"]
             out.append(
                 f"| {model} | {VARIANT_LABEL.get(r['variant'], r['variant'])} | {_input_label(r)} "
-                f"| {r['batch']} | {r['mask_ratio']} | {_fmt_ms(r['median_ms'])} | {r['images_per_s']:.1f} | {vs} | {mem} | {mfu} |"
+                f"| {r['batch']} | {r['mask_ratio']} | {_fmt_ms(r['median_ms'])} | {r['images_per_s']:.1f} | {vs} | {mem} | {mfu} "
+                f"| {_ran_on(r.get('backends'))} |"
             )
+    return out
+
+
+def _ran_on(backends: dict | None) -> str:
+    """'triton' when every op ran on one backend, else 'attention=triton, loss=torch, ...'."""
+    if not backends:
+        return "-"
+    names = set(backends.values())
+    if len(names) == 1:
+        return names.pop()
+    return ", ".join(f"{op}={b}" for op, b in sorted(backends.items()))
+
+
+def attention_lines(rows) -> list[str]:
+    """Attention at the headline shape against the SDPA kernels: % of the measured matmul rate
+    and % of the copy bandwidth (the bytes of q, k, v, out and their gradients)."""
+    hs = headline_shape(rows)
+    sel = [r for r in _ok(rows, kind="op", op="attention") if (r["config"], r["input_size"], r["batch"]) == hs]
+    if not sel:
+        return []
+    out = ["Attention at the headline shape (what ran; TFLOP/s and % of the matmul rate; GB/s and % of the copy bandwidth):",
+           ""] + _table_head("stage", "shape", "mode", "provider", "ran", "median ms", "TFLOP/s", "% matmul", "GB/s", "% copy")
+    order = {p: i for i, p in enumerate(PROVIDER_ORDER)}
+    for r in sorted(sel, key=lambda r: (r["stage"], ("forward", "backward", "full").index(r["mode"]), order.get(r["provider"], 99))):
+        out.append(
+            f"| {r['stage']} | {_shape_label(r)} | {r['mode']} | {r['provider']} | {r.get('ran', '-')} | {_fmt_ms(r['median_ms'])} "
+            f"| {r.get('tflops', 0):.1f} | {_pct(r.get('pct_matmul'))} | {r.get('gbps', 0):.0f} | {_pct(r.get('pct_copy_bw'))} |"
+        )
     return out
 
 
@@ -163,8 +196,8 @@ def op_table(rows, mode="full") -> list[str]:
         if k not in keys:
             keys.append(k)
     out = [
-        f"Per op, {hs[0]} at {hs[1] * 8}px (batch {hs[2]}, mask ratio 0.5 where it matters), `{mode}` mode "
-        "(forward + backward): median ms (% of roofline: copy bandwidth for memory-bound ops, "
+        f"Per op, {hs[0]} at {hs[1] * 8}px (batch {hs[2]}, mask ratio 0.5 where it matters), `{mode}` mode"
+        + (" (forward + backward)" if mode == "full" else "") + ": median ms (% of roofline: copy bandwidth for memory-bound ops, "
         "matmul rate for attention).",
         "",
         "| op | shape | " + " | ".join(providers) + " | fastmask vs torch | vs torch.compile |",
@@ -188,16 +221,14 @@ def all_ops_table(rows) -> list[str]:
     ops = _ok(rows, kind="op")
     if not ops:
         return []
-    out = [
-        "| op | stage | config | px | ratio | shape | mode | provider | median ms | p20-p80 ms | GB/s | TFLOP/s | % roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    out = _table_head("op", "stage", "config", "px", "ratio", "shape", "mode", "provider", "ran", "median ms",
+                      "p20-p80 ms", "GB/s", "TFLOP/s", "% roofline")
     for r in ops:
         gb = f"{r['gbps']:.0f}" if r.get("gbps") else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         out.append(
             f"| {r['op']} | {r['stage']} | {r['config']} | {r['res']} | {r.get('mask_ratio', '-')} | {_shape_label(r)} | {r['mode']} "
-            f"| {r['provider']} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r.get('p20_ms'))}-{_fmt_ms(r.get('p80_ms'))} | {gb} | {tf} "
+            f"| {r['provider']} | {r.get('ran', '-')} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r.get('p20_ms'))}-{_fmt_ms(r.get('p80_ms'))} | {gb} | {tf} "
             f"| {_pct(r.get('roofline_pct'))} |"
         )
     return out
@@ -240,9 +271,13 @@ def markdown(docs, all_ops=False) -> str:
         m = masked_lines(doc)
         if m:
             parts += m + [""]
-        o = op_table(rows)
-        if o:
-            parts += o + [""]
+        for mode in ("full", "forward", "backward"):  # the GPU script's headline stage: forward, backward
+            o = op_table(rows, mode)
+            if o:
+                parts += o + [""]
+        a = attention_lines(rows)
+        if a:
+            parts += a + [""]
         if all_ops:
             a = all_ops_table(rows)
             if a:
@@ -346,6 +381,19 @@ def plots(docs, outdir: Path, prefix: str = "") -> list[Path]:
     return written
 
 
+README_BEGIN = "<!-- benchmarks/report.py: begin -->"
+README_END = "<!-- benchmarks/report.py: end -->"
+
+
+def update_readme(path: Path, md: str) -> None:
+    """Put ``md`` between the two marker lines of ``path`` (the results section of a README)."""
+    text = path.read_text()
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} section")
+    path.write_text(text[: i + len(README_BEGIN)] + "\n" + md.rstrip() + "\n" + text[j:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", nargs="+", help="result JSON files (or folders of them)")
@@ -353,6 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", help="folder for the PNG plots")
     ap.add_argument("--prefix", default="", help="prefix of the plot file names (e.g. the JSON's stem + '_')")
     ap.add_argument("--all-ops", action="store_true", help="also list every op measurement")
+    ap.add_argument("--readme", help=f"replace the text between {README_BEGIN} and {README_END} in this file with the table")
     args = ap.parse_args(argv)
     docs = load(args.json)
     if not docs:
@@ -361,6 +410,12 @@ def main(argv=None) -> int:
     md = markdown(docs, all_ops=args.all_ops)
     if args.md:
         Path(args.md).write_text(md)
+    if args.readme:
+        try:
+            update_readme(Path(args.readme), md)
+        except (OSError, ValueError) as e:
+            print(f"report: --readme: {e}", file=sys.stderr)
+            return 2
     if args.plots:
         for p in plots(docs, Path(args.plots), args.prefix):
             print(f"plot: {p}", file=sys.stderr)

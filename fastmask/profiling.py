@@ -31,6 +31,7 @@ import torch
 
 from . import ops as _ops
 from .models import EDMPrecond, compile_model, count_flops, dit, maskdit
+from .ops import dispatch as _dispatch
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer", "other")
 
@@ -264,12 +265,13 @@ def profile(args: argparse.Namespace) -> dict:
         step()
     _sync(dev)
 
-    # wall time per step, without the profiler's overhead
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(dev)
-    step_s = (time.perf_counter() - t0) / args.steps
+    # wall time per step, without the profiler's overhead; which backend each op ran on
+    with _dispatch.record_choices() as ran:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(dev)
+        step_s = (time.perf_counter() - t0) / args.steps
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
@@ -305,6 +307,7 @@ def profile(args: argparse.Namespace) -> dict:
         "matmul_peak_tflops": peak,
         "mfu_pct": 100 * tflops / peak if peak else None,
         "trace": args.trace,
+        "backends": {op: "+".join(sorted(names)) for op, names in sorted(ran.items())},
     }
     _print(result, prof if args.top else None, args.top, on_gpu)
     return result
@@ -316,6 +319,8 @@ def _print(r: dict, prof, top: int, on_gpu: bool) -> None:
         f"mask ratio {r['mask_ratio']} backend {r['backend']} compile {r['compile']} on {r['device']}"
     )
     print(f"step {r['step_ms']:.2f} ms ({r['images_per_s']:.1f} images/s); {r['time_basis']} per step {r['measured_ms_per_step']:.2f} ms")
+    if r.get("backends"):
+        print("ops ran on: " + ", ".join(f"{op}={b}" for op, b in r["backends"].items()))
     print(f"{'kind':<15}{'ms/step':>10}{'share':>9}")
     for k in CATEGORIES:
         c = r["categories"][k]

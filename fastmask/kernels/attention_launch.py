@@ -102,14 +102,15 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
     for wide padded head dims, so that no chosen config spills.
 
     fp32 inputs (a correctness path, not a fast one: no tensor cores with "ieee" dots) get
-    32 x 32 tiles, the largest that ptxas compiled without spills at head dim 72.
+    32 x 32 tiles; dk/dv walks 16-row query tiles, since with 32 it spilled at head dim 72 on
+    sm_90 and sm_80 (48 / 28 bytes; benchmarks/static_check.py).
     """
     if kind not in KERNELS:
         raise ValueError(f"attention: unknown kernel kind {kind!r}, expected one of {sorted(KERNELS)}")
     if kind == "delta":
         return _GPU_CONFIGS["delta"][0]
     if dtype == torch.float32:
-        return (32, 32, 4, 2)
+        return (16, 32, 4, 2) if kind in ("dkdv", "bwd") else (32, 32, 4, 2)
     width = sum(head_dim_split(hd))
     if kind in ("fwd", "dq") and L <= 64:
         return (64, 64, 4, 2)
@@ -123,7 +124,9 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
         cfg = (32, 64, 4, 2)
     else:
         cfg = (32, 128, 8, 2) if width > 32 else (32, 128, 4, 3)
-    if _regs_estimate(kind, cfg[0], cfg[1], cfg[2], width) > _REG_LIMIT[kind]:
+    if _regs_estimate(kind, cfg[0], cfg[1], cfg[2], width) > _REG_LIMIT[kind] or (
+        (kind, *cfg[:3], width) in SPILLS_BY_ARCH[_device_arch()]
+    ):
         cfg = (32, 64, 8, 2)
     return cfg
 
@@ -133,6 +136,18 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
 # limit spilled (e.g. dk/dv with a 128 x 80 key tile on 4 warps: 180 bytes of spills).
 # The one-pass "bwd" limit is the dkdv one until ptxas counts calibrate it.
 _REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250, "bwd": 250, "delta": 300}
+# The same budget per target (compute capability as 90 / 80). sm_80 spills sooner (no wgmma:
+# the mma.sync fragments live in registers); calibrated with benchmarks/static_check.py, which
+# compiles every autotune config for both targets (tests/test_static_gpu.py keeps it true).
+REG_LIMIT_BY_ARCH = {90: _REG_LIMIT, 80: {"fwd": 236, "dq": 240, "dkdv": 250, "bwd": 250, "delta": 300}}
+# Configs ptxas spilled on although the model above passes them, per target:
+# (kind, BLOCK_M, BLOCK_N, num_warps, padded head width). sm_80, triton 3.8: dk/dv 64 x 64 on
+# 4 warps at width 80 (36 bytes), forward 64 x 64 on 4 warps at width 32 (8 bytes), the one-pass
+# backward 32 x 128 on 8 warps at width 80 (16 bytes; the heuristic then takes 32 x 64).
+SPILLS_BY_ARCH = {
+    90: set(),
+    80: {("dkdv", 64, 64, 4, 80), ("fwd", 64, 64, 4, 32), ("bwd", 32, 128, 8, 80)},
+}
 
 
 def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float:
@@ -150,18 +165,36 @@ def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float
     return est
 
 
-def _prune(kind, configs, named_args, **kwargs):
-    # Blocks much longer than the sequence only add masked work; configs that would spill
-    # registers are never the fastest and each costs a compile.
-    args = {**named_args, **kwargs}
-    cap = max(64, args["L_BUCKET"])
-    width = args["HD_A"] + args["HD_B"] if "HD_A" in args and "HD_B" in args else 0
+@functools.lru_cache(maxsize=None)
+def _device_arch() -> int:
+    """The register tables' key for the current GPU: 90 from Hopper on, else 80 (90 without
+    a GPU; benchmarks/static_check.py replaces this function to plan for each target)."""
+    if torch.cuda.is_available():
+        return 90 if torch.cuda.get_device_capability()[0] >= 9 else 80
+    return 90
+
+
+def prune_for_target(kind, configs, named_args, arch: int | None = None, keep_one: bool = True):
+    """The configs worth timing on target ``arch`` (default: this GPU): blocks much longer than
+    the sequence only add masked work; configs the register model says spill on that target
+    are never the fastest and each costs a compile."""
+    cap = max(64, named_args["L_BUCKET"])
+    width = named_args["HD_A"] + named_args["HD_B"] if "HD_A" in named_args and "HD_B" in named_args else 0
+    arch = _device_arch() if arch is None else arch
+    limit, spills = REG_LIMIT_BY_ARCH[arch][kind], SPILLS_BY_ARCH[arch]
 
     def ok(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        return m <= cap and n <= cap and _regs_estimate(kind, m, n, c.num_warps, width) <= _REG_LIMIT[kind]
+        if (kind, m, n, c.num_warps, width) in spills:
+            return False
+        return m <= cap and n <= cap and _regs_estimate(kind, m, n, c.num_warps, width) <= limit
 
-    return [c for c in configs if ok(c)] or configs[:1]
+    kept = [c for c in configs if ok(c)]
+    return kept or (configs[:1] if keep_one else [])
+
+
+def _prune(kind, configs, named_args, **kwargs):
+    return prune_for_target(kind, configs, {**named_args, **kwargs})
 
 
 _EVEN = {

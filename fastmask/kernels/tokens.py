@@ -131,6 +131,10 @@ def gather_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens
         return grad_x, gpos
     inv = _inverse_ids(ids_keep, N)
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    if pos_grad and BLOCK_R > 1:
+        # a second (fp32) value per element: half the warps of a plain row copy (with 8,
+        # ptxas spilled on sm_80 at D = 512; benchmarks/static_check.py)
+        num_warps = max(2, num_warps // 2)
     n_tiles = cdiv(N, BLOCK_R)
     # Without a pos gradient nothing is summed over the batch: one sample per program.
     b_per_prog = _batch_chunks(B, n_tiles, grad_out) if pos_grad else 1

@@ -1,0 +1,603 @@
+#!/usr/bin/env python
+"""Static GPU evidence without a GPU: every Triton kernel the launchers would launch, compiled
+ahead of time for Hopper (sm_90) and Ampere (sm_80), and the CUDA sources through nvcc.
+
+    python benchmarks/static_check.py OUT.md [--json OUT.json] [--defaults-only]
+                                      [--dtypes bf16,fp16,fp32] [--targets 90,80] [--no-cuda]
+
+How the launches are found: the real launchers (``fastmask.kernels.*_fwd/_bwd``) are called on
+meta tensors of DiT-XL/2 shapes (D 1152 and 512, N 256, K 128, head dims 72 / 64 / 32) with
+``JITFunction.run`` and ``Autotuner.run`` intercepted, so each launch records its arguments,
+constexprs, warps and stages instead of running. Attention is called twice: with
+``FASTMASK_ATTN_AUTOTUNE=0`` (the heuristic config: the *default*) and with autotuning on
+(every autotune config, whether the pruning keeps it or not). Each launch is then compiled by
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and ``("cuda", 80, 32)`` through the
+same binder/specialisation path a real launch takes; ptxas' own report gives registers and
+spills, the kernel metadata shared memory; wgmma is looked up in the PTX.
+
+Results are cached per compile (Triton's source hash of the kernel and its dependencies, the
+signature, constexprs, options, target, Triton version) in ``~/.cache/fastmask-static`` (or
+``$FASTMASK_STATIC_CACHE``), so a rerun after no kernel change compiles nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CACHE = Path(os.environ.get("FASTMASK_STATIC_CACHE", Path.home() / ".cache" / "fastmask-static"))
+TARGETS = {90: "sm_90 (H100/H200)", 80: "sm_80 (A100)"}
+# Shared memory one block may use (the per-SM pool is 1 KB larger per block), and per SM.
+SMEM_BLOCK = {90: 227 * 1024, 80: 163 * 1024}
+SMEM_SM = {90: 228 * 1024, 80: 164 * 1024}
+REGS_SM, MAX_WARPS_SM, MAX_BLOCKS_SM = 65536, 64, 32
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# DiT-XL/2 at 256 px: N = 256 tokens, K = 128 kept; encoder width 1152 (16 heads of 72; 18 of
+# 64 as in DiT-B/L's head dim), MaskDiT decoder 512 (16 heads of 32); P = 2 * 2 * 4.
+N, K, P, B = 256, 128, 16, 64
+ATTENTION = [(K, 1152, 16), (N, 1152, 16), (K, 1152, 18), (N, 1152, 18), (N, 512, 16)]  # (L, D, H)
+WIDTHS = (1152, 512)
+
+
+@dataclasses.dataclass
+class Launch:
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    op: str
+    shape: str
+    dtype: str
+    role: str  # "default" or "autotune"
+    kind: str = ""  # attention kernel kind (fwd / dq / dkdv / bwd / delta), else ""
+    config: tuple = ()  # (BLOCK_M, BLOCK_N, warps, stages) for attention
+    arch: int = 90  # the target the launch policy planned for
+
+
+# ----------------------------------------------------------------------------- capture
+class _Capture:
+    """Intercepts JITFunction.run / Autotuner.run: launches are recorded, never run."""
+
+    def __init__(self):
+        self.launches: list[Launch] = []
+        self.context: dict = {}
+
+    def __enter__(self):
+        from triton.runtime import autotuner, jit
+
+        self._jit, self._auto = jit.JITFunction.run, autotuner.Autotuner.run
+        cap = self
+
+        def jit_run(fn, *args, grid=None, warmup=False, **kwargs):
+            ctx = dict(cap.context)
+            role = ctx.pop("role", "default")
+            cfg = ()
+            if "BLOCK_M" in kwargs and "BLOCK_N" in kwargs:
+                cfg = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
+            cap.launches.append(Launch(fn, args, dict(kwargs), role=ctx.pop("autotune_role", role), config=cfg, **ctx))
+            return None
+
+        def auto_run(tuner, *args, **kwargs):
+            saved = dict(cap.context)
+            cap.context["autotune_role"] = "autotune"
+            try:
+                for c in tuner.configs:
+                    kw = {**kwargs, **c.all_kwargs()}
+                    tuner.fn.run(*args, **kw)
+            finally:
+                cap.context = saved
+            return None
+
+        jit.JITFunction.run = jit_run
+        autotuner.Autotuner.run = auto_run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime import autotuner, jit
+
+        jit.JITFunction.run, autotuner.Autotuner.run = self._jit, self._auto
+        return False
+
+    @contextlib.contextmanager
+    def tag(self, **kw):
+        saved = dict(self.context)
+        self.context.update(kw)
+        try:
+            yield
+        finally:
+            self.context = saved
+
+
+def _meta(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def capture_launches(dtypes: list[str], defaults_only: bool, archs=(90,)) -> list[Launch]:
+    """Every launch the launchers make at the shapes, planned for each target in turn (the
+    launch policy may choose per target)."""
+    from fastmask.kernels import attention_launch as al
+
+    launches = []
+    real = al._device_arch
+    try:
+        for arch in archs:
+            al._device_arch = lambda arch=arch: arch
+            for ln in _capture(dtypes, defaults_only):
+                ln.arch = arch
+                launches.append(ln)
+    finally:
+        al._device_arch = real
+    return launches
+
+
+def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
+    from fastmask import kernels as fk
+    from fastmask.kernels import attention_launch as al
+
+    cap = _Capture()
+    with cap:
+        for dname in dtypes:
+            dt = DTYPES[dname]
+            for L, D, H in ATTENTION:
+                hd = D // H
+                qkv = _meta(B, L, 3, H, hd, dtype=dt)
+                out, lse = _meta(B, L, D, dtype=dt), _meta(B, H, L, dtype=torch.float32)
+                modes = [("0", "default")] if (defaults_only or dt == torch.float32) else [("0", "default"), ("1", "autotune")]
+                for flag, _ in modes:  # launches through the autotuner are tagged by auto_run
+                    os.environ["FASTMASK_ATTN_AUTOTUNE"] = flag
+                    al._fixed_choice.clear()
+                    shape = f"L={L} H={H} hd={hd}"
+                    # forward; one-pass backward (delta + bwd); deterministic backward (dq + dkdv)
+                    for call in (lambda: fk.attention_fwd(qkv, hd**-0.5),
+                                 lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5, deterministic=False),
+                                 lambda: fk.attention_bwd(out, qkv, out, lse, hd**-0.5, deterministic=True)):
+                        before = len(cap.launches)
+                        with cap.tag(op="attention", shape=shape, dtype=dname):
+                            call()
+                        for ln in cap.launches[before:]:
+                            ln.kind = _attention_kind(ln)
+            for D in WIDTHS:
+                L = K if D == 1152 else N
+                x, y = _meta(B, L, D, dtype=dt), _meta(B, L, D, dtype=dt)
+                vec = _meta(B, D, dtype=dt)
+                mean = rstd = _meta(B, L, dtype=torch.float32)
+                shape = f"L={L} D={D}"
+                calls = {
+                    "layernorm_modulate": lambda: (fk.layernorm_modulate_fwd(x, vec, vec, 1e-6),
+                                                   fk.layernorm_modulate_bwd(x, x, vec, mean, rstd)),
+                    "gated_residual": lambda: (fk.gated_residual_fwd(x, y, vec), fk.gated_residual_bwd(x, y, vec)),
+                    "residual_layernorm_modulate": lambda: (
+                        fk.residual_layernorm_modulate_fwd(x, y, vec, vec, vec, 1e-6),
+                        fk.residual_layernorm_modulate_bwd(x, x, x, y, vec, vec, mean, rstd)),
+                }
+                ids = torch.empty(B, K, dtype=torch.int64, device="meta")
+                pos = _meta(N, D, dtype=torch.float32)
+                full, vis = _meta(B, N, D, dtype=dt), _meta(B, K, D, dtype=dt)
+                calls["gather_tokens"] = lambda: (fk.gather_tokens_fwd(full, ids, pos), fk.gather_tokens_bwd(vis, ids, N, True))
+                calls["unmask_tokens"] = lambda: (fk.unmask_tokens_fwd(vis, ids, _meta(D, dtype=torch.float32), N, pos),
+                                                  fk.unmask_tokens_bwd(full, ids, True))
+                for op, call in calls.items():
+                    with cap.tag(op=op, shape=shape if "tokens" not in op else f"N={N} K={K} D={D}", dtype=dname):
+                        call()
+            F = _meta(B, N, P, dtype=dt)
+            with cap.tag(op="dsm_mae_loss", shape=f"N={N} P={P}", dtype=dname):
+                fk.dsm_mae_loss_fwd(F, _meta(B, N, P, dtype=torch.float32), _meta(B, N, P, dtype=torch.float32),
+                                    _meta(B, dtype=torch.float32), _meta(B, N, dtype=torch.float32), 0.1, 0.5)
+    os.environ.pop("FASTMASK_ATTN_AUTOTUNE", None)
+    return cap.launches
+
+
+def _attention_kind(ln: Launch) -> str:
+    """The launch policy's kind of a captured attention launch (kinds may share one kernel
+    and differ in constexprs, as the one-pass and deterministic dk/dv do)."""
+    from fastmask.kernels import attention_launch as al
+
+    for kind, k in al.KERNELS.items():
+        if (k is ln.fn or getattr(k, "fn", None) is ln.fn) and all(
+            ln.kwargs.get(c) == v for c, v in al.kind_constexprs(kind).items()
+        ):
+            return kind
+    return ""
+
+
+# ----------------------------------------------------------------------------- compile
+def _source(launch: Launch, target):
+    """(ASTSource, options) exactly as JITFunction.run builds them for this target."""
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    backend = make_backend(target)
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return ASTSource(fn, signature, constexprs, attrs), options
+
+
+def _cache_key(src, options, target) -> str:
+    h = hashlib.sha256()
+    h.update(src.hash().encode())
+    h.update(repr(sorted((k, str(v)) for k, v in options.__dict__.items() if k != "extern_libs")).encode())
+    h.update(f"{target}|{triton.__version__}".encode())
+    return h.hexdigest()[:32]
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def _ptxas_report(log: str, ptx: str, arch: int) -> dict:
+    if not _PTXAS.search(log):  # an older Triton that does not print the log: run ptxas -v ourselves
+        log = _run_ptxas(ptx, arch)
+    m, s, st = _PTXAS.search(log), _SPILL.search(log), _STACK.search(log)
+    return {
+        "regs": int(m.group(1)) if m else None,
+        "spill_stores": int(s.group(1)) if s else None,
+        "spill_loads": int(s.group(2)) if s else None,
+        "stack": int(st.group(1)) if st else None,
+    }
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    exe = str(exe) if exe.exists() else shutil.which("ptxas")
+    if not exe:
+        return ""
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "k.ptx"
+        p.write_text(ptx)
+        r = subprocess.run([exe, "-v", f"--gpu-name={sm}", str(p), "-o", str(Path(d) / "k.cubin")],
+                           capture_output=True, text=True, timeout=600)
+        return r.stdout + r.stderr
+
+
+_JOBS: list = []
+
+
+def _compile_job(i: int) -> dict:
+    launch, arch = _JOBS[i]
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", arch, 32)
+    t0 = time.time()
+    try:
+        src, options = _source(launch, target)
+        key = _cache_key(src, options, target)
+        hit = CACHE / f"{key}.json"
+        if hit.exists():
+            return {**json.loads(hit.read_text()), "cached": True}
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(src, target=target, options=options.__dict__)
+        ptx = k.asm.get("ptx", "")
+        res = {
+            "name": k.metadata.name,
+            "shared": int(k.metadata.shared),
+            "num_warps": int(k.metadata.num_warps),
+            "num_stages": int(k.metadata.num_stages),
+            "wgmma": "wgmma.mma_async" in ptx,
+            "mma": "mma.sync" in ptx,
+            **_ptxas_report(buf.getvalue(), ptx, arch),
+            "compile_s": round(time.time() - t0, 2),
+        }
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = hit.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, hit)
+        return {**res, "cached": False}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:400]}", "compile_s": round(time.time() - t0, 2)}
+
+
+def blocks_per_sm(regs: int | None, warps: int, shared: int, arch: int) -> int | None:
+    """Resident blocks per SM from registers (allocated per warp in units of 256), warps
+    and shared memory (1 KB reserved per block)."""
+    if regs is None:
+        return None
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = REGS_SM // (per_warp * warps)
+    by_warps = MAX_WARPS_SM // warps
+    by_smem = SMEM_SM[arch] // (shared + 1024) if shared else MAX_BLOCKS_SM
+    return max(0, min(by_regs, by_warps, by_smem, MAX_BLOCKS_SM))
+
+
+def compile_all(launches: list[Launch], archs: list[int], jobs: int) -> list[dict]:
+    """One row per (unique compile, target)."""
+    rows, seen = [], {}
+    global _JOBS
+    _JOBS = []
+    for ln in launches:
+        for arch in archs:
+            if arch != ln.arch:
+                continue
+            ident = (id(ln.fn), _launch_ident(ln), arch)
+            if ident in seen:
+                seen[ident]["uses"].append(ln)
+                continue
+            entry = {"launch": ln, "arch": arch, "uses": [ln]}
+            seen[ident] = entry
+            rows.append(entry)
+            _JOBS.append((ln, arch))
+    if jobs > 1 and len(_JOBS) > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
+    else:
+        results = [_compile_job(i) for i in range(len(_JOBS))]
+    out = []
+    for entry, res in zip(rows, results):
+        ln, arch = entry["launch"], entry["arch"]
+        roles = sorted({u.role for u in entry["uses"]})
+        r = {
+            "kernel": getattr(ln.fn, "__name__", str(ln.fn)),
+            "op": ln.op,
+            "kind": ln.kind,
+            "shape": ln.shape,
+            "shapes": sorted({u.shape for u in entry["uses"]}),
+            "dtype": ln.dtype,
+            "role": "default" if "default" in roles else roles[0],
+            "roles": roles,
+            "config": list(ln.config) if ln.config else [ln.kwargs.get("num_warps", 4), ln.kwargs.get("num_stages", 3)],
+            "constexprs": {k: v for k, v in ln.kwargs.items() if isinstance(v, (int, bool, str)) and k.isupper()},
+            "arch": arch,
+            **res,
+        }
+        if "error" not in r:
+            r["fits_smem"] = r["shared"] <= SMEM_BLOCK[arch]
+            r["blocks_per_sm"] = blocks_per_sm(r.get("regs"), r["num_warps"], r["shared"], arch)
+            if ln.kind:
+                r["pruned"] = _pruned(ln, arch)
+        out.append(r)
+    return out
+
+
+def _launch_ident(ln: Launch) -> str:
+    def norm(v):
+        if isinstance(v, torch.Tensor):
+            return f"T[{v.dtype}]"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"i{'1' if v == 1 else ('16' if v % 16 == 0 else '')}"
+        return repr(v)
+
+    # runtime integers specialise only as == 1 / divisible by 16; keyword arguments are
+    # constexprs and launch options, compiled per value
+    kw = {k: v for k, v in ln.kwargs.items() if v is not None}
+    return repr([norm(a) for a in ln.args]) + repr(sorted((k, repr(v)) for k, v in kw.items()))
+
+
+def _pruned(ln: Launch, arch: int) -> bool:
+    """Whether the autotuner's pruning drops this config on this target."""
+    from fastmask.kernels import attention_launch as al
+
+    if not ln.config:
+        return False
+    m, n, w, s = ln.config
+    named = dict(zip([p.name for p in ln.fn.params], ln.args))
+    named.update({k: v for k, v in ln.kwargs.items()})
+    cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    kept = al.prune_for_target(ln.kind, [cfg], named, arch=arch, keep_one=False)
+    return not kept
+
+
+# ----------------------------------------------------------------------------- CUDA C++
+def cuda_report(archs: list[int]) -> list[dict]:
+    """nvcc -Xptxas -v of every kernel source, per arch; cached by source + flags hash."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_static", ROOT / "csrc" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.ensure_cuda_home()
+    if build.nvcc_path() is None:
+        return [{"error": "nvcc not found"}]
+    rows = []
+    for source in build.KERNEL_SOURCES:
+        for arch in archs:
+            with tempfile.TemporaryDirectory() as d:
+                cmd = build.nvcc_command(str(ROOT / "csrc" / source), str(Path(d) / "k.o"), (str(arch),)) + ["-Xptxas", "-v"]
+                h = hashlib.sha256(" ".join(c for c in cmd if d not in c).encode())
+                for name in (source,) + tuple(build.HEADERS):
+                    h.update((ROOT / "csrc" / name).read_bytes())
+                hit = CACHE / f"nvcc2-{source}-{arch}-{h.hexdigest()[:24]}.json"
+                if hit.exists():
+                    rows += json.loads(hit.read_text())
+                    continue
+                t0 = time.time()
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+                if r.returncode != 0:
+                    rows.append({"source": source, "arch": arch, "error": (r.stderr or r.stdout)[-400:]})
+                    continue
+                found = _parse_nvcc(r.stdout + r.stderr, source, arch, time.time() - t0)
+                CACHE.mkdir(parents=True, exist_ok=True)
+                hit.write_text(json.dumps(found))
+                rows += found
+    return rows
+
+
+def _parse_nvcc(log: str, source: str, arch: int, seconds: float) -> list[dict]:
+    rows, cur = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)", line)
+        if m:
+            cur = {"source": source, "arch": arch, "mangled": m.group(1)}
+            rows.append(cur)
+            continue
+        if cur is None:
+            continue
+        if (s := _SPILL.search(line)):
+            cur["spill_stores"], cur["spill_loads"] = int(s.group(1)), int(s.group(2))
+        if (st := _STACK.search(line)):
+            cur["stack"] = int(st.group(1))
+        if (u := _PTXAS.search(line)):
+            cur["regs"] = int(u.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            cur["shared"] = int(sm.group(1)) if sm else 0
+    for r in rows:
+        r["compile_s"] = round(seconds, 1)
+    return rows
+
+
+def _demangle(name: str) -> str:
+    """``unmask_bwd_kernel<bf16, 4>`` from a mangled kernel name (as is without c++filt)."""
+    exe = shutil.which("c++filt")
+    if not exe:
+        return name
+    try:
+        out = subprocess.run([exe, name], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return name
+    out = out.replace("(anonymous namespace)::", "").removeprefix("void ")
+    depth, end = 0, len(out)
+    for i, ch in enumerate(out):  # the argument list starts at the first '(' outside <...>
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            end = i
+            break
+    out = out[:end].removeprefix("fastmask::")
+    for a, b in (("__nv_bfloat16", "bf16"), ("c10::BFloat16", "bf16"), ("__half", "fp16"), ("c10::Half", "fp16"),
+                 ("float", "fp32"), ("(bool)1", "true"), ("(bool)0", "false")):
+        out = out.replace(a, b)
+    return out or name
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
+    lines = [f"# Static GPU check ({meta['date']})", "",
+             f"triton {meta['triton']}, torch {meta['torch']}; targets " + ", ".join(TARGETS[a] for a in meta["archs"])
+             + f"; {meta['compiles']} compiles ({meta['cached']} cached) in {meta['seconds']:.0f} s.", "",
+             "Shapes: DiT-XL/2 at 256 px (N 256, K 128; D 1152 with 16 heads of 72 or 18 of 64; decoder D 512, "
+             "16 heads of 32). Blocks/SM from registers, warps and shared memory. `role` default = what runs "
+             "without autotuning; autotune configs marked `pruned` are dropped for that target.", ""]
+    bad = [r for r in rows if r.get("error") or (r["role"] == "default" and (r.get("spill_stores") or not r.get("fits_smem")))]
+    lines.append(f"**Default configs**: {sum(1 for r in rows if r['role'] == 'default')} compiles, "
+                 f"{len(bad)} with spills, errors or too much shared memory.")
+    lines.append("")
+    lines += ["| kernel | op | dtype | shape | config | role | target | regs | spill B | smem KB | blocks/SM | wgmma | pruned |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {"default": 0, "autotune": 1}
+    for r in sorted(rows, key=lambda r: (r["op"], r["kind"], r["kernel"], r["dtype"], order.get(r["role"], 2), r["shape"],
+                                          r["config"], -r["arch"])):
+        if r.get("error"):
+            lines.append(f"| {r['kernel']} | {r['op']} | {r['dtype']} | {r['shape']} | {r['config']} | {r['role']} | "
+                         f"sm_{r['arch']} | ERROR: {r['error'][:120]} | | | | | |")
+            continue
+        cfg = "x".join(str(c) for c in r["config"][:2]) + (f" w{r['config'][2]} s{r['config'][3]}" if len(r["config"]) == 4
+                                                           else "") if r["kind"] else f"w{r['num_warps']}"
+        spill = r.get("spill_stores")
+        op = f"{r['op']} ({r['kind']})" if r["kind"] else r["op"]
+        lines.append(
+            f"| {r['kernel']} | {op} | {r['dtype']} | {r['shape']} | {cfg} | {r['role']} | sm_{r['arch']} | {r.get('regs')} "
+            f"| {'**' + str(spill) + '**' if spill else spill} | {r['shared'] / 1024:.1f} | {r.get('blocks_per_sm')} "
+            f"| {'yes' if r.get('wgmma') else ('mma' if r.get('mma') else '-')} | {'yes' if r.get('pruned') else '-'} |")
+    if cuda_rows:
+        lines += ["", "## CUDA C++ (nvcc -Xptxas -v)", "", "| source | kernel | target | regs | spill B | stack B | smem B |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cuda_rows:
+            if r.get("error"):
+                lines.append(f"| {r.get('source', '-')} | ERROR: {r['error'][:200]} | sm_{r.get('arch', '?')} | | | | |")
+                continue
+            spill = r.get("spill_stores")
+            lines.append(f"| {r['source']} | {_demangle(r['mangled'])} | sm_{r['arch']} | {r.get('regs')} | "
+                         f"{'**' + str(spill) + '**' if spill else spill} | {r.get('stack')} | {r.get('shared')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _prepare_env() -> None:
+    """Compile for real, always run ptxas (its -v report is what we read) and let it print
+    that report. Must run before fastmask.kernels is imported: under TRITON_INTERPRET=1 the
+    kernels would be interpreter functions, which do not compile."""
+    if "fastmask.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("static_check: fastmask.kernels was imported under TRITON_INTERPRET=1; run it as a script")
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+
+def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
+    _prepare_env()
+    t0 = time.time()
+    launches = capture_launches(dtypes, defaults_only, archs)
+    rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
+    cuda_rows = cuda_report(archs) if with_cuda else []
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "archs": archs,
+        "compiles": len(rows),
+        "cached": sum(1 for r in rows if r.get("cached")),
+        "seconds": time.time() - t0,
+        "sources": kernel_sources_hash(),
+    }
+    return rows, cuda_rows, meta
+
+
+def kernel_sources_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "fastmask" / "kernels").glob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="compile every Triton launch for sm_90 / sm_80 on the CPU and report resources")
+    ap.add_argument("out", nargs="?", help="markdown report (default benchmarks/results/static_<date>.md)")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--targets", default="90,80")
+    ap.add_argument("--defaults-only", action="store_true", help="only the configs used without autotuning")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, at most 16)")
+    args = ap.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        ap.error(f"--dtypes: unknown {bad}; expected some of {list(DTYPES)}")
+    try:
+        archs = [int(a) for a in args.targets.split(",") if a.strip()]
+    except ValueError:
+        ap.error("--targets: expected compute capabilities like 90,80")
+    if any(a not in TARGETS for a in archs):
+        ap.error(f"--targets: expected some of {list(TARGETS)}")
+    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs)
+    md = markdown(rows, cuda_rows, meta)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"static_{_dt.date.today():%Y%m%d}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "triton": rows, "cuda": cuda_rows}, indent=1, default=str) + "\n")
+    print(md)
+    errors = [r for r in rows if r.get("error")]
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
