@@ -525,7 +525,11 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
             f"| {'**' + str(spill) + '**' if spill else spill} | {r['shared'] / 1024:.1f} | {r.get('blocks_per_sm')} "
             f"| {'yes' if r.get('wgmma') else ('mma' if r.get('mma') else '-')} | {'yes' if r.get('pruned') else '-'} |")
     if cuda_rows:
-        lines += ["", "## CUDA C++ (nvcc -Xptxas -v)", "", "| source | kernel | target | regs | spill B | stack B | smem B |",
+        bad = [r for r in cuda_rows if r.get("error") or r.get("spill_stores") or r.get("spill_loads")]
+        lines += ["", "## CUDA C++ (nvcc -Xptxas -v)", "",
+                  f"**Kernel instantiations**: {sum(1 for r in cuda_rows if not r.get('error'))} compiles, "
+                  f"{len(bad)} with spills or errors.", "",
+                  "| source | kernel | target | regs | spill B | stack B | smem B |",
                   "|---|---|---|---|---|---|---|"]
         for r in cuda_rows:
             if r.get("error"):
