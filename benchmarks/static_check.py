@@ -407,8 +407,11 @@ def _pruned(ln: Launch, arch: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- CUDA C++
-def cuda_report(archs: list[int]) -> list[dict]:
-    """nvcc -Xptxas -v of every kernel source, per arch; cached by source + flags hash."""
+def cuda_report(archs: list[int], jobs: int | None = None) -> list[dict]:
+    """nvcc -Xptxas -v of every kernel source, per arch; cached by source + flags hash. The
+    (source, arch) compiles run in parallel (``jobs``, default the CPU count); rows come in
+    source order, then arch order."""
+    import concurrent.futures
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_static", ROOT / "csrc" / "build.py")
@@ -417,28 +420,32 @@ def cuda_report(archs: list[int]) -> list[dict]:
     build.ensure_cuda_home()
     if build.nvcc_path() is None:
         return [{"error": "nvcc not found"}]
-    rows = []
-    for source in build.KERNEL_SOURCES:
-        for arch in archs:
-            with tempfile.TemporaryDirectory() as d:
-                cmd = build.nvcc_command(str(ROOT / "csrc" / source), str(Path(d) / "k.o"), (str(arch),)) + ["-Xptxas", "-v"]
-                h = hashlib.sha256(" ".join(c for c in cmd if d not in c).encode())
-                for name in (source,) + tuple(build.HEADERS):
-                    h.update((ROOT / "csrc" / name).read_bytes())
-                hit = CACHE / f"nvcc2-{source}-{arch}-{h.hexdigest()[:24]}.json"
-                if hit.exists():
-                    rows += json.loads(hit.read_text())
-                    continue
-                t0 = time.time()
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-                if r.returncode != 0:
-                    rows.append({"source": source, "arch": arch, "error": (r.stderr or r.stdout)[-400:]})
-                    continue
-                found = _parse_nvcc(r.stdout + r.stderr, source, arch, time.time() - t0)
-                CACHE.mkdir(parents=True, exist_ok=True)
-                hit.write_text(json.dumps(found))
-                rows += found
-    return rows
+    pairs = [(source, arch) for source in build.KERNEL_SOURCES for arch in archs]
+    workers = max(1, min(len(pairs), jobs or os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda p: _nvcc_report(build, *p), pairs))
+    return [row for rows in results for row in rows]
+
+
+def _nvcc_report(build, source: str, arch: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        cmd = build.nvcc_command(str(ROOT / "csrc" / source), str(Path(d) / "k.o"), (str(arch),)) + ["-Xptxas", "-v"]
+        h = hashlib.sha256(" ".join(c for c in cmd if d not in c).encode())
+        for name in (source,) + tuple(build.HEADERS):
+            h.update((ROOT / "csrc" / name).read_bytes())
+        hit = CACHE / f"nvcc2-{source}-{arch}-{h.hexdigest()[:24]}.json"
+        if hit.exists():
+            return json.loads(hit.read_text())
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        if r.returncode != 0:
+            return [{"source": source, "arch": arch, "error": (r.stderr or r.stdout)[-400:]}]
+        found = _parse_nvcc(r.stdout + r.stderr, source, arch, time.time() - t0)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = hit.with_suffix(f".{os.getpid()}.{arch}.tmp")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, hit)
+        return found
 
 
 def _parse_nvcc(log: str, source: str, arch: int, seconds: float) -> list[dict]:
@@ -518,7 +525,11 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
             f"| {'**' + str(spill) + '**' if spill else spill} | {r['shared'] / 1024:.1f} | {r.get('blocks_per_sm')} "
             f"| {'yes' if r.get('wgmma') else ('mma' if r.get('mma') else '-')} | {'yes' if r.get('pruned') else '-'} |")
     if cuda_rows:
-        lines += ["", "## CUDA C++ (nvcc -Xptxas -v)", "", "| source | kernel | target | regs | spill B | stack B | smem B |",
+        bad = [r for r in cuda_rows if r.get("error") or r.get("spill_stores") or r.get("spill_loads")]
+        lines += ["", "## CUDA C++ (nvcc -Xptxas -v)", "",
+                  f"**Kernel instantiations**: {sum(1 for r in cuda_rows if not r.get('error'))} compiles, "
+                  f"{len(bad)} with spills or errors.", "",
+                  "| source | kernel | target | regs | spill B | stack B | smem B |",
                   "|---|---|---|---|---|---|---|"]
         for r in cuda_rows:
             if r.get("error"):
@@ -546,7 +557,7 @@ def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[
     t0 = time.time()
     launches = capture_launches(dtypes, defaults_only, archs)
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
-    cuda_rows = cuda_report(archs) if with_cuda else []
+    cuda_rows = cuda_report(archs, jobs) if with_cuda else []
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "triton": triton.__version__,

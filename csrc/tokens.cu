@@ -148,34 +148,48 @@ __global__ void __launch_bounds__(256) unmask_fwd_kernel(T* __restrict__ out, co
 
 // Row (s, n): for b in split s, grad_x_vis[b, inv[b, n]] = grad_out[b, n] where kept;
 // mask_partial[s, n] = the sum of grad_out[b, n] over the b where n was dropped;
-// pos_partial[s, n] = the sum over all b. grad_out is read once.
+// pos_partial[s, n] = the sum over all b. grad_out is read once, and a kept chunk is copied
+// as loaded (bits unchanged).
+// Registers: two VEC-float accumulators plus the chunks of the samples the unrolled b loop
+// has in flight. The loop walks pointers by fixed strides (no 64-bit index products per
+// sample) and the bound (4 blocks of 256 threads per SM, so at most 64 registers) makes
+// ptxas fit it without spilling; left to itself it spills on sm_90 or sm_80 (checked by
+// tests/test_static_gpu.py).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256) unmask_bwd_kernel(T* __restrict__ grad_x_vis, float* __restrict__ mask_partial,
+__global__ void __launch_bounds__(256, 4) unmask_bwd_kernel(T* __restrict__ grad_x_vis, float* __restrict__ mask_partial,
                                                          float* __restrict__ pos_partial,
                                                          const T* __restrict__ grad_out,
                                                          const int32_t* __restrict__ inv, int64_t B, int64_t N,
                                                          int64_t K, int64_t D, int64_t splits, int tpr, int rpb) {
   const int64_t chunks = D / VEC;
+  const int64_t out_step = N * D, vis_step = K * D;  // one sample of grad_out / grad_x_vis
   const RowLoop rl = row_loop(tpr, rpb);
   for (int64_t row = rl.first; row < splits * N; row += rl.step) {
     const SplitRow sr = split_row(row, B, N, splits);
-    const int64_t n = sr.n;
+    const int64_t samples = sr.b1 - sr.b0;
+    const int32_t* inv_row = inv + sr.b0 * N + sr.n;
+    const T* out_row = grad_out + (sr.b0 * N + sr.n) * D;
+    T* vis_rows = grad_x_vis + sr.b0 * vis_step;
     for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float acc_mask[VEC], acc_pos[VEC];
       fill(acc_mask, 0.f);
       fill(acc_pos, 0.f);
-      for (int64_t b = sr.b0; b < sr.b1; ++b) {
+      const T* src = out_row + c * VEC;
+      T* dst = vis_rows + c * VEC;
+      const int32_t* j_end = inv_row + samples * N;
+      for (const int32_t* j_of = inv_row; j_of != j_end; src += out_step, dst += vis_step, j_of += N) {
+        const Pack<T, VEC> raw = *reinterpret_cast<const Pack<T, VEC>*>(src);
+        const int32_t j = *j_of;
+        if (j >= 0) *reinterpret_cast<Pack<T, VEC>*>(dst + static_cast<int64_t>(j) * D) = raw;
         float v[VEC];
-        load<VEC>(v, grad_out + (b * N + n) * D + c * VEC);
-        const int32_t j = inv[b * N + n];
-        if (j >= 0) {
-          store<VEC>(grad_x_vis + (b * K + j) * D + c * VEC, v);
-        } else {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) acc_mask[i] += v[i];
+        for (int k = 0; k < VEC; ++k) v[k] = to_float(raw.v[k]);
+        if (j < 0) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc_mask[k] += v[k];
         }
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc_pos[i] += v[i];
+        for (int k = 0; k < VEC; ++k) acc_pos[k] += v[k];
       }
       store<VEC>(mask_partial + row * D + c * VEC, acc_mask);
       if (pos_partial != nullptr) store<VEC>(pos_partial + row * D + c * VEC, acc_pos);
