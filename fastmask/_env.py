@@ -31,8 +31,28 @@ from __future__ import annotations
 import os
 
 
+# the 0/1 switches read here, with their defaults
+SWITCHES = {"FASTMASK_CHECK_VALUES": "1", "FASTMASK_NVTX": "0", "FASTMASK_ATTN_AUTOTUNE": "1"}
+
+
+def _switch(name: str, default: str) -> bool:
+    """A 0/1 switch; unset or empty is ``default``, anything else raises ValueError naming it."""
+    value = os.environ.get(name, "").strip() or default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}: expected 0 or 1, got {os.environ.get(name)!r}")
+    return value == "1"
+
+
 def _flag(name: str, default: str) -> bool:
     return os.environ.get(name, default) == "1"
+
+
+def check_environment() -> None:
+    """Read every 0/1 switch above once, so that a bad value is reported before any work
+    starts (ValueError naming the variable). ``FASTMASK_BACKEND`` is checked by the dispatcher
+    (:func:`fastmask.ops.dispatch.check_environment`)."""
+    for name, default in SWITCHES.items():
+        _switch(name, default)
 
 
 def interpreting() -> bool:
@@ -47,14 +67,14 @@ def backend_spec() -> str:
 
 def check_values() -> bool:
     """False when ``FASTMASK_CHECK_VALUES=0`` turns the syncing input checks off."""
-    return os.environ.get("FASTMASK_CHECK_VALUES", "1") != "0"
+    return _switch("FASTMASK_CHECK_VALUES", "1")
 
 
 def nvtx() -> bool:
     """True when ``FASTMASK_NVTX=1`` asks for named profiler / NVTX ranges."""
-    return _flag("FASTMASK_NVTX", "0")
+    return _switch("FASTMASK_NVTX", "0")
 
 
 def attn_autotune() -> bool:
     """False when ``FASTMASK_ATTN_AUTOTUNE=0`` asks for the heuristic attention config."""
-    return os.environ.get("FASTMASK_ATTN_AUTOTUNE", "1") != "0"
+    return _switch("FASTMASK_ATTN_AUTOTUNE", "1")

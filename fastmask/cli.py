@@ -16,7 +16,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,7 +68,9 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "preset, then --config JSON, then --set KEY=VALUE, then the flags (later wins); every value is checked the "
         "same way. Resuming: --steps N is the total step count of the masked phase; a resumed run continues to N "
         "(the fine-tune continues to its --finetune-steps after the masked phase, and the minute caps count the "
-        "time of all runs). Distributed: torchrun --nproc_per_node=N -m fastmask train ..."
+        "time of all runs). One run per --out: a second run on a folder in use is refused (the folder is locked), and "
+        "so is a new run (without --resume) on a folder that holds another run's checkpoints. Distributed: "
+        "torchrun --nproc_per_node=N -m fastmask train ..."
     )
     t.epilog = _presets_help() + "\n\n" + _config_keys_help()
     t.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -83,10 +87,12 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--no-eval", action="store_true", help="skip the classifier evaluation after training")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="resume from a checkpoint file or folder (no value: the newest checkpoint in --out); the "
-                   "checkpoint's config is the base, the options given here apply on top")
+                   "checkpoint's config is the base, the options given here apply on top. Without --resume, an --out "
+                   "that already holds another run's checkpoints is refused (one run per folder)")
     t.add_argument("--compare-unmasked", action="store_true",
                    help="after the run, train an unmasked model (ratio 0 throughout) for the same wall-clock time and "
-                   "evaluate it the same way; results go to metrics.json ('unmasked') and <out>/unmasked/")
+                   "evaluate it the same way; results go to metrics.json ('unmasked') and <out>/unmasked/ (with "
+                   "--resume, that unmasked run is resumed too and trains up to the masked run's total time)")
     t.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="tqdm progress bar (auto: on a TTY)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -102,14 +108,15 @@ def resolve_config(args):
         from .checkpoint_io import read_metadata, resolve
 
         if args.resume == "":
-            out = args.cfg_out if args.cfg_out is not None else get_preset(args.preset or "digits").out
+            preset = args.preset if args.preset is not None else "digits"
+            out = args.cfg_out if args.cfg_out is not None else get_preset(preset).out
             resume_path = resolve(Path(out) / "checkpoints")
         else:
             resume_path = resolve(args.resume)
         cfg = TrainConfig.from_dict(read_metadata(resume_path)["config"])
     else:
-        cfg = get_preset(args.preset or "digits")
-    if args.config:
+        cfg = get_preset(args.preset if args.preset is not None else "digits")
+    if args.config is not None:
         update(cfg, load_config_file(args.config), where=f"--config {args.config}")
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -136,6 +143,12 @@ def cmd_train(args) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     make_out_dir(cfg.out, "--out")
+    from .train import check_run_folder
+
+    # one run per folder: a fresh run never writes into a folder that holds another run's checkpoints
+    check_run_folder(cfg.out, resume_path, flag="--out", how="--resume")
+    if args.compare_unmasked and resume_path is None:  # its sub-run is resumed along with a resumed run
+        check_run_folder(Path(cfg.out) / "unmasked", None, flag="--out", how="--resume")
     from .report import train_and_report
 
     return train_and_report(cfg, resume=resume_path, progress={"auto": None, "on": True, "off": False}[args.progress],
@@ -189,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before the trainer's own handling is installed (start-up): stop like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -197,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("FASTMASK_DEBUG", "") not in ("", "0")
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    # SIGTERM (schedulers, `timeout`) stops start-up like Ctrl-C, with one line and exit code 143;
+    # training installs its own handler, which saves a checkpoint
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev_term = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread and prev_term == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -204,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "handler", None) is None:
             parser.print_help()
             return 2
+        from .ops.dispatch import check_environment
+
+        check_environment()  # FASTMASK_BACKEND and the 0/1 switches, before any work
         return int(args.handler(args) or 0)
     except KeyboardInterrupt as e:
         if debug:
@@ -225,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             _say(where + msg)
             return 1 if isinstance(e, NonFiniteLossError) else 2
         raise
+    finally:
+        if main_thread and prev_term == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

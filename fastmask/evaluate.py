@@ -226,7 +226,7 @@ def plot_loss_curve(log_path, png_path, title: str = "training loss") -> None:
 # --------------------------------------------------------------------------- fastmask eval
 def add_arguments(e) -> None:
     """Options of ``fastmask eval``."""
-    from .presets import COUNT, arg_type
+    from .presets import arg_type, field_check
     from .sampling import add_loading_arguments
 
     e.description = (
@@ -235,7 +235,7 @@ def add_arguments(e) -> None:
         "Frechet distance in the classifier's hidden-layer features.")
     add_loading_arguments(e, "a fastmask checkpoint file or run folder of a digits model", guidance=None, steps=None,
                           seed=1)
-    e.add_argument("--samples-per-class", type=arg_type(COUNT, "count"), default=50,
+    e.add_argument("--samples-per-class", type=arg_type(field_check("samples_per_class"), "count"), default=50,
                    help="samples drawn and classified per class")
     e.add_argument("--out", default=None, help="output folder (default: the run folder); writes eval.json, eval_samples.png")
 
@@ -263,7 +263,7 @@ def run(args) -> int:
             f"--checkpoint: eval measures class-conditional digits models; {str(path)!r} was trained on "
             f"data={cfg.data!r} with {info['num_classes']} classes and shape {info['shape']}"
         )
-    out = make_out_dir(args.out or (path.parent.parent if path.parent.name == "checkpoints" else path.parent))
+    out = make_out_dir(args.out if args.out is not None else (path.parent.parent if path.parent.name == "checkpoints" else path.parent))
     data = DigitsDataset(cfg.image_size, cfg.channels)
     clf = DigitClassifier(seed=cfg.seed).fit(data.images, data.labels)
     guidance = cfg.guidance if args.guidance is None else args.guidance

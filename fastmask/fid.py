@@ -287,6 +287,8 @@ def compute(
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
+    from .presets import DEVICE, MAX_SAMPLES, Check, arg_type, field_check
+
     parser.add_argument("--samples", required=True, metavar="PATH",
                         help="generated images: a folder, or an .npz with arr_0 uint8 [N, H, W, 3]")
     parser.add_argument("--ref", required=True, metavar="PATH",
@@ -296,22 +298,27 @@ def add_arguments(parser) -> None:
                         help="local InceptionV3 weights in torch-fidelity's layout "
                         "(weights-inception-2015-12-05-6726825d.pth); required, nothing is downloaded")
     parser.add_argument("--isc", action="store_true", help="also the Inception Score of the samples")
-    parser.add_argument("--isc-splits", type=int, default=10, help="splits of the Inception Score (10 as published)")
+    parser.add_argument("--isc-splits", type=arg_type(Check(int, lo=1, hi=1000), "count"), default=10, help="splits of the Inception Score (10 as published)")
     parser.add_argument("--prc", action="store_true", help="also precision and recall (k=3 nearest neighbours)")
-    parser.add_argument("--num", type=int, default=None, help="use only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+    parser.add_argument("--num", type=arg_type(Check(int, lo=1, hi=MAX_SAMPLES), "count"), default=None,
+                        help="use only the first N samples")
+    parser.add_argument("--batch-size", type=arg_type(field_check("batch_size"), "count"), default=50,
+                        help="images per Inception batch")
     parser.add_argument("--save-stats", default=None, metavar="FILE.npz", help="write the samples' mu/sigma here")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the result as JSON")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=arg_type(DEVICE, "device"), default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="tqdm progress bar")
 
 
 def run(args) -> int:
+    from .presets import check_out_file, resolve_device
+
+    resolve_device(args.device)  # the flags first: a bad one fails before any image is read
+    check_out_file(args.out, "--out")
+    check_out_file(args.save_stats, "--save-stats", ".npz")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected at least 1, got {args.batch_size}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     progress = {"auto": sys.stderr.isatty(), "on": True, "off": False}[args.progress]
     res = compute(args.samples, args.ref, inception=args.inception, isc=args.isc, prc=args.prc, num=args.num,
                   batch_size=args.batch_size, device=device, isc_splits=args.isc_splits, save_stats=args.save_stats,
@@ -319,7 +326,7 @@ def run(args) -> int:
     res["inception"] = str(args.inception)
     text = json.dumps(res, indent=2)
     print(text)
-    if args.out:
+    if args.out is not None:
         from .checkpoint_io import atomic_write_json
 
         atomic_write_json(args.out, res)

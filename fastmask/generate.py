@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .presets import make_out_dir, resolve_device
+from .presets import MAX_SAMPLES, check_out_file, make_out_dir, resolve_device
 
 FID_SAMPLES = 50_000
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_PER_CLASS = 18, 1.5, 8
@@ -56,7 +56,7 @@ def presets_help() -> str:
 
 def add_arguments(parser) -> None:
     """The flags of ``fastmask sample``."""
-    from .presets import COUNT, arg_type
+    from .presets import COUNT, arg_type, field_check
     from .sampling import add_loading_arguments
 
     parser.description = (
@@ -73,7 +73,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--num", type=count, default=None,
                    help="number of samples (of a class-conditional model: class-balanced)")
     parser.add_argument("--out", default="samples", help="output folder")
-    parser.add_argument("--batch-size", type=count, default=64, help="samples per network batch")
+    parser.add_argument("--batch-size", type=arg_type(field_check("batch_size"), "count"), default=64, help="samples per network batch")
     parser.add_argument("--key", default=None, help="entry of a published checkpoint to load (e.g. ema, net)")
     parser.add_argument("--parameterization", choices=("auto", "edm", "ddpm"), default="auto",
                         help="published checkpoints: edm (MaskDiT) or ddpm (DiT eps-prediction); auto picks by "
@@ -93,6 +93,9 @@ def add_arguments(parser) -> None:
 def resolve_settings(args, info: dict) -> dict:
     """steps, guidance and the labels (or unconditional count) of a sample command."""
     p = SAMPLE_PRESETS.get(args.preset) if getattr(args, "preset", None) else None
+    if p is not None and info.get("kind") != "latents":
+        raise UsageError(f"--preset {args.preset}: made for {p['latent_size']}x{p['latent_size']} latents, but the "
+                         f"checkpoint's model works on pixels {tuple(info['shape'])}")
     if p is not None and info.get("kind") == "latents" and info["shape"][1] != p["latent_size"]:
         raise UsageError(
             f"--preset {args.preset}: made for {p['latent_size']}x{p['latent_size']} latents, but the checkpoint's "
@@ -105,12 +108,17 @@ def resolve_settings(args, info: dict) -> dict:
     K = info["num_classes"]
     fid_run = getattr(args, "npz", None) is not None
     labels, num, per_class = None, None, False
+    if (args.num or 0) > MAX_SAMPLES:
+        raise UsageError(f"--num: {args.num} samples asked for; at most {MAX_SAMPLES} in one command")
     if args.labels is not None:
         labels = parse_labels(args.labels, K)
     elif K > 0:
         if args.per_class is not None:
             if args.per_class < 1:
                 raise UsageError(f"--per-class: expected at least 1, got {args.per_class}")
+            if K * args.per_class > MAX_SAMPLES:
+                raise UsageError(f"--per-class: {K} classes x {args.per_class} = {K * args.per_class} samples asked "
+                                 f"for; at most {MAX_SAMPLES} in one command")
             labels, per_class = torch.arange(K).repeat_interleave(args.per_class), True
         elif args.num is not None:
             if args.num < 1:
@@ -178,6 +186,7 @@ def run(args) -> int:
     resolve_device(args.device)  # a device that cannot run is a one-line error naming --device
     rank, world, dev = distributed_info(args.device)
     make_out_dir(args.out)  # before the (slow) model load: a bad --out fails at once
+    check_out_file(args.npz, "--npz", ".npz")
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
     net, info = load_model(args.checkpoint, use_ema=args.weights == "ema", device=dev, key=args.key,
                            parameterization=args.parameterization, trust_pickle=args.trust_pickle)

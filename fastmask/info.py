@@ -26,12 +26,18 @@ _BACKEND_ROLE = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="XL/2", help="MaskDiT config whose op shapes are checked (default XL/2)")
+    from .presets import RATIO, arg_type, field_check
+
+    p.add_argument("--model", default="XL/2", type=arg_type(field_check("model"), "model"),
+                   help="MaskDiT config whose op shapes are checked (default XL/2)")
     p.add_argument("--device", default=None, help="device type: cuda or cpu (default: cuda if one is visible, else cpu)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default bf16)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--mask-ratio", type=float, default=0.5, help="share of tokens dropped (default 0.5)")
-    p.add_argument("--input-size", type=int, default=32, help="latent side length (default 32: 256 px images)")
+    p.add_argument("--batch", type=arg_type(field_check("batch_size"), "count"), default=64,
+                   help="batch size (default 64)")
+    p.add_argument("--mask-ratio", type=arg_type(RATIO, "ratio"), default=0.5,
+                   help="share of tokens dropped (default 0.5)")
+    p.add_argument("--input-size", type=arg_type(field_check("image_size"), "count"), default=32,
+                   help="latent side length (default 32: 256 px images)")
 
 
 def _versions() -> list[str]:
@@ -146,7 +152,7 @@ def _plan(args, device: str, dtype: torch.dtype) -> list[str]:
 
 
 def run(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {device!r}")
     dtype = DTYPES[args.dtype]

@@ -411,6 +411,8 @@ def check_manifest(cfg) -> dict | None:
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
+    from .presets import COUNT, DEVICE, Check, arg_type, field_check
+
     parser.add_argument("--images", required=True, metavar="DIR",
                         help="image folder: one sub-folder per class (ImageNet layout), or flat with --labels")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
@@ -420,19 +422,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vae", default=None, metavar="PATH_OR_ID",
                         help="diffusers AutoencoderKL: a local folder or a hub id (online); 'mse'/'ema' for "
                         "stabilityai/sd-vae-ft-mse / -ema (default: stabilityai/sd-vae-ft-mse, scale 0.18215)")
-    parser.add_argument("--resolution", type=int, default=256, help="centre-crop size in pixels (256 or 512)")
+    parser.add_argument("--resolution", type=arg_type(Check(int, lo=8, hi=4096), "count"), default=256, help="centre-crop size in pixels (256 or 512)")
     parser.add_argument("--flip", action="store_true", help="also store the horizontal mirror of every image")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (also the resume unit)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE batch")
-    parser.add_argument("--workers", type=int, default=4, help="image-decoding worker processes")
+    parser.add_argument("--shard-size", type=arg_type(COUNT, "count"), default=10_000, help="images per shard (also the resume unit)")
+    parser.add_argument("--batch-size", type=arg_type(field_check("batch_size"), "count"), default=64, help="images per VAE batch")
+    parser.add_argument("--workers", type=arg_type(Check(int, lo=0, hi=1024), "count"), default=4, help="image-decoding worker processes")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="VAE compute precision (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--storage", choices=("float32", "float16"), default="float32", help="dtype of stored moments")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--device", type=arg_type(DEVICE, "device"), default="auto",
+                        help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="tqdm progress bar")
 
 
 def run(args) -> int:
+    from .presets import make_out_dir, resolve_device
+
+    resolve_device(args.device)  # before the (slow) VAE load: a bad --device or --out fails at once
+    make_out_dir(args.out)
     res = extract(
         args.images, args.out, vae_name=args.vae, resolution=args.resolution, labels_file=args.labels,
         unconditional=args.unconditional, flip=args.flip, shard_size=args.shard_size, batch_size=args.batch_size,

@@ -37,9 +37,11 @@ class Check:
     choices: tuple | None = None
     pattern: str | None = None
     optional: bool = False
+    empty: bool = False  # a str may be empty (informative text only)
 
     def expected(self) -> str:
-        what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+        what = {int: "an integer", float: "a finite number", bool: "true or false",
+                str: "a string" if self.empty else "a non-empty string",
                 tuple: "a pair of numbers a,b"}[self.type]
         if self.choices:
             what = "one of " + ", ".join(map(str, self.choices))
@@ -62,7 +64,7 @@ class Check:
     def parse(self, text: str):
         """A command-line string converted and checked."""
         t = text.strip()
-        if self.optional and t.lower() in ("none", "null", ""):
+        if self.optional and t.lower() in ("none", "null"):  # not "": an empty value is a mistake, not none
             return None
         try:
             if self.type is bool:
@@ -89,6 +91,10 @@ class Check:
             value = tuple(value)
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise bad
+        if self.type is str and not self.empty and not value.strip():
+            raise bad
+        if self.type is int and self.hi is None and abs(value) > MAX_INT:  # beyond any sane count, or int64
+            raise bad
         items = value if self.type is tuple else (value,)
         if self.type is tuple and (len(value) != 2 or not all(isinstance(v, (int, float)) for v in value)):
             raise bad
@@ -107,6 +113,7 @@ class Check:
 
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+MAX_INT = 2**31 - 1  # the largest integer a setting takes unless it names its own upper end
 
 
 def _num(v: float) -> str:
@@ -127,7 +134,9 @@ def arg_type(check: Check, name: str | None = None):
     return convert
 
 
-COUNT = Check(int, lo=1)  # a positive count (--steps, --batch-size, --per-class ...)
+COUNT = Check(int, lo=1, hi=1_000_000)  # a positive count (--steps, --batch-size, --per-class ...)
+RATIO = Check(float, lo=0.0, hi=1.0, hi_open=True)  # a mask ratio in [0, 1)
+MAX_SAMPLES = 10_000_000  # the most samples one command draws (FID takes 50,000)
 DEVICE = Check(str, pattern=DEVICE_PATTERN)
 
 
@@ -150,6 +159,8 @@ def make_out_dir(path, flag: str = "--out"):
     """Create the output folder ``path``; a path that cannot be a folder is a user error naming ``flag``."""
     from pathlib import Path
 
+    if not str(path).strip():
+        raise UsageError(f"{flag}: expected a folder, got an empty path")
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -157,6 +168,25 @@ def make_out_dir(path, flag: str = "--out"):
         raise UsageError(f"{flag}: {str(p)!r} is not a folder (it or a folder above it is a file)") from None
     except OSError as e:
         raise UsageError(f"{flag}: cannot create {str(p)!r}: {e.strerror or e}") from None
+    return p
+
+
+def check_out_file(path, flag: str, suffix: str | None = None):
+    """An output file named by ``flag``, checked before any work: a non-empty path (with
+    ``suffix`` if given) that is not a folder, in a folder that exists or can be created.
+    Returns it as a Path (None stays None)."""
+    from pathlib import Path
+
+    if path is None:
+        return None
+    if not str(path).strip():
+        raise UsageError(f"{flag}: expected a file name, got an empty path")
+    p = Path(path)
+    if suffix and p.suffix != suffix:
+        raise UsageError(f"{flag}: expected a {suffix} file name, got {str(p)!r}")
+    if p.is_dir():
+        raise UsageError(f"{flag}: {str(p)!r} is a folder, expected a file name")
+    make_out_dir(p.parent if str(p.parent) else ".", flag)
     return p
 
 
@@ -183,16 +213,17 @@ class TrainConfig:
     data_path: str | None = _f(None, "file or folder of the data set (latents: .npy/.npz file or folder of shards; "
                                "folder: root of the class sub-folders)", flag=True)
     image_size: int = _f(16, "spatial size the model sees (pixel data are resized to it; latents must have it)",
-                         flag=True, lo=1)
-    channels: int = _f(1, "image channels (pixels) or latent channels (latents: moments have 2x this)", flag=True, lo=1)
+                         flag=True, lo=1, hi=4096)
+    channels: int = _f(1, "image channels (pixels) or latent channels (latents: moments have 2x this)", flag=True, lo=1,
+                   hi=1024)
     latent_scale: float = _f(0.18215, "z = latent_scale * (mean + exp(logvar / 2) * eps)", lo=0.0, lo_open=True)
     # ---- model
     arch: str = _f("maskdit", "maskdit or dit", flag=True, choices=("maskdit", "dit"))
     model: str = _f("Digits/2", "model config (fastmask.models.config_names()): Digits/2, T/2, S/2, B/2, XL/2 ...",
                     flag=True)
-    num_classes: int | None = _f(None, "classes (none: from the data set; 0 = unconditional)", lo=0)
+    num_classes: int | None = _f(None, "classes (none: from the data set; 0 = unconditional)", lo=0, hi=1_000_000)
     # ---- optimisation
-    batch_size: int = _f(128, "global batch size (all ranks together)", flag=True, lo=1)
+    batch_size: int = _f(128, "global batch size (all ranks together)", flag=True, lo=1, hi=2**20)
     lr: float = _f(1e-4, "AdamW learning rate of the masked phase", flag=True, **_LR)
     weight_decay: float = _f(0.0, "AdamW weight decay (the paper uses none)", lo=0.0)
     betas: tuple = _f((0.9, 0.999), "AdamW betas, a pair, e.g. --set betas=0.9,0.99", **_UNIT)
@@ -221,14 +252,17 @@ class TrainConfig:
     finetune_lr: float | None = _f(None, "learning rate of the fine-tune (none: lr / 2)", flag=True, **_LR)
     # ---- sampling and evaluation after training
     sample_steps: int = _f(18, "EDM Heun steps of the samples drawn after training (2 * steps - 1 network calls)",
-                           flag=True, lo=1)
-    guidance: float = _f(1.5, "classifier-free guidance scale of those samples (1: none)", flag=True, lo=0.0)
-    samples_per_class: int = _f(50, "samples per class drawn (and evaluated) after training", flag=True, lo=1)
-    grid_per_class: int = _f(10, "columns of the sample grid PNG", lo=1)
+                           flag=True, lo=1, hi=10_000)
+    guidance: float = _f(1.5, "classifier-free guidance scale of those samples (1: none)", flag=True, lo=0.0,
+                         hi=1000.0)
+    samples_per_class: int = _f(50, "samples per class drawn (and evaluated) after training", flag=True, lo=1,
+                                hi=1_000_000)
+    grid_per_class: int = _f(10, "columns of the sample grid PNG", lo=1, hi=1000)
     evaluate: bool = _f(True, "digits only: classifier accuracy and Frechet distance")
     eval_unguided: bool = _f(False, "also sample and evaluate without guidance (scale 1): the fairer Frechet distance")
     # ---- bookkeeping
-    seed: int = _f(0, "random seed (initialisation, data order, all per-step randomness)", flag=True, lo=0)
+    seed: int = _f(0, "random seed (initialisation, data order, all per-step randomness)", flag=True, lo=0,
+                   hi=2**31 - 1)
     out: str = _f("runs/digits", "output folder (checkpoints/, log.jsonl, PNGs, metrics.json)", flag=True)
     log_every: int = _f(20, "steps between rows of log.jsonl", lo=1)
     ckpt_every: int = _f(500, "steps between checkpoints (0: none between; also saved after each phase, on Ctrl-C "
@@ -236,9 +270,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many step checkpoints to keep (older ones are deleted)", lo=1)
     device: str = _f("auto", "auto, cpu, cuda or cuda:N", flag=True, pattern=DEVICE_PATTERN)
     threads: int | None = _f(None, "CPU threads for torch (none: torch's default; 1 is fastest on a busy machine)",
-                             flag=True, lo=1)
+                             flag=True, lo=1, hi=1024)
     preset: str = _f("digits", "name of the preset this config started from (informative)")
-    description: str = _f("", "what the preset is (informative)")
+    description: str = _f("", "what the preset is (informative)", empty=True)
 
     def phase_lr(self, phase: int) -> float:
         if phase == 1:
@@ -252,6 +286,9 @@ class TrainConfig:
             setattr(self, name, check_value(name, getattr(self, name)))
         if self.data in ("latents", "folder") and not self.data_path:
             raise UsageError(f"data_path: data={self.data!r} needs --data-path (a file or folder)")
+        if self.data == "digits" and self.data_path is not None:
+            raise UsageError(f"data_path: the built-in digits need no --data-path (got {self.data_path!r}); "
+                             "set --data latents or --data folder to train on it")
         if self.arch == "dit" and (self.mask_ratio > 0 or (self.mask_ratio_end or 0) > 0):
             raise UsageError("mask_ratio: a plain DiT (arch='dit') cannot drop tokens; set mask_ratio=0")
         if self.steps is None and self.minutes is None:

@@ -166,26 +166,26 @@ def categorize(events, on_gpu: bool, detail: dict | None = None) -> dict[str, fl
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``fastmask profile``."""
-    from .presets import COUNT, DEVICE, Check, arg_type
+    from .presets import COUNT, DEVICE, RATIO, Check, arg_type, field_check
 
-    count, ratio = arg_type(COUNT, "count"), arg_type(Check(float, lo=0.0, hi=1.0, hi_open=True), "ratio")
+    count, ratio = arg_type(COUNT, "count"), arg_type(RATIO, "ratio")
     parser.add_argument("--config", default="XL/2", help="model config: XL/2, L/2, B/2, S/2, Digits/2, T/2 ... (default XL/2)")
     parser.add_argument("--model", choices=("maskdit", "dit"), default="maskdit", help="MaskDiT (default) or plain DiT")
-    parser.add_argument("--input-size", type=count, default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
-    parser.add_argument("--in-channels", type=count, default=4, help="input channels (4 for SD-VAE latents)")
+    parser.add_argument("--input-size", type=arg_type(field_check("image_size"), "count"), default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
+    parser.add_argument("--in-channels", type=arg_type(field_check("channels"), "count"), default=4, help="input channels (4 for SD-VAE latents)")
     parser.add_argument("--num-classes", type=count, default=1000, help="classes of the label embedding")
-    parser.add_argument("--batch", type=count, default=None, help="batch size (default 64 on a GPU, 8 on the CPU)")
+    parser.add_argument("--batch", type=arg_type(field_check("batch_size"), "count"), default=None, help="batch size (default 64 on a GPU, 8 on the CPU)")
     parser.add_argument("--mask-ratio", type=ratio, default=0.5, help="fraction of tokens dropped (MaskDiT)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help="op backend")
     parser.add_argument("--compile", choices=("none", "blocks", "model"), default="none", help="torch.compile scope")
     parser.add_argument("--steps", type=count, default=5, help="profiled steps")
-    parser.add_argument("--warmup", type=arg_type(Check(int, lo=0), "count"), default=2, help="steps before profiling")
+    parser.add_argument("--warmup", type=arg_type(Check(int, lo=0, hi=1_000_000), "count"), default=2, help="steps before profiling")
     parser.add_argument("--device", type=arg_type(DEVICE, "device"), default="auto",
                         help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on the GPU")
     parser.add_argument("--trace", default=None, help="write a Chrome trace (JSON) here")
     parser.add_argument("--json", default=None, help="write the per-kind table and step figures (JSON) here")
-    parser.add_argument("--top", type=arg_type(Check(int, lo=0), "count"), default=0,
+    parser.add_argument("--top", type=arg_type(Check(int, lo=0, hi=1_000_000), "count"), default=0,
                         help="also list the N ops with the most self time")
     return parser
 
@@ -217,8 +217,12 @@ def _sync(dev):
 
 def run(args: argparse.Namespace) -> int:
     """``fastmask profile``: profile, print the per-kind table (and write --trace / --json); 0."""
+    from .presets import check_out_file
+
+    check_out_file(args.trace, "--trace")  # before profiling: a bad path fails at once
+    check_out_file(args.json, "--json")
     result = profile(args)
-    if getattr(args, "json", None):
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint_io import atomic_write_json
 from .evaluate import DigitClassifier, classifier_report, plot_loss_curve, sample_report
 from .presets import TrainConfig
-from .train import train
+from .train import run_checkpoints, train
 
 
 def say(msg: str) -> None:
@@ -33,7 +33,9 @@ def train_and_report(cfg: TrainConfig, *, resume=None, progress: bool | None = N
     if compare_unmasked:  # every rank trains it; rank 0 then samples and evaluates both
         uncfg = unmasked_config(cfg, summary)
         say(f"fastmask: unmasked comparison: ratio 0 for {uncfg.minutes:.2f} min (the masked run's training time)")
-        utrainer = train(uncfg, progress=progress)
+        # a resumed command resumes its unmasked run too (towards the masked run's total time)
+        uresume = uncfg.out if resume is not None and run_checkpoints(uncfg.out) else None
+        utrainer = train(uncfg, resume=uresume, progress=progress)
     if trainer.rank != 0:
         return 0
     out = Path(cfg.out)

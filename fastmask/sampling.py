@@ -172,6 +172,7 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     """
     from pathlib import Path
 
+    from .errors import UsageError
     from .models import DDPMDenoiser, DiT, EDMPrecond, build_model, from_published
 
     p = Path(path)
@@ -179,6 +180,9 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
         from .checkpoint_io import load_checkpoint
         from .presets import TrainConfig
 
+        if key is not None:
+            raise UsageError(f"--key: {key!r} selects an entry of a published .pt file; {str(p)!r} is a fastmask "
+                             "checkpoint (use --weights ema|model)")
         ck = load_checkpoint(p)
         cfg = TrainConfig.from_dict(ck["config"])
         extra = ck["extra"]
@@ -186,7 +190,11 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
         num_classes = extra.get("num_classes", cfg.num_classes or 0)
         net = build_model(cfg, shape, num_classes)
         sd = ck["ema"] if (use_ema and ck["ema"] is not None) else ck["model"]
-        net.load_state_dict(sd)
+        try:
+            net.load_state_dict(sd)
+        except RuntimeError as e:
+            raise UsageError(f"checkpoint: {str(ck['path'])!r} does not fit the model its config describes: "
+                             f"{str(e).splitlines()[0]}") from None
         info = {"num_classes": num_classes, "shape": shape, "kind": extra.get("data_kind", "pixels"),
                 "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model"}
         return net.to(device).eval(), info
@@ -211,18 +219,18 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
 def add_loading_arguments(p, what: str, *, guidance: float | None = 1.5, steps: int | None = 18, seed: int = 0) -> None:
     """--checkpoint, --weights, --device and the sampler's --guidance, --steps and --seed, shared by
     ``fastmask sample`` and ``fastmask eval`` (``None``: the run's config)."""
-    from .presets import COUNT, DEVICE, Check, arg_type
+    from .presets import DEVICE, arg_type, field_check
 
     run = "the run's config"
     p.add_argument("--checkpoint", required=True, help=what)
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw ones")
     p.add_argument("--device", type=arg_type(DEVICE, "device"), default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--guidance", type=arg_type(Check(float, lo=0.0), "scale"), default=guidance,
+    p.add_argument("--guidance", type=arg_type(field_check("guidance"), "scale"), default=guidance,
                    help=f"classifier-free guidance scale, 1: none (default: {run if guidance is None else guidance})")
-    p.add_argument("--steps", type=arg_type(COUNT, "count"), default=steps,
+    p.add_argument("--steps", type=arg_type(field_check("sample_steps"), "count"), default=steps,
                    help=f"EDM Heun steps, 2 * steps - 1 network calls; 40 for published FIDs (default: "
                    f"{run if steps is None else steps})")
-    p.add_argument("--seed", type=arg_type(Check(int, lo=0), "seed"), default=seed,
+    p.add_argument("--seed", type=arg_type(field_check("seed"), "seed"), default=seed,
                    help=f"noise seed; sample i depends only on seed and i (default: {seed})")
 
 
@@ -233,8 +241,11 @@ def parse_labels(text: str, num_classes: int) -> Tensor:
     from .errors import UsageError
 
     K = num_classes
+    items = text.split(",")
+    if text.strip() and not all(v.strip() for v in items):
+        raise UsageError(f"--labels: expected comma-separated integers, got an empty entry in {text!r}")
     try:
-        labels = torch.tensor([int(v) for v in text.split(",") if v.strip()], dtype=torch.long)
+        labels = torch.tensor([int(v) for v in items if v.strip()], dtype=torch.long)
     except ValueError:
         raise UsageError(f"--labels: expected comma-separated integers, got {text!r}") from None
     if len(labels) == 0:

@@ -50,11 +50,13 @@ from torch import Tensor
 
 from . import ops
 from .checkpoint_io import (
+    LATEST,
     TMP_SUFFIX,
     RunLock,
     checkpoint_step,
     clean_temp_files,
     load_checkpoint,
+    resolve,
     save_checkpoint,
     set_rng_state,
     verify_finite,
@@ -734,13 +736,50 @@ class Trainer:
         torch._foreach_lerp_(ema_p, p, 1.0 - ema_decay_at(self.cfg, self.step))
 
 
+def run_checkpoints(out) -> list[Path]:
+    """The checkpoints (and ``latest.json``) a run left in ``<out>/checkpoints``."""
+    folder = Path(out) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = sorted(folder.glob("ckpt-*.safetensors"), key=lambda p: checkpoint_step(p) or 0)
+    return found + ([folder / LATEST] if (folder / LATEST).exists() else [])
+
+
+def check_run_folder(out, resume=None, *, flag: str = "out", how: str | None = None) -> None:
+    """One run per output folder, over time as well as at once (the lock): a fresh run
+    (``resume`` None) refuses a folder that already holds another run's checkpoints, and a
+    resume refuses a folder holding checkpoints other than those of the run it resumes. Raises
+    :class:`UsageError` naming ``flag`` and how to go on."""
+    found = run_checkpoints(out)
+    if not found:
+        return
+    newest = next((checkpoint_step(p) for p in reversed(found) if checkpoint_step(p) is not None), None)
+    what = f"the checkpoints of another run (newest at step {newest})" if newest is not None else "another run's checkpoints"
+    if resume is None:
+        how = how or f"train(..., resume={str(out)!r})"
+        raise UsageError(
+            f"{flag}: {str(out)!r} already holds {what}; continue that run with {how}, or give another {flag} "
+            "(a new run never writes into another run's folder)"
+        )
+    src = resolve(resume)
+    if src.resolve().parent != (Path(out) / "checkpoints").resolve():
+        raise UsageError(
+            f"{flag}: {str(out)!r} already holds {what}, not those of {str(src)!r}; resume {str(src)!r} into another "
+            f"{flag}, or resume the run of {str(out)!r} itself"
+        )
+
+
 def train(cfg: TrainConfig, *, resume=None, hooks: dict | None = None, progress: bool | None = None,
           allow_partial_resume: bool = False, compile_step: dict | None = None):
     """Train according to ``cfg`` (resuming from a checkpoint file/folder if given); returns the
     :class:`Trainer` (its ``net``, ``ema`` and ``summary()``). The run folder's lock is held
-    until this returns or raises."""
+    until this returns or raises. A fresh run (``resume`` None) refuses an ``out`` folder that
+    already holds another run's checkpoints (:func:`check_run_folder`)."""
+    check_run_folder(cfg.out, resume)
     trainer = Trainer(cfg, hooks=hooks, progress=progress, compile_step=compile_step)
     try:
+        if trainer.rank == 0:  # again under the lock: a run may have finished in between
+            check_run_folder(cfg.out, resume)
         if resume is not None:
             trainer.resume(resume, allow_partial=allow_partial_resume)
         trainer.run()

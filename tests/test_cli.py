@@ -122,7 +122,7 @@ def _assert_user_error(capsys, argv, names):
     "argv,names",
     [
         (["--set", "log_every=0"], ["log_every", ">= 1"]),
-        (["--threads", "-2"], ["--threads", ">= 1"]),
+        (["--threads", "-2"], ["--threads", "[1, 1024]"]),
         (["--set", "threads=-2"], ["threads"]),
         (["--set", "betas=0.9"], ["betas", "pair"]),
         (["--set", "betas=0.9,1.5"], ["betas", "[0, 1)"]),
@@ -226,7 +226,7 @@ def test_out_under_a_regular_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,names",
     [
-        (["sample", "--per-class", "0"], ["--per-class", ">= 1"]),
+        (["sample", "--per-class", "0"], ["--per-class", "[1, 1000000]"]),
         (["sample", "--num", "0"], ["--num"]),
         (["sample", "--guidance", "nan"], ["--guidance", "finite"]),
         (["sample", "--guidance", "inf"], ["--guidance"]),

@@ -69,7 +69,7 @@ def test_example_tensors_have_real_shapes_and_no_memory():
 @pytest.mark.parametrize(
     "argv,flag",
     [(["--model", "Q/2"], "--model"), (["--device", "tpu"], "--device"), (["--batch", "0"], "--batch"),
-     (["--input-size", "33"], "--input-size"), (["--mask-ratio", "1.5"], "mask_ratio")],
+     (["--input-size", "33"], "--input-size"), (["--mask-ratio", "1.5"], "--mask-ratio")],
 )
 def test_bad_flags_are_one_line(capsys, argv, flag):
     rc, out, err = _run(capsys, *argv)

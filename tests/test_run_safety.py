@@ -66,6 +66,50 @@ def test_second_run_on_a_folder_is_refused_and_a_dead_holder_is_taken_over(tmp_p
     tr.close()
 
 
+def test_a_new_run_refuses_a_folder_that_holds_another_runs_checkpoints(tmp_path):
+    out = tmp_path / "r"
+    train(tiny_cfg(out, steps=2, finetune_steps=0), progress=False)
+    before = _ckpts(out)
+    log = (out / "log.jsonl").read_bytes()
+    with pytest.raises(UsageError, match=r"out: .* already holds the checkpoints of another run .*step 2.*resume"):
+        train(tiny_cfg(out, steps=3, finetune_steps=0, seed=5), progress=False)
+    assert _ckpts(out) == before and (out / "log.jsonl").read_bytes() == log  # nothing of the refused run
+    # resuming another run's checkpoint into this folder would mix two runs as well
+    train(tiny_cfg(tmp_path / "other", steps=1, finetune_steps=0), progress=False)
+    with pytest.raises(UsageError, match="not those of"):
+        train(tiny_cfg(out, steps=3, finetune_steps=0), resume=tmp_path / "other", progress=False)
+    # its own run resumes, and a checkpoint file of it from another folder into an empty one starts a branch
+    train(tiny_cfg(out, steps=3, finetune_steps=0), resume=out, progress=False)
+    assert _ckpts(out)[-1] == "ckpt-0000003.safetensors"
+    train(tiny_cfg(tmp_path / "branch", steps=4, finetune_steps=0), resume=out, progress=False)
+    assert _ckpts(tmp_path / "branch") == ["ckpt-0000004.safetensors"]
+
+
+def test_cli_refuses_a_used_out_and_resumes_the_unmasked_comparison(tmp_path, capsys):
+    from fastmask.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "T/2", "--image-size", "8", "--batch-size", "8", "--threads", "1", "--finetune-steps",
+            "0", "--sample-steps", "1", "--samples-per-class", "1", "--set", "grid_per_class=1", "--no-eval",
+            "--progress", "off", "--out", str(out), "--compare-unmasked", "--device", "cpu"]
+    assert main([*argv, "--steps", "2"]) == 0
+    capsys.readouterr()
+    for again in ([*argv, "--steps", "2"], [*argv[:-3], "--steps", "2"]):  # the same command, or without the comparison
+        assert main(again) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "--resume" in err[0] and "already holds" in err[0], err
+    # the parent resumed with --compare-unmasked resumes its unmasked run too (no refusal, no fresh restart)
+    assert main([*argv, "--steps", "4", "--resume"]) == 0
+    rows = [json.loads(line) for line in open(out / "unmasked" / "log.jsonl")]
+    assert [r["event"] for r in rows if r.get("event") == "resume"] == ["resume"]
+    assert json.loads((out / "metrics.json").read_text())["training"]["phase1_steps"] == 4
+    # a leftover unmasked run under a fresh --out is refused before any training
+    (out / "checkpoints").rename(tmp_path / "moved")
+    assert main([*argv, "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "unmasked" in err and "--out" in err and not (out / "checkpoints").exists()
+
+
 # --------------------------------------------------------------------------- resume semantics
 def test_resume_continues_to_the_requested_step_count(tmp_path):
     first = train(tiny_cfg(tmp_path / "r", steps=10, finetune_steps=0), progress=False)

@@ -235,7 +235,12 @@ def from_published(state_dict, key: str | None = None, **overrides) -> nn.Module
     arguments and its width is not a published one."""
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = load_published_file(state_dict)
-    kw = infer_config(state_dict, key, **overrides)
+    try:
+        kw = infer_config(state_dict, key, **overrides)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:  # not the layout of a DiT/MaskDiT file
+        raise ValueError(
+            f"checkpoint: not a DiT/MaskDiT state dict (cannot read its layout: {type(e).__name__} {e})"
+        ) from None
     for name, width in (("num_heads", kw["hidden_size"]), ("decoder_num_heads", kw.get("decoder_hidden_size"))):
         if name in kw and kw[name] is None:
             raise ValueError(

@@ -25,7 +25,7 @@ def model_kwargs(name: str, masked: bool = True) -> dict:
     try:
         size, patch = name.split("/")
         patch = int(patch)
-    except ValueError:
+    except (ValueError, AttributeError):
         raise ValueError(f"config: expected a name like 'XL/2', got {name!r}") from None
     if patch not in (1, 2, 4, 8):
         raise ValueError(f"config: patch size must be 1, 2, 4 or 8, got {patch}")

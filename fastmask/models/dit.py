@@ -49,6 +49,10 @@ class _DiTBase(nn.Module):
         class_dropout_prob: float = 0.1,
     ):
         super().__init__()
+        for name, value, lo in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
+                                ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1),
+                                ("depth", depth, 1), ("num_classes", num_classes, 0)):
+            checks.integer(name, value, lo)
         if not (isinstance(num_heads, int) and num_heads > 0):
             raise ValueError(f"num_heads: expected a positive integer, got {num_heads!r}")
         if hidden_size % num_heads or hidden_size // num_heads == 0:
@@ -103,6 +107,9 @@ class _DiTBase(nn.Module):
             if class_labels is None:
                 class_labels = torch.full((noise_labels.shape[0],), -1, dtype=torch.long, device=noise_labels.device)
             else:
+                if not isinstance(class_labels, Tensor) or class_labels.dim() == 0 or class_labels.shape[0] != c.shape[0]:
+                    got = tuple(class_labels.shape) if isinstance(class_labels, Tensor) else type(class_labels).__name__
+                    raise ValueError(f"class_labels: expected [{c.shape[0]}] labels (one per sample), got {got}")
                 drop = force_drop_ids
                 if drop is None and self.training and self.class_dropout_prob > 0:
                     drop = torch.rand(class_labels.shape[0], device=class_labels.device) < self.class_dropout_prob
@@ -121,6 +128,8 @@ class _DiTBase(nn.Module):
             raise ValueError(f"x: expected [B, {want[0]}, {want[1]}, {want[2]}], got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"x: the batch is empty (shape {tuple(x.shape)}); expected at least one sample")
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         if noise_labels.shape != (x.shape[0],):
             raise ValueError(f"noise_labels: expected shape [{x.shape[0]}], got {tuple(noise_labels.shape)}")
 
@@ -206,6 +215,8 @@ class MaskDiT(_DiTBase):
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
             class_dropout_prob,
         )
+        checks.integer("decoder_hidden_size", decoder_hidden_size, 1)
+        checks.integer("decoder_depth", decoder_depth, 0)
         if not (isinstance(decoder_num_heads, int) and decoder_num_heads > 0):
             raise ValueError(f"decoder_num_heads: expected a positive integer, got {decoder_num_heads!r}")
         if decoder_hidden_size % decoder_num_heads or decoder_hidden_size // decoder_num_heads == 0:

@@ -136,6 +136,8 @@ class EDMPrecond(nn.Module):
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
+        checks.tensor("noise", noise, shape=tuple(y.shape))
+        sigma = _sigma(sigma, y)
         x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
         kw = {} if ids_keep is None else {"check_ids": False}  # checked above
         if force_drop_ids is not None:
@@ -164,6 +166,7 @@ def _sigma(sigma, x: Tensor) -> Tensor:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
         raise ValueError(f"sigma: expected a scalar or shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+    checks.sigmas("sigma", sigma)  # NaN, inf or <= 0 would give NaN outputs without a word
     return sigma
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,11 @@ class MaskedDiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, cond_size: int | None = None):
         super().__init__()
+        ops.checks.integer("hidden_size", hidden_size, 1)
+        if cond_size is not None:
+            ops.checks.integer("cond_size", cond_size, 1)
+        if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
+            raise ValueError(f"mlp_ratio: expected a finite number > 0 giving an MLP width >= 1, got {mlp_ratio!r}")
         self.hidden_size = hidden_size
         self.cond_size = hidden_size if cond_size is None else cond_size
         # LayerNorms without affine parameters: no state-dict entries, as in DiT. They are kept

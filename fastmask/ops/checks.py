@@ -90,7 +90,23 @@ def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept
             raise ValueError(f"{name}: a token id is repeated within a sample; ids must be distinct")
 
 
+def integer(name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    """An int (not a bool or float) in [lo, hi] (constructor sizes, counts), else ValueError."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}: expected an integer {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, "
+                         f"got {value!r}")
+    return int(value)
+
+
 def mask_ratio(value) -> float:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"mask_ratio: expected a number in [0, 1), got {value!r}")
     r = float(value)
     if not (0.0 <= r < 1.0):
         raise ValueError(f"mask_ratio: expected a value in [0, 1), got {value}")
@@ -115,6 +131,13 @@ def positive_float(name: str, value, allow_zero: bool = False) -> float:
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return v
+
+
+def sigmas(name: str, sigma: torch.Tensor) -> None:
+    """Noise levels are finite and > 0 (a data-dependent check: skipped like the other value checks)."""
+    if value_checks_enabled() and sigma.numel() and not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+        bad = sigma[~(torch.isfinite(sigma) & (sigma > 0))].flatten()[0].item()
+        raise ValueError(f"{name}: expected finite noise levels > 0, found {bad}")
 
 
 def binary_mask(name: str, mask: torch.Tensor) -> None:

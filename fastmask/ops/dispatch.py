@@ -84,6 +84,13 @@ def _parse(spec: str) -> dict[str, str]:
     return out
 
 
+def check_environment() -> None:
+    """Check ``FASTMASK_BACKEND`` and the library's 0/1 switches now (ValueError naming the
+    variable), so that a command reports a bad value before its work starts."""
+    _env.check_environment()
+    _parse(_env.backend_spec())
+
+
 def _check_backend_name(name: str, where: str) -> None:
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"{where}: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")

@@ -15,6 +15,7 @@ def num_kept(num_tokens: int, mask_ratio: float) -> int:
     """K = int(N * (1 - mask_ratio)), in floating point exactly as the published MaskDiT code
     computes it (so N = 100 at ratio 0.9 keeps 9 tokens, since 1 - 0.9 < 0.1 in binary)."""
     r = checks.mask_ratio(mask_ratio)
+    checks.integer("num_tokens", num_tokens, 1)
     K = int(num_tokens * (1 - r))
     if K < 1:
         raise ValueError(f"mask_ratio: {mask_ratio} keeps no token of {num_tokens} (K = 0); lower the ratio")
@@ -35,10 +36,10 @@ def random_mask(
     mask is 1 at dropped positions. ``ids_restore`` is the inverse of the shuffle: token n
     sits at position ``ids_restore[b, n]`` of the shuffled order.
     """
-    if batch < 1:
-        raise ValueError(f"batch: expected a positive batch size, got {batch}")
-    if num_tokens < 1:
-        raise ValueError(f"num_tokens: expected a positive token count, got {num_tokens}")
+    checks.integer("batch", batch, 1)
+    checks.integer("num_tokens", num_tokens, 1)
+    if batch * num_tokens >= 2**31:  # the int32 index range of the kernels; far beyond any real batch
+        raise ValueError(f"batch: {batch} x {num_tokens} tokens exceeds 2**31 - 1 token ids")
     K = num_kept(num_tokens, mask_ratio)
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
@@ -206,7 +207,7 @@ def unmask_tokens(
     checks.tensor("x_vis", x_vis, ndim=3, floating=True)
     checks.nonempty("x_vis", x_vis, "B K D")
     B, K, D = x_vis.shape
-    num_tokens = int(num_tokens)
+    num_tokens = checks.integer("num_tokens", num_tokens, 1)
     if check_ids:
         checks.ids("ids_keep", ids_keep, B, num_tokens, num_kept=K)
     else:
