@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 
@@ -92,8 +93,6 @@ def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept
 
 def integer(name: str, value, lo: int = 1, hi: int | None = None) -> int:
     """An int (not a bool or float) in [lo, hi] (constructor sizes, counts), else ValueError."""
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
     if value < lo or (hi is not None and value > hi):
@@ -103,8 +102,6 @@ def integer(name: str, value, lo: int = 1, hi: int | None = None) -> int:
 
 
 def mask_ratio(value) -> float:
-    import numbers
-
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"mask_ratio: expected a number in [0, 1), got {value!r}")
     r = float(value)
