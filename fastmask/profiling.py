@@ -33,13 +33,17 @@ from . import ops as _ops
 from .models import EDMPrecond, compile_model, count_flops, dit, maskdit
 from .ops import dispatch as _dispatch
 
-CATEGORIES = ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer", "other")
+CATEGORIES = ("matmul", "attention", "norm/modulate", "activation", "gather/unmask", "loss", "optimizer", "other")
 
 _OP_CATEGORY = {
     "attention": "attention",
+    "attention_rope": "attention",
     "layernorm_modulate": "norm/modulate",
     "gated_residual": "norm/modulate",
     "residual_layernorm_modulate": "norm/modulate",
+    "rmsnorm_modulate": "norm/modulate",
+    "residual_rmsnorm_modulate": "norm/modulate",
+    "swiglu": "activation",
     "gather_tokens": "gather/unmask",
     "unmask_tokens": "gather/unmask",
     "random_mask": "gather/unmask",

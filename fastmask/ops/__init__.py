@@ -10,8 +10,15 @@ from . import reference
 from .attention import attention
 from .dispatch import BackendFallbackWarning, BackendUnavailable, available_backends, backend, record_choices
 from .loss import dsm_mae_loss
-from .norm import gated_residual, layernorm_modulate, residual_layernorm_modulate
+from .norm import (
+    gated_residual,
+    layernorm_modulate,
+    residual_layernorm_modulate,
+    residual_rmsnorm_modulate,
+    rmsnorm_modulate,
+)
 from .ranges import op_ranges
+from .swiglu import swiglu
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
 __all__ = [
@@ -31,5 +38,8 @@ __all__ = [
     "record_choices",
     "reference",
     "residual_layernorm_modulate",
+    "residual_rmsnorm_modulate",
+    "rmsnorm_modulate",
+    "swiglu",
     "unmask_tokens",
 ]

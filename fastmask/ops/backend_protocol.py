@@ -49,6 +49,19 @@ class BackendModule(Protocol):
         self, grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, deterministic: bool | None = None
     ) -> Tensor: ...
 
+    # attention with the RoPE / per-head q/k RMSNorm prologue (None skips a part); the backward
+    # -> (grad qkv, grad q_weight, grad k_weight), the weight gradients fp32 (empty without norm)
+    def attention_rope_fwd(
+        self, qkv: Tensor, scale: float, cos: Optional[Tensor], sin: Optional[Tensor], ids_keep: Optional[Tensor],
+        q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float,
+    ): ...
+
+    def attention_rope_bwd(
+        self, grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, cos: Optional[Tensor],
+        sin: Optional[Tensor], ids_keep: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+        eps: float, deterministic: bool | None = None,
+    ): ...
+
     # adaLN: forwards return (..., mean, rstd)
     def layernorm_modulate_fwd(self, x: Tensor, shift: Tensor, scale: Tensor, eps: float): ...
 
@@ -67,6 +80,27 @@ class BackendModule(Protocol):
         self, grad_x_new: Tensor, grad_out: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
         mean: Tensor, rstd: Tensor,
     ): ...
+
+    # RMSNorm variants (weight [D] optional; its gradient fp32, empty without a weight):
+    # forwards return (..., rstd)
+    def rmsnorm_modulate_fwd(self, x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], eps: float): ...
+
+    def rmsnorm_modulate_bwd(self, grad_out: Tensor, x: Tensor, scale: Tensor, weight: Optional[Tensor], rstd: Tensor):
+        ...
+
+    def residual_rmsnorm_modulate_fwd(
+        self, x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], eps: float
+    ): ...
+
+    def residual_rmsnorm_modulate_bwd(
+        self, grad_x_new: Tensor, grad_out: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
+        weight: Optional[Tensor], rstd: Tensor,
+    ): ...
+
+    # SwiGLU activation: ab [..., 2F] -> silu(a) * b [..., F]; backward -> grad ab
+    def swiglu_fwd(self, ab: Tensor) -> Tensor: ...
+
+    def swiglu_bwd(self, grad_out: Tensor, ab: Tensor) -> Tensor: ...
 
     # loss: (loss [B], terms [B, 2], dLoss/dF); the backward is a scaling done in fastmask.ops.loss
     def dsm_mae_loss_fwd(

@@ -39,9 +39,13 @@ OPS = (
     "gather_tokens",
     "unmask_tokens",
     "attention",
+    "attention_rope",
     "layernorm_modulate",
     "gated_residual",
     "residual_layernorm_modulate",
+    "rmsnorm_modulate",
+    "residual_rmsnorm_modulate",
+    "swiglu",
     "dsm_mae_loss",
 )
 ENV_VAR = "FASTMASK_BACKEND"

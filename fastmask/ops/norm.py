@@ -1,4 +1,5 @@
-"""adaLN ops: LayerNorm + modulate, gated residual, and the fused residual + LN + modulate.
+"""adaLN ops: LayerNorm + modulate, gated residual, and the fused residual + LN + modulate;
+RMSNorm + modulate and its residual fusion (LightningDiT-style blocks).
 
 LayerNorm has no affine parameters (DiT's norm1/norm2/norm_final), eps 1e-6, statistics
 in fp32. The modulation vectors shift/scale/gate are per sample ([B, D]) and may be fp32
@@ -6,13 +7,15 @@ while the activations are bf16/fp16.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
 from .ranges import profiled
 from ._library import kernels
-from .reference import LN_EPS
+from .reference import LN_EPS, RMS_EPS
 
 
 def _check_vec(name: str, v: Tensor, x: Tensor) -> Tensor:
@@ -233,4 +236,157 @@ def residual_layernorm_modulate(
     x_new, out, _, _ = _rlnm_op(
         x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), float(eps), backend
     )
+    return x_new, out
+
+
+# --------------------------------------------------------------------- rmsnorm_modulate
+# RMSNorm variants of the two ops above (LightningDiT's blocks): the same Triton kernels with
+# the RMS switch; ``weight`` [D] is optional (LightningDiT's RMSNorm has one; None = no weight).
+def _check_weight(weight: Tensor | None, x: Tensor) -> None:
+    if weight is not None:
+        checks.tensor("weight", weight, shape=(x.shape[-1],), floating=True)
+        checks.same_device("x", x, weight=weight)
+
+
+def _w_out(gw: Tensor, weight: Tensor | None):
+    return None if weight is None else gw.to(weight.dtype)
+
+
+@torch.library.custom_op("fastmask::rmsnorm_modulate", mutates_args=())
+def _rnm_op(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return kernels(backend).rmsnorm_modulate_fwd(x, shift, scale, weight, eps)
+
+
+@_rnm_op.register_fake
+def _(x, shift, scale, weight, eps, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmask::rmsnorm_modulate_backward", mutates_args=())
+def _rnm_bwd_op(
+    grad_out: Tensor, x: Tensor, scale: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return kernels(backend).rmsnorm_modulate_bwd(grad_out, x, scale, weight, rstd)
+
+
+@_rnm_bwd_op.register_fake
+def _(grad_out, x, scale, weight, rstd, backend):
+    D = x.shape[-1] if weight is not None else 0
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale), x.new_empty(D, dtype=torch.float32)
+
+
+def _rnm_setup(ctx, inputs, output):
+    x, shift, scale, weight, eps, backend = inputs
+    ctx.save_for_backward(x, scale, weight, output[1])
+    ctx.backend = backend
+    ctx.shift_dtype = shift.dtype
+
+
+def _rnm_backward(ctx, grad_out, _grstd):
+    x, scale, weight, rstd = ctx.saved_tensors
+    gx, gshift, gscale, gw = _rnm_bwd_op(grad_out.contiguous(), x, scale, weight, rstd, ctx.backend)
+    return gx, gshift.to(ctx.shift_dtype), gscale, _w_out(gw, weight), None, None
+
+
+_rnm_op.register_autograd(_rnm_backward, setup_context=_rnm_setup)
+
+
+@profiled("rmsnorm_modulate")
+def rmsnorm_modulate(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None, eps: float = RMS_EPS
+) -> Tensor:
+    """``RMSNorm(x) * weight * (1 + scale[b]) + shift[b]``; x [B, L, D], shift/scale [B, D],
+    weight [D] or None. Equivalent PyTorch code: :func:`fastmask.ops.reference.rmsnorm_modulate`.
+    """
+    _check_x("x", x)
+    eps = checks.positive_float("eps", eps)
+    shift = _check_vec("shift", shift, x)
+    scale = _check_vec("scale", scale, x)
+    _check_weight(weight, x)
+    backend = dispatch.select("rmsnorm_modulate", x, shift, scale)
+    if backend == "torch":
+        return reference.rmsnorm_modulate(x, shift, scale, weight, eps)
+    w = None if weight is None else weight.contiguous()
+    out, _ = _rnm_op(x.contiguous(), shift.contiguous(), scale.contiguous(), w, float(eps), backend)
+    return out
+
+
+@torch.library.custom_op("fastmask::residual_rmsnorm_modulate", mutates_args=())
+def _rrnm_op(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels(backend).residual_rmsnorm_modulate_fwd(x, y, gate, shift, scale, weight, eps)
+
+
+@_rrnm_op.register_fake
+def _(x, y, gate, shift, scale, weight, eps, backend):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmask::residual_rmsnorm_modulate_backward", mutates_args=())
+def _rrnm_bwd_op(
+    grad_x_new: Tensor, grad_out: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
+    weight: Optional[Tensor], rstd: Tensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels(backend).residual_rmsnorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd)
+
+
+@_rrnm_bwd_op.register_fake
+def _(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd, backend):
+    D = x_new.shape[-1] if weight is not None else 0
+    return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
+            torch.empty_like(scale), x_new.new_empty(D, dtype=torch.float32))
+
+
+def _rrnm_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, eps, backend = inputs
+    x_new, _, rstd = output
+    ctx.save_for_backward(x_new, y, gate, scale, weight, rstd)
+    ctx.backend = backend
+    ctx.shift_dtype = shift.dtype
+
+
+def _rrnm_backward(ctx, grad_x_new, grad_out, _grstd):
+    x_new, y, gate, scale, weight, rstd = ctx.saved_tensors
+    if grad_x_new is None:
+        grad_x_new = torch.zeros_like(x_new)
+    if grad_out is None:
+        grad_out = torch.zeros_like(x_new)
+    gx, gy, ggate, gshift, gscale, gw = _rrnm_bwd_op(
+        grad_x_new.contiguous(), grad_out.contiguous(), x_new, y, gate, scale, weight, rstd, ctx.backend
+    )
+    return gx, gy, ggate, gshift.to(ctx.shift_dtype), gscale, _w_out(gw, weight), None, None
+
+
+_rrnm_op.register_autograd(_rrnm_backward, setup_context=_rrnm_setup)
+
+
+@profiled("residual_rmsnorm_modulate")
+def residual_rmsnorm_modulate(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+    eps: float = RMS_EPS,
+) -> tuple[Tensor, Tensor]:
+    """Fused ``x_new = x + gate[b] * y; out = RMSNorm(x_new) * weight * (1 + scale[b]) + shift[b]``.
+
+    Returns ``(x_new, out)``. Equivalent PyTorch code:
+    :func:`fastmask.ops.reference.residual_rmsnorm_modulate`.
+    """
+    _check_x("x", x)
+    eps = checks.positive_float("eps", eps)
+    checks.tensor("y", y, shape=tuple(x.shape))
+    checks.same_dtype("x", x, y=y)
+    checks.same_device("x", x, y=y)
+    gate = _check_vec("gate", gate, x)
+    shift = _check_vec("shift", shift, x)
+    scale = _check_vec("scale", scale, x)
+    _check_weight(weight, x)
+    backend = dispatch.select("residual_rmsnorm_modulate", x, y, gate, shift, scale)
+    if backend == "torch":
+        return reference.residual_rmsnorm_modulate(x, y, gate, shift, scale, weight, eps)
+    w = None if weight is None else weight.contiguous()
+    x_new, out, _ = _rrnm_op(x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(),
+                             scale.contiguous(), w, float(eps), backend)
     return x_new, out
