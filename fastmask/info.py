@@ -117,6 +117,16 @@ def example_calls(model: str, device: str, dtype: torch.dtype, batch: int, mask_
                 ("residual_layernorm_modulate", f"{part} x [{B}, {L}, {D}]", (x, x, vec, vec, vec)),
                 ("gated_residual", f"{part} x [{B}, {L}, {D}]", (x, x, vec)),
             ]
+        # the same encoder shapes in LightningDiT-style blocks (norm="rms", RoPE, qk-norm, SwiGLU)
+        D, H = kw["hidden_size"], kw["num_heads"]
+        x, vec, F = t(B, K, D), t(B, D), int(2 / 3 * 4 * D)
+        calls += [
+            ("rmsnorm_modulate", f"modern x [{B}, {K}, {D}]", (x, vec, vec)),
+            ("attention_rope", f"modern qkv [{B}, {K}, 3, {H}, {D // H}], RoPE rows by ids_keep, qk-norm",
+             (t(B, K, 3, H, D // H),)),
+            ("residual_rmsnorm_modulate", f"modern x [{B}, {K}, {D}]", (x, x, vec, vec, vec)),
+            ("swiglu", f"modern w12 output [{B}, {K}, {2 * F}]", (t(B, K, 2 * F),)),
+        ]
         calls.append(("dsm_mae_loss", f"F [{B}, {N}, {P}]", (t(B, N, P), t(B, N, P), t(B, N, P))))
     return calls
 
