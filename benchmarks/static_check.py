@@ -176,6 +176,27 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                             call()
                         for ln in cap.launches[before:]:
                             ln.kind = _attention_kind(ln)
+            # modern blocks: RoPE (rows gathered by ids_keep on the kept tokens) + qk-norm, in the
+            # heuristic config (the prologue bypasses the autotuner)
+            os.environ["FASTMASK_ATTN_AUTOTUNE"] = "0"
+            for L, D, H in ATTENTION:
+                hd = D // H
+                al._fixed_choice.clear()
+                qkv = _meta(B, L, 3, H, hd, dtype=dt)
+                out, lse = _meta(B, L, D, dtype=dt), _meta(B, H, L, dtype=torch.float32)
+                cs = _meta(N, hd, dtype=torch.float32)
+                ids = torch.empty(B, L, dtype=torch.int64, device="meta") if L < N else None
+                w = _meta(hd, dtype=torch.float32)
+                pro = (cs, cs, ids, w, w, 1e-6)
+                for call in (lambda: fk.attention_rope_fwd(qkv, hd**-0.5, *pro),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=False),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=True)):
+                    before = len(cap.launches)
+                    with cap.tag(op="attention_rope", shape=f"L={L} H={H} hd={hd}" + (" ids" if ids is not None else ""),
+                                 dtype=dname):
+                        call()
+                    for ln in cap.launches[before:]:
+                        ln.kind = _attention_kind(ln)
             for D in WIDTHS:
                 L = K if D == 1152 else N
                 x, y = _meta(B, L, D, dtype=dt), _meta(B, L, D, dtype=dt)
@@ -190,6 +211,15 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                         fk.residual_layernorm_modulate_fwd(x, y, vec, vec, vec, 1e-6),
                         fk.residual_layernorm_modulate_bwd(x, x, x, y, vec, vec, mean, rstd)),
                 }
+                w = _meta(D, dtype=torch.float32)
+                calls["rmsnorm_modulate"] = lambda: (fk.rmsnorm_modulate_fwd(x, vec, vec, w, 1e-6),
+                                                     fk.rmsnorm_modulate_bwd(x, x, vec, w, rstd))
+                calls["residual_rmsnorm_modulate"] = lambda: (
+                    fk.residual_rmsnorm_modulate_fwd(x, y, vec, vec, vec, w, 1e-6),
+                    fk.residual_rmsnorm_modulate_bwd(x, x, x, y, vec, vec, w, rstd))
+                F_mlp = int(2 / 3 * 4 * D)
+                ab = _meta(B, L, 2 * F_mlp, dtype=dt)
+                calls["swiglu"] = lambda: (fk.swiglu_fwd(ab), fk.swiglu_bwd(_meta(B, L, F_mlp, dtype=dt), ab))
                 ids = torch.empty(B, K, dtype=torch.int64, device="meta")
                 pos = _meta(N, D, dtype=torch.float32)
                 full, vis = _meta(B, N, D, dtype=dt), _meta(B, K, D, dtype=dt)
