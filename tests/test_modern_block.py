@@ -190,3 +190,17 @@ def test_digits_demo_trains_lightningdit(tmp_path):
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
     assert losses and all(l == l and l < 1e3 for l in losses)
+
+
+def test_modern_block_compiles_without_graph_breaks():
+    blk = randomise(MaskedDiTBlock(32, 2, **MODERN), seed=6)
+    g = torch.Generator().manual_seed(7)
+    x, c = torch.randn(2, 16, 32, generator=g), torch.randn(2, 32, generator=g)
+    ids = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(2)])
+    cos, sin = _lightning_rope(16, 4)
+    fn = lambda x, c, i: blk(x, c, ids_keep=i, rope=(cos, sin))  # noqa: E731
+    torch._dynamo.reset()
+    with fastmask.backend("triton"), fastmask.ops.checks.trusted_values():
+        want = fn(x, c, ids)
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, c, ids)
+    torch.testing.assert_close(got, want)

@@ -26,6 +26,12 @@ matmuls, since dq recomputes S and dP):
      rows (stored for step 2), then walks the key blocks: dq = scale * dS @ K.
   2. the dk/dv kernel as above without the dq part: dv = P^T @ dO, dk = scale * dS^T @ Q.
 
+Modern-DiT prologue (constexpr PRO / ROPE / QK_NORM / GATHER; off, the kernels compile as
+without it): per-head RMSNorm of q and k and an interleaved-pair rotary embedding, whose table
+rows are read at ids_keep[b, l] when tokens were dropped. Applied to the q and k tiles right
+after they are loaded, never written back; the backward recomputes them and chains the
+gradients of q and k through both in its epilogue (see the section "RoPE / qk-norm prologue").
+
 Offsets: batch and head offsets are int64 (B * L * 3 * H * hd passes 2**31 at large B); the
 offsets inside one batch element stay int32. The grid is 1-D, since B * H can pass 65535:
 program ``pid`` works on block ``pid % cdiv(L, BLOCK)`` of head ``pid // cdiv(L, BLOCK)``.
