@@ -26,6 +26,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from . import _env
+
 _ext: ModuleType | None = None
 _import_error: str | None = None
 
@@ -140,6 +142,7 @@ def build_jit(verbose: bool = False, archs=None) -> ModuleType:
         archs = (f"{major}{minor}",)
     ext = cpp_extension.load(**build.jit_kwargs(archs), verbose=verbose)
     _ext, _import_error = ext, None  # not_supported_reasons() now sees the built backend
+    _env.reload()  # and the dispatcher forgets the choices it cached without it
     return ext
 
 

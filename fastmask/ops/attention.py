@@ -1,6 +1,7 @@
 """Non-causal multi-head attention read straight from the fused qkv projection layout."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -8,28 +9,32 @@ from torch import Tensor
 
 from . import checks, dispatch, reference
 from .ranges import profiled
-from ._library import kernels
+from ._library import eager_function, kernels
+
+custom_op = functools.partial(torch.library.custom_op, mutates_args=())
 
 
 # ``deterministic`` is resolved when attention is called and travels with the op to its
 # backward: False runs the one-pass backward (dq added with fp32 atomics), True the
 # bit-reproducible one.
-@torch.library.custom_op("fastmask::attention", mutates_args=())
-def _attn_op(qkv: Tensor, scale: float, backend: str, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+def _attn_fwd(qkv: Tensor, scale: float, backend: str, deterministic: bool = False) -> tuple[Tensor, Tensor]:
     return kernels(backend).attention_fwd(qkv, scale)
+
+
+def _attn_bwd(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str, deterministic: bool = False
+) -> Tensor:
+    return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
+
+
+_attn_op = custom_op("fastmask::attention")(_attn_fwd)
+_attn_bwd_op = custom_op("fastmask::attention_backward")(_attn_bwd)
 
 
 @_attn_op.register_fake
 def _(qkv, scale, backend, deterministic=False):
     B, L, _, H, hd = qkv.shape
     return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastmask::attention_backward", mutates_args=())
-def _attn_bwd_op(
-    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str, deterministic: bool = False
-) -> Tensor:
-    return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
 
 
 @_attn_bwd_op.register_fake
@@ -46,13 +51,16 @@ def _attn_setup(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _attn_backward(ctx, grad_out, _glse):
+def _attn_backward(ctx, grad_out, _glse, bwd=_attn_bwd_op):
     qkv, out, lse = ctx.saved_tensors
-    dqkv = _attn_bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend, ctx.deterministic)
+    dqkv = bwd(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend, ctx.deterministic)
     return dqkv, None, None, None
 
 
 _attn_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+_ATTN = eager_function(
+    "Attention", _attn_fwd, _attn_setup, functools.partial(_attn_backward, bwd=_attn_bwd), nondifferentiable=(1,)
+)
 
 
 @profiled("attention")
@@ -67,18 +75,27 @@ def attention(qkv: Tensor, scale: float | None = None, *, deterministic: bool | 
     faster (fewer matmuls, dq added with atomics) when False; None (the default) follows
     ``torch.are_deterministic_algorithms_enabled()``.
     """
-    checks.tensor("qkv", qkv, ndim=5, floating=True)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
-    if qkv.shape[1] == 0:
-        raise ValueError("qkv: sequence length L is 0")
-    checks.nonempty("qkv", qkv, "B L 3 H head_dim")
-    hd = qkv.shape[-1]
-    scale = 1.0 / math.sqrt(hd) if scale is None else checks.positive_float("scale", scale)
-    backend = dispatch.select("attention", qkv)
+    compiling = torch.compiler.is_compiling()
+    try:
+        sig = (qkv.shape, qkv.dtype, qkv.device, scale)
+    except AttributeError:  # not a tensor: the checks below say so
+        sig = None
+    backend = None if compiling or sig is None else dispatch.planned("attention", sig)
+    if backend is None:
+        checks.tensor("qkv", qkv, ndim=5, floating=True)
+        if qkv.shape[2] != 3:
+            raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
+        if qkv.shape[1] == 0:
+            raise ValueError("qkv: sequence length L is 0")
+        checks.nonempty("qkv", qkv, "B L 3 H head_dim")
+        if scale is not None:
+            checks.positive_float("scale", scale)
+        backend = dispatch.plan("attention", sig, qkv) if sig and not compiling else dispatch.select("attention", qkv)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
     if backend == "torch":
         return reference.attention(qkv, scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _ = _attn_op(qkv.contiguous(), scale, backend, bool(deterministic))
+    args = (qkv.contiguous(), scale, backend, bool(deterministic))
+    out, _ = _attn_op(*args) if compiling else _ATTN.apply(*args)
     return out
