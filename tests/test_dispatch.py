@@ -111,21 +111,20 @@ def _backend_modules():
 def test_backends_follow_the_protocol(backend_name):
     import inspect
 
-    from fastmask.ops import backend_protocol as P
+    from fastmask.ops import registry as P
 
     mod = _backend_modules()[backend_name]
-    assert len(P.LAUNCHERS) == 13 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
+    assert len(P.all_launchers()) == 13 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
     for op in dispatch.OPS:  # every dispatched op has a forward launcher in the protocol
-        assert f"{op}_fwd" in P.LAUNCHERS
+        assert f"{op}_fwd" in P.all_launchers()
     for name in P.DECLARATIONS:
         assert hasattr(mod, name), f"{mod.__name__} does not declare {name}"
     assert all(isinstance(d, torch.dtype) for d in mod.DTYPES) and all(isinstance(d, str) for d in mod.DEVICE_TYPES)
 
-    def params(fn, drop_self):
-        ps = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
-        return [(p.name, p.kind, p.default) for p in ps]
+    def params(sig):
+        return [(p.name, p.default) for p in sig.parameters.values()]
 
-    names = ["not_supported_reasons"]
+    names = []
     for op in dispatch.OPS:
         if hasattr(mod, f"{op}_fwd"):
             names += P.launchers(op)
@@ -134,8 +133,26 @@ def test_backends_follow_the_protocol(backend_name):
             assert any("does not implement" in r for r in dispatch.not_supported_reasons(backend_name, op, []))
     assert len(names) > 8
     for name in names:
-        want = params(getattr(P.BackendModule, name), drop_self=True)
-        assert params(getattr(mod, name), drop_self=False) == want, f"{mod.__name__}.{name}"
+        got = params(inspect.signature(getattr(mod, name)))
+        assert got == params(P.signature(name)), f"{mod.__name__}.{name}: {got} != {P.signature(name)}"
+    got = list(inspect.signature(mod.not_supported_reasons).parameters)
+    assert got == ["op", "tensors"], f"{mod.__name__}.not_supported_reasons{got}"
+
+
+def test_an_op_is_declared_once_and_the_lists_follow():
+    from fastmask import info, profiling
+    from fastmask.ops import registry
+
+    assert set(registry.OPS) == set(dispatch.OPS)
+    for name, decl in registry.OPS.items():
+        assert decl.reference is getattr(ops.reference, name), name
+        assert profiling._OP_CATEGORY[name] == decl.category
+    calls = info.example_calls("T/2", "cpu", torch.float32, 2, 0.5, 8)
+    assert {op for op, _, _ in calls} == set(registry.OPS)
+    with pytest.raises(ValueError, match="declared twice"):
+        registry.declare("attention", reference=ops.reference.attention, launchers=(), category="attention")
+    with pytest.raises(ValueError, match="category"):
+        registry.declare("new_op", reference=ops.reference.attention, launchers=(), category="nope")
 
 
 def test_triton_lists_every_reason(monkeypatch):

@@ -8,10 +8,23 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
 from ._library import eager_function, kernels
 
 custom_op = functools.partial(torch.library.custom_op, mutates_args=())
+
+
+declare(
+    "attention",
+    reference=reference.attention,
+    # forward -> (out [B, L, H*hd], lse [B, H, L] fp32); backward -> grad qkv. deterministic: None
+    # follows torch.are_deterministic_algorithms_enabled()
+    launchers=("attention_fwd(qkv, scale)", "attention_bwd(grad_out, qkv, out, lse, scale, deterministic=None)"),
+    category="attention",
+    example=lambda e: (f"{e.part} qkv [{e.B}, {e.L}, 3, {e.H}, {e.D // e.H}], head dim {e.D // e.H}",
+                       (e.t(e.B, e.L, 3, e.H, e.D // e.H),)) if e.part != "output" else None,
+)
 
 
 # ``deterministic`` is resolved when attention is called and travels with the op to its

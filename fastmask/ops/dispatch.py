@@ -1,7 +1,7 @@
 """The one place that decides which backend runs an op.
 
 Backends (each module declares ``DEVICE_TYPES``, ``DTYPES`` and ``not_supported_reasons``;
-the launchers it must provide are written down in :mod:`fastmask.ops.backend_protocol`):
+the launchers it must provide are declared with each op in :mod:`fastmask.ops.registry`):
     ``torch``  the PyTorch reference (fastmask.ops.reference); runs everywhere.
     ``triton`` Triton kernels (fastmask.kernels); CUDA tensors, or CPU tensors when
                TRITON_INTERPRET=1 (the Triton interpreter, used by the tests).
@@ -12,7 +12,8 @@ Choice, in order:
     2. the environment variable ``FASTMASK_BACKEND``: ``torch``, ``triton``, ``cuda``, ``auto``,
        or per op: ``attention=triton,gather_tokens=cuda`` (read at import and by
        :func:`reload_environment`, not per call)
-    3. automatic: the first backend in :data:`DEFAULT_PREFERENCE` that can serve the call.
+    3. automatic: the first backend in :data:`DEFAULT_PREFERENCE` (else :data:`PREFERENCE_DEFAULT`)
+       that can serve the call.
 
 An explicitly requested backend that cannot serve a call raises :class:`BackendUnavailable`
 listing every reason. The automatic choice falls back to the next backend instead; on CUDA
@@ -36,26 +37,23 @@ from types import ModuleType
 import torch
 
 from .. import _env
+from . import registry
 
 log = logging.getLogger("fastmask.dispatch")
 
 BACKENDS = ("torch", "triton", "cuda")
-OPS = (
-    "gather_tokens",
-    "unmask_tokens",
-    "attention",
-    "layernorm_modulate",
-    "gated_residual",
-    "residual_layernorm_modulate",
-    "dsm_mae_loss",
-)
+#: every fused op, by name: the declarations of :mod:`fastmask.ops.registry` (filled as the op
+#: family modules are imported, which ``import fastmask.ops`` does)
+OPS = registry.OPS
 ENV_VAR = "FASTMASK_BACKEND"
 
 # Automatic choice on CUDA tensors, per op: the first backend that can serve wins.
 # Rule: CUDA C++ is preferred only where benchmarks/results show it faster than Triton on
 # the card at hand; until such results exist for an op, Triton is the default on GPUs.
 # (Kept here, next to the code that reads it; see benchmarks/README.md for the numbers.)
-DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "torch") for op in OPS}
+# An op missing from the table takes the default order.
+PREFERENCE_DEFAULT: tuple[str, ...] = ("triton", "cuda", "torch")
+DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {}
 
 # One slot per backend from the start, filled at its first use: the dictionary's size never
 # changes, so a compiled graph that traced a choice is not invalidated (recompiled) because
@@ -87,7 +85,7 @@ def _parse(spec: str) -> dict[str, str]:
         op, _, name = part.partition("=")
         op, name = op.strip(), name.strip()
         if op not in OPS and op != "*":
-            raise ValueError(f"{ENV_VAR}: unknown op {op!r}; expected one of {OPS}")
+            raise ValueError(f"{ENV_VAR}: unknown op {op!r}; expected one of {tuple(OPS)}")
         _check_backend_name(name, ENV_VAR)
         out[op] = name
     return out
@@ -118,7 +116,7 @@ def backend(name: str | None = None, **per_op: str):
         frame["*"] = name
     for op, b in per_op.items():
         if op not in OPS:
-            raise ValueError(f"backend(): unknown op {op!r}; expected one of {OPS}")
+            raise ValueError(f"backend(): unknown op {op!r}; expected one of {tuple(OPS)}")
         _check_backend_name(b, f"backend({op}=...)")
         frame[op] = b
     global _open_frames
@@ -310,7 +308,7 @@ def choice(op: str, *tensors) -> tuple[str, list[tuple[str, str]]]:
     if dev.type != "cuda":
         return "torch", []
     skipped = []
-    for name in DEFAULT_PREFERENCE[op]:
+    for name in DEFAULT_PREFERENCE.get(op, PREFERENCE_DEFAULT):
         reason = why_not(name, op, tensors)
         if reason is None:
             return name, skipped

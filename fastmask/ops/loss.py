@@ -7,8 +7,19 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
 from ._library import eager_function, kernels
+
+
+declare(
+    "dsm_mae_loss",
+    reference=reference.dsm_mae_loss,
+    # -> (loss [B], terms [B, 2], dLoss/dF); the backward is a scaling done here, no launcher
+    launchers=("dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)",),
+    category="loss",
+    example=lambda e: (f"F [{e.B}, {e.N}, {e.P}]", (e.t(e.B, e.N, e.P),) * 3) if e.part == "output" else None,
+)
 
 
 def _loss_fwd(

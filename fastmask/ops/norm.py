@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
 from ._library import eager_function, kernels
 from .reference import LN_EPS
@@ -42,6 +43,43 @@ def _vec(v: Tensor) -> Tensor:
 def _check_x(name: str, x: Tensor) -> None:
     checks.tensor(name, x, ndim=3, floating=True)
     checks.nonempty(name, x, "B L D")
+
+
+def _stage_example(op: str, n_rows: int, n_vecs: int):
+    """The info example of a norm op: x (and y) [B, L, D] and the modulation vectors [B, D]."""
+
+    def example(e):
+        if e.part == "output":
+            return None
+        return f"{e.part} x [{e.B}, {e.L}, {e.D}]", (*(e.t(e.B, e.L, e.D),) * n_rows, *(e.t(e.B, e.D),) * n_vecs)
+
+    return example
+
+
+declare(
+    "layernorm_modulate",
+    reference=reference.layernorm_modulate,
+    launchers=("layernorm_modulate_fwd(x, shift, scale, eps)",
+               "layernorm_modulate_bwd(grad_out, x, scale, mean, rstd)"),  # forward -> (out, mean, rstd)
+    category="norm/modulate",
+    example=_stage_example("layernorm_modulate", 1, 2),
+)
+declare(
+    "gated_residual",
+    reference=reference.gated_residual,
+    # backward -> (grad_x, grad_y, grad_gate); grad_x is grad_out itself, never a copy
+    launchers=("gated_residual_fwd(x, y, gate)", "gated_residual_bwd(grad_out, y, gate)"),
+    category="norm/modulate",
+    example=_stage_example("gated_residual", 2, 1),
+)
+declare(
+    "residual_layernorm_modulate",
+    reference=reference.residual_layernorm_modulate,
+    launchers=("residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps)",  # -> (x_new, out, mean, rstd)
+               "residual_layernorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd)"),
+    category="norm/modulate",
+    example=_stage_example("residual_layernorm_modulate", 2, 3),
+)
 
 
 # ------------------------------------------------------------------ layernorm_modulate

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
 from ._library import eager_function, empty_like_none, kernels
 
@@ -64,6 +65,15 @@ def mask_from_ids(ids_keep: Tensor, num_tokens: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- gather
+declare(
+    "gather_tokens",
+    reference=reference.gather_tokens,
+    launchers=("gather_tokens_fwd(x, ids_keep, pos)",
+               "gather_tokens_bwd(grad_out, ids_keep, num_tokens, pos_grad)"),  # -> (grad_x, grad_pos or None)
+    category="gather/unmask",
+    example=lambda e: (f"x [{e.B}, {e.N}, {e.D}] -> {e.K} kept", (e.t(e.B, e.N, e.D), e.t(e.N, e.D, dt=torch.float32)))
+    if e.part == "encoder" else None,
+)
 def _gather_fwd(x: Tensor, ids_keep: Tensor, pos: Optional[Tensor], backend: str) -> Tensor:
     return kernels(backend).gather_tokens_fwd(x, ids_keep, pos)
 
@@ -161,6 +171,16 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
 
 
 # ----------------------------------------------------------------------------- unmask
+declare(
+    "unmask_tokens",
+    reference=reference.unmask_tokens,
+    launchers=("unmask_tokens_fwd(x_vis, ids_keep, mask_token, num_tokens, pos)",
+               "unmask_tokens_bwd(grad_out, ids_keep, pos_grad)"),  # -> (grad_x_vis, grad_mask_token, grad_pos or None)
+    category="gather/unmask",
+    example=lambda e: (f"x_vis [{e.B}, {e.K}, {e.D}] -> {e.N} tokens",
+                       (e.t(e.B, e.K, e.D), e.t(e.D, dt=torch.float32), e.t(e.N, e.D, dt=torch.float32)))
+    if e.part == "decoder" else None,
+)
 def _unmask_fwd(
     x_vis: Tensor, ids_keep: Tensor, mask_token: Tensor, num_tokens: int, pos: Optional[Tensor], backend: str
 ) -> Tensor:
