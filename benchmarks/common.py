@@ -119,6 +119,9 @@ def configure_torch() -> None:
     """Settings every benchmark process shares (called once from conftest)."""
     # Microbenchmarks time the kernels, not the argument checks that sync with the device.
     os.environ.setdefault("FASTMASK_CHECK_VALUES", "0")
+    import fastmask.ops
+
+    fastmask.ops.reload_environment()  # fastmask reads its variables at import and on reload only
     dyn = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(dyn, name):

@@ -9,9 +9,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import _env, ops
+from ..constants import LN_EPS
 from ..ops.ranges import named_range
 
-# FASTMASK_NVTX=1 (read at call time) names the block's stages in Nsight Systems (NVTX) and
+# FASTMASK_NVTX=1 (as fastmask._env last read it) names the block's stages in Nsight Systems (NVTX) and
 # torch.profiler traces. Off, a stage costs one shared no-op context; under torch.compile
 # it is always off, so compiled graphs are unchanged.
 _NO_RANGE = contextlib.nullcontext()
@@ -88,9 +89,9 @@ class MaskedDiTBlock(nn.Module):
         self.cond_size = hidden_size if cond_size is None else cond_size
         # LayerNorms without affine parameters: no state-dict entries, as in DiT. They are kept
         # as modules for drop-in fidelity; the fused ops below compute the same normalisation.
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(self.cond_size, 6 * hidden_size, bias=True))
 
