@@ -151,6 +151,7 @@ def capture_launches(dtypes: list[str], defaults_only: bool, archs=(90,)) -> lis
 
 
 def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
+    from fastmask import _env
     from fastmask import kernels as fk
     from fastmask.kernels import attention_launch as al
 
@@ -165,6 +166,7 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 modes = [("0", "default")] if (defaults_only or dt == torch.float32) else [("0", "default"), ("1", "autotune")]
                 for flag, _ in modes:  # launches through the autotuner are tagged by auto_run
                     os.environ["FASTMASK_ATTN_AUTOTUNE"] = flag
+                    _env.reload()  # fastmask reads its variables at import and on reload only
                     al._fixed_choice.clear()
                     shape = f"L={L} H={H} hd={hd}"
                     # forward; one-pass backward (delta + bwd); deterministic backward (dq + dkdv)
@@ -234,6 +236,7 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 fk.dsm_mae_loss_fwd(F, _meta(B, N, P, dtype=torch.float32), _meta(B, N, P, dtype=torch.float32),
                                     _meta(B, dtype=torch.float32), _meta(B, N, dtype=torch.float32), 0.1, 0.5)
     os.environ.pop("FASTMASK_ATTN_AUTOTUNE", None)
+    _env.reload()
     return cap.launches
 
 
@@ -442,11 +445,10 @@ def cuda_report(archs: list[int], jobs: int | None = None) -> list[dict]:
     (source, arch) compiles run in parallel (``jobs``, default the CPU count); rows come in
     source order, then arch order."""
     import concurrent.futures
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_static", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    from fastmask.cuda_ext import build_module  # csrc/build.py, loaded in one place
+
+    build = build_module()
     build.ensure_cuda_home()
     if build.nvcc_path() is None:
         return [{"error": "nvcc not found"}]
@@ -580,6 +582,8 @@ def _prepare_env() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    if "fastmask._env" in sys.modules:  # imported before (as a module, not a script): read it again
+        sys.modules["fastmask._env"].reload()
 
 
 def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:

@@ -4,6 +4,7 @@ import torch
 
 from fastmask import cli, info
 from fastmask.ops import dispatch
+from fastmask._env import reload as _reload_env
 
 
 @pytest.fixture
@@ -12,7 +13,9 @@ def no_interpreter(monkeypatch):
     first (triton.jit reads it when a kernel is defined), so the other tests keep working."""
     dispatch._module("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     monkeypatch.delenv("FASTMASK_BACKEND", raising=False)
+    _reload_env()  # fastmask reads the environment at import and on reload
 
 
 def _run(capsys, *argv):
@@ -50,6 +53,7 @@ def test_cuda_device_plan_without_a_gpu(capsys, no_interpreter):
 
 def test_explicit_request_that_cannot_run_is_shown(capsys, no_interpreter, monkeypatch):
     monkeypatch.setenv("FASTMASK_BACKEND", "cuda")
+    _reload_env()  # fastmask reads the environment at import and on reload
     rc, out, _ = _run(capsys, "--device", "cpu", "--model", "T/2")
     assert rc == 0
     assert "FASTMASK_BACKEND=cuda" in out

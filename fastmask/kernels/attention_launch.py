@@ -21,11 +21,11 @@ uses a fixed small config.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
+from .. import _env
 from ._utils import cdiv, interpreting
 from .attention import KERNELS, LOG2E, head_dim_split, not_supported_reason
 
@@ -220,7 +220,7 @@ AUTOTUNE_KEY = ("L_BUCKET", "BH_BUCKET", "HD")
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("FASTMASK_ATTN_AUTOTUNE", "1") != "0"
+    return _env.attn_autotune()
 
 
 def _tuned_kernel(kind: str):

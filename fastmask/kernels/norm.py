@@ -22,6 +22,20 @@ import triton.language as tl
 
 from ._utils import cdiv, interpreting, row_config, sum_partials, target_programs
 
+# the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
+__all__ = [
+    "layernorm_modulate_fwd",
+    "layernorm_modulate_bwd",
+    "gated_residual_fwd",
+    "gated_residual_bwd",
+    "residual_layernorm_modulate_fwd",
+    "residual_layernorm_modulate_bwd",
+    "rmsnorm_modulate_fwd",
+    "rmsnorm_modulate_bwd",
+    "residual_rmsnorm_modulate_fwd",
+    "residual_rmsnorm_modulate_bwd",
+]
+
 
 @triton.jit
 def _norm_fwd_kernel(

@@ -18,6 +18,8 @@ import triton.language as tl
 
 from ._utils import cdiv, interpreting
 
+__all__ = ["swiglu_fwd", "swiglu_bwd"]
+
 
 @triton.jit
 def _swiglu_fwd_kernel(AB, OUT, n_rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):

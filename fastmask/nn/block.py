@@ -9,10 +9,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import _env, ops
+from ..constants import LN_EPS
 from ..ops.ranges import named_range
 from .layers import RMSNorm
 
-# FASTMASK_NVTX=1 (read at call time) names the block's stages in Nsight Systems (NVTX) and
+# FASTMASK_NVTX=1 (as fastmask._env last read it) names the block's stages in Nsight Systems (NVTX) and
 # torch.profiler traces. Off, a stage costs one shared no-op context; under torch.compile
 # it is always off, so compiled graphs are unchanged.
 _NO_RANGE = contextlib.nullcontext()
@@ -148,12 +149,12 @@ class MaskedDiTBlock(nn.Module):
         else:
             # LayerNorms without affine parameters: no state-dict entries, as in DiT. They are kept
             # as modules for drop-in fidelity; the fused ops below compute the same normalisation.
-            self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
         if rope and self.attn.head_dim % 4:
             raise ValueError(f"rope: 2-D RoPE needs a head dim divisible by 4, got {self.attn.head_dim}")
         if norm == "layer":
-            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=LN_EPS)
         if mlp == "swiglu":
             self.mlp = SwiGLUMlp(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
         else:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
+from ..constants import RMS_EPS
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
@@ -60,7 +61,7 @@ class RMSNorm(nn.Module):
     ``x * rsqrt(mean(x^2) + eps) * weight``, statistics in fp32. The blocks do not call it;
     they pass ``weight`` and ``eps`` to the fused ops."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = RMS_EPS):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))

@@ -8,7 +8,14 @@ on; ``op_ranges()`` (or ``FASTMASK_NVTX=1``) names each op in profiler traces.
 """
 from . import reference
 from .attention import attention
-from .dispatch import BackendFallbackWarning, BackendUnavailable, available_backends, backend, record_choices
+from .dispatch import (
+    BackendFallbackWarning,
+    BackendUnavailable,
+    available_backends,
+    backend,
+    record_choices,
+    reload_environment,
+)
 from .loss import dsm_mae_loss
 from .norm import (
     gated_residual,
@@ -37,6 +44,7 @@ __all__ = [
     "random_mask",
     "record_choices",
     "reference",
+    "reload_environment",
     "residual_layernorm_modulate",
     "residual_rmsnorm_modulate",
     "rmsnorm_modulate",

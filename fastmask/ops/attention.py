@@ -1,6 +1,7 @@
 """Non-causal multi-head attention read straight from the fused qkv projection layout."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -8,30 +9,47 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
-from ._library import kernels
+from ._library import eager_function, kernels
 from .reference import QK_NORM_EPS
+
+custom_op = functools.partial(torch.library.custom_op, mutates_args=())
+
+
+declare(
+    "attention",
+    reference=reference.attention,
+    # forward -> (out [B, L, H*hd], lse [B, H, L] fp32); backward -> grad qkv. deterministic: None
+    # follows torch.are_deterministic_algorithms_enabled()
+    launchers=("attention_fwd(qkv, scale)", "attention_bwd(grad_out, qkv, out, lse, scale, deterministic=None)"),
+    category="attention",
+    example=lambda e: (f"{e.part} qkv [{e.B}, {e.L}, 3, {e.H}, {e.D // e.H}], head dim {e.D // e.H}",
+                       (e.t(e.B, e.L, 3, e.H, e.D // e.H),)) if e.part != "output" else None,
+)
 
 
 # ``deterministic`` is resolved when attention is called and travels with the op to its
 # backward: False runs the one-pass backward (dq added with fp32 atomics), True the
 # bit-reproducible one.
-@torch.library.custom_op("fastmask::attention", mutates_args=())
-def _attn_op(qkv: Tensor, scale: float, backend: str, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+def _attn_fwd(qkv: Tensor, scale: float, backend: str, deterministic: bool = False) -> tuple[Tensor, Tensor]:
     return kernels(backend).attention_fwd(qkv, scale)
+
+
+def _attn_bwd(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str, deterministic: bool = False
+) -> Tensor:
+    return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
+
+
+_attn_op = custom_op("fastmask::attention")(_attn_fwd)
+_attn_bwd_op = custom_op("fastmask::attention_backward")(_attn_bwd)
 
 
 @_attn_op.register_fake
 def _(qkv, scale, backend, deterministic=False):
     B, L, _, H, hd = qkv.shape
     return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastmask::attention_backward", mutates_args=())
-def _attn_bwd_op(
-    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str, deterministic: bool = False
-) -> Tensor:
-    return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
 
 
 @_attn_bwd_op.register_fake
@@ -48,34 +66,43 @@ def _attn_setup(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _attn_backward(ctx, grad_out, _glse):
+def _attn_backward(ctx, grad_out, _glse, bwd=_attn_bwd_op):
     qkv, out, lse = ctx.saved_tensors
-    dqkv = _attn_bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend, ctx.deterministic)
+    dqkv = bwd(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend, ctx.deterministic)
     return dqkv, None, None, None
 
 
 _attn_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+_ATTN = eager_function(
+    "Attention", _attn_fwd, _attn_setup, functools.partial(_attn_backward, bwd=_attn_bwd), nondifferentiable=(1,)
+)
 
 
 # ------------------------------------------------------------- RoPE / qk-norm prologue
-# A separate op, so the plain one keeps its schema: rotary tables and norm weights are
-# optional tensors (None skips that part); the backward returns the norm weights' gradients.
-@torch.library.custom_op("fastmask::attention_rope", mutates_args=())
-def _attn_rope_op(
+# A separate op, so the plain one keeps its schema: rotary tables and norm weights are optional
+# tensors (None skips that part); the backward also returns the norm weights' gradients.
+declare(
+    "attention_rope",
+    reference=reference.attention_rope,
+    # forward -> (out, lse) as attention; backward -> (grad qkv, grad q_weight, grad k_weight), the
+    # weight gradients fp32 (empty without qk-norm)
+    launchers=("attention_rope_fwd(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps)",
+               "attention_rope_bwd(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_weight, k_weight, eps, "
+               "deterministic=None)"),
+    category="attention",
+    example=lambda e: (f"{e.part} qkv [{e.B}, {e.L}, 3, {e.H}, {e.D // e.H}] in LightningDiT-style blocks (RoPE, "
+                       f"qk-norm)", (e.t(e.B, e.L, 3, e.H, e.D // e.H),)) if e.part == "encoder" else None,
+)
+
+
+def _attn_rope_fwd(
     qkv: Tensor, scale: float, cos: Optional[Tensor], sin: Optional[Tensor], ids_keep: Optional[Tensor],
     q_weight: Optional[Tensor], k_weight: Optional[Tensor], eps: float, backend: str, deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     return kernels(backend).attention_rope_fwd(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps)
 
 
-@_attn_rope_op.register_fake
-def _(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps, backend, deterministic=False):
-    B, L, _, H, hd = qkv.shape
-    return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastmask::attention_rope_backward", mutates_args=())
-def _attn_rope_bwd_op(
+def _attn_rope_bwd(
     grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float, cos: Optional[Tensor],
     sin: Optional[Tensor], ids_keep: Optional[Tensor], q_weight: Optional[Tensor], k_weight: Optional[Tensor],
     eps: float, backend: str, deterministic: bool = False,
@@ -83,6 +110,16 @@ def _attn_rope_bwd_op(
     return kernels(backend).attention_rope_bwd(
         grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_weight, k_weight, eps, deterministic=deterministic
     )
+
+
+_attn_rope_op = custom_op("fastmask::attention_rope")(_attn_rope_fwd)
+_attn_rope_bwd_op = custom_op("fastmask::attention_rope_backward")(_attn_rope_bwd)
+
+
+@_attn_rope_op.register_fake
+def _(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps, backend, deterministic=False):
+    B, L, _, H, hd = qkv.shape
+    return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
 
 
 @_attn_rope_bwd_op.register_fake
@@ -98,10 +135,10 @@ def _attn_rope_setup(ctx, inputs, output):
     ctx.scale, ctx.eps, ctx.backend, ctx.deterministic = scale, eps, backend, deterministic
 
 
-def _attn_rope_backward(ctx, grad_out, _glse):
+def _attn_rope_backward(ctx, grad_out, _glse, bwd=_attn_rope_bwd_op):
     qkv, out, lse, cos, sin, ids_keep, q_weight, k_weight = ctx.saved_tensors
-    dqkv, dqw, dkw = _attn_rope_bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale, cos, sin, ids_keep,
-                                       q_weight, k_weight, ctx.eps, ctx.backend, ctx.deterministic)
+    dqkv, dqw, dkw = bwd(grad_out.contiguous(), qkv, out, lse, ctx.scale, cos, sin, ids_keep, q_weight, k_weight,
+                         ctx.eps, ctx.backend, ctx.deterministic)
     if q_weight is None:
         dqw = dkw = None
     else:
@@ -110,6 +147,10 @@ def _attn_rope_backward(ctx, grad_out, _glse):
 
 
 _attn_rope_op.register_autograd(_attn_rope_backward, setup_context=_attn_rope_setup)
+_ATTN_ROPE = eager_function(
+    "AttentionRope", _attn_rope_fwd, _attn_rope_setup, functools.partial(_attn_rope_backward, bwd=_attn_rope_bwd),
+    nondifferentiable=(1,),
+)
 
 
 def _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight):
@@ -137,6 +178,26 @@ def _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight):
             checks.tensor(name, w, shape=(hd,), floating=True)
             checks.same_device("qkv", qkv, **{name: w})
     return cos, sin
+
+
+def _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps):
+    """:func:`attention` with the prologue: checked on every call (no cached plan yet)."""
+    checks.tensor("qkv", qkv, ndim=5, floating=True)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
+    checks.nonempty("qkv", qkv, "B L 3 H head_dim")
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else checks.positive_float("scale", scale)
+    cos, sin = _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight)
+    eps = checks.positive_float("qk_norm_eps", qk_norm_eps)
+    backend = dispatch.select("attention_rope", qkv)
+    if backend == "torch":
+        return reference.attention_rope(qkv, scale, cos, sin, ids_keep, q_norm_weight, k_norm_weight, eps)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    args = (qkv.contiguous(), scale, cos, sin, ids_keep, q_norm_weight, k_norm_weight, eps, backend,
+            bool(deterministic))
+    out, _ = _attn_rope_op(*args) if torch.compiler.is_compiling() else _ATTN_ROPE.apply(*args)
+    return out
 
 
 @profiled("attention")
@@ -167,31 +228,31 @@ def attention(
     (LightningDiT's freqs_cos / freqs_sin layout; see :func:`fastmask.nn.layers.rope_2d`), read
     at row ``ids_keep[b, l]`` when ``ids_keep`` [B, L] is given (the kept tokens' positions),
     else at row l. Norm first, then rotation. Equivalent PyTorch code:
-    :func:`fastmask.ops.reference.attention_rope`.
+    :func:`fastmask.ops.reference.attention_rope` (dispatched as op ``attention_rope``).
     """
-    checks.tensor("qkv", qkv, ndim=5, floating=True)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
-    if qkv.shape[1] == 0:
-        raise ValueError("qkv: sequence length L is 0")
-    checks.nonempty("qkv", qkv, "B L 3 H head_dim")
-    hd = qkv.shape[-1]
-    scale = 1.0 / math.sqrt(hd) if scale is None else checks.positive_float("scale", scale)
     if rope is not None or ids_keep is not None or q_norm_weight is not None or k_norm_weight is not None:
-        cos, sin = _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight)
-        eps = checks.positive_float("qk_norm_eps", qk_norm_eps)
-        backend = dispatch.select("attention_rope", qkv)
-        if backend == "torch":
-            return reference.attention_rope(qkv, scale, cos, sin, ids_keep, q_norm_weight, k_norm_weight, eps)
-        if deterministic is None:
-            deterministic = torch.are_deterministic_algorithms_enabled()
-        out, _ = _attn_rope_op(qkv.contiguous(), scale, cos, sin, ids_keep, q_norm_weight, k_norm_weight, eps,
-                               backend, bool(deterministic))
-        return out
-    backend = dispatch.select("attention", qkv)
+        return _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps)
+    compiling = torch.compiler.is_compiling()
+    try:
+        sig = (qkv.shape, qkv.dtype, qkv.device, scale)
+    except AttributeError:  # not a tensor: the checks below say so
+        sig = None
+    backend = None if compiling or sig is None else dispatch.planned("attention", sig)
+    if backend is None:
+        checks.tensor("qkv", qkv, ndim=5, floating=True)
+        if qkv.shape[2] != 3:
+            raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
+        if qkv.shape[1] == 0:
+            raise ValueError("qkv: sequence length L is 0")
+        checks.nonempty("qkv", qkv, "B L 3 H head_dim")
+        if scale is not None:
+            checks.positive_float("scale", scale)
+        backend = dispatch.plan("attention", sig, qkv) if sig and not compiling else dispatch.select("attention", qkv)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
     if backend == "torch":
         return reference.attention(qkv, scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    out, _ = _attn_op(qkv.contiguous(), scale, backend, bool(deterministic))
+    args = (qkv.contiguous(), scale, backend, bool(deterministic))
+    out, _ = _attn_op(*args) if compiling else _ATTN.apply(*args)
     return out

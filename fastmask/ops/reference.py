@@ -235,7 +235,7 @@ def dsm_mae_loss(
 
 
 # ------------------------------------------------------------------ the ``torch`` backend
-# What the dispatcher asks of every backend module (see fastmask.ops.backend_protocol): the
+# What the dispatcher asks of every backend module (see fastmask.ops.registry): the
 # reference runs on any device and floating dtype, so it never refuses a call.
 DEVICE_TYPES = ("cpu", "cuda")  # and any other device torch runs on
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

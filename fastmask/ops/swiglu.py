@@ -1,27 +1,43 @@
 """SwiGLU activation of a gated MLP: ``silu(a) * b`` on the fused gate/up projection output."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
-from ._library import kernels
+from .registry import declare
 from .ranges import profiled
+from ._library import eager_function, kernels
+
+custom_op = functools.partial(torch.library.custom_op, mutates_args=())
+
+declare(
+    "swiglu",
+    reference=reference.swiglu,
+    launchers=("swiglu_fwd(ab)", "swiglu_bwd(grad_out, ab)"),  # ab [..., 2F] -> [..., F]; backward -> grad ab
+    category="activation",
+    example=lambda e: (f"{e.part} w12 output [{e.B}, {e.L}, {2 * int(2 / 3 * 4 * e.D)}] in LightningDiT-style blocks",
+                       (e.t(e.B, e.L, 2 * int(2 / 3 * 4 * e.D)),)) if e.part == "encoder" else None,
+)
 
 
-@torch.library.custom_op("fastmask::swiglu", mutates_args=())
-def _swiglu_op(ab: Tensor, backend: str) -> Tensor:
+def _swiglu_fwd(ab: Tensor, backend: str) -> Tensor:
     return kernels(backend).swiglu_fwd(ab)
+
+
+def _swiglu_bwd(grad_out: Tensor, ab: Tensor, backend: str) -> Tensor:
+    return kernels(backend).swiglu_bwd(grad_out, ab)
+
+
+_swiglu_op = custom_op("fastmask::swiglu")(_swiglu_fwd)
+_swiglu_bwd_op = custom_op("fastmask::swiglu_backward")(_swiglu_bwd)
 
 
 @_swiglu_op.register_fake
 def _(ab, backend):
     return ab.new_empty(*ab.shape[:-1], ab.shape[-1] // 2)
-
-
-@torch.library.custom_op("fastmask::swiglu_backward", mutates_args=())
-def _swiglu_bwd_op(grad_out: Tensor, ab: Tensor, backend: str) -> Tensor:
-    return kernels(backend).swiglu_bwd(grad_out, ab)
 
 
 @_swiglu_bwd_op.register_fake
@@ -35,12 +51,13 @@ def _setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, bwd=_swiglu_bwd_op):
     (ab,) = ctx.saved_tensors
-    return _swiglu_bwd_op(grad_out.contiguous(), ab, ctx.backend), None
+    return bwd(grad_out.contiguous(), ab, ctx.backend), None
 
 
 _swiglu_op.register_autograd(_backward, setup_context=_setup)
+_SWIGLU = eager_function("SwiGLU", _swiglu_fwd, _setup, functools.partial(_backward, bwd=_swiglu_bwd))
 
 
 @profiled("swiglu")
@@ -57,4 +74,5 @@ def swiglu(ab: Tensor) -> Tensor:
     backend = dispatch.select("swiglu", ab)
     if backend == "torch":
         return reference.swiglu(ab)
-    return _swiglu_op(ab.contiguous(), backend)
+    ab = ab.contiguous()
+    return _swiglu_op(ab, backend) if torch.compiler.is_compiling() else _SWIGLU.apply(ab, backend)
