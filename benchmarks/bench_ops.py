@@ -229,7 +229,7 @@ def setup_attention_rope(shape: Shape, stage: str) -> OpSetup:
     s = setup_attention(shape, stage)
     hd, N = s.dims["hd"], shape.N
     ids = _ids(shape)[0] if stage == "encoder" and shape.mask_ratio > 0 else None
-    cos, sin = _randn(N, hd, dtype=torch.float32), _randn(N, hd, dtype=torch.float32)
+    cos, sin = (_randn(N, hd // 2, dtype=torch.float32).repeat_interleave(2, 1) for _ in range(2))  # angle per pair
     qw, kw = (_randn(hd, dtype=torch.float32, requires_grad=True) for _ in range(2))
     return dataclasses.replace(s, inputs=(*s.inputs, cos, sin, ids, qw, kw), grad_idx=(0, 5, 6),
                                public=_attention_rope_public, ref=reference.attention_rope)

@@ -586,10 +586,12 @@ def _prepare_env() -> None:
         sys.modules["fastmask._env"].reload()
 
 
-def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
+def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None, ops=None) -> tuple[list[dict], list[dict], dict]:
     _prepare_env()
     t0 = time.time()
     launches = capture_launches(dtypes, defaults_only, archs)
+    if ops:
+        launches = [ln for ln in launches if ln.op in ops]
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
     cuda_rows = cuda_report(archs, jobs) if with_cuda else []
     meta = {
@@ -621,6 +623,7 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="only the configs used without autotuning")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, at most 16)")
+    ap.add_argument("--ops", default=None, help="only these ops' launches, comma-separated (default: every op)")
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -632,7 +635,8 @@ def main(argv=None) -> int:
         ap.error("--targets: expected compute capabilities like 90,80")
     if any(a not in TARGETS for a in archs):
         ap.error(f"--targets: expected some of {list(TARGETS)}")
-    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()} if args.ops else None
+    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs, ops)
     md = markdown(rows, cuda_rows, meta)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"static_{_dt.date.today():%Y%m%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

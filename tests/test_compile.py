@@ -69,7 +69,7 @@ def _opcheck_cases():
         ),
         "attention": (A._attn_op, (r(B, 5, 3, 2, 8).requires_grad_(), 0.35, "triton")),
         "attention_rope": (A._attn_rope_op, (
-            r(B, 5, 3, 2, 8).requires_grad_(), 0.35, r(9, 8), r(9, 8),
+            r(B, 5, 3, 2, 8).requires_grad_(), 0.35, r(9, 4).repeat_interleave(2, 1), r(9, 4).repeat_interleave(2, 1),
             torch.stack([torch.randperm(9, generator=g)[:5] for _ in range(B)]),  # unsorted ids into 9 positions
             r(8).requires_grad_(), r(8).requires_grad_(), 1e-6, "triton",
         )),

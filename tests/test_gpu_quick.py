@@ -98,7 +98,8 @@ def _case(op: str, stage: str, dtype: torch.dtype):
     if op == "attention_rope":  # RoPE + qk-norm prologue; the encoder reads its rows by ids_keep
         hd = D // H
         ids = _ids(7)[0] if stage == "encoder" else None
-        ins = (_rand((B, L, 3, H, hd), dtype, 1), _rand((N, hd), torch.float32, 2), _rand((N, hd), torch.float32, 3),
+        ins = (_rand((B, L, 3, H, hd), dtype, 1), _rand((N, hd // 2), torch.float32, 2).repeat_interleave(2, 1),
+               _rand((N, hd // 2), torch.float32, 3).repeat_interleave(2, 1),  # one angle per pair
                ids, 1 + 0.1 * _rand((hd,), torch.float32, 4), 1 + 0.1 * _rand((hd,), torch.float32, 5))
 
         def public(qkv, cos, sin, ids, qw, kw):

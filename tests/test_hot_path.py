@@ -124,7 +124,8 @@ def _routes():
             Nm._rlnm_op, Nm._RLNM, (r(B, N, D), r(B, N, D), r(B, D), r(B, D), r(B, D), 1e-6, "triton")),
         "attention": (A._attn_op, A._ATTN, (r(B, 5, 3, 2, 8), 0.35, "triton", False)),
         "attention_rope": (A._attn_rope_op, A._ATTN_ROPE, (
-            r(B, 5, 3, 2, 8), 0.35, r(N, 8).detach(), r(N, 8).detach(), torch.tensor([[4, 0, 6, 2, 1], [3, 6, 0, 5, 2]]),
+            r(B, 5, 3, 2, 8), 0.35, r(N, 4).detach().repeat_interleave(2, 1), r(N, 4).detach().repeat_interleave(2, 1),
+            torch.tensor([[4, 0, 6, 2, 1], [3, 6, 0, 5, 2]]),
             r(8), r(8), 1e-6, "triton", False)),
         "rmsnorm_modulate": (Nm._rnm_op, Nm._RNM, (r(B, N, D), r(B, D), r(B, D), r(D), 1e-6, "triton")),
         "residual_rmsnorm_modulate": (

@@ -92,7 +92,8 @@ def test_attention_prologue_fp32(case, deterministic):
     g = torch.Generator().manual_seed(L * hd)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     qkv = r(B, L, 3, H, hd)
-    cos, sin = (r(P, hd), r(P, hd)) if rope else (None, None)
+    # RoPE tables hold one angle per interleaved pair (columns 2i and 2i + 1 equal)
+    cos, sin = (r(P, hd // 2).repeat_interleave(2, 1), r(P, hd // 2).repeat_interleave(2, 1)) if rope else (None, None)
     ids = torch.stack([torch.randperm(P, generator=g)[:L] for _ in range(B)]) if gather else None
     assert ids is None or not bool((ids.diff(dim=1) > 0).all())  # really unsorted
     qw, kw = (r(hd), r(hd)) if norm else (None, None)
@@ -124,7 +125,8 @@ def test_prologue_changes_the_result():
     # guards the test above: without the prologue the kernel output differs (the plain path
     # is not silently taken)
     g = torch.Generator().manual_seed(3)
-    qkv, cos, sin = torch.randn(1, 20, 3, 1, 32, generator=g), torch.randn(20, 32, generator=g), torch.randn(20, 32, generator=g)
+    qkv = torch.randn(1, 20, 3, 1, 32, generator=g)
+    cos, sin = (torch.randn(20, 16, generator=g).repeat_interleave(2, 1) for _ in range(2))
     plain, _ = K.attention_fwd(qkv, 0.2)
     roped, _ = K.attention_rope_fwd(qkv, 0.2, cos, sin, None, None, None, 1e-6)
     assert (plain - roped).abs().max() > 1e-2
@@ -165,7 +167,7 @@ def test_ops_attention_autograd_and_backends():
 
 def test_ops_attention_prologue_validation():
     qkv = torch.randn(2, 5, 3, 1, 16)
-    cos = torch.randn(9, 16)
+    cos = torch.randn(9, 8).repeat_interleave(2, 1)
     ids = torch.stack([torch.randperm(9)[:5] for _ in range(2)])
     with pytest.raises(ValueError, match="ids_keep"):
         ops.attention(qkv, ids_keep=ids)  # ids without rope
@@ -179,6 +181,8 @@ def test_ops_attention_prologue_validation():
         ops.attention(qkv, rope=(cos, cos), ids_keep=ids + 9)  # past the table
     with pytest.raises(ValueError, match="k_norm_weight"):
         ops.attention(qkv, q_norm_weight=torch.ones(16), k_norm_weight=torch.ones(8))
+    with pytest.raises(ValueError, match="one angle per"):
+        ops.attention(qkv, rope=(torch.randn(9, 16), cos))  # columns 2i and 2i + 1 differ: not a rotation
 
 
 # ----------------------------------------------------------------------------- RMSNorm-modulate

@@ -200,20 +200,14 @@ def _store_vec(ptr, val, rows, L, MASK: tl.constexpr):
 # Optional per-head RMSNorm of q and k (weight [hd], shared by the heads) and a rotary
 # embedding, applied to q and k tiles right after they are loaded (PRO = ROPE or QK_NORM):
 #     n = x * rsqrt(mean(x^2) + eps) * w                       (QK_NORM; else n = x)
-#     out[d] = n[d] * cos[p, d] + rot(n)[d] * sin[p, d]          (ROPE; else out = n)
-# with rot(n)[2i] = -n[2i+1], rot(n)[2i+1] = n[2i] (interleaved pairs) and p the token's
-# position: its row, or ids_keep[b, row] when GATHER (tokens dropped, positions kept). The
-# rotated / normalised tiles live in registers only; the backward recomputes them, and chains
-# the gradient of q and k back through the rotation and the norm in its epilogue:
-#     dn = g * cos - rot(g * sin);  dw += sum_rows(dn * x * r);
-#     dx = r * (w * dn) - x * r^3 * mean(w * dn * x).
-
-
-@triton.jit
-def _rot_pairs(x, ROWS: tl.constexpr, W: tl.constexpr):
-    """rot(x): each interleaved pair (x[2i], x[2i+1]) -> (-x[2i+1], x[2i])."""
-    even, odd = tl.split(tl.reshape(x, [ROWS, W // 2, 2]))
-    return tl.reshape(tl.join(-odd, even), [ROWS, W])
+#     (out[2i], out[2i+1]) = (n[2i] c - n[2i+1] s, n[2i+1] c + n[2i] s)    (ROPE; else out = n)
+# with c = cos[p, i], s = sin[p, i] the angle of pair i (interleaved pairs; the launcher passes
+# the half tables [P, hd / 2], one angle per pair) and p the token's position: its row, or
+# ids_keep[b, row] when GATHER (tokens dropped, positions kept). The rotated / normalised tiles
+# live in registers only; the backward recomputes them, and chains the gradient of q and k back
+# through the rotation and the norm in its epilogue:
+#     (dn[2i], dn[2i+1]) = (g[2i] c + g[2i+1] s, g[2i+1] c - g[2i] s)
+#     dw += sum_rows(dn * x * r);  dx = r * (w * dn) - x * r^3 * mean(w * dn * x).
 
 
 @triton.jit
@@ -227,9 +221,11 @@ def _positions(IDS, b, rows, stride_idb, L, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _rope_tables(COS, SIN, pos, rows, cols, L, HD: tl.constexpr):
-    offs = pos.to(tl.int64)[:, None] * HD + cols[None, :]
-    m = (rows[:, None] < L) & (cols[None, :] < HD)
+def _rope_tables(COS, SIN, pos, rows, C0: tl.constexpr, L, HD: tl.constexpr, W: tl.constexpr):
+    """cos, sin [ROWS, W / 2] (fp32) of the pairs in head-dim columns C0 .. C0 + W."""
+    hcols = C0 // 2 + tl.arange(0, W // 2)
+    offs = pos.to(tl.int64)[:, None] * (HD // 2) + hcols[None, :]
+    m = (rows[:, None] < L) & (hcols[None, :] < HD // 2)
     c = tl.load(COS + offs, mask=m, other=0.0).to(tl.float32)
     s = tl.load(SIN + offs, mask=m, other=0.0).to(tl.float32)
     return c, s
@@ -244,15 +240,24 @@ def _rstd_rows(x_a, x_b, eps, HD: tl.constexpr, HD_B: tl.constexpr):
 
 
 @triton.jit
-def _pro_part(x, r, pos, rows, cols, L, COS, SIN, Wt, HD: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
-              ROPE: tl.constexpr, QK_NORM: tl.constexpr):
+def _rotate(y, c, s, ROWS: tl.constexpr, W: tl.constexpr, SIGN: tl.constexpr):
+    """Each pair (y[2i], y[2i+1]) rotated by its angle (SIGN 1) or back (SIGN -1)."""
+    even, odd = tl.split(tl.reshape(y, [ROWS, W // 2, 2]))
+    out_even = even * c - SIGN * odd * s
+    out_odd = odd * c + SIGN * even * s
+    return tl.reshape(tl.join(out_even, out_odd), [ROWS, W])
+
+
+@triton.jit
+def _pro_part(x, r, pos, rows, cols, C0: tl.constexpr, L, COS, SIN, Wt, HD: tl.constexpr, ROWS: tl.constexpr,
+              W: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr):
     y = x.to(tl.float32)
     if QK_NORM:
         w = tl.load(Wt + cols, mask=cols < HD, other=0.0).to(tl.float32)
         y = y * r[:, None] * w[None, :]
     if ROPE:
-        c, s = _rope_tables(COS, SIN, pos, rows, cols, L, HD)
-        y = y * c + _rot_pairs(y, ROWS, W) * s
+        c, s = _rope_tables(COS, SIN, pos, rows, C0, L, HD, W)
+        y = _rotate(y, c, s, ROWS, W, 1.0)
     return y.to(x.dtype)
 
 
@@ -263,10 +268,10 @@ def _prologue(x_a, x_b, pos, rows, da, db, L, COS, SIN, Wt, eps, HD: tl.constexp
     r = tl.zeros([ROWS], dtype=tl.float32)
     if QK_NORM:
         r = _rstd_rows(x_a, x_b, eps, HD, HD_B)
-    y_a = _pro_part(x_a, r, pos, rows, da, L, COS, SIN, Wt, HD, ROWS, HD_A, ROPE, QK_NORM)
+    y_a = _pro_part(x_a, r, pos, rows, da, 0, L, COS, SIN, Wt, HD, ROWS, HD_A, ROPE, QK_NORM)
     y_b = x_b
     if HD_B > 0:
-        y_b = _pro_part(x_b, r, pos, rows, db, L, COS, SIN, Wt, HD, ROWS, HD_B, ROPE, QK_NORM)
+        y_b = _pro_part(x_b, r, pos, rows, db, HD_A, L, COS, SIN, Wt, HD, ROWS, HD_B, ROPE, QK_NORM)
     return y_a, y_b
 
 
@@ -290,11 +295,11 @@ def _chain_rows(g_a, g_b, base, IDS, b, rows, stride_idb, da, db, stride_row, L,
 
 
 @triton.jit
-def _unrope(g, pos, rows, cols, L, COS, SIN, HD: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
+def _unrope(g, pos, rows, C0: tl.constexpr, L, COS, SIN, HD: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
             ROPE: tl.constexpr):
     if ROPE:
-        c, s = _rope_tables(COS, SIN, pos, rows, cols, L, HD)
-        g = g * c - _rot_pairs(g * s, ROWS, W)
+        c, s = _rope_tables(COS, SIN, pos, rows, C0, L, HD, W)
+        g = _rotate(g, c, s, ROWS, W, -1.0)
     return g
 
 
@@ -306,11 +311,11 @@ def _chain(g_a, g_b, base, pos, rows, da, db, stride_row, L, COS, SIN, Wt, P_DW,
     g_a, g_b); the norm weight's partial sum over these rows goes to row ``pid`` of P_DW.
     g_b is a placeholder when HD_B is 0."""
     ok = rows < L
-    dn_a = tl.where(ok[:, None], _unrope(g_a, pos, rows, da, L, COS, SIN, HD, ROWS, HD_A, ROPE), 0.0)
+    dn_a = tl.where(ok[:, None], _unrope(g_a, pos, rows, 0, L, COS, SIN, HD, ROWS, HD_A, ROPE), 0.0)
     dx_a = dn_a
     dx_b = g_b
     if HD_B > 0:
-        dn_b = tl.where(ok[:, None], _unrope(g_b, pos, rows, db, L, COS, SIN, HD, ROWS, HD_B, ROPE), 0.0)
+        dn_b = tl.where(ok[:, None], _unrope(g_b, pos, rows, HD_A, L, COS, SIN, HD, ROWS, HD_B, ROPE), 0.0)
         dx_b = dn_b
     if QK_NORM:
         x_a = _load_tile(base, rows, da, stride_row, L, HD, True, HD_A > HD).to(tl.float32)
@@ -615,14 +620,20 @@ def _attn_bwd_dkdv_kernel(
     if HD_B > 0:
         dk_b = dk_b * scale
     if PRO:
+        # dv first: its registers are free for the chain's fp32 tiles
+        _store_tile(dv_base, dv_a, offs_n, da, stride_gl, L, HD, not EVEN_N, HD_A > HD)
+        if HD_B > 0:
+            _store_tile(dv_base, dv_b, offs_n, db, stride_gl, L, HD, not EVEN_N, HD_A + HD_B > HD)
         dk_a, dk_b = _chain_rows(dk_a, dk_b if HD_B > 0 else dk_a, k_base, IDS, b, offs_n, stride_idb, da,
                                  db if HD_B > 0 else da, stride_l, L, COS, SIN, KW, P_DW, eps, HD, HD_A, HD_B,
                                  BLOCK_N, ROPE, QK_NORM, GATHER)
     _store_tile(dk_base, dk_a, offs_n, da, stride_gl, L, HD, not EVEN_N, HD_A > HD)
-    _store_tile(dv_base, dv_a, offs_n, da, stride_gl, L, HD, not EVEN_N, HD_A > HD)
+    if not PRO:
+        _store_tile(dv_base, dv_a, offs_n, da, stride_gl, L, HD, not EVEN_N, HD_A > HD)
     if HD_B > 0:
         _store_tile(dk_base, dk_b, offs_n, db, stride_gl, L, HD, not EVEN_N, HD_A + HD_B > HD)
-        _store_tile(dv_base, dv_b, offs_n, db, stride_gl, L, HD, not EVEN_N, HD_A + HD_B > HD)
+        if not PRO:
+            _store_tile(dv_base, dv_b, offs_n, db, stride_gl, L, HD, not EVEN_N, HD_A + HD_B > HD)
 
 
 @triton.jit

@@ -240,10 +240,31 @@ def _tuned_kernel(kind: str):
 _fixed_choice: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _fixed_candidates(kind: str, L: int, hd: int, dtype: torch.dtype):
+def prologue_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch with the RoPE / qk-norm prologue.
+
+    The prologue holds fp32 copies of the tile it rotates (and its cos / sin), and the backward's
+    epilogue several fp32 tiles of the rows it chains back, so the tiles that the prologue
+    touches are smaller than :func:`heuristic_config`'s and get more warps: the key tile of the
+    forward and dq kernels, the query tile walked by dk/dv (and its own key tile). Checked for
+    spills on sm_90 and sm_80 with benchmarks/static_check.py (--ops attention_rope).
+    """
+    if kind in _FIXED_ONLY:
+        return _GPU_CONFIGS[kind][0]
+    wide = sum(head_dim_split(hd)) > 64
+    if dtype == torch.float32:
+        return (16, 32, 8, 2) if kind in ("dkdv", "bwd") else (32, 32, 8 if wide else 4, 2)
+    if kind == "fwd":
+        return (128, 32, 8, 2) if wide else (128, 32, 4, 3)
+    if kind == "dq":
+        return (64, 32, 8, 2) if wide else (64, 32, 4, 3)
+    return (16, 64, 8, 2) if wide else (16, 64, 4, 2)
+
+
+def _fixed_candidates(kind: str, L: int, hd: int, dtype: torch.dtype, pro: bool = False):
     # The heuristic config, then cheaper ones for GPUs with less shared memory than an H100
     # (fewer pipeline stages, then small tiles).
-    BM, BN, w, st = heuristic_config(kind, L, hd, dtype)
+    BM, BN, w, st = (prologue_config if pro else heuristic_config)(kind, L, hd, dtype)
     yield BM, BN, w, st
     for stages in range(st - 1, 0, -1):
         yield BM, BN, w, stages
@@ -285,7 +306,7 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
     from triton.runtime.errors import OutOfResources
 
     err = None
-    for cfg in _fixed_candidates(kind, L, hd, qkv.dtype):
+    for cfg in _fixed_candidates(kind, L, hd, qkv.dtype, pro):
         try:
             run(*cfg)  # raises before launching when the config does not fit the GPU
         except OutOfResources as e:
@@ -362,7 +383,9 @@ def _prologue_inputs(qkv, cos=None, sin=None, ids_keep=None, q_weight=None, k_we
             if t.dim() != 2 or t.shape[1] != hd or t.shape[0] < (1 if gather else L):
                 raise ValueError(f"attention (triton): {name} must be [positions >= L, head_dim={hd}], "
                                  f"got {tuple(t.shape)}")
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        # one angle per interleaved pair (columns 2i and 2i + 1 hold the same value in every RoPE
+        # table): the kernels read the half tables [P, hd / 2]
+        cos, sin = cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous()
     if gather:
         if ids_keep.shape != (B, L) or ids_keep.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"attention (triton): ids_keep must be an integer [B={B}, L={L}], "
@@ -388,8 +411,9 @@ def attention_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
 
 def attention_rope_fwd(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps: float):
     """:func:`attention_fwd` with the prologue of :mod:`fastmask.kernels.attention` on q and k:
-    per-head RMSNorm (weights [hd], eps) and/or interleaved-pair RoPE (cos, sin [P, hd] fp32,
-    read at row ids_keep[b, l] when ids_keep [B, L] is given, else at row l); None skips a part."""
+    per-head RMSNorm (weights [hd], eps) and/or interleaved-pair RoPE (cos, sin [P, hd], one angle
+    per pair: columns 2i and 2i + 1 equal, the even ones are read; row ids_keep[b, l] when
+    ids_keep [B, L] is given, else row l); None skips a part."""
     _check(qkv)
     if not _qkv_layout_ok(qkv):
         qkv = qkv.contiguous()

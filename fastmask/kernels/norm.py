@@ -97,7 +97,6 @@ def _norm_bwd_kernel(
         gate = tl.load(GATE + b * D + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_W:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acc_w = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_shift = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -118,12 +117,11 @@ def _norm_bwd_kernel(
                 xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
             acc_shift += g
             dxhat = g * scale1[None, :]
+            # with a weight, both the scale's and the weight's gradients are column sums of
+            # g * xhat times a per-column constant of this sample (w, 1 + scale): one accumulator
+            acc_scale += g * xhat
             if HAS_W:
-                acc_scale += g * xhat * w[None, :]
-                acc_w += dxhat * xhat
                 dxhat = dxhat * w[None, :]
-            else:
-                acc_scale += g * xhat
             c1 = tl.sum(dxhat * xhat, axis=1) / D
             if RMS:
                 total = (dxhat - xhat * c1[:, None]) * rstd[:, None]
@@ -143,11 +141,14 @@ def _norm_bwd_kernel(
     part = pid.to(tl.int64) * D + cols
     if HAS_LN:
         tl.store(P_SHIFT + part, tl.sum(acc_shift, axis=0), mask=col_ok)
-        tl.store(P_SCALE + part, tl.sum(acc_scale, axis=0), mask=col_ok)
+        if HAS_W:
+            gx_sum = tl.sum(acc_scale, axis=0)
+            tl.store(P_SCALE + part, gx_sum * w, mask=col_ok)
+            tl.store(P_W + part, gx_sum * scale1, mask=col_ok)
+        else:
+            tl.store(P_SCALE + part, tl.sum(acc_scale, axis=0), mask=col_ok)
     if HAS_RES:
         tl.store(P_GATE + part, tl.sum(acc_gate, axis=0), mask=col_ok)
-    if HAS_W:
-        tl.store(P_W + part, tl.sum(acc_w, axis=0), mask=col_ok)
 
 
 # ------------------------------------------------------------------------------ launchers

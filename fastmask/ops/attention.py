@@ -166,6 +166,10 @@ def _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight):
                 raise ValueError(f"{name}: expected [positions >= {L if ids_keep is None else 1}, head_dim={hd}], "
                                  f"got {tuple(t.shape)}")
             checks.same_device("qkv", qkv, **{name.replace(" ", "_"): t})
+        if checks.value_checks_enabled() and not (torch.equal(cos[:, 0::2], cos[:, 1::2])
+                                                  and torch.equal(sin[:, 0::2], sin[:, 1::2])):
+            raise ValueError("rope: cos and sin must hold one angle per interleaved pair (columns 2i and 2i + 1 "
+                             "equal), as every RoPE table does (fastmask.nn.rope_2d, LightningDiT's freqs_cos)")
     if ids_keep is not None:
         if rope is None:
             raise ValueError("ids_keep: only used with rope (it picks the rotary rows of the kept tokens)")
