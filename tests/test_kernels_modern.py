@@ -276,3 +276,13 @@ def test_swiglu_op():
     torch.testing.assert_close(ga, gw)
     with pytest.raises(ValueError, match="ab"):
         ops.swiglu(torch.randn(2, 5))
+
+
+def test_prologue_configs_fit_the_partial_buffers():
+    # the qk-norm weight partials have one row per program, sized for blocks >= _MIN_GRID_BLOCK
+    for kind in ("fwd", "dq", "dkdv", "bwd", "qchain"):
+        for hd in (32, 64, 72, 128):
+            for dt in (torch.bfloat16, torch.float32):
+                m, n, w, s = K.prologue_config(kind, 256, hd, dt)
+                grid_block = {"BLOCK_M": m, "BLOCK_N": n}[K._GRID_DIM[kind]]
+                assert grid_block >= K._MIN_GRID_BLOCK and m >= 16 and n >= 16 and w in (4, 8) and s >= 1
