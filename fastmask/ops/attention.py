@@ -76,6 +76,13 @@ _ATTN = eager_function(
 )
 
 
+@dispatch.signature
+def _attention_signature(qkv, scale):
+    return (
+        qkv.shape, qkv.dtype, qkv.device, scale,
+    )
+
+
 @profiled("attention")
 def attention(qkv: Tensor, scale: float | None = None, *, deterministic: bool | None = None) -> Tensor:
     """``softmax(q k^T * scale) v`` per head, non-causal.
@@ -88,12 +95,9 @@ def attention(qkv: Tensor, scale: float | None = None, *, deterministic: bool | 
     faster (fewer matmuls, dq added with atomics) when False; None (the default) follows
     ``torch.are_deterministic_algorithms_enabled()``.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (qkv.shape, qkv.dtype, qkv.device, scale)
-    except AttributeError:  # not a tensor: the checks below say so
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("attention", sig)
+    sig = _attention_signature(qkv, scale)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("attention", sig)
     if backend is None:
         checks.tensor("qkv", qkv, ndim=5, floating=True)
         if qkv.shape[2] != 3:
@@ -103,7 +107,7 @@ def attention(qkv: Tensor, scale: float | None = None, *, deterministic: bool | 
         checks.nonempty("qkv", qkv, "B L 3 H head_dim")
         if scale is not None:
             checks.positive_float("scale", scale)
-        backend = dispatch.plan("attention", sig, qkv) if sig and not compiling else dispatch.select("attention", qkv)
+        backend = dispatch.plan("attention", sig, qkv)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
     if backend == "torch":
         return reference.attention(qkv, scale)
