@@ -19,6 +19,7 @@ from .dispatch import (
 from .loss import dsm_mae_loss
 from .norm import gated_residual, layernorm_modulate, residual_layernorm_modulate
 from .ranges import op_ranges
+from .selection import RandomRatioTokens, RandomTokens, RoutedTokens, StructuredTokens, TokenStrategy
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
 __all__ = [
@@ -35,6 +36,11 @@ __all__ = [
     "num_kept",
     "op_ranges",
     "random_mask",
+    "RandomRatioTokens",
+    "RandomTokens",
+    "RoutedTokens",
+    "StructuredTokens",
+    "TokenStrategy",
     "record_choices",
     "reference",
     "reload_environment",
