@@ -212,7 +212,51 @@ def _setup_norm(op: str, shape: Shape, stage: str) -> OpSetup:
     )
 
 
+def _setup_rms(op: str, shape: Shape, stage: str) -> OpSetup:
+    # the LayerNorm counterpart's traffic, plus the RMSNorm weight [D] (fp32, a parameter)
+    s = _setup_norm(op.replace("rmsnorm", "layernorm"), shape, stage)
+    D = s.dims["D"]
+    w = _randn(D, dtype=torch.float32, requires_grad=True)
+    return dataclasses.replace(
+        s, inputs=(*s.inputs, w), grad_idx=tuple(range(len(s.inputs) + 1)), public=getattr(fastmask.ops, op),
+        ref=getattr(reference, op), bytes={k: v + D * 4 * (1 if k == "forward" else 2) for k, v in s.bytes.items()},
+    )
+
+
+def setup_attention_rope(shape: Shape, stage: str) -> OpSetup:
+    """Attention with the modern-block prologue: per-head q/k RMSNorm and 2-D RoPE, the
+    encoder's rotary rows read at ids_keep (the kept tokens), the decoder's at 0..N-1."""
+    s = setup_attention(shape, stage)
+    hd, N = s.dims["hd"], shape.N
+    ids = _ids(shape)[0] if stage == "encoder" and shape.mask_ratio > 0 else None
+    cos, sin = (_randn(N, hd // 2, dtype=torch.float32).repeat_interleave(2, 1) for _ in range(2))  # angle per pair
+    qw, kw = (_randn(hd, dtype=torch.float32, requires_grad=True) for _ in range(2))
+    return dataclasses.replace(s, inputs=(*s.inputs, cos, sin, ids, qw, kw), grad_idx=(0, 5, 6),
+                               public=_attention_rope_public, ref=reference.attention_rope)
+
+
+def _attention_rope_public(qkv, scale, cos, sin, ids, qw, kw):
+    return fastmask.ops.attention(qkv, scale, rope=(cos, sin), ids_keep=ids, q_norm_weight=qw, k_norm_weight=kw)
+
+
+def setup_swiglu(shape: Shape, stage: str) -> OpSetup:
+    """LightningDiT's SwiGLU activation on the w12 output [B, L, 2F], F = int(2/3 * 4 D):
+    forward reads 2F and writes F per token, backward reads 2F + F and writes 2F."""
+    B, L = shape.batch, shape.tokens(stage)
+    D, _ = shape.width(stage)
+    F = int(2 / 3 * 4 * D)
+    e = common.bench_dtype().itemsize
+    ab = _randn(B, L, 2 * F, requires_grad=True)
+    fwd, bwd = 3 * B * L * F * e, 5 * B * L * F * e
+    return OpSetup(
+        inputs=(ab,), grad_idx=(0,), public=fastmask.ops.swiglu, ref=reference.swiglu,
+        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd}, dims=dict(B=B, L=L, F=F),
+    )
+
+
 setup_layernorm_modulate = functools.partial(_setup_norm, "layernorm_modulate")
+setup_rmsnorm_modulate = functools.partial(_setup_rms, "rmsnorm_modulate")
+setup_residual_rmsnorm_modulate = functools.partial(_setup_rms, "residual_rmsnorm_modulate")
 setup_gated_residual = functools.partial(_setup_norm, "gated_residual")
 setup_residual_layernorm_modulate = functools.partial(_setup_norm, "residual_layernorm_modulate")
 
@@ -248,6 +292,11 @@ OPS = (
     ("gather_tokens", ("encoder",), setup_gather_tokens, True),
     ("unmask_tokens", ("decoder",), setup_unmask_tokens, True),
     ("dsm_mae_loss", ("output",), setup_dsm_mae_loss, False),
+    # LightningDiT-style blocks
+    ("attention_rope", ("encoder", "decoder"), setup_attention_rope, False),
+    ("rmsnorm_modulate", ("encoder",), setup_rmsnorm_modulate, False),
+    ("residual_rmsnorm_modulate", ("encoder",), setup_residual_rmsnorm_modulate, False),
+    ("swiglu", ("encoder",), setup_swiglu, False),
 )
 SETUPS = {op: setup for op, _, setup, _ in OPS}
 

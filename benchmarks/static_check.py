@@ -178,6 +178,27 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                             call()
                         for ln in cap.launches[before:]:
                             ln.kind = _attention_kind(ln)
+            # modern blocks: RoPE (rows gathered by ids_keep on the kept tokens) + qk-norm, in the
+            # heuristic config (the prologue bypasses the autotuner)
+            os.environ["FASTMASK_ATTN_AUTOTUNE"] = "0"
+            for L, D, H in ATTENTION:
+                hd = D // H
+                al._fixed_choice.clear()
+                qkv = _meta(B, L, 3, H, hd, dtype=dt)
+                out, lse = _meta(B, L, D, dtype=dt), _meta(B, H, L, dtype=torch.float32)
+                cs = _meta(N, hd, dtype=torch.float32)
+                ids = torch.empty(B, L, dtype=torch.int64, device="meta") if L < N else None
+                w = _meta(hd, dtype=torch.float32)
+                pro = (cs, cs, ids, w, w, 1e-6)
+                for call in (lambda: fk.attention_rope_fwd(qkv, hd**-0.5, *pro),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=False),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=True)):
+                    before = len(cap.launches)
+                    with cap.tag(op="attention_rope", shape=f"L={L} H={H} hd={hd}" + (" ids" if ids is not None else ""),
+                                 dtype=dname):
+                        call()
+                    for ln in cap.launches[before:]:
+                        ln.kind = _attention_kind(ln)
             for D in WIDTHS:
                 L = K if D == 1152 else N
                 x, y = _meta(B, L, D, dtype=dt), _meta(B, L, D, dtype=dt)
@@ -192,6 +213,15 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                         fk.residual_layernorm_modulate_fwd(x, y, vec, vec, vec, 1e-6),
                         fk.residual_layernorm_modulate_bwd(x, x, x, y, vec, vec, mean, rstd)),
                 }
+                w = _meta(D, dtype=torch.float32)
+                calls["rmsnorm_modulate"] = lambda: (fk.rmsnorm_modulate_fwd(x, vec, vec, w, 1e-6),
+                                                     fk.rmsnorm_modulate_bwd(x, x, vec, w, rstd))
+                calls["residual_rmsnorm_modulate"] = lambda: (
+                    fk.residual_rmsnorm_modulate_fwd(x, y, vec, vec, vec, w, 1e-6),
+                    fk.residual_rmsnorm_modulate_bwd(x, x, x, y, vec, vec, w, rstd))
+                F_mlp = int(2 / 3 * 4 * D)
+                ab = _meta(B, L, 2 * F_mlp, dtype=dt)
+                calls["swiglu"] = lambda: (fk.swiglu_fwd(ab), fk.swiglu_bwd(_meta(B, L, F_mlp, dtype=dt), ab))
                 ids = torch.empty(B, K, dtype=torch.int64, device="meta")
                 pos = _meta(N, D, dtype=torch.float32)
                 full, vis = _meta(B, N, D, dtype=dt), _meta(B, K, D, dtype=dt)
@@ -556,10 +586,12 @@ def _prepare_env() -> None:
         sys.modules["fastmask._env"].reload()
 
 
-def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
+def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None, ops=None) -> tuple[list[dict], list[dict], dict]:
     _prepare_env()
     t0 = time.time()
     launches = capture_launches(dtypes, defaults_only, archs)
+    if ops:
+        launches = [ln for ln in launches if ln.op in ops]
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
     cuda_rows = cuda_report(archs, jobs) if with_cuda else []
     meta = {
@@ -591,6 +623,7 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="only the configs used without autotuning")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, at most 16)")
+    ap.add_argument("--ops", default=None, help="only these ops' launches, comma-separated (default: every op)")
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -602,7 +635,8 @@ def main(argv=None) -> int:
         ap.error("--targets: expected compute capabilities like 90,80")
     if any(a not in TARGETS for a in archs):
         ap.error(f"--targets: expected some of {list(TARGETS)}")
-    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()} if args.ops else None
+    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs, ops)
     md = markdown(rows, cuda_rows, meta)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"static_{_dt.date.today():%Y%m%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

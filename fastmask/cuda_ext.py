@@ -76,10 +76,24 @@ def not_supported_reasons(op: str, tensors) -> list[str]:
     bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in DTYPES})
     if bad:
         out.append(f"dtype {', '.join(bad)} is not supported by the CUDA kernels (float32, float16, bfloat16)")
+    if op in _TRITON_ONLY:
+        out.append(_TRITON_ONLY[op])
     build = unavailable_reason()
     if build:
         out.append(build)
     return out
+
+
+# Ops of the modern (LightningDiT-style) blocks that csrc/ leaves to Triton, and why.
+_TRITON_ONLY = {
+    "attention_rope": "the CUDA C++ sources have no attention kernel; the Triton flash kernels carry the "
+                      "RoPE / qk-norm prologue",
+    "rmsnorm_modulate": "no RMSNorm kernels in csrc/: the Triton norm kernels serve RMSNorm with an RMS switch, "
+                        "and no benchmark yet shows a CUDA C++ version would be faster",
+    "residual_rmsnorm_modulate": "no RMSNorm kernels in csrc/: the Triton norm kernels serve RMSNorm with an RMS "
+                                 "switch, and no benchmark yet shows a CUDA C++ version would be faster",
+    "swiglu": "no SwiGLU kernel in csrc/: a memory-bound elementwise op that the Triton kernel already serves",
+}
 
 
 def _C() -> ModuleType:

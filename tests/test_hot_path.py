@@ -105,7 +105,8 @@ def _routes():
     called with exactly what the public op passes them."""
     import importlib
 
-    A, Lo, Nm, T = (importlib.import_module(f"fastmask.ops.{m}") for m in ("attention", "loss", "norm", "tokens"))
+    A, Lo, Nm, T, S = (importlib.import_module(f"fastmask.ops.{m}")
+                       for m in ("attention", "loss", "norm", "tokens", "swiglu"))
     g = torch.Generator().manual_seed(0)
 
     def r(*s):
@@ -122,6 +123,14 @@ def _routes():
         "residual_layernorm_modulate": (
             Nm._rlnm_op, Nm._RLNM, (r(B, N, D), r(B, N, D), r(B, D), r(B, D), r(B, D), 1e-6, "triton")),
         "attention": (A._attn_op, A._ATTN, (r(B, 5, 3, 2, 8), 0.35, "triton", False)),
+        "attention_rope": (A._attn_rope_op, A._ATTN_ROPE, (
+            r(B, 5, 3, 2, 8), 0.35, r(N, 4).detach().repeat_interleave(2, 1), r(N, 4).detach().repeat_interleave(2, 1),
+            torch.tensor([[4, 0, 6, 2, 1], [3, 6, 0, 5, 2]]),
+            r(8), r(8), 1e-6, "triton", False)),
+        "rmsnorm_modulate": (Nm._rnm_op, Nm._RNM, (r(B, N, D), r(B, D), r(B, D), r(D), 1e-6, "triton")),
+        "residual_rmsnorm_modulate": (
+            Nm._rrnm_op, Nm._RRNM, (r(B, N, D), r(B, N, D), r(B, D), r(B, D), r(B, D), r(D), 1e-6, "triton")),
+        "swiglu": (S._swiglu_op, S._SWIGLU, (r(B, N, 2 * D), "triton")),
         "dsm_mae_loss": (Lo._loss_op, Lo._LOSS,
                          (r(B, N, 8), r(B, N, 8).detach(), r(B, N, 8).detach(), torch.tensor([0.5, 2.0]), mask, 0.1,
                           0.5, "triton")),

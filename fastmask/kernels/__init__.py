@@ -33,7 +33,7 @@ def not_supported_reasons(op: str, tensors) -> list[str]:
     bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in DTYPES})
     if bad:
         out.append(f"dtype {', '.join(bad)} is not supported (supported: float32, float16, bfloat16)")
-    if op == "attention" and tensors:
+    if op in ("attention", "attention_rope") and tensors:
         head_dim = attention_not_supported(tensors[0])
         if head_dim:
             out.append(head_dim)
@@ -45,5 +45,6 @@ def not_supported_reasons(op: str, tensors) -> list[str]:
 from .tokens import *  # noqa: E402, F401, F403
 from .norm import *  # noqa: E402, F401, F403
 from .loss import *  # noqa: E402, F401, F403
-from .attention_launch import attention_bwd, attention_fwd  # noqa: E402, F401
+from .swiglu import *  # noqa: E402, F401, F403
+from .attention_launch import attention_bwd, attention_fwd, attention_rope_bwd, attention_rope_fwd  # noqa: E402, F401
 from .attention_launch import not_supported_reason as attention_not_supported  # noqa: E402

@@ -17,9 +17,16 @@ from .dispatch import (
     reload_environment,
 )
 from .loss import dsm_mae_loss
-from .norm import gated_residual, layernorm_modulate, residual_layernorm_modulate
+from .norm import (
+    gated_residual,
+    layernorm_modulate,
+    residual_layernorm_modulate,
+    residual_rmsnorm_modulate,
+    rmsnorm_modulate,
+)
 from .ranges import op_ranges
 from .selection import RandomRatioTokens, RandomTokens, RoutedTokens, StructuredTokens, TokenStrategy
+from .swiglu import swiglu
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
 __all__ = [
@@ -45,5 +52,8 @@ __all__ = [
     "reference",
     "reload_environment",
     "residual_layernorm_modulate",
+    "residual_rmsnorm_modulate",
+    "rmsnorm_modulate",
+    "swiglu",
     "unmask_tokens",
 ]

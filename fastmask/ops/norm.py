@@ -1,4 +1,5 @@
-"""adaLN ops: LayerNorm + modulate, gated residual, and the fused residual + LN + modulate.
+"""adaLN ops: LayerNorm + modulate, gated residual, and the fused residual + LN + modulate;
+RMSNorm + modulate and its residual fusion (LightningDiT-style blocks).
 
 LayerNorm has no affine parameters (DiT's norm1/norm2/norm_final), eps 1e-6, statistics
 in fp32. The modulation vectors shift/scale/gate are per sample ([B, D]) and may be fp32
@@ -12,6 +13,7 @@ picks its backend once per signature (:func:`fastmask.ops.dispatch.planned`).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,7 +22,7 @@ from . import checks, dispatch, reference
 from .registry import declare
 from .ranges import profiled
 from ._library import eager_function, kernels
-from .reference import LN_EPS
+from .reference import LN_EPS, RMS_EPS
 
 custom_op = functools.partial(torch.library.custom_op, mutates_args=())
 
@@ -339,4 +341,190 @@ def residual_layernorm_modulate(
     args = (x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), float(eps),
             backend)
     x_new, out, _, _ = _rlnm_op(*args) if compiling else _RLNM.apply(*args)
+    return x_new, out
+
+
+# --------------------------------------------------------------------- rmsnorm_modulate
+# RMSNorm variants of the two ops above (LightningDiT's blocks): the same Triton kernels with
+# the RMS switch; ``weight`` [D] is optional (LightningDiT's RMSNorm has one; None = no weight).
+declare(
+    "rmsnorm_modulate",
+    reference=reference.rmsnorm_modulate,
+    # forward -> (out, rstd); backward -> (grad_x, grad_shift, grad_scale, grad_weight fp32 or empty)
+    launchers=("rmsnorm_modulate_fwd(x, shift, scale, weight, eps)",
+               "rmsnorm_modulate_bwd(grad_out, x, scale, weight, rstd)"),
+    category="norm/modulate",
+    example=lambda e: _stage_example("rmsnorm_modulate", 1, 2)(e) if e.part == "encoder" else None,
+)
+declare(
+    "residual_rmsnorm_modulate",
+    reference=reference.residual_rmsnorm_modulate,
+    # forward -> (x_new, out, rstd); backward -> (grad_x, grad_y, grad_gate, grad_shift, grad_scale, grad_weight)
+    launchers=("residual_rmsnorm_modulate_fwd(x, y, gate, shift, scale, weight, eps)",
+               "residual_rmsnorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd)"),
+    category="norm/modulate",
+    example=lambda e: _stage_example("residual_rmsnorm_modulate", 2, 3)(e) if e.part == "encoder" else None,
+)
+
+
+def _check_weight(weight: Tensor | None, x: Tensor) -> None:
+    if weight is not None:
+        checks.tensor("weight", weight, shape=(x.shape[-1],), floating=True)
+        checks.same_device("x", x, weight=weight)
+
+
+def _w_out(gw: Tensor, weight: Tensor | None):
+    return None if weight is None else gw.to(weight.dtype)
+
+
+def _rnm_fwd(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return kernels(backend).rmsnorm_modulate_fwd(x, shift, scale, weight, eps)
+
+
+def _rnm_bwd(
+    grad_out: Tensor, x: Tensor, scale: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return kernels(backend).rmsnorm_modulate_bwd(grad_out, x, scale, weight, rstd)
+
+
+_rnm_op = custom_op("fastmask::rmsnorm_modulate")(_rnm_fwd)
+_rnm_bwd_op = custom_op("fastmask::rmsnorm_modulate_backward")(_rnm_bwd)
+
+
+@_rnm_op.register_fake
+def _(x, shift, scale, weight, eps, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+@_rnm_bwd_op.register_fake
+def _(grad_out, x, scale, weight, rstd, backend):
+    D = x.shape[-1] if weight is not None else 0
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale), x.new_empty(D, dtype=torch.float32)
+
+
+def _rnm_setup(ctx, inputs, output):
+    x, shift, scale, weight, eps, backend = inputs
+    ctx.save_for_backward(x, scale, weight, output[1])
+    ctx.backend = backend
+    ctx.shift_dtype = shift.dtype
+
+
+def _rnm_backward(ctx, grad_out, _grstd, bwd=_rnm_bwd_op):
+    x, scale, weight, rstd = ctx.saved_tensors
+    gx, gshift, gscale, gw = bwd(grad_out.contiguous(), x, scale, weight, rstd, ctx.backend)
+    return gx, gshift.to(ctx.shift_dtype), gscale, _w_out(gw, weight), None, None
+
+
+_rnm_op.register_autograd(_rnm_backward, setup_context=_rnm_setup)
+_RNM = eager_function(
+    "RMSNormModulate", _rnm_fwd, _rnm_setup, functools.partial(_rnm_backward, bwd=_rnm_bwd), nondifferentiable=(1,)
+)
+
+
+@profiled("rmsnorm_modulate")
+def rmsnorm_modulate(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None, eps: float = RMS_EPS
+) -> Tensor:
+    """``RMSNorm(x) * weight * (1 + scale[b]) + shift[b]``; x [B, L, D], shift/scale [B, D],
+    weight [D] or None. Equivalent PyTorch code: :func:`fastmask.ops.reference.rmsnorm_modulate`.
+    """
+    _check_x("x", x)
+    eps = checks.positive_float("eps", eps)
+    shift = _check_vec("shift", shift, x)
+    scale = _check_vec("scale", scale, x)
+    _check_weight(weight, x)
+    backend = dispatch.select("rmsnorm_modulate", x, shift, scale)
+    if backend == "torch":
+        return reference.rmsnorm_modulate(x, shift, scale, weight, eps)
+    w = None if weight is None else weight.contiguous()
+    args = (x.contiguous(), shift.contiguous(), scale.contiguous(), w, float(eps), backend)
+    out, _ = _rnm_op(*args) if torch.compiler.is_compiling() else _RNM.apply(*args)
+    return out
+
+
+def _rrnm_fwd(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, weight: Optional[Tensor], eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels(backend).residual_rmsnorm_modulate_fwd(x, y, gate, shift, scale, weight, eps)
+
+
+def _rrnm_bwd(
+    grad_x_new: Tensor, grad_out: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
+    weight: Optional[Tensor], rstd: Tensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels(backend).residual_rmsnorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd)
+
+
+_rrnm_op = custom_op("fastmask::residual_rmsnorm_modulate")(_rrnm_fwd)
+_rrnm_bwd_op = custom_op("fastmask::residual_rmsnorm_modulate_backward")(_rrnm_bwd)
+
+
+@_rrnm_op.register_fake
+def _(x, y, gate, shift, scale, weight, eps, backend):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+@_rrnm_bwd_op.register_fake
+def _(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd, backend):
+    D = x_new.shape[-1] if weight is not None else 0
+    return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
+            torch.empty_like(scale), x_new.new_empty(D, dtype=torch.float32))
+
+
+def _rrnm_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, weight, eps, backend = inputs
+    x_new, _, rstd = output
+    ctx.save_for_backward(x_new, y, gate, scale, weight, rstd)
+    ctx.backend = backend
+    ctx.shift_dtype = shift.dtype
+
+
+def _rrnm_backward(ctx, grad_x_new, grad_out, _grstd, bwd=_rrnm_bwd_op):
+    x_new, y, gate, scale, weight, rstd = ctx.saved_tensors
+    if grad_x_new is None:
+        grad_x_new = torch.zeros_like(x_new)
+    if grad_out is None:
+        grad_out = torch.zeros_like(x_new)
+    gx, gy, ggate, gshift, gscale, gw = bwd(
+        grad_x_new.contiguous(), grad_out.contiguous(), x_new, y, gate, scale, weight, rstd, ctx.backend
+    )
+    return gx, gy, ggate, gshift.to(ctx.shift_dtype), gscale, _w_out(gw, weight), None, None
+
+
+_rrnm_op.register_autograd(_rrnm_backward, setup_context=_rrnm_setup)
+_RRNM = eager_function(
+    "ResidualRMSNormModulate", _rrnm_fwd, _rrnm_setup, functools.partial(_rrnm_backward, bwd=_rrnm_bwd),
+    nondifferentiable=(2,),
+)
+
+
+@profiled("residual_rmsnorm_modulate")
+def residual_rmsnorm_modulate(
+    x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+    eps: float = RMS_EPS,
+) -> tuple[Tensor, Tensor]:
+    """Fused ``x_new = x + gate[b] * y; out = RMSNorm(x_new) * weight * (1 + scale[b]) + shift[b]``.
+
+    Returns ``(x_new, out)``. Equivalent PyTorch code:
+    :func:`fastmask.ops.reference.residual_rmsnorm_modulate`.
+    """
+    _check_x("x", x)
+    eps = checks.positive_float("eps", eps)
+    checks.tensor("y", y, shape=tuple(x.shape))
+    checks.same_dtype("x", x, y=y)
+    checks.same_device("x", x, y=y)
+    gate = _check_vec("gate", gate, x)
+    shift = _check_vec("shift", shift, x)
+    scale = _check_vec("scale", scale, x)
+    _check_weight(weight, x)
+    backend = dispatch.select("residual_rmsnorm_modulate", x, y, gate, shift, scale)
+    if backend == "torch":
+        return reference.residual_rmsnorm_modulate(x, y, gate, shift, scale, weight, eps)
+    w = None if weight is None else weight.contiguous()
+    args = (x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), w, float(eps),
+            backend)
+    x_new, out, _ = _rrnm_op(*args) if torch.compiler.is_compiling() else _RRNM.apply(*args)
     return x_new, out

@@ -32,7 +32,7 @@ from typing import Callable
 #: what every backend module declares besides its launchers
 DECLARATIONS: tuple[str, ...] = ("DEVICE_TYPES", "DTYPES", "not_supported_reasons")
 #: categories of ``fastmask profile`` (ops declare one; the others come from torch's own ops)
-CATEGORIES = ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer", "other")
+CATEGORIES = ("matmul", "attention", "norm/modulate", "activation", "gather/unmask", "loss", "optimizer", "other")
 
 
 @dataclass(frozen=True)
