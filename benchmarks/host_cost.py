@@ -101,23 +101,20 @@ def _fwd_bwd(fn):
     return run
 
 
+def _twice(x: Tensor, backend: str) -> Tensor:
+    return x * 2
+
+
+def _trivial_op(name: str):
+    """A custom op computing ``x * 2`` (the trivial body both wirings share)."""
+    op = torch.library.custom_op(f"fastmask_bench::{name}", mutates_args=())(_twice)
+    op.register_fake(lambda x, backend: torch.empty_like(x))
+    return op
+
+
 def wiring_rows(calls: int, repeat: int) -> list[dict]:
     """custom_op pair vs autograd.Function around the same trivial body (CPU)."""
-    @torch.library.custom_op("fastmask_bench::twice", mutates_args=())
-    def twice(x: Tensor, backend: str) -> Tensor:
-        return x * 2
-
-    @twice.register_fake
-    def _(x, backend):
-        return torch.empty_like(x)
-
-    @torch.library.custom_op("fastmask_bench::twice_backward", mutates_args=())
-    def twice_bwd(g: Tensor, backend: str) -> Tensor:
-        return g * 2
-
-    @twice_bwd.register_fake
-    def _(g, backend):
-        return torch.empty_like(g)
+    twice, twice_bwd = _trivial_op("twice"), _trivial_op("twice_backward")
 
     def setup(ctx, inputs, output):
         ctx.backend = inputs[1]

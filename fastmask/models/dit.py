@@ -42,6 +42,11 @@ class _DiTBase(nn.Module):
     fixed sin-cos position embedding is still added, as LightningDiT does.
     """
 
+    #: Whether the model itself drops labels (with ``class_dropout_prob``) in train mode when no
+    #: ``force_drop_ids`` is given: True for DiT, whose published model does; False for MaskDiT,
+    #: whose published training loop drops the labels and whose model never does.
+    drops_labels_in_train_mode: bool = True
+
     def __init__(
         self,
         input_size: int,
@@ -123,10 +128,12 @@ class _DiTBase(nn.Module):
     def condition(self, noise_labels: Tensor, class_labels: Tensor | None, force_drop_ids: Tensor | None = None) -> Tensor:
         """c = timestep embedding + class embedding, [B, D].
 
-        As in DiT/MaskDiT: ``class_labels=None`` is unconditional (the null label); in train
-        mode each label is dropped to the null label with probability ``class_dropout_prob``
-        (for classifier-free guidance), drawn from the global RNG, or where ``force_drop_ids``
-        [B] is true/1 (a caller that draws its own randomness, in any mode)."""
+        As in the published code of each family: ``class_labels=None`` is unconditional (the
+        null label); a label is dropped to the null label where ``force_drop_ids`` [B] is true/1
+        (a caller that draws its own randomness, in any mode). Otherwise, in train mode, DiT
+        drops each label with probability ``class_dropout_prob`` from the global RNG (DiT's
+        model does), and MaskDiT drops none (MaskDiT's training loop drops its labels; its
+        model never does): see :attr:`drops_labels_in_train_mode`."""
         c = self.t_embedder(noise_labels)
         if self.y_embedder is not None:
             if class_labels is None:
@@ -136,7 +143,7 @@ class _DiTBase(nn.Module):
                     got = tuple(class_labels.shape) if isinstance(class_labels, Tensor) else type(class_labels).__name__
                     raise ValueError(f"class_labels: expected [{c.shape[0]}] labels (one per sample), got {got}")
                 drop = force_drop_ids
-                if drop is None and self.training and self.class_dropout_prob > 0:
+                if drop is None and self.training and self.drops_labels_in_train_mode and self.class_dropout_prob > 0:
                     drop = torch.rand(class_labels.shape[0], device=class_labels.device) < self.class_dropout_prob
                 if drop is not None:
                     drop = drop.to(class_labels.device) == 1
@@ -219,7 +226,12 @@ class MaskDiT(_DiTBase):
     with the position embedding); encoder blocks; decoder_layer (LN + adaLN + Linear D -> Dd);
     unmask (visible tokens back in place, ``mask_token`` elsewhere, + ``decoder_pos_embed``, one
     fused pass); decoder blocks of width Dd conditioned on c of width D; final layer; unpatchify.
+
+    Labels are dropped only where ``force_drop_ids`` says so, in any mode: as in the published
+    code, the training loop drops them (with probability ``class_dropout_prob``), not the model.
     """
+
+    drops_labels_in_train_mode = False
 
     def __init__(
         self,

@@ -100,8 +100,10 @@ class EDMPrecond(nn.Module):
         ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
         with ``mask_ratio`` of its tokens dropped; DSM on kept tokens + mae_coef * MAE on dropped
         tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
-        Draws from ``generator`` in this order: sigma, noise, mask. In train mode the model drops
-        labels with its ``class_dropout_prob`` (or where ``force_drop_ids`` is set).
+        Draws from ``generator`` in this order: sigma, noise, mask. Labels are dropped where
+        ``force_drop_ids`` is set; without it, in train mode, a DiT drops them with its
+        ``class_dropout_prob`` and a MaskDiT drops none (as in the published code, the caller's
+        training loop drops MaskDiT's labels).
         """
         B = y.shape[0]
         sigma = draw_sigma(B, generator=generator, device=y.device)

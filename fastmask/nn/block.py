@@ -49,6 +49,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, rope_ids: Tensor | None = None) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.qkv.weight, "Attention")
         B, L, D = x.shape
         # The Linear's output viewed as [B, L, 3, H, hd] is exactly the layout the kernel reads.
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
@@ -71,6 +72,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.fc1.weight, "Mlp")
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -174,6 +176,9 @@ class MaskedDiTBlock(nn.Module):
             raise ValueError(f"x: expected [B, L, {self.hidden_size}], got shape {tuple(x.shape)}")
         if c.dim() != 2 or c.shape[0] != x.shape[0] or c.shape[1] != self.cond_size:
             raise ValueError(f"c: expected [{x.shape[0]}, {self.cond_size}], got shape {tuple(c.shape)}")
+        w = self.adaLN_modulation[1].weight
+        ops.checks.activation_dtype("x", x, w, "MaskedDiTBlock")
+        ops.checks.activation_dtype("c", c, w, "MaskedDiTBlock")
         if self.rope != (rope is not None):
             raise ValueError("rope: a block built with rope=True needs rope=(cos, sin), and only such a block takes it")
         if ids_keep is not None:

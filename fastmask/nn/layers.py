@@ -84,6 +84,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.proj.weight, "PatchEmbed")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -174,6 +175,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.linear.weight, "FinalLayer")
+        ops.checks.activation_dtype("c", c, self.linear.weight, "FinalLayer")
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         if hasattr(self, "norm_final"):
             return self.linear(ops.rmsnorm_modulate(x, shift, scale, self.norm_final.weight, self.norm_final.eps))

@@ -25,6 +25,7 @@ from .norm import (
     rmsnorm_modulate,
 )
 from .ranges import op_ranges
+from .selection import RandomRatioTokens, RandomTokens, RoutedTokens, StructuredTokens, TokenStrategy
 from .swiglu import swiglu
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
@@ -42,6 +43,11 @@ __all__ = [
     "num_kept",
     "op_ranges",
     "random_mask",
+    "RandomRatioTokens",
+    "RandomTokens",
+    "RoutedTokens",
+    "StructuredTokens",
+    "TokenStrategy",
     "record_choices",
     "reference",
     "reload_environment",

@@ -78,6 +78,13 @@ _ATTN = eager_function(
 )
 
 
+@dispatch.signature
+def _attention_signature(qkv, scale):
+    return (
+        qkv.shape, qkv.dtype, qkv.device, scale,
+    )
+
+
 # ------------------------------------------------------------- RoPE / qk-norm prologue
 # A separate op, so the plain one keeps its schema: rotary tables and norm weights are optional
 # tensors (None skips that part); the backward also returns the norm weights' gradients.
@@ -236,12 +243,9 @@ def attention(
     """
     if rope is not None or ids_keep is not None or q_norm_weight is not None or k_norm_weight is not None:
         return _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps)
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (qkv.shape, qkv.dtype, qkv.device, scale)
-    except AttributeError:  # not a tensor: the checks below say so
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("attention", sig)
+    sig = _attention_signature(qkv, scale)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("attention", sig)
     if backend is None:
         checks.tensor("qkv", qkv, ndim=5, floating=True)
         if qkv.shape[2] != 3:
@@ -251,7 +255,7 @@ def attention(
         checks.nonempty("qkv", qkv, "B L 3 H head_dim")
         if scale is not None:
             checks.positive_float("scale", scale)
-        backend = dispatch.plan("attention", sig, qkv) if sig and not compiling else dispatch.select("attention", qkv)
+        backend = dispatch.plan("attention", sig, qkv)
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
     if backend == "torch":
         return reference.attention(qkv, scale)

@@ -154,3 +154,17 @@ def binary_mask(name: str, mask: torch.Tensor) -> None:
     if value_checks_enabled() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
         raise ValueError(f"{name}: expected only 0 (kept) and 1 (dropped), found {bad}")
+
+
+def activation_dtype(name: str, t: torch.Tensor, weight: torch.Tensor, module: str = "the module") -> None:
+    """A module's input ``t`` must have its weights' dtype, or one autocast casts for it (a
+    half or single float while autocast is on for its device); fp64 into fp32 weights would
+    otherwise fail deep inside a matmul. Costs a dtype comparison when the dtypes agree."""
+    if t.dtype == weight.dtype:
+        return
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.is_autocast_enabled(t.device.type):
+        return
+    raise ValueError(
+        f"{name}: expected dtype {weight.dtype} (the dtype of {module}'s weights; or float16/bfloat16/float32 "
+        f"under autocast), got {t.dtype}"
+    )

@@ -29,6 +29,7 @@ running its checks or computing reasons again (:func:`plan` stores a new signatu
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import warnings
@@ -176,26 +177,49 @@ _plans: dict[tuple, str] = {}
 _PLANS_MAX = 4096  # a safety bound for programs that call with ever new shapes
 
 
+def signature(fn):
+    """Decorator of an op's signature function (the tuple its checks and its backend choice
+    depend on: shapes, dtypes, devices, scalar arguments). The wrapped function returns None
+    under torch.compile (a traced call is checked and dispatched while tracing) and for
+    arguments that are not tensors (the op's checks then say which argument)."""
+
+    @functools.wraps(fn)
+    def sig(*args):
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            return fn(*args)
+        except AttributeError:
+            return None
+
+    return sig
+
+
 def _plan_key(op: str, signature: tuple) -> tuple:
     # Outside every backend() block the request is the environment's, fixed between two reads
     # of the environment (which clear the plans): the key then needs no request at all.
     return (op, requested(op), signature) if _open_frames else (op, signature)
 
 
-def planned(op: str, signature: tuple) -> str | None:
-    """The backend chosen before for ``op`` on a call of this ``signature`` (None: not yet)."""
+def planned(op: str, signature: tuple | None) -> str | None:
+    """The backend chosen before for ``op`` on a call of this ``signature`` (None: not yet, or no
+    signature: arguments that are not tensors, or a call traced by torch.compile)."""
+    if signature is None:
+        return None
     name = _plans.get((op, requested(op), signature) if _open_frames else (op, signature))
     if name is not None and _recorders:
         _chosen(op, name)
     return name
 
 
-def plan(op: str, signature: tuple, *tensors) -> str:
-    """:func:`select` for a call that passed the op's checks, remembered under ``signature``."""
+def plan(op: str, signature: tuple | None, *tensors) -> str:
+    """:func:`select` for a call that passed the op's checks, remembered under ``signature``
+    (when there is one)."""
     name = select(op, *tensors)
-    if len(_plans) >= _PLANS_MAX:
-        _plans.clear()
-    _plans[_plan_key(op, signature)] = name
+    if signature is not None:
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        _plans[_plan_key(op, signature)] = name
     return name
 
 

@@ -61,6 +61,15 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 _LOSS = eager_function("DsmMaeLoss", _loss_fwd, _loss_setup, _loss_backward, nondifferentiable=(1, 2))
 
 
+@dispatch.signature
+def _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data):
+    return (
+        F_out.shape, F_out.dtype, F_out.device, x_noisy.shape, x_noisy.dtype, x_noisy.device, y.shape,
+        y.dtype, y.device, sigma.shape, sigma.dtype, sigma.device,
+        None if mask is None else (mask.shape, mask.dtype, mask.device), mae_coef, sigma_data,
+    )
+
+
 @profiled("dsm_mae_loss")
 def dsm_mae_loss(
     F_out: Tensor,
@@ -85,18 +94,12 @@ def dsm_mae_loss(
     sigmas the training loop drew itself.
     Equivalent PyTorch code: :func:`fastmask.ops.reference.dsm_mae_loss_terms`.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (F_out.shape, F_out.dtype, F_out.device, x_noisy.shape, x_noisy.dtype, x_noisy.device,
-               y.shape, y.dtype, y.device, sigma.shape, sigma.dtype, sigma.device,
-               None if mask is None else (mask.shape, mask.dtype, mask.device), mae_coef, sigma_data)
-    except AttributeError:  # not tensors: the checks below say which argument
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("dsm_mae_loss", sig)
+    sig = _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("dsm_mae_loss", sig)
     if backend is None:
         _check(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
-        backend = dispatch.plan("dsm_mae_loss", sig, F_out, x_noisy, y) if sig and not compiling else \
-            dispatch.select("dsm_mae_loss", F_out, x_noisy, y)
+        backend = dispatch.plan("dsm_mae_loss", sig, F_out, x_noisy, y)
     if check_values and checks.value_checks_enabled():
         if mask is not None:
             checks.binary_mask("mask", mask)

@@ -130,26 +130,29 @@ _LNM = eager_function(
 )
 
 
+@dispatch.signature
+def _layernorm_modulate_signature(x, shift, scale, eps):
+    return (
+        x.shape, x.dtype, x.device, shift.shape, shift.dtype, shift.device, scale.shape, scale.dtype,
+        scale.device, eps,
+    )
+
+
 @profiled("layernorm_modulate")
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_EPS) -> Tensor:
     """``LN(x) * (1 + scale[b]) + shift[b]``; x [B, L, D], shift/scale [B, D] -> [B, L, D].
 
     Equivalent PyTorch code: :func:`fastmask.ops.reference.layernorm_modulate`.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (x.shape, x.dtype, x.device, shift.shape, shift.dtype, shift.device, scale.shape, scale.dtype,
-               scale.device, eps)
-    except AttributeError:  # not tensors: the checks below say which argument
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("layernorm_modulate", sig)
+    sig = _layernorm_modulate_signature(x, shift, scale, eps)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("layernorm_modulate", sig)
     if backend is None:
         _check_x("x", x)
         checks.positive_float("eps", eps)
         _check_vec("shift", shift, x)
         _check_vec("scale", scale, x)
-        backend = dispatch.plan("layernorm_modulate", sig, x, shift, scale) if sig and not compiling else \
-            dispatch.select("layernorm_modulate", x, shift, scale)
+        backend = dispatch.plan("layernorm_modulate", sig, x, shift, scale)
     shift, scale = _vec(shift), _vec(scale)
     if backend == "torch":
         return reference.layernorm_modulate(x, shift, scale, eps)
@@ -202,26 +205,29 @@ _gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
 _GR = eager_function("GatedResidual", _gr_fwd, _gr_setup, functools.partial(_gr_backward, bwd=_gr_bwd))
 
 
+@dispatch.signature
+def _gated_residual_signature(x, y, gate):
+    return (
+        x.shape, x.dtype, x.device, y.shape, y.dtype, y.device, gate.shape, gate.dtype, gate.device,
+    )
+
+
 @profiled("gated_residual")
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """``x + gate[b] * y``; x, y [B, L, D], gate [B, D].
 
     Equivalent PyTorch code: :func:`fastmask.ops.reference.gated_residual`.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (x.shape, x.dtype, x.device, y.shape, y.dtype, y.device, gate.shape, gate.dtype, gate.device)
-    except AttributeError:
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("gated_residual", sig)
+    sig = _gated_residual_signature(x, y, gate)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("gated_residual", sig)
     if backend is None:
         _check_x("x", x)
         checks.tensor("y", y, shape=tuple(x.shape))
         checks.same_dtype("x", x, y=y)
         checks.same_device("x", x, y=y)
         _check_vec("gate", gate, x)
-        backend = dispatch.plan("gated_residual", sig, x, y, gate) if sig and not compiling else \
-            dispatch.select("gated_residual", x, y, gate)
+        backend = dispatch.plan("gated_residual", sig, x, y, gate)
     gate = _vec(gate)
     if backend == "torch":
         return reference.gated_residual(x, y, gate)
@@ -298,6 +304,14 @@ _RLNM = eager_function(
 )
 
 
+@dispatch.signature
+def _residual_layernorm_modulate_signature(x, y, gate, shift, scale, eps):
+    return (
+        x.shape, x.dtype, x.device, y.shape, y.dtype, y.device, gate.shape, gate.dtype, gate.device,
+        shift.shape, shift.dtype, shift.device, scale.shape, scale.dtype, scale.device, eps,
+    )
+
+
 @profiled("residual_layernorm_modulate")
 def residual_layernorm_modulate(
     x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_EPS
@@ -308,13 +322,9 @@ def residual_layernorm_modulate(
     input of the next sub-layer. Equivalent PyTorch code:
     :func:`fastmask.ops.reference.residual_layernorm_modulate`.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (x.shape, x.dtype, x.device, y.shape, y.dtype, y.device, gate.shape, gate.dtype, gate.device,
-               shift.shape, shift.dtype, shift.device, scale.shape, scale.dtype, scale.device, eps)
-    except AttributeError:
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("residual_layernorm_modulate", sig)
+    sig = _residual_layernorm_modulate_signature(x, y, gate, shift, scale, eps)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("residual_layernorm_modulate", sig)
     if backend is None:
         _check_x("x", x)
         checks.positive_float("eps", eps)
@@ -324,8 +334,7 @@ def residual_layernorm_modulate(
         for name, v in (("gate", gate), ("shift", shift), ("scale", scale)):
             _check_vec(name, v, x)
         tensors = (x, y, gate, shift, scale)
-        backend = dispatch.plan("residual_layernorm_modulate", sig, *tensors) if sig and not compiling else \
-            dispatch.select("residual_layernorm_modulate", *tensors)
+        backend = dispatch.plan("residual_layernorm_modulate", sig, *tensors)
     gate, shift, scale = _vec(gate), _vec(shift), _vec(scale)
     if backend == "torch":
         return reference.residual_layernorm_modulate(x, y, gate, shift, scale, eps)

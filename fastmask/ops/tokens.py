@@ -124,6 +124,13 @@ _GATHER = eager_function(
 )
 
 
+def _token_tensor(name: str, t: Tensor, labels: str) -> tuple[int, int, int]:
+    """A non-empty floating [B, L, D] tensor (``labels`` names its dimensions); its shape."""
+    checks.tensor(name, t, ndim=3, floating=True)
+    checks.nonempty(name, t, labels)
+    return tuple(t.shape)
+
+
 def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Tensor | None:
     """Accept a position embedding as [N, D] or [1, N, D]; return [N, D]."""
     if pos is None:
@@ -135,6 +142,14 @@ def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Te
     return pos
 
 
+@dispatch.signature
+def _gather_tokens_signature(x, ids_keep, pos):
+    return (
+        x.shape, x.dtype, x.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
+        None if pos is None else (pos.shape, pos.dtype, pos.device),
+    )
+
+
 @profiled("gather_tokens")
 def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, check_ids: bool = True) -> Tensor:
     """Visible tokens: ``x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])``.
@@ -144,22 +159,15 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
     ``check_ids=False`` skips the range/uniqueness check of ids_keep (a device sync); use it
     for ids made by :func:`random_mask`.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (x.shape, x.dtype, x.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
-               None if pos is None else (pos.shape, pos.dtype, pos.device))
-    except AttributeError:  # not tensors: the checks below say which argument
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("gather_tokens", sig)
+    sig = _gather_tokens_signature(x, ids_keep, pos)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("gather_tokens", sig)
     if backend is None:
-        checks.tensor("x", x, ndim=3, floating=True)
-        checks.nonempty("x", x, "B N D")
-        B, N, D = x.shape
+        B, N, D = _token_tensor("x", x, "B N D")
         checks.ids("ids_keep", ids_keep, B, N, values=False)
         _pos_table("pos", pos, N, D)
         checks.same_device("x", x, ids_keep=ids_keep, pos=pos)
-        backend = dispatch.plan("gather_tokens", sig, x, pos) if sig and not compiling else \
-            dispatch.select("gather_tokens", x, pos)
+        backend = dispatch.plan("gather_tokens", sig, x, pos)
     if check_ids:
         checks.ids_values("ids_keep", ids_keep, x.shape[1])
     if pos is not None and pos.dim() == 3:
@@ -229,6 +237,15 @@ _UNMASK = eager_function(
 )
 
 
+@dispatch.signature
+def _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos):
+    return (
+        x_vis.shape, x_vis.dtype, x_vis.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
+        mask_token.shape, mask_token.dtype, mask_token.device, num_tokens,
+        None if pos is None else (pos.shape, pos.dtype, pos.device),
+    )
+
+
 @profiled("unmask_tokens")
 def unmask_tokens(
     x_vis: Tensor,
@@ -246,18 +263,11 @@ def unmask_tokens(
     [1, 1, D] parameter); pos [N, D] or [1, N, D]. Returns [B, N, D].
     Equivalent PyTorch code: :func:`fastmask.ops.reference.unmask_tokens`.
     """
-    compiling = torch.compiler.is_compiling()
-    try:
-        sig = (x_vis.shape, x_vis.dtype, x_vis.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
-               mask_token.shape, mask_token.dtype, mask_token.device, num_tokens,
-               None if pos is None else (pos.shape, pos.dtype, pos.device))
-    except AttributeError:  # not tensors: the checks below say which argument
-        sig = None
-    backend = None if compiling or sig is None else dispatch.planned("unmask_tokens", sig)
+    sig = _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("unmask_tokens", sig)
     if backend is None:
-        checks.tensor("x_vis", x_vis, ndim=3, floating=True)
-        checks.nonempty("x_vis", x_vis, "B K D")
-        B, K, D = x_vis.shape
+        B, K, D = _token_tensor("x_vis", x_vis, "B K D")
         checks.integer("num_tokens", num_tokens, 1)
         checks.ids("ids_keep", ids_keep, B, num_tokens, num_kept=K, values=False)
         checks.tensor("mask_token", mask_token, floating=True)
@@ -267,8 +277,7 @@ def unmask_tokens(
             )
         _pos_table("pos", pos, num_tokens, D)
         checks.same_device("x_vis", x_vis, ids_keep=ids_keep, mask_token=mask_token, pos=pos)
-        backend = dispatch.plan("unmask_tokens", sig, x_vis, mask_token, pos) if sig and not compiling else \
-            dispatch.select("unmask_tokens", x_vis, mask_token, pos)
+        backend = dispatch.plan("unmask_tokens", sig, x_vis, mask_token, pos)
     if check_ids:
         checks.ids_values("ids_keep", ids_keep, num_tokens)
     if pos is not None and pos.dim() == 3:
