@@ -286,3 +286,20 @@ def test_prologue_configs_fit_the_partial_buffers():
                 m, n, w, s = K.prologue_config(kind, 256, hd, dt)
                 grid_block = {"BLOCK_M": m, "BLOCK_N": n}[K._GRID_DIM[kind]]
                 assert grid_block >= K._MIN_GRID_BLOCK and m >= 16 and n >= 16 and w in (4, 8) and s >= 1
+
+
+@pytest.mark.parametrize("hd,kinds", [(32, ["delta", "bwd", "qchain"]), (72, ["dq", "dkdv"])])
+def test_one_pass_backward_kinds_with_prologue(monkeypatch, hd, kinds):
+    # head dim 72 with a prologue always takes the deterministic pair (the one-pass kernel
+    # spilled there on sm_90 and sm_80); other head dims keep the one-pass kernel + the chain
+    ran = []
+    real = K._launch
+    monkeypatch.setattr(K, "_launch", lambda kind, *a: (ran.append(kind), real(kind, *a))[1])
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(1, 17, 3, 1, hd, generator=g)
+    cos, sin = rope_2d(5, hd)
+    out, lse = K.attention_rope_fwd(qkv, 0.2, cos, sin, None, None, None, 1e-6)
+    ran.clear()
+    K.attention_rope_bwd(torch.randn(out.shape, generator=g), qkv, out, lse, 0.2, cos, sin, None, None, None, 1e-6,
+                         deterministic=False)
+    assert ran == kinds
