@@ -151,6 +151,7 @@ def capture_launches(dtypes: list[str], defaults_only: bool, archs=(90,)) -> lis
 
 
 def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
+    from fastmask import _env
     from fastmask import kernels as fk
     from fastmask.kernels import attention_launch as al
 
@@ -165,6 +166,7 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 modes = [("0", "default")] if (defaults_only or dt == torch.float32) else [("0", "default"), ("1", "autotune")]
                 for flag, _ in modes:  # launches through the autotuner are tagged by auto_run
                     os.environ["FASTMASK_ATTN_AUTOTUNE"] = flag
+                    _env.reload()  # fastmask reads its variables at import and on reload only
                     al._fixed_choice.clear()
                     shape = f"L={L} H={H} hd={hd}"
                     # forward; one-pass backward (delta + bwd); deterministic backward (dq + dkdv)
@@ -176,6 +178,27 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                             call()
                         for ln in cap.launches[before:]:
                             ln.kind = _attention_kind(ln)
+            # modern blocks: RoPE (rows gathered by ids_keep on the kept tokens) + qk-norm, in the
+            # heuristic config (the prologue bypasses the autotuner)
+            os.environ["FASTMASK_ATTN_AUTOTUNE"] = "0"
+            for L, D, H in ATTENTION:
+                hd = D // H
+                al._fixed_choice.clear()
+                qkv = _meta(B, L, 3, H, hd, dtype=dt)
+                out, lse = _meta(B, L, D, dtype=dt), _meta(B, H, L, dtype=torch.float32)
+                cs = _meta(N, hd, dtype=torch.float32)
+                ids = torch.empty(B, L, dtype=torch.int64, device="meta") if L < N else None
+                w = _meta(hd, dtype=torch.float32)
+                pro = (cs, cs, ids, w, w, 1e-6)
+                for call in (lambda: fk.attention_rope_fwd(qkv, hd**-0.5, *pro),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=False),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=True)):
+                    before = len(cap.launches)
+                    with cap.tag(op="attention_rope", shape=f"L={L} H={H} hd={hd}" + (" ids" if ids is not None else ""),
+                                 dtype=dname):
+                        call()
+                    for ln in cap.launches[before:]:
+                        ln.kind = _attention_kind(ln)
             for D in WIDTHS:
                 L = K if D == 1152 else N
                 x, y = _meta(B, L, D, dtype=dt), _meta(B, L, D, dtype=dt)
@@ -190,6 +213,15 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                         fk.residual_layernorm_modulate_fwd(x, y, vec, vec, vec, 1e-6),
                         fk.residual_layernorm_modulate_bwd(x, x, x, y, vec, vec, mean, rstd)),
                 }
+                w = _meta(D, dtype=torch.float32)
+                calls["rmsnorm_modulate"] = lambda: (fk.rmsnorm_modulate_fwd(x, vec, vec, w, 1e-6),
+                                                     fk.rmsnorm_modulate_bwd(x, x, vec, w, rstd))
+                calls["residual_rmsnorm_modulate"] = lambda: (
+                    fk.residual_rmsnorm_modulate_fwd(x, y, vec, vec, vec, w, 1e-6),
+                    fk.residual_rmsnorm_modulate_bwd(x, x, x, y, vec, vec, w, rstd))
+                F_mlp = int(2 / 3 * 4 * D)
+                ab = _meta(B, L, 2 * F_mlp, dtype=dt)
+                calls["swiglu"] = lambda: (fk.swiglu_fwd(ab), fk.swiglu_bwd(_meta(B, L, F_mlp, dtype=dt), ab))
                 ids = torch.empty(B, K, dtype=torch.int64, device="meta")
                 pos = _meta(N, D, dtype=torch.float32)
                 full, vis = _meta(B, N, D, dtype=dt), _meta(B, K, D, dtype=dt)
@@ -204,6 +236,7 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 fk.dsm_mae_loss_fwd(F, _meta(B, N, P, dtype=torch.float32), _meta(B, N, P, dtype=torch.float32),
                                     _meta(B, dtype=torch.float32), _meta(B, N, dtype=torch.float32), 0.1, 0.5)
     os.environ.pop("FASTMASK_ATTN_AUTOTUNE", None)
+    _env.reload()
     return cap.launches
 
 
@@ -533,11 +566,10 @@ def cuda_report(archs: list[int], jobs: int | None = None) -> list[dict]:
     (source, arch) compiles run in parallel (``jobs``, default the CPU count); rows come in
     source order, then arch order."""
     import concurrent.futures
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_static", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    from fastmask.cuda_ext import build_module  # csrc/build.py, loaded in one place
+
+    build = build_module()
     build.ensure_cuda_home()
     if build.nvcc_path() is None:
         return [{"error": "nvcc not found"}]
@@ -673,12 +705,16 @@ def _prepare_env() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    if "fastmask._env" in sys.modules:  # imported before (as a module, not a script): read it again
+        sys.modules["fastmask._env"].reload()
 
 
-def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
+def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None, ops=None) -> tuple[list[dict], list[dict], dict]:
     _prepare_env()
     t0 = time.time()
     launches = capture_launches(dtypes, defaults_only, archs)
+    if ops:
+        launches = [ln for ln in launches if ln.op in ops]
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
     cuda_rows = cuda_report(archs, jobs) if with_cuda else []
     meta = {
@@ -711,6 +747,7 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="only the configs used without autotuning")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, at most 16)")
+    ap.add_argument("--ops", default=None, help="only these ops' launches, comma-separated (default: every op)")
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -722,7 +759,8 @@ def main(argv=None) -> int:
         ap.error("--targets: expected compute capabilities like 90,80")
     if any(a not in TARGETS for a in archs):
         ap.error(f"--targets: expected some of {list(TARGETS)}")
-    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()} if args.ops else None
+    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs, ops)
     md = markdown(rows, cuda_rows, meta)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"static_{_dt.date.today():%Y%m%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

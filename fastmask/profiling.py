@@ -32,20 +32,11 @@ import torch
 from . import ops as _ops
 from .models import EDMPrecond, compile_model, count_flops, dit, maskdit
 from .ops import dispatch as _dispatch
+from .ops import registry
 
-CATEGORIES = ("matmul", "attention", "norm/modulate", "gather/unmask", "loss", "optimizer", "other")
-
-_OP_CATEGORY = {
-    "attention": "attention",
-    "layernorm_modulate": "norm/modulate",
-    "gated_residual": "norm/modulate",
-    "residual_layernorm_modulate": "norm/modulate",
-    "gather_tokens": "gather/unmask",
-    "unmask_tokens": "gather/unmask",
-    "random_mask": "gather/unmask",
-    "mask_from_ids": "gather/unmask",
-    "dsm_mae_loss": "loss",
-}
+CATEGORIES = registry.CATEGORIES
+# The fused ops' categories come from their declarations; the two mask helpers are plain torch.
+_OP_CATEGORY = {**registry.categories(), "random_mask": "gather/unmask", "mask_from_ids": "gather/unmask"}
 _RANGE_PREFIX = "fastmask.op."
 _OPTIMIZER_RANGES = ("fastmask.optimizer", "Optimizer.step#", "Optimizer.zero_grad#")
 _MATMUL_OPS = (

@@ -167,7 +167,7 @@ def test_build_jit_explains_missing_sources(monkeypatch, tmp_path):
 
 
 # The launcher signatures: tests/test_dispatch.py checks both backends against
-# fastmask.ops.backend_protocol.
+# fastmask.ops.registry.
 
 
 def test_bindings_refuse_cpu_tensors():

@@ -134,11 +134,9 @@ def cuda_rows():
 
 
 def test_every_cuda_kernel_compiles_without_spills(cuda_rows):
-    import importlib.util
+    from fastmask.cuda_ext import build_module  # csrc/build.py, loaded in one place
 
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_test", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = build_module()
     errors = [(r.get("source"), r.get("arch"), r["error"]) for r in cuda_rows if r.get("error")]
     assert not errors, errors
     for source in build.KERNEL_SOURCES:

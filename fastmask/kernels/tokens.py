@@ -25,6 +25,9 @@ import triton.language as tl
 
 from ._utils import budget_chunks, cdiv, row_config, sum_partials, target_programs
 
+# the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
+__all__ = ["gather_tokens_fwd", "gather_tokens_bwd", "unmask_tokens_fwd", "unmask_tokens_bwd"]
+
 
 def _inverse_ids(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """inv [B, N] int64: inv[b, n] = k where ids_keep[b, k] = n, else -1 (a tiny torch scatter).

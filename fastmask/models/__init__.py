@@ -1,6 +1,6 @@
 """fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, configs, FLOP count,
 checkpoint loading."""
-from .checkpoint import from_published, infer_config, load_published, load_published_file, unwrap_state_dict
+from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
 from .configs import build_model, config_names, dit, maskdit, model_kwargs
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
@@ -18,6 +18,7 @@ __all__ = [
     "dit",
     "draw_sigma",
     "edm_coefficients",
+    "from_lightningdit",
     "from_published",
     "infer_config",
     "load_published",

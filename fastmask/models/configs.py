@@ -15,13 +15,25 @@ TINY = {
 }
 
 
+# LightningDiT's block (hustvl/LightningDiT models/lightningdit.py): RMSNorm with weights, 2-D
+# RoPE (theta 10000, interleaved pairs), SwiGLU MLP, plus per-head q/k RMSNorm (use_qknorm;
+# the released XL checkpoint was trained without it: see checkpoint.load_lightningdit).
+LIGHTNINGDIT_PREFIX = "LightningDiT-"
+LIGHTNINGDIT_BLOCK = dict(norm="rms", qk_norm=True, rope=True, mlp="swiglu")
+
+
 def config_names() -> list[str]:
     names = [f"{s}/{p}" for s in list(DIT_SIZES) + list(TINY) for p in (2, 4, 8)]
+    names += [f"{LIGHTNINGDIT_PREFIX}{s}/{p}" for s in list(DIT_SIZES) + list(TINY) for p in (1, 2)]
     return names
 
 
 def model_kwargs(name: str, masked: bool = True) -> dict:
-    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...)."""
+    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...; 'LightningDiT-XL/1',
+    'LightningDiT-Digits/2': the same sizes with LightningDiT's block, ``block=...``)."""
+    if isinstance(name, str) and name.startswith(LIGHTNINGDIT_PREFIX):
+        kw = model_kwargs(name[len(LIGHTNINGDIT_PREFIX):], masked)
+        return dict(kw, block=dict(LIGHTNINGDIT_BLOCK))
     try:
         size, patch = name.split("/")
         patch = int(patch)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops import checks
-from ..nn import FinalLayer, LabelEmbedder, MaskedDiTBlock, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from ..nn import FinalLayer, LabelEmbedder, MaskedDiTBlock, PatchEmbed, TimestepEmbedder, rope_2d, sincos_pos_embed_2d
 
 
 def unpatchify(tokens: Tensor, patch_size: int, channels: int) -> Tensor:
@@ -33,7 +33,14 @@ def patchify(x: Tensor, patch_size: int) -> Tensor:
 
 
 class _DiTBase(nn.Module):
-    """Patch embedding, fixed position embedding, conditioning, encoder blocks."""
+    """Patch embedding, fixed position embedding, conditioning, encoder blocks.
+
+    ``block``: extra MaskedDiTBlock options for every block (e.g. LightningDiT's
+    ``dict(norm="rms", qk_norm=True, rope=True, mlp="swiglu")``); with ``norm="rms"`` the final
+    layer's norm is an RMSNorm too, with ``rope`` the 2-D rotary tables are non-persistent
+    buffers (``rope_cos`` / ``rope_sin``, rebuilt from the grid) handed to every block. The
+    fixed sin-cos position embedding is still added, as LightningDiT does.
+    """
 
     #: Whether the model itself drops labels (with ``class_dropout_prob``) in train mode when no
     #: ``force_drop_ids`` is given: True for DiT, whose published model does; False for MaskDiT,
@@ -52,8 +59,10 @@ class _DiTBase(nn.Module):
         num_classes: int,
         label_form: str,
         class_dropout_prob: float = 0.1,
+        block: dict | None = None,
     ):
         super().__init__()
+        self.block_options = dict(block or {})
         for name, value, lo in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
                                 ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1),
                                 ("depth", depth, 1), ("num_classes", num_classes, 0)):
@@ -73,7 +82,23 @@ class _DiTBase(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, form=label_form) if num_classes > 0 else None
         pos = sincos_pos_embed_2d(hidden_size, self.x_embedder.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos).unsqueeze(0))  # fixed, not trained
-        self.blocks = nn.ModuleList([MaskedDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [MaskedDiTBlock(hidden_size, num_heads, mlp_ratio, **self.block_options) for _ in range(depth)]
+        )
+        self.final_norm = self.block_options.get("norm", "layer")
+        self._add_rope("rope", hidden_size // num_heads)
+
+    def _add_rope(self, prefix: str, head_dim: int) -> None:
+        if self.block_options.get("rope"):
+            cos, sin = rope_2d(self.x_embedder.grid_size, head_dim)
+            self.register_buffer(f"{prefix}_cos", cos, persistent=False)
+            self.register_buffer(f"{prefix}_sin", sin, persistent=False)
+
+    def _rope(self, prefix: str = "rope", ids: Tensor | None = None) -> dict:
+        """The blocks' RoPE arguments: the tables, and the kept tokens' positions."""
+        if not self.block_options.get("rope"):
+            return {}
+        return dict(rope=(getattr(self, f"{prefix}_cos"), getattr(self, f"{prefix}_sin")), rope_ids=ids)
 
     def _init_base(self, decoder_blocks=()):
         """DiT's initialisation: xavier-uniform Linears, normal(0.02) embeddings, and zeros for the
@@ -158,14 +183,15 @@ class DiT(_DiTBase):
         learn_sigma: bool = False,
         label_form: str = "table",
         class_dropout_prob: float = 0.1,
+        block: dict | None = None,
     ):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
-            class_dropout_prob,
+            class_dropout_prob, block,
         )
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels, norm=self.final_norm)
         self._init_base()
 
     def forward_tokens(
@@ -186,7 +212,7 @@ class DiT(_DiTBase):
         c = self.condition(noise_labels, class_labels, force_drop_ids)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
-            h = blk(h, c)
+            h = blk(h, c, **self._rope())
         return self.final_layer(h, c)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
@@ -222,10 +248,11 @@ class MaskDiT(_DiTBase):
         decoder_num_heads: int = 16,
         label_form: str = "linear",
         class_dropout_prob: float = 0.1,
+        block: dict | None = None,
     ):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
-            class_dropout_prob,
+            class_dropout_prob, block,
         )
         checks.integer("decoder_hidden_size", decoder_hidden_size, 1)
         checks.integer("decoder_depth", decoder_depth, 0)
@@ -242,9 +269,12 @@ class MaskDiT(_DiTBase):
         pos = sincos_pos_embed_2d(Dd, self.x_embedder.grid_size)
         self.register_buffer("decoder_pos_embed", torch.from_numpy(pos).unsqueeze(0))
         self.decoder_blocks = nn.ModuleList(
-            [MaskedDiTBlock(Dd, decoder_num_heads, mlp_ratio, cond_size=hidden_size) for _ in range(decoder_depth)]
+            [MaskedDiTBlock(Dd, decoder_num_heads, mlp_ratio, cond_size=hidden_size, **self.block_options)
+             for _ in range(decoder_depth)]
         )
-        self.final_layer = FinalLayer(Dd, patch_size * patch_size * in_channels, cond_size=hidden_size)
+        self._add_rope("decoder_rope", Dd // decoder_num_heads)
+        self.final_layer = FinalLayer(Dd, patch_size * patch_size * in_channels, cond_size=hidden_size,
+                                      norm=self.final_norm)
         # final_layer's adaLN_modulation is over Dd, conditioned on c of width D.
         self._init_base(self.decoder_blocks)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -257,8 +287,8 @@ class MaskDiT(_DiTBase):
             h = h + pos.to(h.dtype)
         else:
             h = ops.gather_tokens(h, ids_keep, pos, check_ids=False)
-        for blk in self.blocks:
-            h = blk(h, c)
+        for blk in self.blocks:  # with RoPE, the kept tokens rotate by their grid positions
+            h = blk(h, c, **self._rope("rope", ids_keep))
         return h
 
     def decode(self, h: Tensor, c: Tensor, ids_keep: Tensor | None) -> Tensor:
@@ -270,7 +300,7 @@ class MaskDiT(_DiTBase):
         else:
             h = ops.unmask_tokens(h, ids_keep, self.mask_token, self.num_patches, pos, check_ids=False)
         for blk in self.decoder_blocks:
-            h = blk(h, c)
+            h = blk(h, c, **self._rope("decoder_rope"))
         return self.final_layer(h, c)
 
     def forward_tokens(

@@ -70,7 +70,11 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
 
 
-def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None) -> None:
+def ids(
+    name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None, values: bool = True
+) -> None:
+    """Structure of ``ids_keep`` (a 2-d int tensor [batch, K], 0 < K <= num_tokens) and, with
+    ``values``, :func:`ids_values`."""
     tensor(name, ids_keep, ndim=2)
     if ids_keep.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: expected an int64 (or int32) tensor, got dtype {ids_keep.dtype}")
@@ -83,7 +87,15 @@ def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept
         raise ValueError(f"{name}: keeps no token (K = 0); at least one token per sample must be kept")
     if K > num_tokens:
         raise ValueError(f"{name}: keeps {K} tokens of only {num_tokens}")
+    if values:
+        ids_values(name, ids_keep, num_tokens)
+
+
+def ids_values(name: str, ids_keep: torch.Tensor, num_tokens: int) -> None:
+    """Every id in [0, num_tokens) and distinct within its sample: a data-dependent check (it
+    syncs with the device), skipped like the other value checks."""
     if value_checks_enabled():
+        K = ids_keep.shape[1]
         lo, hi = int(ids_keep.min()), int(ids_keep.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"{name}: ids must lie in [0, {num_tokens}), got values in [{lo}, {hi}]")
