@@ -130,6 +130,12 @@ def minimum_bytes(op: str, *, B: int, D: int = 0, L: int = 0, N: int = 0, K: int
     if op in _NORM_OPS:
         _, _, (act_f, act_b), (vec_f, vec_b) = _NORM_OPS[op]
         return {"forward": (act_f * L + vec_f) * B * D * e, "backward": (act_b * L + vec_b) * B * D * e}
+    if op in ("rmsnorm_modulate", "residual_rmsnorm_modulate"):  # + the fp32 weight [D] (and its gradient)
+        ln = minimum_bytes(op.replace("rmsnorm", "layernorm"), B=B, L=L, D=D, e=e)
+        return {"forward": ln["forward"] + D * 4, "backward": ln["backward"] + 2 * D * 4}
+    if op == "swiglu":  # on the w12 output [B, L, 2F], F = int(2/3 * 4 D)
+        F = int(2 / 3 * 4 * D)
+        return {"forward": 3 * B * L * F * e, "backward": 5 * B * L * F * e}
     gpos = N * D * 4 if pos_grad else 0  # the position embedding's gradient, when it has one
     if op == "gather_tokens":
         return {"forward": B * K * D * e * 2 + min(B * K, N) * D * 4 + B * K * 8,
@@ -237,8 +243,13 @@ def _setup_rms(op: str, shape: Shape, stage: str) -> OpSetup:
     w = _randn(D, dtype=torch.float32, requires_grad=True)
     return dataclasses.replace(
         s, inputs=(*s.inputs, w), grad_idx=tuple(range(len(s.inputs) + 1)), public=getattr(fastmask.ops, op),
-        ref=getattr(reference, op), bytes={k: v + D * 4 * (1 if k == "forward" else 2) for k, v in s.bytes.items()},
+        ref=getattr(reference, op), bytes=_with_full(minimum_bytes(op, B=s.dims["B"], L=s.dims["L"], D=D,
+                                                                  e=common.bench_dtype().itemsize)),
     )
+
+
+def _with_full(b: dict) -> dict:
+    return {**b, "full": b["forward"] + b["backward"]}
 
 
 def setup_attention_rope(shape: Shape, stage: str) -> OpSetup:
@@ -265,7 +276,7 @@ def setup_swiglu(shape: Shape, stage: str) -> OpSetup:
     F = int(2 / 3 * 4 * D)
     e = common.bench_dtype().itemsize
     ab = _randn(B, L, 2 * F, requires_grad=True)
-    fwd, bwd = 3 * B * L * F * e, 5 * B * L * F * e
+    fwd, bwd = minimum_bytes("swiglu", B=B, L=L, D=D, e=e).values()
     return OpSetup(
         inputs=(ab,), grad_idx=(0,), public=fastmask.ops.swiglu, ref=reference.swiglu,
         bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd}, dims=dict(B=B, L=L, F=F),

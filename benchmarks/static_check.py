@@ -254,7 +254,7 @@ def _attention_kind(ln: Launch) -> str:
 
 
 # ----------------------------------------------------------------------------- bytes moved
-# The memory-bound ops at DiT-XL/2 shapes: the bytes their launches move, counted from the
+# The memory-bound ops at DiT-XL/2 shapes (LightningDiT's RMSNorm and SwiGLU ops at the same widths): the bytes their launches move, counted from the
 # captured launches, against the bytes the op must move (benchmarks/bench_ops.minimum_bytes).
 # The launchers plan their programs for an H100/H200 (132 SMs): split reductions size their
 # fp32 partial buffers from the SM count, and those partials are traffic no op needs.
@@ -292,6 +292,9 @@ def byte_count(dtypes: list[str]) -> list[dict]:
     from fastmask import kernels as fk
     from fastmask.kernels import _utils, norm, tokens
 
+    def F_of(D):  # LightningDiT's SwiGLU width for a block of width D
+        return int(2 / 3 * 4 * D)
+
     rows = []
     cap = _Capture()
     saved = {m: m.target_programs for m in (norm, tokens)}
@@ -322,6 +325,19 @@ def byte_count(dtypes: list[str]) -> list[dict]:
                          lambda: fk.residual_layernorm_modulate_fwd(act(), act(), vec(), vec(), vec(), 1e-6)),
                         ("residual_layernorm_modulate", "", "backward",
                          lambda: fk.residual_layernorm_modulate_bwd(act(), act(), act(), act(), vec(), vec(), stat(), stat())),
+                        ("rmsnorm_modulate", "", "forward",
+                         lambda: fk.rmsnorm_modulate_fwd(act(), vec(), vec(), _meta(D, dtype=torch.float32), 1e-6)),
+                        ("rmsnorm_modulate", "", "backward",
+                         lambda: fk.rmsnorm_modulate_bwd(act(), act(), vec(), _meta(D, dtype=torch.float32), stat())),
+                        ("residual_rmsnorm_modulate", "", "forward",
+                         lambda: fk.residual_rmsnorm_modulate_fwd(act(), act(), vec(), vec(), vec(),
+                                                                  _meta(D, dtype=torch.float32), 1e-6)),
+                        ("residual_rmsnorm_modulate", "", "backward",
+                         lambda: fk.residual_rmsnorm_modulate_bwd(act(), act(), act(), act(), vec(), vec(),
+                                                                  _meta(D, dtype=torch.float32), stat())),
+                        ("swiglu", "", "forward", lambda: fk.swiglu_fwd(_meta(B, L, 2 * F_of(D), dtype=dt))),
+                        ("swiglu", "", "backward", lambda: fk.swiglu_bwd(_meta(B, L, F_of(D), dtype=dt),
+                                                                         _meta(B, L, 2 * F_of(D), dtype=dt))),
                         ("gather_tokens", "", "forward", lambda: fk.gather_tokens_fwd(full, ids, pos)),
                         ("gather_tokens", "", "backward", lambda: fk.gather_tokens_bwd(vis, ids, N, False)),
                         ("gather_tokens", "pos_grad", "backward", lambda: fk.gather_tokens_bwd(vis, ids, N, True)),
