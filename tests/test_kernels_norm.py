@@ -265,6 +265,9 @@ def test_gpu_launch_configs_in_interpreter(monkeypatch, target, budget):
         monkeypatch.setattr(_utils, "PARTIAL_BYTES_BUDGET", budget)
     test_residual_layernorm_modulate_kernel(3, 59, 72, torch.float16, torch.float32)
     test_layernorm_modulate_kernel(2, 59, 40, torch.float32, torch.float32)
+    from test_kernels_modern import test_rmsnorm_modulate_kernels
+
+    test_rmsnorm_modulate_kernels(2, 59, 72, True)  # the RMSNorm variants share the backward launcher
 
 
 def test_partial_budget_caps_the_backward_chunks_at_short_sequences(monkeypatch):

@@ -217,7 +217,9 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
     B, L, D = ref.shape
     dev = ref.device
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    if not interpreting():
+    # (not with four fp32 partial tiles, the residual RMSNorm with a weight: at the larger tile
+    # ptxas spilled on sm_80 in fp32; benchmarks/static_check.py)
+    if not interpreting() and not (has_res and weight is not None):
         BLOCK_R, num_warps = _bwd_tile(BLOCK_R, BLOCK_D, num_warps)
     # per row: the [L, D] tensors the backward reads and writes; per chunk: its fp32 partial rows
     row_bytes = D * ref.element_size() * (6 if has_res and has_ln else 3)
