@@ -137,9 +137,12 @@ def test_input_of_another_dtype_than_the_weights_is_named():
         blk(x, c.double())
     with pytest.raises(ValueError, match=r"^x: expected dtype torch.float64 .*got torch.float32"):
         MaskedDiTBlock(32, 4).double()(x, c.double())
+    from fastmask.nn.block import SwiGLUMlp
+
     cases = [
         (Attention(32, 4), (x.double(),)),
         (Mlp(32, 64), (x.double(),)),
+        (SwiGLUMlp(32, 64), (x.double(),)),
         (FinalLayer(32, 8), (x.double(), c)),
         (PatchEmbed(8, 2, 3, 32), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)),
     ]

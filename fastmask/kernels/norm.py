@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, interpreting, row_config, sum_partials, target_programs
+from ._utils import budget_chunks, cdiv, interpreting, row_config, sum_partials, target_programs
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
 __all__ = [
@@ -185,8 +185,11 @@ def _rms_args(rms: bool, weight, dummy, p_w=None, bwd: bool = False) -> dict:
     return args
 
 
-def _row_chunks(B: int, L: int, BLOCK_R: int, ref: torch.Tensor) -> tuple[int, int]:
-    """(chunks per sample, rows per program) for the backward's per-sample partials."""
+def _row_chunks(B: int, L: int, BLOCK_R: int, ref: torch.Tensor, row_bytes: int = 0, part_bytes: int = 0):
+    """(chunks per sample, rows per program) for the backward's per-sample partials: enough
+    programs to fill the device, but few enough chunks that the partials (``part_bytes`` per
+    chunk, written and read back) stay within the byte budget of the op's own traffic
+    (``row_bytes`` per row) -- at short sequences (128 tokens) that budget, not the device, decides."""
     tiles = max(1, cdiv(L, BLOCK_R))
     if interpreting():
         # Two row tiles per program: the CPU tests then cover both the in-program loop and
@@ -194,8 +197,18 @@ def _row_chunks(B: int, L: int, BLOCK_R: int, ref: torch.Tensor) -> tuple[int, i
         rows = 2 * BLOCK_R
     else:
         chunks = max(1, min(tiles, cdiv(target_programs(ref), B)))
+        if part_bytes:
+            chunks = budget_chunks(chunks, part_bytes, L * row_bytes)
         rows = cdiv(cdiv(L, chunks), BLOCK_R) * BLOCK_R
     return max(1, cdiv(L, rows)), rows
+
+
+def _bwd_tile(BLOCK_R: int, BLOCK_D: int, num_warps: int) -> tuple[int, int]:
+    """The backward's row tile: twice the forward's elements (up to 4096; 16 warps), so that the
+    fewer programs the partial-byte budget allows still keep enough loads in flight."""
+    while BLOCK_R * BLOCK_D < 4096 and BLOCK_R < 32:
+        BLOCK_R *= 2
+    return BLOCK_R, max(num_warps, min(16, BLOCK_R * BLOCK_D // 256))
 
 
 def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has_ln: bool, rms: bool = False,
@@ -204,7 +217,14 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
     B, L, D = ref.shape
     dev = ref.device
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    chunks, rows_per_prog = _row_chunks(B, L, BLOCK_R, ref)
+    # (not with four fp32 partial tiles, the residual RMSNorm with a weight: at the larger tile
+    # ptxas spilled on sm_80 in fp32; benchmarks/static_check.py)
+    if not interpreting() and not (has_res and weight is not None):
+        BLOCK_R, num_warps = _bwd_tile(BLOCK_R, BLOCK_D, num_warps)
+    # per row: the [L, D] tensors the backward reads and writes; per chunk: its fp32 partial rows
+    row_bytes = D * ref.element_size() * (6 if has_res and has_ln else 3)
+    part_bytes = D * 4 * (2 * has_ln + has_res + (weight is not None))
+    chunks, rows_per_prog = _row_chunks(B, L, BLOCK_R, ref, row_bytes, part_bytes)
     n_prog = B * chunks
     # Without the LayerNorm, x_new = x + gate * y passes its gradient to x unchanged.
     grad_x = torch.empty_like(x) if has_ln else grad_x_new

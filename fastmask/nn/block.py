@@ -86,6 +86,7 @@ class SwiGLUMlp(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.w12.weight, "SwiGLUMlp")
         return self.w3(ops.swiglu(self.w12(x)))
 
 
