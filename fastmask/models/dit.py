@@ -319,15 +319,18 @@ class MaskDiT(_DiTBase):
     ) -> tuple[Tensor, Tensor | None]:
         """Output tokens [B, N, p*p*C] and the mask [B, N] (1 = dropped; None if nothing dropped).
 
-        Give either ``mask_ratio`` (in train mode a random mask is drawn, from ``generator`` if
-        given; in eval mode nothing is masked, as in the published model) or explicit
+        Give either ``mask_ratio`` (a ratio or a :class:`fastmask.ops.TokenStrategy`; in train mode
+        its tokens are drawn, from ``generator`` if given; in eval mode nothing is masked, as in the
+        published model) or explicit
         ``ids_keep`` [B, K], used in either mode (``check_ids=False`` skips validating them: a
         device sync).
         """
         self._check_input(x, noise_labels)
         B, N = x.shape[0], self.num_patches
-        if ids_keep is None and checks.mask_ratio(mask_ratio) > 0 and self.training:
-            ids_keep, _, mask = ops.random_mask(B, N, mask_ratio, generator=generator, device=x.device)
+        tokens = ops.as_strategy(mask_ratio)
+        if ids_keep is None and self.training and not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=x.device)
+            mask = ops.mask_from_ids(ids_keep, N)
         elif ids_keep is not None:
             if check_ids:
                 checks.ids("ids_keep", ids_keep, B, N)

@@ -89,7 +89,7 @@ class EDMPrecond(nn.Module):
         y: Tensor,
         class_labels: Tensor | None = None,
         *,
-        mask_ratio: float = 0.5,
+        mask_ratio: "float | ops.TokenStrategy" = 0.5,
         mae_coef: float = 0.1,
         generator: torch.Generator | None = None,
         return_terms: bool = False,
@@ -98,7 +98,8 @@ class EDMPrecond(nn.Module):
         """The MaskDiT objective for clean data y [B, C, H, W]: per-sample loss [B].
 
         ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
-        with ``mask_ratio`` of its tokens dropped; DSM on kept tokens + mae_coef * MAE on dropped
+        with ``mask_ratio`` of its tokens dropped (a ratio: MaskDiT's random masks; or any
+        :class:`fastmask.ops.TokenStrategy`); DSM on kept tokens + mae_coef * MAE on dropped
         tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
         Draws from ``generator`` in this order: sigma, noise, mask. Labels are dropped where
         ``force_drop_ids`` is set; without it, in train mode, a DiT drops them with its
@@ -109,8 +110,9 @@ class EDMPrecond(nn.Module):
         sigma = draw_sigma(B, generator=generator, device=y.device)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         ids_keep = None
-        if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
-            ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
+        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
+        if not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
         loss, dsm, mae = self.loss_given(
             y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
             check_sigma=False,  # drawn here: finite and positive, and checking would sync with the device
