@@ -177,7 +177,8 @@ class DiT(_DiTBase):
             raise ValueError("mask_ratio: plain DiT runs every token; use MaskDiT to train with masking")
         self._check_input(x, noise_labels)
         c = self.condition(noise_labels, class_labels, force_drop_ids)
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        h = self.x_embedder(x)
+        h = h + self.pos_embed.to(h.dtype)  # the patch embedding's dtype (bf16 under autocast), as MaskDiT.encode
         for blk in self.blocks:
             h = blk(h, c)
         return self.final_layer(h, c)

@@ -109,8 +109,9 @@ class EDMPrecond(nn.Module):
         ids_keep = None
         if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
             ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
-        loss, dsm, mae = self.loss_given(
-            y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False
+        loss, dsm, mae = self._loss_given(
+            y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
+            check_sigma=False,  # drawn above: finite and > 0 by construction, and checking would sync
         )
         return (loss, dsm, mae) if return_terms else loss
 
@@ -131,13 +132,19 @@ class EDMPrecond(nn.Module):
         ``force_drop_ids`` [B]. Returns (loss, dsm, mae), each [B].
 
         ``ids_keep`` must hold distinct ids in [0, N) per sample; ``check_ids=False`` skips that
-        check (a device sync), for ids made by :func:`fastmask.ops.random_mask`."""
+        check (a device sync), for ids made by :func:`fastmask.ops.random_mask`. The given sigma
+        is checked (finite, > 0) unless value checks are off."""
+        return self._loss_given(y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef,
+                                force_drop_ids=force_drop_ids, check_ids=check_ids, check_sigma=True)
+
+    def _loss_given(self, y, class_labels, sigma, noise, ids_keep, *, mae_coef, force_drop_ids, check_ids,
+                    check_sigma: bool):
         if y.dim() != 4 or y.shape[0] == 0:
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
-        sigma = _sigma(sigma, y)
+        sigma = _sigma(sigma, y, check=check_sigma)
         x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
         kw = {} if ids_keep is None else {"check_ids": False}  # checked above
         if force_drop_ids is not None:
@@ -160,13 +167,15 @@ class EDMPrecond(nn.Module):
         )
 
 
-def _sigma(sigma, x: Tensor) -> Tensor:
+def _sigma(sigma, x: Tensor, check: bool = True) -> Tensor:
+    """sigma as fp32 [B]; ``check=False`` for values the model drew itself (checking syncs)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     if sigma.dim() == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
         raise ValueError(f"sigma: expected a scalar or shape [{x.shape[0]}], got {tuple(sigma.shape)}")
-    checks.sigmas("sigma", sigma)  # NaN, inf or <= 0 would give NaN outputs without a word
+    if check:
+        checks.sigmas("sigma", sigma)  # NaN, inf or <= 0 would give NaN outputs without a word
     return sigma
 
 
