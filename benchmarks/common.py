@@ -136,6 +136,13 @@ def configure_torch() -> None:
 
 # ----------------------------------------------------------------------------- environment
 def git_commit() -> dict:
+    """The commit being measured: ``FASTMASK_COMMIT`` if set (the commit a GPU run was given), else
+    the git HEAD of this checkout, but only if the checkout is itself the top of a git repository
+    (a copy inside another repository must not record that repository's HEAD)."""
+    given = os.environ.get("FASTMASK_COMMIT", "").strip()
+    if given:
+        return {"commit": given, "dirty": None}
+
     def git(*args):
         try:
             r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -143,6 +150,9 @@ def git_commit() -> dict:
         except Exception:
             return None
 
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != Path(ROOT).resolve():
+        return {"commit": "unknown", "dirty": None}
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha or "uncommitted", "dirty": bool(status) if status is not None else None}
