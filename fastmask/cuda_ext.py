@@ -158,6 +158,15 @@ def _as(t: Tensor | None, like: Tensor) -> Tensor | None:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _fp32(t: Tensor | None) -> Tensor | None:
+    """The position table in fp32, contiguous, 16-byte aligned: the kernels add it to the tokens in
+    fp32 and round the sum once to the tokens' dtype (the reference's rule)."""
+    if t is None:
+        return None
+    t = t.float().contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
     n = x.shape[0] * x.shape[1]
     return (
@@ -170,7 +179,7 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
 def gather_tokens_fwd(x: Tensor, ids_keep: Tensor, pos: Tensor | None) -> Tensor:
     B, N, D = x.shape
     out = torch.empty(B, ids_keep.shape[1], D, device=x.device, dtype=x.dtype)
-    _C().gather_tokens_fwd(out, x, ids_keep, _as(None if pos is None else pos.reshape(N, D), x))
+    _C().gather_tokens_fwd(out, x, ids_keep, _fp32(None if pos is None else pos.reshape(N, D)))
     return out
 
 
@@ -188,7 +197,7 @@ def unmask_tokens_fwd(
     B, K, D = x_vis.shape
     out = torch.empty(B, num_tokens, D, device=x_vis.device, dtype=x_vis.dtype)
     pos = None if pos is None else pos.reshape(num_tokens, D)
-    _C().unmask_tokens_fwd(out, x_vis, ids_keep, _as(mask_token.reshape(D), x_vis), _as(pos, x_vis))
+    _C().unmask_tokens_fwd(out, x_vis, ids_keep, _as(mask_token.reshape(D), x_vis), _fp32(pos))
     return out
 
 

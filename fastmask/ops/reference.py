@@ -19,12 +19,18 @@ from ..constants import LN_EPS, MAE_EPS  # noqa: F401  (re-exported: fastmask.op
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])."""
+    """x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]]).
+
+    Rounding (every backend): the token and its position row are added in fp32 (at least; the
+    promoted dtype of the two) and the sum is rounded once to x's dtype. With bf16 tokens and the
+    fp32 table this is what the published DiT/MaskDiT code computes under autocast: there
+    ``x_embedder(x) + pos_embed`` promotes to fp32, and the next bf16 op rounds that sum once.
+    Rounding pos to bf16 first and adding in bf16 would round twice."""
     B, N, D = x.shape
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     out = torch.gather(x, 1, idx)
     if pos is not None:
-        out = out + pos.reshape(N, D)[ids_keep].to(out.dtype)
+        out = (out + pos.reshape(N, D)[ids_keep].to(torch.promote_types(pos.dtype, torch.float32))).to(x.dtype)
     return out
 
 
@@ -35,13 +41,14 @@ def unmask_tokens(
     num_tokens: int,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[b, n] = x_vis[b, j] where ids_keep[b, j] = n, else mask_token; plus pos[n]."""
+    """out[b, n] = x_vis[b, j] where ids_keep[b, j] = n, else mask_token (rounded to x_vis's
+    dtype); plus pos[n] with :func:`gather_tokens`'s rounding: the sum in fp32, rounded once."""
     B, K, D = x_vis.shape
     out = mask_token.reshape(1, 1, D).to(x_vis.dtype).expand(B, num_tokens, D)
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     out = out.scatter(1, idx, x_vis)
     if pos is not None:
-        out = out + pos.reshape(1, num_tokens, D).to(out.dtype)
+        out = (out + pos.reshape(1, num_tokens, D).to(torch.promote_types(pos.dtype, torch.float32))).to(x_vis.dtype)
     return out
 
 
