@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.cli",
         "fastmask.presets",  # TrainConfig and the presets (checks model config names)
         "fastmask.train",
+        "fastmask.step_graph",  # the trainer's step captured as a CUDA graph (imports only torch)
         "fastmask.data",
         "fastmask.checkpoint_io",
         "fastmask.sampling",

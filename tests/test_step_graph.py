@@ -1,0 +1,135 @@
+"""The trainer's step as one CUDA graph (fastmask.step_graph): on the CPU in the emulation mode
+(capture records the step, replay re-runs it on the static buffers), equal to the eager step bit
+for bit over warm-up, EMA, a K-changing schedule, the phase switch and a resume; on a GPU, the
+real capture against eager."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_train import _all_state, _assert_bit_equal, tiny_cfg  # noqa: E402
+
+from fastmask import step_graph  # noqa: E402
+from fastmask.checkpoint_io import load_checkpoint  # noqa: E402
+from fastmask.presets import TrainConfig  # noqa: E402
+from fastmask.train import Trainer, train  # noqa: E402
+
+# warm-up (lr), EMA, a linear ratio schedule 0.75 -> 0.625 over 16 tokens (K = 4 for steps 0-4,
+# 5 for 5-8, 6 at 9: three shape keys), grad clipping, then the unmasked phase 2 (a fourth key,
+# beyond the cache of three: eager)
+SCHED = dict(steps=10, finetune_steps=3, warmup_steps=3, mask_ratio=0.75, mask_ratio_end=0.625,
+             mask_schedule="linear", grad_clip=0.5, log_every=4)
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    monkeypatch.setattr(step_graph, "CPU_EMULATION", True)
+
+
+def _counting(monkeypatch):
+    seen = []
+    real = step_graph.StepGraphs.run
+
+    def run(self, key, fn, inputs):
+        what = real(self, key, fn, inputs)
+        seen.append((key, what))
+        return what
+
+    monkeypatch.setattr(step_graph.StepGraphs, "run", run)
+    return seen
+
+
+def test_graphed_step_equals_eager_bit_for_bit(tmp_path, emulate, monkeypatch):
+    eager = train(tiny_cfg(tmp_path / "e", cuda_graph=False, **SCHED), progress=False)
+    assert eager.summary()["step_graph"] == "off: cuda_graph is off in the config"
+    seen = _counting(monkeypatch)
+    graphed = train(tiny_cfg(tmp_path / "g", **SCHED), progress=False)
+    assert graphed.summary()["step_graph"] == "on"
+    whats = [w for _, w in seen]
+    assert whats == ["warmup", "capture", "replay", "replay", "replay", "warmup", "capture", "replay", "replay",
+                     "warmup", "eager", "eager", "eager"], seen
+    assert [k[1] for k, _ in seen] == [(8, 4)] * 5 + [(8, 5)] * 4 + [(8, 6)] + [None] * 3
+    _assert_bit_equal(_all_state(eager), _all_state(graphed))
+    log_e = (tmp_path / "e" / "log.jsonl").read_text().splitlines()
+    log_g = (tmp_path / "g" / "log.jsonl").read_text().splitlines()
+    loss = lambda lines: [l.split('"loss": ')[1].split(",")[0] for l in lines if '"loss": ' in l]  # noqa: E731
+    assert loss(log_e) == loss(log_g) and loss(log_e)
+
+
+def test_replay_reads_the_new_inputs(tmp_path, emulate, monkeypatch):
+    """A replay that ignored the copied-in inputs (stale buffers) would repeat the old step."""
+    g = step_graph.StepGraphs("cpu", max_graphs=1)
+    out = []
+    fn = lambda x: out.append(x.clone())  # noqa: E731
+    assert [g.run("k", fn, {"x": torch.full((2,), float(i))}) for i in range(4)] == \
+        ["warmup", "capture", "replay", "replay"]
+    assert [o[0].item() for o in out] == [0.0, 1.0, 2.0, 3.0]
+    assert g.run("other", fn, {"x": torch.ones(3)}) == "eager"  # beyond the cache
+    with pytest.raises(ValueError, match="x: a different shape"):
+        g.run("k", fn, {"x": torch.ones(3)})
+
+
+def test_graphed_resume_is_exact(tmp_path, emulate):
+    full = train(tiny_cfg(tmp_path / "full", **SCHED), progress=False)
+
+    def stop_at_6(trainer, step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "split", **SCHED), hooks={"after_step": stop_at_6}, progress=False)
+    assert load_checkpoint(tmp_path / "split")["step"] == 6
+    resumed = train(tiny_cfg(tmp_path / "split", **SCHED), resume=tmp_path / "split", progress=False)
+    assert resumed.step == full.step
+    _assert_bit_equal(_all_state(full), _all_state(resumed))
+
+
+def test_graph_off_reasons(tmp_path, emulate):
+    tr = Trainer(tiny_cfg(tmp_path / "h", steps=1, finetune_steps=0), hooks={"loss": lambda s, l: l})
+    try:
+        assert tr.summary()["step_graph"] == "off: a 'loss' hook is set (it runs Python per step)"
+    finally:
+        tr.close()
+
+
+def test_cpu_without_emulation_is_eager(tmp_path):
+    tr = Trainer(tiny_cfg(tmp_path / "c", steps=1, finetune_steps=0))
+    try:
+        assert tr.summary()["step_graph"] == "off: the device is cpu, not CUDA"
+    finally:
+        tr.close()
+
+
+def test_cuda_graph_config_key():
+    cfg = TrainConfig()
+    assert cfg.cuda_graph is True
+    cfg.cuda_graph = "yes"
+    with pytest.raises(ValueError, match="cuda_graph"):
+        cfg.validate()
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_step_matches_eager_on_gpu(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = dict(SCHED, device="cuda", amp="bf16")
+    eager = train(tiny_cfg(tmp_path / "e", cuda_graph=False, **cfg), progress=False)
+    seen = _counting(monkeypatch)
+    real = Trainer._train_step
+
+    def strict(self, phase):  # no synchronising call in a step
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(self, phase)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "_train_step", strict)
+    graphed = train(tiny_cfg(tmp_path / "g", **cfg), progress=False)
+    assert graphed.summary()["step_graph"] == "on" and "replay" in [w for _, w in seen]
+    a, b = _all_state(eager), _all_state(graphed)
+    for k in a:  # the same kernels in the same order: expected equal; tolerate atomics' order
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
