@@ -87,6 +87,45 @@ def test_graphed_resume_is_exact(tmp_path, emulate):
     _assert_bit_equal(_all_state(full), _all_state(resumed))
 
 
+def test_whole_step_reads_nothing_back(tmp_path, emulate, monkeypatch):
+    """What a graph captures must not read device values on the host (item, bool, ...)."""
+    real = Trainer._whole_step
+    names = ("item", "__bool__", "__int__", "__float__", "tolist", "numpy")
+
+    orig = {n: getattr(torch.Tensor, n) for n in names}
+
+    def fail(n):
+        def f(*a, **k):
+            raise AssertionError(f"sync: Tensor.{n}")
+        return f
+
+    def guarded(self, **inputs):
+        step = self.opt.step
+
+        def opt_step():  # the CPU's AdamW reads its step count; on CUDA it is fused and capturable
+            for n in names:
+                setattr(torch.Tensor, n, orig[n])
+            try:
+                return step()
+            finally:
+                for n in names:
+                    setattr(torch.Tensor, n, fail(n))
+
+        self.opt.step = opt_step
+        for n in names:
+            setattr(torch.Tensor, n, fail(n))
+        try:
+            return real(self, **inputs)
+        finally:
+            for n in names:
+                setattr(torch.Tensor, n, orig[n])
+            del self.opt.step
+
+    monkeypatch.setattr(Trainer, "_whole_step", guarded)
+    tr = train(tiny_cfg(tmp_path / "s", **SCHED), progress=False)
+    assert tr.step == 13
+
+
 def test_graph_off_reasons(tmp_path, emulate):
     tr = Trainer(tiny_cfg(tmp_path / "h", steps=1, finetune_steps=0), hooks={"loss": lambda s, l: l})
     try:
