@@ -807,7 +807,11 @@ class Trainer:
         by default that of the current step."""
         ema_p = list(self.ema.parameters())
         p = [q.detach() for q in self.net.parameters()]
-        torch._foreach_lerp_(ema_p, p, 1.0 - ema_decay_at(self.cfg, self.step) if weight is None else weight)
+        if weight is None:
+            weight = 1.0 - ema_decay_at(self.cfg, self.step)
+        if isinstance(weight, Tensor):  # one 0-d weight per tensor: a lone tensor would be read as a number (a sync)
+            weight = [weight] * len(ema_p)
+        torch._foreach_lerp_(ema_p, p, weight)
 
 
 def run_checkpoints(out) -> list[Path]:

@@ -172,3 +172,27 @@ def test_cuda_graphed_step_matches_eager_on_gpu(tmp_path, monkeypatch):
     a, b = _all_state(eager), _all_state(graphed)
     for k in a:  # the same kernels in the same order: expected equal; tolerate atomics' order
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_ema_with_a_device_weight_reads_nothing_back(tmp_path, monkeypatch):
+    """On CUDA the EMA weight is a 0-d device tensor: it must not be read as a number (a sync,
+    and in a capture a constant)."""
+    tr = Trainer(tiny_cfg(tmp_path / "m", steps=1, finetune_steps=0))
+    try:
+        with torch.no_grad():
+            for p in tr.net.parameters():
+                p.add_(1.0)
+        e0 = [p.clone() for p in tr.ema.parameters()]
+        tr._update_ema(0.25)
+        want = [p.clone() for p in tr.ema.parameters()]
+        with torch.no_grad():
+            for p, q in zip(tr.ema.parameters(), e0):
+                p.copy_(q)
+        for n in ("item", "__float__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, n, lambda *a, _n=n, **k: pytest.fail(f"Tensor.{_n} called"))
+        tr._update_ema(torch.tensor(0.25))
+        monkeypatch.undo()
+        for p, q in zip(tr.ema.parameters(), want):
+            assert torch.equal(p, q)
+    finally:
+        tr.close()
