@@ -234,7 +234,7 @@ void gather_tokens_fwd(const at::Tensor& out, const at::Tensor& x, const at::Ten
   check(x, op, "x", x, {B, N, D}, std::nullopt);
   check(ids, op, "ids_keep", x, {B, K}, at::kLong);
   check(out, op, "out", x, {B, K, D}, x.scalar_type());
-  if (pos.has_value()) check(*pos, op, "pos", x, {N, D}, at::kFloat);  // added in fp32, rounded once
+  if (pos.has_value()) check(*pos, op, "pos", x, {N, D}, at::kFloat);  // fp32: the add rounds once
   if (out.numel() == 0) return;
   const DeviceScope scope(x);
   const cudaStream_t stream = scope.stream();
@@ -288,7 +288,7 @@ void unmask_tokens_fwd(const at::Tensor& out, const at::Tensor& x_vis, const at:
   check(ids, op, "ids_keep", x_vis, {B, K}, at::kLong);
   check(mask_token, op, "mask_token", x_vis, {D}, x_vis.scalar_type());
   check(out, op, "out", x_vis, {B, N, D}, x_vis.scalar_type());
-  if (pos.has_value()) check(*pos, op, "pos", x_vis, {N, D}, at::kFloat);  // added in fp32, rounded once
+  if (pos.has_value()) check(*pos, op, "pos", x_vis, {N, D}, at::kFloat);  // fp32: the add rounds once
   TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
   if (out.numel() == 0) return;
   const DeviceScope scope(x_vis);

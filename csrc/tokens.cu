@@ -40,8 +40,8 @@ __device__ __forceinline__ RowLoop row_loop(int tpr, int rpb) {
           static_cast<int64_t>(gridDim.x) * rpb};
 }
 
-// Chunk c of a token row, plus chunk c of its fp32 position embedding row p when there is one
-// (the sum in fp32; the caller rounds it once to T when it stores).
+// Chunk c of a token row, plus chunk c of its position embedding row p (fp32) when there is
+// one: the sum is taken in fp32 and rounded once, when stored (as the reference's add_pos).
 template <int VEC, typename T>
 __device__ __forceinline__ void load_row_chunk(float (&v)[VEC], const T* __restrict__ src,
                                                const float* __restrict__ p, int64_t c) {
@@ -66,12 +66,13 @@ __device__ __forceinline__ SplitRow split_row(int64_t row, int64_t B, int64_t N,
   return {row - s * N, b0, b0 + per_split < B ? b0 + per_split : B};
 }
 
-// out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]]): the sum of the token (T) and the fp32 pos in
-// fp32, rounded once to T, like the reference and the Triton kernel. An id outside [0, N) (the caller skipped
-// the id check) reads nothing and gives a row of zeros.
+// out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]]): pos is fp32 and the sum rounds once, to T,
+// like the reference. An id outside [0, N) (the caller skipped the id check) reads nothing and
+// gives a row of zeros.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) gather_fwd_kernel(T* __restrict__ out, const T* __restrict__ x,
-                                                         const int64_t* __restrict__ ids, const float* __restrict__ pos,
+                                                         const int64_t* __restrict__ ids,
+                                                         const float* __restrict__ pos,
                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr, int rpb) {
   const int64_t chunks = D / VEC;
   const RowLoop rl = row_loop(tpr, rpb);
@@ -127,7 +128,8 @@ __global__ void __launch_bounds__(256) gather_bwd_kernel(T* __restrict__ grad_x,
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) unmask_fwd_kernel(T* __restrict__ out, const T* __restrict__ x_vis,
                                                          const int32_t* __restrict__ inv,
-                                                         const T* __restrict__ mask_token, const float* __restrict__ pos,
+                                                         const T* __restrict__ mask_token,
+                                                         const float* __restrict__ pos,
                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr,
                                                          int rpb) {
   const int64_t chunks = D / VEC;
@@ -259,8 +261,8 @@ cudaError_t inverse_ids(int32_t* inv, const int64_t* ids, int64_t B, int64_t N, 
 }
 
 template <typename T, int VEC>
-cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const float* pos, int64_t B, int64_t N, int64_t K,
-                              int64_t D, cudaStream_t stream) {
+cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const float* pos, int64_t B, int64_t N,
+                              int64_t K, int64_t D, cudaStream_t stream) {
   const TokenGrid g = token_grid(D / VEC);
   FASTMASK_LAUNCH(grid_for(B * K, g.rows_per_block), g.threads, stream, gather_fwd_kernel<T, VEC>)(
       out, x, ids, pos, B, N, K, D, g.tpr, g.rows_per_block);
@@ -277,8 +279,8 @@ cudaError_t gather_tokens_bwd(T* grad_x, float* pos_partial, const T* grad_out, 
 }
 
 template <typename T, int VEC>
-cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const float* pos, int64_t B,
-                              int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
+cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const float* pos,
+                              int64_t B, int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
   const TokenGrid g = token_grid(D / VEC);
   FASTMASK_LAUNCH(grid_for(B * N, g.rows_per_block), g.threads, stream, unmask_fwd_kernel<T, VEC>)(
       out, x_vis, inv, mask_token, pos, B, N, K, D, g.tpr, g.rows_per_block);
@@ -308,11 +310,11 @@ cudaError_t reduce_middle(TOut* out, const float* in, int64_t G, int64_t J, int6
 }
 
 #define FASTMASK_TOKENS(T, VEC)                                                                                    \
-  template cudaError_t gather_tokens_fwd<T, VEC>(T*, const T*, const int64_t*, const float*, int64_t, int64_t, int64_t, \
-                                                 int64_t, cudaStream_t);                                           \
+  template cudaError_t gather_tokens_fwd<T, VEC>(T*, const T*, const int64_t*, const float*, int64_t, int64_t,     \
+                                                 int64_t, int64_t, cudaStream_t);                                  \
   template cudaError_t gather_tokens_bwd<T, VEC>(T*, float*, const T*, const int32_t*, int64_t, int64_t, int64_t,   \
                                                  int64_t, int64_t, cudaStream_t);                                  \
-  template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const float*, int64_t,         \
+  template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const float*, int64_t,     \
                                                  int64_t, int64_t, int64_t, cudaStream_t);                         \
   template cudaError_t unmask_tokens_bwd<T, VEC>(T*, float*, float*, const T*, const int64_t*, const int32_t*,      \
                                                  int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
