@@ -84,11 +84,15 @@ def test_gpu_script_dry_run(tmp_path):
     assert {r["mode"] for r in rows if r["gpu_stage"] == "opgrid"} >= {"full"}
     steps = [r for r in rows if r["kind"] == "train_step"]
     head = [r["variant"] for r in steps if r["gpu_stage"] == "train"]
-    assert head == ["maskdit-fastmask", "dit-torch", "maskdit-fastmask-compile", "maskdit-torch-compile",
-                    "maskdit-torch", "dit-torch-compile"]  # ordered by value, compiled rows included
+    assert head == ["maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
+                    "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch",
+                    "dit-torch-compile"]  # ordered by value, compiled and graphed rows included
     ok = [r for r in steps if r["status"] == "ok"]
     assert {(r["variant"], r["mask_ratio"]) for r in ok} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
     assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 for r in ok)
+    # the graphed reference row ran (CPU emulation of the capture) and every row was profiled
+    assert ("maskdit-torch-graph", 0.5) in {(r["variant"], r["mask_ratio"]) for r in ok}
+    assert all(r["host_issue_ms"] > 0 and r.get("gpu_ms") is None for r in ok), ok
     assert all(set(r["backends"].values()) == {"torch"} and "attention" in r["backends"] for r in ok), ok
     assert doc["summary"]["train"]["masked_speedup"]
     md = (out / "summary.md").read_text()
