@@ -71,7 +71,7 @@ class BackendModule(Protocol):
     # loss: (loss [B], terms [B, 2], dLoss/dF); the backward is a scaling done in fastmask.ops.loss
     def dsm_mae_loss_fwd(
         self, F_out: Tensor, x_noisy: Tensor, y: Tensor, sigma: Tensor, mask: Optional[Tensor],
-        mae_coef: float, sigma_data: float,
+        mae_coef: float, sigma_data: float, objective: str = "edm",
     ): ...
 
 

@@ -1,4 +1,5 @@
-"""The MaskDiT objective in token space: DSM on kept tokens + MAE on dropped tokens (EDM)."""
+"""The MaskDiT objective in token space: DSM on kept tokens + MAE on dropped tokens (EDM), or
+the flow-matching velocity loss on kept tokens + the same MAE term (``objective="flow"``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -21,12 +22,15 @@ def _loss_op(
     mae_coef: float,
     sigma_data: float,
     backend: str,
+    objective: str = "edm",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    if objective == "edm":  # the launchers' original call, unchanged
+        return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, objective)
 
 
 @_loss_op.register_fake
-def _(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend):
+def _(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend, objective="edm"):
     B = F_out.shape[0]
     return F_out.new_empty(B, dtype=torch.float32), F_out.new_empty(B, 2, dtype=torch.float32), torch.empty_like(F_out)
 
@@ -41,7 +45,7 @@ def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
     gF = None
     if grad_loss is not None:
         gF = (grad_F * grad_loss.float().view(-1, 1, 1)).to(grad_F.dtype)  # multiply in fp32
-    return gF, None, None, None, None, None, None, None
+    return gF, None, None, None, None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -59,6 +63,7 @@ def dsm_mae_loss(
     *,
     return_terms: bool = False,
     check_values: bool = True,
+    objective: str = "edm",
 ):
     """Per-sample MaskDiT loss [B] (fp32) from the raw network output in token space.
 
@@ -69,8 +74,13 @@ def dsm_mae_loss(
     With ``return_terms=True`` returns ``(loss, dsm, mae)``; only ``loss`` is differentiable.
     ``check_values=False`` skips the NaN/positivity check of sigma (a device sync); use it for
     sigmas the training loop drew itself.
+    ``objective="flow"`` (SiT's velocity objective, :mod:`fastmask.models.flow`): F_out is the
+    velocity v, y the target x1 - x0, x_noisy the interpolant x_t (the MAE target is built from
+    it as in EDM); D = v, unweighted; sigma (the times t) is shape-checked but not read.
     Equivalent PyTorch code: :func:`fastmask.ops.reference.dsm_mae_loss_terms`.
     """
+    if objective not in ("edm", "flow"):
+        raise ValueError(f"objective: expected 'edm' or 'flow', got {objective!r}")
     checks.tensor("F_out", F_out, ndim=3, floating=True)
     checks.nonempty("F_out", F_out, "B N P")
     B, N, P = F_out.shape
@@ -87,13 +97,13 @@ def dsm_mae_loss(
     if check_values and checks.value_checks_enabled():
         if mask is not None:
             checks.binary_mask("mask", mask)
-        if not bool(torch.isfinite(sigma).all()):
+        if objective == "edm" and not bool(torch.isfinite(sigma).all()):
             raise ValueError("sigma: contains NaN or inf")
-        if bool((sigma <= 0).any()):
+        if objective == "edm" and bool((sigma <= 0).any()):
             raise ValueError("sigma: every noise level must be positive")
     backend = dispatch.select("dsm_mae_loss", F_out, x_noisy, y)
     if backend == "torch":
-        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data)
+        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data, objective)
         loss = dsm + mae_coef * mae
     else:
         m = None if mask is None else mask.to(torch.float32).contiguous()
@@ -106,6 +116,7 @@ def dsm_mae_loss(
             float(mae_coef),
             float(sigma_data),
             backend,
+            objective,
         )
         dsm, mae = terms.unbind(1)
     return (loss, dsm, mae) if return_terms else loss
