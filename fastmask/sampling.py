@@ -60,7 +60,14 @@ def heun_sample(
 ) -> Tensor:
     """Deterministic EDM Heun sampling from ``noise`` [B, C, H, W] (unit Gaussian). ``net`` is an
     EDM denoiser D(x, sigma [B], labels) such as :class:`fastmask.models.EDMPrecond`. The ODE state
-    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA)."""
+    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA). A flow-matching
+    model (``net.objective == "flow"``) is integrated from t = 0 to 1 by Heun on a fixed grid of
+    ``steps`` steps instead (:func:`fastmask.flow_sampling.flow_sample`)."""
+    if getattr(net, "objective", "edm") == "flow":
+        from .flow_sampling import flow_sample
+
+        return flow_sample(net, noise, labels, method="heun", steps=steps, guidance=guidance,
+                           guide_channels=getattr(net, "guide_channels", None), amp=amp)
     denoise = guided_denoiser(net, guidance)
     # a denoiser may support only a range of sigma (DDPM-trained DiT: about 0.01 .. 157)
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))

@@ -42,7 +42,11 @@ def draw_t(
 class FlowPrecond(nn.Module):
     """v(x_t, t, label) = F(x_t, t, label)[:C], F the wrapped network (``self.model``, so state
     keys carry the ``model.`` prefix like EDMPrecond's). ``t_schedule`` picks the training
-    distribution of t (see :func:`draw_t`)."""
+    distribution of t (see :func:`draw_t`). ``guide_channels``: the channels classifier-free
+    guidance acts on when sampling (None: all; 3 for a published SiT, as its code does)."""
+
+    objective = "flow"  # what the samplers dispatch on
+    guide_channels: int | None = None
 
     def __init__(self, model: nn.Module, t_schedule: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0):
         super().__init__()
