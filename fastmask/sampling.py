@@ -174,13 +174,15 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     folder), or a published MaskDiT/DiT state dict (``.pt``/``.pth``, via
     :func:`fastmask.models.from_published`). Published MaskDiT checkpoints are EDM models;
     published DiT checkpoints are DDPM eps-prediction models and are wrapped by
-    :class:`DDPMDenoiser` (``parameterization`` overrides: ``edm`` or ``ddpm``).
+    :class:`DDPMDenoiser`; published SiT checkpoints (the DiT layout; recognised by a file name
+    starting with ``SiT`` or stored arguments naming a SiT model) are flow models, wrapped by
+    :class:`FlowPrecond` (``parameterization`` overrides: ``edm``, ``ddpm`` or ``flow``).
     Returns ``(net, info)`` with info = {num_classes, shape (C, H, W), kind (pixels|latents), source}.
     """
     from pathlib import Path
 
     from .errors import UsageError
-    from .models import DDPMDenoiser, DiT, EDMPrecond, build_model, from_published
+    from .models import DDPMDenoiser, DiT, EDMPrecond, FlowPrecond, build_model, from_published
 
     p = Path(path)
     if p.is_dir() or p.suffix == ".safetensors":
@@ -203,7 +205,8 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
             raise UsageError(f"checkpoint: {str(ck['path'])!r} does not fit the model its config describes: "
                              f"{str(e).splitlines()[0]}") from None
         info = {"num_classes": num_classes, "shape": shape, "kind": extra.get("data_kind", "pixels"),
-                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model"}
+                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model",
+                "objective": cfg.objective}
         return net.to(device).eval(), info
     if not p.exists():
         raise ValueError(f"checkpoint: {str(p)!r} does not exist")
@@ -213,13 +216,29 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     net = from_published(obj, key=key)
     if parameterization == "auto":
         parameterization = "ddpm" if isinstance(net, DiT) else "edm"
-    if parameterization not in ("edm", "ddpm"):
-        raise ValueError(f"parameterization: expected auto, edm or ddpm, got {parameterization!r}")
-    den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+        if isinstance(net, DiT) and _is_sit(p, obj):
+            parameterization = "flow"
+    if parameterization not in ("edm", "ddpm", "flow"):
+        raise ValueError(f"parameterization: expected auto, edm, ddpm or flow, got {parameterization!r}")
+    if parameterization == "flow":  # SiT: v(x_t, t), t in [0, 1]; its code guides channels 0-2 only
+        den = FlowPrecond(net)
+        den.guide_channels = 3
+    else:
+        den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
     C, s = net.in_channels, net.input_size
     info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
-            "source": str(p), "parameterization": parameterization}
+            "source": str(p), "parameterization": parameterization,
+            "objective": "flow" if parameterization == "flow" else "edm"}
     return den.to(device).eval(), info
+
+
+def _is_sit(path, obj) -> bool:
+    """A SiT release: the file name (``SiT-XL-2-256x256.pt``) or train.py's stored ``args.model``."""
+    from .models.checkpoint import stored_args
+
+    if path.name.lower().startswith("sit"):
+        return True
+    return str(stored_args(obj).get("model", "")).startswith("SiT")
 
 
 # --------------------------------------------------------------------------- fastmask sample
