@@ -33,14 +33,20 @@ def null_labels(labels: Tensor) -> Tensor:
 
 
 def guided_denoiser(net, guidance: float = 1.0):
-    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional)."""
+    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional), on
+    all channels, or on the first ``net.guide_channels`` where the net sets it (a published DiT:
+    3, as DiT's forward_with_cfg; D is affine in eps, so guiding D's channels guides eps's)."""
 
     def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None or guidance == 1.0:
             return net(x, sigma, labels)
         both = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null_labels(labels)]))
         cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        g = uncond + guidance * (cond - uncond)
+        k = getattr(net, "guide_channels", None)  # a published DiT guides channels 0-2 only
+        if k is not None and k < g.shape[1]:
+            g = torch.cat([g[:, :k], cond[:, k:]], 1)
+        return g
 
     return denoise
 
@@ -225,6 +231,8 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
         den.guide_channels = 3
     else:
         den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+        if parameterization == "ddpm":
+            den.guide_channels = 3
     C, s = net.in_channels, net.input_size
     info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
             "source": str(p), "parameterization": parameterization,

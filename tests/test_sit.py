@@ -127,7 +127,23 @@ def test_train_py_checkpoint_loads_the_ema(tmp_path, sit):
     g = tmp_path / "DiT-XL-2-256x256.pt"
     torch.save(sit.state_dict(), g)
     with pytest.warns(UserWarning, match="11 rows"):
-        assert load_model(g)[1]["parameterization"] == "ddpm"
+        dnet, dinfo = load_model(g)
+    assert dinfo["parameterization"] == "ddpm" and dnet.guide_channels == 3
+
+
+def test_edm_sampler_guides_the_first_channels_where_the_net_says():
+    from fastmask.sampling import guided_denoiser
+
+    class Net(nn.Module):
+        def forward(self, x, sigma, labels):
+            return x + (labels.float() + 2).view(-1, 1, 1, 1) * torch.arange(4.0).view(1, 4, 1, 1)
+
+    net, x, lab = Net(), torch.zeros(1, 4, 1, 1), torch.tensor([1])
+    full = guided_denoiser(net, 3.0)(x, torch.ones(1), lab)  # cond 3c, uncond 1c: 1c + 3 * 2c = 7c
+    torch.testing.assert_close(full.flatten(), 7 * torch.arange(4.0))
+    net.guide_channels = 3
+    part = guided_denoiser(net, 3.0)(x, torch.ones(1), lab)
+    torch.testing.assert_close(part.flatten(), torch.tensor([0.0, 7.0, 14.0, 9.0]))  # channel 3: conditional
 
 
 def test_guidance_on_the_first_3_channels_matches_forward_with_cfg(sit):
