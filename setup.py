@@ -80,7 +80,7 @@ setup(
         "latents": ["diffusers>=0.27", "pillow"],
         "fid": ["torch-fidelity>=0.3", "pillow"],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scikit-learn", "matplotlib", "pillow", "triton>=3.0",
-                 "diffusers>=0.27", "torch-fidelity>=0.3", "scipy"],
+                 "diffusers>=0.27", "torch-fidelity>=0.3", "scipy", "peft"],
         "bench": ["pytest", "pytest-benchmark", "pytest-timeout", "matplotlib", "triton>=3.0"],
         "xformers": ["xformers"],
     },

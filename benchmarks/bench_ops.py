@@ -122,6 +122,33 @@ def _ids(shape: Shape):
     return ids_keep, mask
 
 
+def minimum_bytes(op: str, *, B: int, D: int = 0, L: int = 0, N: int = 0, K: int = 0, P: int = 0, e: int = 2,
+                  masked: bool = True, pos_grad: bool = False) -> dict:
+    """The bytes an op must move, per mode {"forward", "backward"}: each input read once, each
+    output written once (activations of ``e`` bytes, fp32 position embeddings, int64 ids). The
+    benchmarks' roofline and benchmarks/static_check.py's byte count both use it."""
+    if op in _NORM_OPS:
+        _, _, (act_f, act_b), (vec_f, vec_b) = _NORM_OPS[op]
+        return {"forward": (act_f * L + vec_f) * B * D * e, "backward": (act_b * L + vec_b) * B * D * e}
+    if op in ("rmsnorm_modulate", "residual_rmsnorm_modulate"):  # + the fp32 weight [D] (and its gradient)
+        ln = minimum_bytes(op.replace("rmsnorm", "layernorm"), B=B, L=L, D=D, e=e)
+        return {"forward": ln["forward"] + D * 4, "backward": ln["backward"] + 2 * D * 4}
+    if op == "swiglu":  # on the w12 output [B, L, 2F], F = int(2/3 * 4 D)
+        F = int(2 / 3 * 4 * D)
+        return {"forward": 3 * B * L * F * e, "backward": 5 * B * L * F * e}
+    gpos = N * D * 4 if pos_grad else 0  # the position embedding's gradient, when it has one
+    if op == "gather_tokens":
+        return {"forward": B * K * D * e * 2 + min(B * K, N) * D * 4 + B * K * 8,
+                "backward": B * K * D * e + B * N * D * e + B * K * 8 + gpos}
+    if op == "unmask_tokens":
+        return {"forward": B * K * D * e + N * D * 4 + B * K * 8 + B * N * D * e,
+                "backward": B * N * D * e + B * K * D * e + B * K * 8 + D * 4 + gpos}
+    if op == "dsm_mae_loss":
+        reads = B * N * P * (e + 8) + B * 4 + (B * N * 4 if masked else 0)
+        return {"forward": reads, "backward": reads + B * N * P * e}
+    raise ValueError(f"op: no byte count for {op!r}")
+
+
 def setup_gather_tokens(shape: Shape, stage: str) -> OpSetup:
     B, N, K = shape.batch, shape.N, shape.K
     D, _ = shape.width(stage)
@@ -129,8 +156,7 @@ def setup_gather_tokens(shape: Shape, stage: str) -> OpSetup:
     x = _randn(B, N, D, requires_grad=True)
     pos = _randn(N, D, dtype=torch.float32)  # the fixed fp32 pos_embed buffer of the model
     ids_keep, _ = _ids(shape)
-    fwd = B * K * D * e * 2 + min(B * K, N) * D * 4 + B * K * 8
-    bwd = B * K * D * e + B * N * D * e + B * K * 8
+    fwd, bwd = minimum_bytes("gather_tokens", B=B, N=N, K=K, D=D, e=e).values()
     return OpSetup(
         inputs=(x, ids_keep, pos),
         grad_idx=(0,),
@@ -149,8 +175,7 @@ def setup_unmask_tokens(shape: Shape, stage: str) -> OpSetup:
     mask_token = _randn(D, dtype=torch.float32, requires_grad=True)  # an fp32 parameter
     pos = _randn(N, D, dtype=torch.float32)
     ids_keep, _ = _ids(shape)
-    fwd = B * K * D * e + N * D * 4 + B * K * 8 + B * N * D * e
-    bwd = B * N * D * e + B * K * D * e + B * K * 8
+    fwd, bwd = minimum_bytes("unmask_tokens", B=B, N=N, K=K, D=D, e=e).values()
     return OpSetup(
         inputs=(x_vis, ids_keep, mask_token, N, pos),
         grad_idx=(0, 2),
@@ -194,14 +219,13 @@ _NORM_OPS = {
 
 
 def _setup_norm(op: str, shape: Shape, stage: str) -> OpSetup:
-    n_act, n_vec, (act_f, act_b), (vec_f, vec_b) = _NORM_OPS[op]
+    n_act, n_vec, _, _ = _NORM_OPS[op]
     B, L = shape.batch, shape.tokens(stage)
     D, _ = shape.width(stage)
     e = common.bench_dtype().itemsize
     inputs = tuple(_randn(B, L, D, requires_grad=True) for _ in range(n_act))
     inputs += tuple(_randn(B, D, requires_grad=True) for _ in range(n_vec))
-    fwd = (act_f * L + vec_f) * B * D * e
-    bwd = (act_b * L + vec_b) * B * D * e
+    fwd, bwd = minimum_bytes(op, B=B, L=L, D=D, e=e).values()
     return OpSetup(
         inputs=inputs,
         grad_idx=tuple(range(len(inputs))),
@@ -212,7 +236,56 @@ def _setup_norm(op: str, shape: Shape, stage: str) -> OpSetup:
     )
 
 
+def _setup_rms(op: str, shape: Shape, stage: str) -> OpSetup:
+    # the LayerNorm counterpart's traffic, plus the RMSNorm weight [D] (fp32, a parameter)
+    s = _setup_norm(op.replace("rmsnorm", "layernorm"), shape, stage)
+    D = s.dims["D"]
+    w = _randn(D, dtype=torch.float32, requires_grad=True)
+    return dataclasses.replace(
+        s, inputs=(*s.inputs, w), grad_idx=tuple(range(len(s.inputs) + 1)), public=getattr(fastmask.ops, op),
+        ref=getattr(reference, op), bytes=_with_full(minimum_bytes(op, B=s.dims["B"], L=s.dims["L"], D=D,
+                                                                  e=common.bench_dtype().itemsize)),
+    )
+
+
+def _with_full(b: dict) -> dict:
+    return {**b, "full": b["forward"] + b["backward"]}
+
+
+def setup_attention_rope(shape: Shape, stage: str) -> OpSetup:
+    """Attention with the modern-block prologue: per-head q/k RMSNorm and 2-D RoPE, the
+    encoder's rotary rows read at ids_keep (the kept tokens), the decoder's at 0..N-1."""
+    s = setup_attention(shape, stage)
+    hd, N = s.dims["hd"], shape.N
+    ids = _ids(shape)[0] if stage == "encoder" and shape.mask_ratio > 0 else None
+    cos, sin = (_randn(N, hd // 2, dtype=torch.float32).repeat_interleave(2, 1) for _ in range(2))  # angle per pair
+    qw, kw = (_randn(hd, dtype=torch.float32, requires_grad=True) for _ in range(2))
+    return dataclasses.replace(s, inputs=(*s.inputs, cos, sin, ids, qw, kw), grad_idx=(0, 5, 6),
+                               public=_attention_rope_public, ref=reference.attention_rope)
+
+
+def _attention_rope_public(qkv, scale, cos, sin, ids, qw, kw):
+    return fastmask.ops.attention(qkv, scale, rope=(cos, sin), ids_keep=ids, q_norm_weight=qw, k_norm_weight=kw)
+
+
+def setup_swiglu(shape: Shape, stage: str) -> OpSetup:
+    """LightningDiT's SwiGLU activation on the w12 output [B, L, 2F], F = int(2/3 * 4 D):
+    forward reads 2F and writes F per token, backward reads 2F + F and writes 2F."""
+    B, L = shape.batch, shape.tokens(stage)
+    D, _ = shape.width(stage)
+    F = int(2 / 3 * 4 * D)
+    e = common.bench_dtype().itemsize
+    ab = _randn(B, L, 2 * F, requires_grad=True)
+    fwd, bwd = minimum_bytes("swiglu", B=B, L=L, D=D, e=e).values()
+    return OpSetup(
+        inputs=(ab,), grad_idx=(0,), public=fastmask.ops.swiglu, ref=reference.swiglu,
+        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd}, dims=dict(B=B, L=L, F=F),
+    )
+
+
 setup_layernorm_modulate = functools.partial(_setup_norm, "layernorm_modulate")
+setup_rmsnorm_modulate = functools.partial(_setup_rms, "rmsnorm_modulate")
+setup_residual_rmsnorm_modulate = functools.partial(_setup_rms, "residual_rmsnorm_modulate")
 setup_gated_residual = functools.partial(_setup_norm, "gated_residual")
 setup_residual_layernorm_modulate = functools.partial(_setup_norm, "residual_layernorm_modulate")
 
@@ -225,12 +298,13 @@ def setup_dsm_mae_loss(shape: Shape, stage: str) -> OpSetup:
     y = _randn(B, N, P, dtype=torch.float32)
     sigma = (torch.randn(B, device=common.device()) * 1.2 - 1.2).exp()
     mask = _ids(shape)[1] if shape.mask_ratio > 0 else None
-    reads = B * N * P * (e + 8) + B * 4 + (B * N * 4 if mask is not None else 0)
-    fwd, bwd = reads, reads + B * N * P * e
+    fwd, bwd = minimum_bytes("dsm_mae_loss", B=B, N=N, P=P, e=e, masked=mask is not None).values()
     return OpSetup(
         inputs=(F, x_noisy, y, sigma, mask),
         grad_idx=(0,),
-        public=fastmask.ops.dsm_mae_loss,
+        # sigmas drawn here are positive and finite: no value check (a host sync, which would also
+        # keep the call out of a CUDA graph)
+        public=functools.partial(fastmask.ops.dsm_mae_loss, check_values=False),
         ref=reference.dsm_mae_loss,
         bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
         dims=dict(B=B, N=N, P=P),
@@ -246,6 +320,11 @@ OPS = (
     ("gather_tokens", ("encoder",), setup_gather_tokens, True),
     ("unmask_tokens", ("decoder",), setup_unmask_tokens, True),
     ("dsm_mae_loss", ("output",), setup_dsm_mae_loss, False),
+    # LightningDiT-style blocks
+    ("attention_rope", ("encoder", "decoder"), setup_attention_rope, False),
+    ("rmsnorm_modulate", ("encoder",), setup_rmsnorm_modulate, False),
+    ("residual_rmsnorm_modulate", ("encoder",), setup_residual_rmsnorm_modulate, False),
+    ("swiglu", ("encoder",), setup_swiglu, False),
 )
 SETUPS = {op: setup for op, _, setup, _ in OPS}
 
@@ -483,6 +562,19 @@ def test_op(case: OpCase, benchmark, ceilings, bench_env, result_row):
             pytest.skip(f"{case.provider} cannot run this case: {type(e).__name__}: {str(e)[:300]}")
         raise
     result_row.update(stats)
+    # the kernels' own time (CUDA-graph replay, no host cost): the roofline is taken from it
+    if case.mode == "forward":
+        result_row.update(common.graph_ms(forward))
+    elif case.mode == "full":
+        result_row.update(common.graph_ms(full))
+    else:  # backward = full - forward, each replayed from a graph
+        f, fw = common.graph_ms(full), common.graph_ms(forward)
+        if "gpu_ms" in f and "gpu_ms" in fw:
+            result_row["gpu_ms"] = max(f["gpu_ms"] - fw["gpu_ms"], 0.0)
+        elif f or fw:
+            result_row["gpu_ms_error"] = f.get("gpu_ms_error") or fw.get("gpu_ms_error")
+    if result_row.get("gpu_ms") and result_row.get("median_ms"):
+        result_row["host_bound"] = result_row["median_ms"] > 1.5 * result_row["gpu_ms"]
     result_row.update(common.roofline(result_row, ceilings))
     result_row["ran"] = _ran_label(case, ran, s)
     benchmark.extra_info.update(case.row())

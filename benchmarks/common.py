@@ -119,6 +119,9 @@ def configure_torch() -> None:
     """Settings every benchmark process shares (called once from conftest)."""
     # Microbenchmarks time the kernels, not the argument checks that sync with the device.
     os.environ.setdefault("FASTMASK_CHECK_VALUES", "0")
+    import fastmask.ops
+
+    fastmask.ops.reload_environment()  # fastmask reads its variables at import and on reload only
     dyn = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(dyn, name):
@@ -136,6 +139,13 @@ def configure_torch() -> None:
 
 # ----------------------------------------------------------------------------- environment
 def git_commit() -> dict:
+    """The commit measured: ``FASTMASK_COMMIT`` when set (the GPU script sets it from its
+    ``--commit``), else git's HEAD, but only where this source tree is itself the root of a git
+    checkout: a copy of the tree inside another repository must not record that one's HEAD."""
+    given = os.environ.get("FASTMASK_COMMIT", "").strip()
+    if given:
+        return {"commit": given, "dirty": None}
+
     def git(*args):
         try:
             r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -143,6 +153,9 @@ def git_commit() -> dict:
         except Exception:
             return None
 
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != ROOT.resolve():
+        return {"commit": "unknown", "dirty": None}
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha or "uncommitted", "dirty": bool(status) if status is not None else None}
@@ -372,6 +385,55 @@ def measure(benchmark, fn: Callable, setup: Callable | None = None, b: Budget | 
     return out
 
 
+def graph_ms(fn: Callable, calls: int = 10, rounds: int = 5) -> dict:
+    """Device time of ``fn`` alone (ms per call), apart from the host's: ``calls`` calls captured
+    in one CUDA graph, each after an L2 flush, replayed ``rounds`` times; the flushes, captured
+    the same way in a graph of their own, are subtracted. A replay costs the host a few
+    microseconds, so this is the kernels' time even where an eager call is host-bound.
+
+    Returns ``{"gpu_ms": ...}``, or ``{"gpu_ms_error": why}`` where the call cannot be captured
+    (a host sync inside it, an op without graph support). GPU only; ``{}`` on the CPU."""
+    if not on_gpu():
+        return {}
+
+    def replay_ms(body) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, autotune, lazy init)
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        graph.replay()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end))
+        del graph
+        return best / calls
+
+    def with_flush():
+        flush_cache()
+        fn()
+
+    try:
+        flush_cache()  # allocate the flush buffer outside any capture
+        total = replay_ms(with_flush)
+        flush = replay_ms(flush_cache)
+    except Exception as e:  # capture refused: the row keeps its host-inclusive time only
+        torch.cuda.synchronize()
+        return {"gpu_ms_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return {"gpu_ms": max(total - flush, 0.0)}
+
+
 # ----------------------------------------------------------------------------- ceilings
 def measure_ceilings() -> dict:
     """The two rooflines, measured in this session: device copy bandwidth and matmul rate.
@@ -416,8 +478,10 @@ def measure_ceilings() -> dict:
 
 
 def roofline(row: dict, ceilings: dict) -> dict:
-    """GB/s and TFLOP/s of a timed row, and their share of the session's ceilings."""
-    t = row.get("median_ms")
+    """GB/s and TFLOP/s of a timed row, and their share of the session's ceilings: from the
+    device time alone (``gpu_ms``, CUDA-graph replay) where the row has it, else from the
+    host-inclusive median (``roofline_from`` says which)."""
+    t = row.get("gpu_ms") or row.get("median_ms")
     out = {}
     if not t:
         return out
@@ -429,6 +493,7 @@ def roofline(row: dict, ceilings: dict) -> dict:
         out["tflops"] = row["flops"] / (t * 1e-3) / 1e12
         if ceilings.get("matmul_tflops"):
             out["pct_matmul"] = 100.0 * out["tflops"] / ceilings["matmul_tflops"]
+    out["roofline_from"] = "gpu_ms" if row.get("gpu_ms") else "median_ms"
     bound = row.get("bound")
     if bound == "memory" and "pct_copy_bw" in out:
         out["roofline_pct"] = out["pct_copy_bw"]

@@ -142,12 +142,13 @@ def attention_lines(rows) -> list[str]:
     if not sel:
         return []
     out = ["Attention at the headline shape (what ran; TFLOP/s and % of the matmul rate; GB/s and % of the copy bandwidth):",
-           ""] + _table_head("stage", "shape", "mode", "provider", "ran", "median ms", "TFLOP/s", "% matmul", "GB/s", "% copy")
+           ""] + _table_head("stage", "shape", "mode", "provider", "ran", "median ms", "GPU ms", "TFLOP/s", "% matmul", "GB/s",
+                      "% copy")
     order = {p: i for i, p in enumerate(PROVIDER_ORDER)}
     for r in sorted(sel, key=lambda r: (r["stage"], ("forward", "backward", "full").index(r["mode"]), order.get(r["provider"], 99))):
         out.append(
             f"| {r['stage']} | {_shape_label(r)} | {r['mode']} | {r['provider']} | {r.get('ran', '-')} | {_fmt_ms(r['median_ms'])} "
-            f"| {r.get('tflops', 0):.1f} | {_pct(r.get('pct_matmul'))} | {r.get('gbps', 0):.0f} | {_pct(r.get('pct_copy_bw'))} |"
+            f"| {_fmt_ms(r.get('gpu_ms'))} | {r.get('tflops', 0):.1f} | {_pct(r.get('pct_matmul'))} | {r.get('gbps', 0):.0f} | {_pct(r.get('pct_copy_bw'))} |"
         )
     return out
 
@@ -222,14 +223,14 @@ def all_ops_table(rows) -> list[str]:
     if not ops:
         return []
     out = _table_head("op", "stage", "config", "px", "ratio", "shape", "mode", "provider", "ran", "median ms",
-                      "p20-p80 ms", "GB/s", "TFLOP/s", "% roofline")
+                      "p20-p80 ms", "GPU ms", "GB/s", "TFLOP/s", "% roofline")
     for r in ops:
         gb = f"{r['gbps']:.0f}" if r.get("gbps") else "-"
         tf = f"{r['tflops']:.1f}" if r.get("tflops") else "-"
         out.append(
             f"| {r['op']} | {r['stage']} | {r['config']} | {r['res']} | {r.get('mask_ratio', '-')} | {_shape_label(r)} | {r['mode']} "
-            f"| {r['provider']} | {r.get('ran', '-')} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r.get('p20_ms'))}-{_fmt_ms(r.get('p80_ms'))} | {gb} | {tf} "
-            f"| {_pct(r.get('roofline_pct'))} |"
+            f"| {r['provider']} | {r.get('ran', '-')} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r.get('p20_ms'))}-{_fmt_ms(r.get('p80_ms'))} "
+            f"| {_fmt_ms(r.get('gpu_ms'))} | {gb} | {tf} | {_pct(r.get('roofline_pct'))} |"
         )
     return out
 

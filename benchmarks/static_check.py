@@ -151,6 +151,7 @@ def capture_launches(dtypes: list[str], defaults_only: bool, archs=(90,)) -> lis
 
 
 def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
+    from fastmask import _env
     from fastmask import kernels as fk
     from fastmask.kernels import attention_launch as al
 
@@ -165,6 +166,7 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 modes = [("0", "default")] if (defaults_only or dt == torch.float32) else [("0", "default"), ("1", "autotune")]
                 for flag, _ in modes:  # launches through the autotuner are tagged by auto_run
                     os.environ["FASTMASK_ATTN_AUTOTUNE"] = flag
+                    _env.reload()  # fastmask reads its variables at import and on reload only
                     al._fixed_choice.clear()
                     shape = f"L={L} H={H} hd={hd}"
                     # forward; one-pass backward (delta + bwd); deterministic backward (dq + dkdv)
@@ -176,6 +178,27 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                             call()
                         for ln in cap.launches[before:]:
                             ln.kind = _attention_kind(ln)
+            # modern blocks: RoPE (rows gathered by ids_keep on the kept tokens) + qk-norm, in the
+            # heuristic config (the prologue bypasses the autotuner)
+            os.environ["FASTMASK_ATTN_AUTOTUNE"] = "0"
+            for L, D, H in ATTENTION:
+                hd = D // H
+                al._fixed_choice.clear()
+                qkv = _meta(B, L, 3, H, hd, dtype=dt)
+                out, lse = _meta(B, L, D, dtype=dt), _meta(B, H, L, dtype=torch.float32)
+                cs = _meta(N, hd, dtype=torch.float32)
+                ids = torch.empty(B, L, dtype=torch.int64, device="meta") if L < N else None
+                w = _meta(hd, dtype=torch.float32)
+                pro = (cs, cs, ids, w, w, 1e-6)
+                for call in (lambda: fk.attention_rope_fwd(qkv, hd**-0.5, *pro),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=False),
+                             lambda: fk.attention_rope_bwd(out, qkv, out, lse, hd**-0.5, *pro, deterministic=True)):
+                    before = len(cap.launches)
+                    with cap.tag(op="attention_rope", shape=f"L={L} H={H} hd={hd}" + (" ids" if ids is not None else ""),
+                                 dtype=dname):
+                        call()
+                    for ln in cap.launches[before:]:
+                        ln.kind = _attention_kind(ln)
             for D in WIDTHS:
                 L = K if D == 1152 else N
                 x, y = _meta(B, L, D, dtype=dt), _meta(B, L, D, dtype=dt)
@@ -190,6 +213,15 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                         fk.residual_layernorm_modulate_fwd(x, y, vec, vec, vec, 1e-6),
                         fk.residual_layernorm_modulate_bwd(x, x, x, y, vec, vec, mean, rstd)),
                 }
+                w = _meta(D, dtype=torch.float32)
+                calls["rmsnorm_modulate"] = lambda: (fk.rmsnorm_modulate_fwd(x, vec, vec, w, 1e-6),
+                                                     fk.rmsnorm_modulate_bwd(x, x, vec, w, rstd))
+                calls["residual_rmsnorm_modulate"] = lambda: (
+                    fk.residual_rmsnorm_modulate_fwd(x, y, vec, vec, vec, w, 1e-6),
+                    fk.residual_rmsnorm_modulate_bwd(x, x, x, y, vec, vec, w, rstd))
+                F_mlp = int(2 / 3 * 4 * D)
+                ab = _meta(B, L, 2 * F_mlp, dtype=dt)
+                calls["swiglu"] = lambda: (fk.swiglu_fwd(ab), fk.swiglu_bwd(_meta(B, L, F_mlp, dtype=dt), ab))
                 ids = torch.empty(B, K, dtype=torch.int64, device="meta")
                 pos = _meta(N, D, dtype=torch.float32)
                 full, vis = _meta(B, N, D, dtype=dt), _meta(B, K, D, dtype=dt)
@@ -204,6 +236,7 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 fk.dsm_mae_loss_fwd(F, _meta(B, N, P, dtype=torch.float32), _meta(B, N, P, dtype=torch.float32),
                                     _meta(B, dtype=torch.float32), _meta(B, N, dtype=torch.float32), 0.1, 0.5)
     os.environ.pop("FASTMASK_ATTN_AUTOTUNE", None)
+    _env.reload()
     return cap.launches
 
 
@@ -218,6 +251,143 @@ def _attention_kind(ln: Launch) -> str:
         ):
             return kind
     return ""
+
+
+# ----------------------------------------------------------------------------- bytes moved
+# The memory-bound ops at DiT-XL/2 shapes (LightningDiT's RMSNorm and SwiGLU ops at the same widths): the bytes their launches move, counted from the
+# captured launches, against the bytes the op must move (benchmarks/bench_ops.minimum_bytes).
+# The launchers plan their programs for an H100/H200 (132 SMs): split reductions size their
+# fp32 partial buffers from the SM count, and those partials are traffic no op needs.
+SM90_SMS = 132
+BYTES_LIMIT = 1.10  # every op within 10% of its minimum (tests/test_static_gpu.py)
+
+# Tensor arguments a kernel touches only in part; every other tensor argument is read or
+# written whole (each tensor counted once per launch: the launchers pass one tensor for the
+# pointers a constexpr switch leaves unused). kernel -> {argument: fraction touched}.
+_PARTIAL_ARGS = {
+    "_gather_fwd_kernel": {"X": lambda a: a["K"] / a["N"]},  # the kept rows of x
+    # reads the inverse ids at the kept tokens, writes only rows no kept token owns (none here)
+    "_zero_orphan_rows_kernel": {"INV": lambda a: a["K"] / a["N"], "GXV": lambda a: 0.0},
+}
+
+
+def launch_bytes(ln: Launch) -> int:
+    """Bytes a captured launch reads and writes (see _PARTIAL_ARGS for the exceptions)."""
+    names = ln.fn.arg_names
+    args = dict(zip(names, ln.args))
+    args.update({k: v for k, v in ln.kwargs.items() if k in names})
+    partial = _PARTIAL_ARGS.get(ln.fn.__name__, {})
+    seen, total = set(), 0
+    for name, v in args.items():
+        if isinstance(v, torch.Tensor) and id(v) not in seen:
+            seen.add(id(v))
+            frac = partial[name](args) if name in partial else 1.0
+            total += int(v.numel() * v.element_size() * frac)
+    return total
+
+
+def byte_count(dtypes: list[str]) -> list[dict]:
+    """One row per (op, shape, dtype, mode, variant): bytes moved, the minimum, their ratio."""
+    from benchmarks.bench_ops import minimum_bytes
+    from fastmask import kernels as fk
+    from fastmask.kernels import _utils, norm, tokens
+
+    def F_of(D):  # LightningDiT's SwiGLU width for a block of width D
+        return int(2 / 3 * 4 * D)
+
+    rows = []
+    cap = _Capture()
+    saved = {m: m.target_programs for m in (norm, tokens)}
+    try:
+        for m in saved:
+            m.target_programs = lambda t: 8 * SM90_SMS  # what _utils.target_programs gives on that GPU
+        with cap:
+            for dname in dtypes:
+                dt = DTYPES[dname]
+                e = torch.empty((), dtype=dt).element_size()
+                for D in WIDTHS:
+                    L = K if D == 1152 else N
+                    # one tensor per argument (a launch counts each tensor once)
+                    act = lambda: _meta(B, L, D, dtype=dt)  # noqa: E731
+                    vec = lambda: _meta(B, D, dtype=dt)  # noqa: E731
+                    stat = lambda: _meta(B, L, dtype=torch.float32)  # noqa: E731
+                    ids = torch.empty(B, K, dtype=torch.int64, device="meta")
+                    pos = _meta(N, D, dtype=torch.float32)
+                    full, vis = _meta(B, N, D, dtype=dt), _meta(B, K, D, dtype=dt)
+                    mt = _meta(D, dtype=torch.float32)
+                    calls = [
+                        ("layernorm_modulate", "", "forward", lambda: fk.layernorm_modulate_fwd(act(), vec(), vec(), 1e-6)),
+                        ("layernorm_modulate", "", "backward",
+                         lambda: fk.layernorm_modulate_bwd(act(), act(), vec(), stat(), stat())),
+                        ("gated_residual", "", "forward", lambda: fk.gated_residual_fwd(act(), act(), vec())),
+                        ("gated_residual", "", "backward", lambda: fk.gated_residual_bwd(act(), act(), vec())),
+                        ("residual_layernorm_modulate", "", "forward",
+                         lambda: fk.residual_layernorm_modulate_fwd(act(), act(), vec(), vec(), vec(), 1e-6)),
+                        ("residual_layernorm_modulate", "", "backward",
+                         lambda: fk.residual_layernorm_modulate_bwd(act(), act(), act(), act(), vec(), vec(), stat(), stat())),
+                        ("rmsnorm_modulate", "", "forward",
+                         lambda: fk.rmsnorm_modulate_fwd(act(), vec(), vec(), _meta(D, dtype=torch.float32), 1e-6)),
+                        ("rmsnorm_modulate", "", "backward",
+                         lambda: fk.rmsnorm_modulate_bwd(act(), act(), vec(), _meta(D, dtype=torch.float32), stat())),
+                        ("residual_rmsnorm_modulate", "", "forward",
+                         lambda: fk.residual_rmsnorm_modulate_fwd(act(), act(), vec(), vec(), vec(),
+                                                                  _meta(D, dtype=torch.float32), 1e-6)),
+                        ("residual_rmsnorm_modulate", "", "backward",
+                         lambda: fk.residual_rmsnorm_modulate_bwd(act(), act(), act(), act(), vec(), vec(),
+                                                                  _meta(D, dtype=torch.float32), stat())),
+                        ("swiglu", "", "forward", lambda: fk.swiglu_fwd(_meta(B, L, 2 * F_of(D), dtype=dt))),
+                        ("swiglu", "", "backward", lambda: fk.swiglu_bwd(_meta(B, L, F_of(D), dtype=dt),
+                                                                         _meta(B, L, 2 * F_of(D), dtype=dt))),
+                        ("gather_tokens", "", "forward", lambda: fk.gather_tokens_fwd(full, ids, pos)),
+                        ("gather_tokens", "", "backward", lambda: fk.gather_tokens_bwd(vis, ids, N, False)),
+                        ("gather_tokens", "pos_grad", "backward", lambda: fk.gather_tokens_bwd(vis, ids, N, True)),
+                        ("unmask_tokens", "", "forward", lambda: fk.unmask_tokens_fwd(vis, ids, mt, N, pos)),
+                        ("unmask_tokens", "", "backward", lambda: fk.unmask_tokens_bwd(full, ids, False)),
+                        ("unmask_tokens", "pos_grad", "backward", lambda: fk.unmask_tokens_bwd(full, ids, True)),
+                    ]
+                    for op, variant, mode, call in calls:
+                        before = len(cap.launches)
+                        with cap.tag(op=op, shape="", dtype=dname):
+                            call()
+                        moved = sum(launch_bytes(ln) for ln in cap.launches[before:])
+                        dims = dict(B=B, D=D, L=L) if "tokens" not in op else dict(B=B, D=D, N=N, K=K)
+                        least = minimum_bytes(op, e=e, pos_grad=variant == "pos_grad", **dims)[mode]
+                        shape = f"L={L} D={D}" if "tokens" not in op else f"N={N} K={K} D={D}"
+                        rows.append(dict(op=op, variant=variant, mode=mode, dtype=dname, shape=shape, bytes=moved,
+                                         minimum=least, ratio=moved / least,
+                                         launches=[ln.fn.__name__ for ln in cap.launches[before:]]))
+                F = _meta(B, N, P, dtype=dt)
+                before = len(cap.launches)
+                with cap.tag(op="dsm_mae_loss", shape="", dtype=dname):
+                    fk.dsm_mae_loss_fwd(F, _meta(B, N, P, dtype=torch.float32), _meta(B, N, P, dtype=torch.float32),
+                                        _meta(B, dtype=torch.float32), _meta(B, N, dtype=torch.float32), 0.1, 0.5)
+                moved = sum(launch_bytes(ln) for ln in cap.launches[before:])
+                # one pass gives the loss and dLoss/dF: against the minimum of both
+                least = minimum_bytes("dsm_mae_loss", B=B, N=N, P=P, e=e)["backward"]
+                rows.append(dict(op="dsm_mae_loss", variant="", mode="forward+backward", dtype=dname,
+                                 shape=f"N={N} P={P}", bytes=moved, minimum=least, ratio=moved / least,
+                                 launches=[ln.fn.__name__ for ln in cap.launches[before:]]))
+    finally:
+        for m, f in saved.items():
+            m.target_programs = f
+    return rows
+
+
+def bytes_markdown(rows: list[dict]) -> list[str]:
+    worst = max(rows, key=lambda r: r["ratio"]) if rows else None
+    lines = ["", "## Bytes moved by the memory-bound ops", "",
+             f"Counted from the launches the launchers make at DiT-XL/2 shapes (batch {B}), planned for an "
+             f"H100/H200 ({SM90_SMS} SMs): each tensor argument of a launch read or written once (the kept rows "
+             "of a gather's input), fp32 partial buffers included; against `benchmarks/bench_ops.minimum_bytes`. "
+             f"Limit {BYTES_LIMIT:.2f}x" + (f"; worst {worst['ratio']:.3f}x ({worst['op']} {worst['mode']}, "
+                                              f"{worst['dtype']}, {worst['shape']})." if worst else "."), "",
+             "| op | mode | dtype | shape | MB moved | MB minimum | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        op = r["op"] + (f" ({r['variant']})" if r["variant"] else "")
+        ratio = f"{r['ratio']:.3f}"
+        lines.append(f"| {op} | {r['mode']} | {r['dtype']} | {r['shape']} | {r['bytes'] / 1e6:.2f} | "
+                     f"{r['minimum'] / 1e6:.2f} | {'**' + ratio + '**' if r['ratio'] > BYTES_LIMIT else ratio} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- compile
@@ -412,11 +582,10 @@ def cuda_report(archs: list[int], jobs: int | None = None) -> list[dict]:
     (source, arch) compiles run in parallel (``jobs``, default the CPU count); rows come in
     source order, then arch order."""
     import concurrent.futures
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_fastmask_csrc_build_static", ROOT / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    from fastmask.cuda_ext import build_module  # csrc/build.py, loaded in one place
+
+    build = build_module()
     build.ensure_cuda_home()
     if build.nvcc_path() is None:
         return [{"error": "nvcc not found"}]
@@ -524,6 +693,8 @@ def markdown(rows: list[dict], cuda_rows: list[dict], meta: dict) -> str:
             f"| {r['kernel']} | {op} | {r['dtype']} | {r['shape']} | {cfg} | {r['role']} | sm_{r['arch']} | {r.get('regs')} "
             f"| {'**' + str(spill) + '**' if spill else spill} | {r['shared'] / 1024:.1f} | {r.get('blocks_per_sm')} "
             f"| {'yes' if r.get('wgmma') else ('mma' if r.get('mma') else '-')} | {'yes' if r.get('pruned') else '-'} |")
+    if meta.get("bytes"):
+        lines += bytes_markdown(meta["bytes"])
     if cuda_rows:
         bad = [r for r in cuda_rows if r.get("error") or r.get("spill_stores") or r.get("spill_loads")]
         lines += ["", "## CUDA C++ (nvcc -Xptxas -v)", "",
@@ -550,12 +721,16 @@ def _prepare_env() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    if "fastmask._env" in sys.modules:  # imported before (as a module, not a script): read it again
+        sys.modules["fastmask._env"].reload()
 
 
-def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[list[dict], list[dict], dict]:
+def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None, ops=None) -> tuple[list[dict], list[dict], dict]:
     _prepare_env()
     t0 = time.time()
     launches = capture_launches(dtypes, defaults_only, archs)
+    if ops:
+        launches = [ln for ln in launches if ln.op in ops]
     rows = compile_all(launches, archs, jobs or min(os.cpu_count() or 1, 16))
     cuda_rows = cuda_report(archs, jobs) if with_cuda else []
     meta = {
@@ -567,6 +742,7 @@ def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None) -> tuple[
         "cached": sum(1 for r in rows if r.get("cached")),
         "seconds": time.time() - t0,
         "sources": kernel_sources_hash(),
+        "bytes": byte_count(dtypes),
     }
     return rows, cuda_rows, meta
 
@@ -587,6 +763,7 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="only the configs used without autotuning")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, at most 16)")
+    ap.add_argument("--ops", default=None, help="only these ops' launches, comma-separated (default: every op)")
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -598,7 +775,8 @@ def main(argv=None) -> int:
         ap.error("--targets: expected compute capabilities like 90,80")
     if any(a not in TARGETS for a in archs):
         ap.error(f"--targets: expected some of {list(TARGETS)}")
-    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()} if args.ops else None
+    rows, cuda_rows, meta = run(dtypes, archs, args.defaults_only, not args.no_cuda, args.jobs, ops)
     md = markdown(rows, cuda_rows, meta)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"static_{_dt.date.today():%Y%m%d}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,3 +7,7 @@ the ``eps`` argument of the norm launchers."""
 LN_EPS = 1e-6
 #: epsilon in the MAE target's per-token normalisation, (x - mean) / sqrt(var + MAE_EPS)
 MAE_EPS = 1e-6
+#: RMSNorm epsilon of the block norms (LightningDiT models/rmsnorm.py: RMSNorm(dim, eps=1e-6))
+RMS_EPS = 1e-6
+#: epsilon of the per-head q/k RMSNorm (LightningDiT and SPRINT: eps 1e-6)
+QK_NORM_EPS = 1e-6

@@ -6,7 +6,7 @@ time by :func:`build_jit`. The dispatcher (:mod:`fastmask.ops.dispatch`) imports
 module and asks :func:`not_supported_reasons` whether the backend can run a call: the
 device, the dtypes and the build state (:func:`unavailable_reason`), every reason at once.
 
-Every launcher has the signature written down in :mod:`fastmask.ops.backend_protocol`, takes contiguous CUDA
+Every launcher has the signature declared with its op in :mod:`fastmask.ops.registry`, takes contiguous CUDA
 tensors, allocates its outputs with ``torch.empty`` / ``torch.empty_like`` (the tests
 poison those to catch unwritten elements), converts the small per-sample vectors
 (shift, scale, gate: [B, D]) to fp32 and the position table and mask token to the
@@ -25,6 +25,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from . import _env
 
 _ext: ModuleType | None = None
 _import_error: str | None = None
@@ -74,10 +76,24 @@ def not_supported_reasons(op: str, tensors) -> list[str]:
     bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in DTYPES})
     if bad:
         out.append(f"dtype {', '.join(bad)} is not supported by the CUDA kernels (float32, float16, bfloat16)")
+    if op in _TRITON_ONLY:
+        out.append(_TRITON_ONLY[op])
     build = unavailable_reason()
     if build:
         out.append(build)
     return out
+
+
+# Ops of the modern (LightningDiT-style) blocks that csrc/ leaves to Triton, and why.
+_TRITON_ONLY = {
+    "attention_rope": "the CUDA C++ sources have no attention kernel; the Triton flash kernels carry the "
+                      "RoPE / qk-norm prologue",
+    "rmsnorm_modulate": "no RMSNorm kernels in csrc/: the Triton norm kernels serve RMSNorm with an RMS switch, "
+                        "and no benchmark yet shows a CUDA C++ version would be faster",
+    "residual_rmsnorm_modulate": "no RMSNorm kernels in csrc/: the Triton norm kernels serve RMSNorm with an RMS "
+                                 "switch, and no benchmark yet shows a CUDA C++ version would be faster",
+    "swiglu": "no SwiGLU kernel in csrc/: a memory-bound elementwise op that the Triton kernel already serves",
+}
 
 
 def _C() -> ModuleType:
@@ -140,18 +156,20 @@ def build_jit(verbose: bool = False, archs=None) -> ModuleType:
         archs = (f"{major}{minor}",)
     ext = cpp_extension.load(**build.jit_kwargs(archs), verbose=verbose)
     _ext, _import_error = ext, None  # not_supported_reasons() now sees the built backend
+    _env.reload()  # and the dispatcher forgets the choices it cached without it
     return ext
 
 
 # ------------------------------------------------------------------------------ helpers
 def _f32(v: Tensor) -> Tensor:
-    """A small per-sample vector as contiguous, 16-byte aligned fp32 (vector loads)."""
+    """A small per-sample vector or the position table as contiguous, 16-byte aligned fp32
+    (vector loads; pos is added in fp32 and the sum rounded once)."""
     v = v.to(torch.float32).contiguous()
     return v if v.data_ptr() % 16 == 0 else v.clone()
 
 
 def _as(t: Tensor | None, like: Tensor) -> Tensor | None:
-    """t in like's dtype, contiguous (pos, mask token: the reference adds them in that dtype)."""
+    """t in like's dtype, contiguous (the mask token: the reference casts it to x_vis's dtype)."""
     if t is None:
         return None
     t = t.to(like.dtype).contiguous()
@@ -170,7 +188,7 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
 def gather_tokens_fwd(x: Tensor, ids_keep: Tensor, pos: Tensor | None) -> Tensor:
     B, N, D = x.shape
     out = torch.empty(B, ids_keep.shape[1], D, device=x.device, dtype=x.dtype)
-    _C().gather_tokens_fwd(out, x, ids_keep, _as(None if pos is None else pos.reshape(N, D), x))
+    _C().gather_tokens_fwd(out, x, ids_keep, None if pos is None else _f32(pos.reshape(N, D)))
     return out
 
 
@@ -188,7 +206,7 @@ def unmask_tokens_fwd(
     B, K, D = x_vis.shape
     out = torch.empty(B, num_tokens, D, device=x_vis.device, dtype=x_vis.dtype)
     pos = None if pos is None else pos.reshape(num_tokens, D)
-    _C().unmask_tokens_fwd(out, x_vis, ids_keep, _as(mask_token.reshape(D), x_vis), _as(pos, x_vis))
+    _C().unmask_tokens_fwd(out, x_vis, ids_keep, _as(mask_token.reshape(D), x_vis), None if pos is None else _f32(pos))
     return out
 
 
@@ -239,7 +257,7 @@ def residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: T
     return x_new, out, mean, rstd
 
 
-def residual_layernorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd):  # see backend_protocol
+def residual_layernorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd):  # see fastmask.ops.registry
     grad_x = torch.empty_like(x_new)
     grad_y = torch.empty_like(y)
     grad_gate = torch.empty_like(gate)

@@ -90,10 +90,13 @@ class ImageSource:
                 if not self.files:
                     raise UsageError(f"{flag}: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {str(p)!r}")
             elif p.suffix == ".npz" and p.is_file():
-                with np.load(p) as z:
+                with _open_npz(p, flag) as z:
                     if "arr_0" not in z.files:
                         raise UsageError(f"{flag}: {str(p)!r} has no image array 'arr_0' (keys: {z.files})")
-                    self.array = z["arr_0"]
+                    try:
+                        self.array = z["arr_0"]
+                    except Exception as e:
+                        raise UsageError(f"{flag}: cannot read the images arr_0 of {str(p)!r} ({type(e).__name__})") from None
             elif p.suffix == ".npy" and p.is_file():
                 self.array = np.load(p, mmap_mode="r")
             else:
@@ -112,6 +115,18 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)
+
+    def check_files(self) -> None:
+        """Open every image file (headers and data checked, nothing decoded into memory): an
+        unreadable one is named now rather than in the middle of an Inception pass."""
+        from PIL import Image
+
+        for f in self.files or ():
+            try:
+                with Image.open(f) as im:
+                    im.verify()
+            except Exception as e:
+                raise UsageError(f"{self.flag}: cannot read image {str(f)!r} ({type(e).__name__})") from None
 
     def _load(self, f) -> np.ndarray:
         from PIL import Image
@@ -139,16 +154,32 @@ class ImageSource:
                 yield torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
 
 
-def read_stats(path) -> tuple[np.ndarray, np.ndarray] | None:
+def _open_npz(p: Path, flag: str):
+    try:
+        return np.load(p)
+    except Exception as e:
+        raise UsageError(f"{flag}: cannot read {str(p)!r} as an .npz file ({type(e).__name__})") from None
+
+
+def read_stats(path, flag: str = "--ref") -> tuple[np.ndarray, np.ndarray] | None:
     """(mu, sigma) from an ``.npz`` holding ``mu`` and ``sigma`` (ADM reference batches,
-    ``fastmask fid --save-stats``), or None when it has none."""
+    ``fastmask fid --save-stats``), or None when it has none. Statistics that are not mu [D]
+    and sigma [D, D] of finite numbers, or a file that does not read, are refused naming ``flag``."""
     p = Path(path)
     if p.suffix != ".npz" or not p.is_file():
         return None
-    with np.load(p) as z:
-        if "mu" in z.files and "sigma" in z.files:
-            return np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-    return None
+    with _open_npz(p, flag) as z:
+        if "mu" not in z.files or "sigma" not in z.files:
+            return None
+        try:
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+        except Exception as e:
+            raise UsageError(f"{flag}: cannot read the statistics mu/sigma in {str(p)!r} ({type(e).__name__})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+        raise UsageError(f"{flag}: expected statistics mu [D] and sigma [D, D] in {str(p)!r}, got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UsageError(f"{flag}: the statistics in {str(p)!r} hold NaN or infinite values")
+    return mu, sigma
 
 
 def has_images(path) -> bool:
@@ -156,7 +187,7 @@ def has_images(path) -> bool:
     if p.is_dir():
         return True
     if p.suffix == ".npz" and p.is_file():
-        with np.load(p) as z:
+        with _open_npz(p, "--ref") as z:
             return "arr_0" in z.files
     return p.suffix == ".npy" and p.is_file()
 
@@ -232,6 +263,8 @@ def compute(
     Inception network loaded from ``inception`` (a module: uint8 images -> (pool, logits))."""
     require_torch_fidelity()
     src = ImageSource(samples, "--samples", limit=num)
+    # The reference is read and checked whole before any feature is extracted: a corrupt one
+    # is reported at once, not after the samples' Inception pass.
     ref_stats = read_stats(reference) if not isinstance(reference, (np.ndarray, torch.Tensor)) else None
     if ref_stats is None and not isinstance(reference, (np.ndarray, torch.Tensor)):
         rp = Path(reference)
@@ -240,6 +273,14 @@ def compute(
     need_ref_images = ref_stats is None or prc
     if need_ref_images and not isinstance(reference, (np.ndarray, torch.Tensor)) and not has_images(reference):
         raise UsageError(f"--ref: {str(reference)!r} holds statistics only; precision/recall (--prc) needs its images")
+    ref_src = None
+    if need_ref_images:
+        ref_src = ImageSource(reference, "--ref")
+        ref_src.check_files()
+        if len(ref_src) < 2:
+            raise UsageError(f"--ref: FID needs at least 2 reference images, {ref_src.name} has {len(ref_src)}")
+    if ref_stats is not None and extractor is None and ref_stats[0].shape[0] != int(POOL):
+        raise UsageError(f"--ref: its statistics have {ref_stats[0].shape[0]} features, the Inception pool gives {POOL}")
     if len(src) < 2:
         raise UsageError(f"--samples: FID needs at least 2 images, {src.name} has {len(src)}")
     if extractor is None:
@@ -249,7 +290,6 @@ def compute(
     result = {"num_samples": len(src), "samples": src.name}
     ref_feats = None
     if need_ref_images:
-        ref_src = ImageSource(reference, "--ref")
         ref_feats = extract_features(ref_src, extractor, batch_size=batch_size, device=device, progress=progress)
         result["num_reference"] = len(ref_src)
     if ref_stats is not None:
@@ -287,7 +327,8 @@ def compute(
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
-    from .presets import DEVICE, MAX_SAMPLES, Check, arg_type, field_check
+    from .presets import field_check
+    from .values import DEVICE, MAX_SAMPLES, Check, arg_type
 
     parser.add_argument("--samples", required=True, metavar="PATH",
                         help="generated images: a folder, or an .npz with arr_0 uint8 [N, H, W, 3]")
@@ -311,7 +352,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .presets import check_out_file, resolve_device
+    from .values import check_out_file, resolve_device
 
     resolve_device(args.device)  # the flags first: a bad one fails before any image is read
     check_out_file(args.out, "--out")

@@ -26,7 +26,8 @@ _BACKEND_ROLE = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .presets import RATIO, arg_type, field_check
+    from .presets import field_check
+    from .values import RATIO, arg_type
 
     p.add_argument("--model", default="XL/2", type=arg_type(field_check("model"), "model"),
                    help="MaskDiT config whose op shapes are checked (default XL/2)")
@@ -85,7 +86,7 @@ def example_calls(model: str, device: str, dtype: torch.dtype, batch: int, mask_
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .models.configs import model_kwargs
-    from .ops import num_kept
+    from .ops import num_kept, registry
 
     try:
         kw = model_kwargs(model, masked=True)
@@ -98,26 +99,23 @@ def example_calls(model: str, device: str, dtype: torch.dtype, batch: int, mask_
     p = kw["patch_size"]
     B, N, P = batch, (input_size // p) ** 2, p * p * LATENT_CHANNELS
     K = num_kept(N, mask_ratio)
-    f32 = torch.float32
+    stages = (
+        ("encoder", K, kw["hidden_size"], kw["num_heads"]),
+        ("decoder", N, kw["decoder_hidden_size"], kw["decoder_num_heads"]),
+        ("output", N, kw["decoder_hidden_size"], kw["decoder_num_heads"]),
+    )
+    calls = []
     with FakeTensorMode():
-        def t(*shape, dt=dtype):
-            return torch.empty(*shape, device=device, dtype=dt)
+        def t(*shape, dt=None):
+            return torch.empty(*shape, device=device, dtype=dt or dtype)
 
-        calls = [("gather_tokens", f"x [{B}, {N}, {kw['hidden_size']}] -> {K} kept", (t(B, N, kw["hidden_size"]), t(N, kw["hidden_size"], dt=f32)))]
-        for part, (L, D, H) in (
-            ("encoder", (K, kw["hidden_size"], kw["num_heads"])),
-            ("decoder", (N, kw["decoder_hidden_size"], kw["decoder_num_heads"])),
-        ):
-            x, vec = t(B, L, D), t(B, D)
-            if part == "decoder":
-                calls.append(("unmask_tokens", f"x_vis [{B}, {K}, {D}] -> {N} tokens", (t(B, K, D), t(D, dt=f32), t(N, D, dt=f32))))
-            calls += [
-                ("layernorm_modulate", f"{part} x [{B}, {L}, {D}]", (x, vec, vec)),
-                ("attention", f"{part} qkv [{B}, {L}, 3, {H}, {D // H}], head dim {D // H}", (t(B, L, 3, H, D // H),)),
-                ("residual_layernorm_modulate", f"{part} x [{B}, {L}, {D}]", (x, x, vec, vec, vec)),
-                ("gated_residual", f"{part} x [{B}, {L}, {D}]", (x, x, vec)),
-            ]
-        calls.append(("dsm_mae_loss", f"F [{B}, {N}, {P}]", (t(B, N, P), t(B, N, P), t(B, N, P))))
+        for part, L, D, H in stages:  # each declared op says what it sees in each stage
+            e = registry.Example(part=part, B=B, N=N, K=K, L=L, D=D, H=H, P=P, t=t)
+            # the token ops open their stage (gather before the encoder, unmask before the decoder)
+            for op, decl in sorted(registry.OPS.items(), key=lambda kv: kv[1].category != "gather/unmask"):
+                got = decl.example(e) if decl.example is not None else None
+                if got is not None:
+                    calls.append((op, *got))
     return calls
 
 

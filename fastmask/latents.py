@@ -178,6 +178,16 @@ def settings_key(s: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- extraction
+RESOLUTION_RULE = "any multiple of 8 from 8 to 4096 (ImageNet: 256 or 512)"
+
+
+def check_resolution(resolution) -> int:
+    """The centre-crop size, checked by the one rule that ``--resolution``'s help states."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 4096 or resolution % 8:
+        raise UsageError(f"--resolution: expected {RESOLUTION_RULE}; got {resolution}")
+    return resolution
+
+
 def extract(
     images,
     out,
@@ -207,8 +217,7 @@ def extract(
     from . import vae as vae_mod
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    if resolution < 8 or resolution % 8:
-        raise UsageError(f"--resolution: expected a positive multiple of 8 (256 or 512 for ImageNet), got {resolution}")
+    check_resolution(resolution)
     if shard_size < 1:
         raise UsageError(f"--shard-size: expected at least 1, got {shard_size}")
     if batch_size < 1:
@@ -411,7 +420,8 @@ def check_manifest(cfg) -> dict | None:
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
-    from .presets import COUNT, DEVICE, Check, arg_type, field_check
+    from .presets import field_check
+    from .values import COUNT, DEVICE, Check, arg_type
 
     parser.add_argument("--images", required=True, metavar="DIR",
                         help="image folder: one sub-folder per class (ImageNet layout), or flat with --labels")
@@ -422,7 +432,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vae", default=None, metavar="PATH_OR_ID",
                         help="diffusers AutoencoderKL: a local folder or a hub id (online); 'mse'/'ema' for "
                         "stabilityai/sd-vae-ft-mse / -ema (default: stabilityai/sd-vae-ft-mse, scale 0.18215)")
-    parser.add_argument("--resolution", type=arg_type(Check(int, lo=8, hi=4096), "count"), default=256, help="centre-crop size in pixels (256 or 512)")
+    def resolution(text: str) -> int:
+        import argparse
+
+        value = arg_type(Check(int), "count")(text)
+        try:
+            return check_resolution(value)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+    parser.add_argument("--resolution", type=resolution, default=256,
+                        help=f"centre-crop size in pixels: {RESOLUTION_RULE}")
     parser.add_argument("--flip", action="store_true", help="also store the horizontal mirror of every image")
     parser.add_argument("--shard-size", type=arg_type(COUNT, "count"), default=10_000, help="images per shard (also the resume unit)")
     parser.add_argument("--batch-size", type=arg_type(field_check("batch_size"), "count"), default=64, help="images per VAE batch")
@@ -436,7 +456,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .presets import make_out_dir, resolve_device
+    from .values import make_out_dir, resolve_device
 
     resolve_device(args.device)  # before the (slow) VAE load: a bad --device or --out fails at once
     make_out_dir(args.out)

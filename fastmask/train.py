@@ -107,14 +107,19 @@ def distributed_info(device: str = "auto"):
     return rank, world, dev
 
 
-def mask_ratio_at(cfg: TrainConfig, step: int, phase: int) -> float:
+def mask_ratio_at(cfg: TrainConfig, step: int, phase: int, progress: float | None = None) -> float:
+    """The mask ratio of a step. The schedule's position t in [0, 1] is ``progress`` if given,
+    else step / (steps - 1). A run without ``steps`` (a ``minutes`` budget) has no step count to
+    divide by: the trainer passes the elapsed fraction of the time budget (:meth:`Trainer._mask_ratio`)."""
     if phase == 2:
         return 0.0
     r0 = cfg.mask_ratio
     r1 = cfg.mask_ratio if cfg.mask_ratio_end is None else cfg.mask_ratio_end
     if cfg.mask_schedule == "constant" or r0 == r1:
         return r0
-    t = min(step / max((cfg.steps or 1) - 1, 1), 1.0)
+    if progress is None and cfg.steps is None:
+        raise ValueError("progress: a run without steps schedules its mask ratio by the elapsed fraction of minutes")
+    t = min(max(float(progress), 0.0), 1.0) if progress is not None else min(step / max(cfg.steps - 1, 1), 1.0)
     if cfg.mask_schedule == "linear":
         return r0 + (r1 - r0) * t
     return r1 + (r0 - r1) * 0.5 * (1 + math.cos(math.pi * t))
@@ -179,7 +184,8 @@ class _LossModule(nn.Module):
 
     def forward(self, y, labels, drop, sigma, noise, ids_keep):  # sigma: the times t under flow
         return self.precond.loss_given(
-            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False
+            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False,
+            check_sigma=False,
         )
 
 
@@ -289,6 +295,7 @@ class Trainer:
         self.phase1_end: int | None = None  # the step at which the last phase 1 ended
         self.p1_steps = 0  # phase-1 (masked) steps done, over every resume
         self.elapsed = {"1": 0.0, "2": 0.0}
+        self.mask_sched: dict | None = None  # the last mask ratio and the schedule position it came from
         self.last_ckpt: tuple[int, Path] | None = None
         self._interrupted = 0  # the signal number of a pending stop request
         self._aborted = False
@@ -322,6 +329,7 @@ class Trainer:
             "phase1_end": self.phase1_end,
             "phase1_steps": self.p1_steps,
             "elapsed": self.elapsed,
+            "mask_schedule": self.mask_sched,  # what the last step's mask ratio was computed from
             "world_size": self.world,
             "data_shape": list(self.data.shape),
             "data_kind": self.data.kind,
@@ -402,6 +410,7 @@ class Trainer:
         p1 = extra.get("phase1_steps")
         self.p1_steps = int(p1) if p1 is not None else (self.phase1_end if self.phase1_end is not None else self.step)
         self.elapsed = {str(k): float(v) for k, v in extra.get("elapsed", self.elapsed).items()}
+        self.mask_sched = extra.get("mask_schedule")
         self.last_ckpt = (self.step, path)
         if self.phase1_end is not None:
             # phase 1 ended before; a larger step count or time budget continues it (after a
@@ -637,7 +646,7 @@ class Trainer:
                     "loss": loss,
                     "dsm": dsm,
                     "mae": mae,
-                    "mask_ratio": mask_ratio_at(self.cfg, self._sched_step(phase) - 1, phase),
+                    "mask_ratio": self.mask_sched["ratio"] if phase == 1 and self.mask_sched else 0.0,
                     "lr": lr_at(self.cfg, self._sched_step(phase) - 1, phase),
                     "img_per_s": ips,
                     "elapsed_s": sum(self.elapsed.values()),
@@ -663,7 +672,7 @@ class Trainer:
         )
         return NonFiniteLossError(
             f"training stopped: the loss is {value} at step {bad} (phase {phase}, mask ratio "
-            f"{mask_ratio_at(self.cfg, sched, phase)}, lr {lr_at(self.cfg, sched, phase):g}); {last}. "
+            f"{(self.mask_sched or {}).get('ratio') if phase == 1 and self.cfg.steps is None else mask_ratio_at(self.cfg, sched, phase)}, lr {lr_at(self.cfg, sched, phase):g}); {last}. "
             "Lower the lr or set grad_clip, then resume from that checkpoint."
         )
 
@@ -685,7 +694,7 @@ class Trainer:
     def _train_step(self, phase: int) -> None:
         cfg, dev = self.cfg, self.device
         step = self.step
-        ratio = mask_ratio_at(cfg, self._sched_step(phase), phase)
+        ratio = self._mask_ratio(phase)
         lr = lr_at(cfg, self._sched_step(phase), phase)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -733,6 +742,20 @@ class Trainer:
         self.p1_steps += phase == 1
         self._step_t += 1
         self._in_update = False
+
+    def _mask_ratio(self, phase: int) -> float:
+        """The mask ratio of the next step, recorded (``self.mask_sched``, saved in checkpoints).
+        A run with ``steps`` schedules by phase-1 steps; a minutes-only run by the elapsed fraction
+        of its phase-1 time budget. That elapsed time is saved and restored, so a resumed run
+        continues the schedule from exactly where it stopped."""
+        cfg = self.cfg
+        progress = None
+        if phase == 1 and cfg.steps is None and cfg.minutes is not None:
+            progress = min(self.elapsed["1"] / (cfg.minutes * 60), 1.0) if cfg.minutes > 0 else 1.0
+        ratio = mask_ratio_at(cfg, self._sched_step(phase), phase, progress)
+        self.mask_sched = {"by": "steps" if progress is None else "minutes", "step": self._sched_step(phase),
+                           "progress": progress, "ratio": ratio}
+        return ratio
 
     def _sched_step(self, phase: int) -> int:
         """The step the schedules (mask ratio, lr warm-up) see: phase-1 steps in phase 1."""

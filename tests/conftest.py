@@ -37,3 +37,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """fastmask reads its environment variables once (at import, and on reload); a test that
+    changed them with monkeypatch has them restored by its teardown, so read them again after."""
+    yield
+    import sys
+
+    env = sys.modules.get("fastmask._env")
+    if env is not None:
+        env.reload()

@@ -120,3 +120,40 @@ def test_block_bad_inputs():
         blk(torch.randn(2, 5, 16), torch.randn(3, 16))
     with pytest.raises(ValueError, match="num_heads"):
         MaskedDiTBlock(16, 3)
+
+
+def test_input_of_another_dtype_than_the_weights_is_named():
+    """fp64 activations into fp32 weights: a ValueError naming the input, its dtype and the
+    expected one, from the block and from every other module that takes activations."""
+    from fastmask.nn import FinalLayer, PatchEmbed
+    from fastmask.nn.block import Attention, Mlp
+
+    torch.manual_seed(0)
+    blk = MaskedDiTBlock(32, 4)
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    with pytest.raises(ValueError, match=r"^x: expected dtype torch.float32 .*got torch.float64"):
+        blk(x.double(), c)
+    with pytest.raises(ValueError, match=r"^c: expected dtype torch.float32 .*got torch.float64"):
+        blk(x, c.double())
+    with pytest.raises(ValueError, match=r"^x: expected dtype torch.float64 .*got torch.float32"):
+        MaskedDiTBlock(32, 4).double()(x, c.double())
+    from fastmask.nn.block import SwiGLUMlp
+
+    cases = [
+        (Attention(32, 4), (x.double(),)),
+        (Mlp(32, 64), (x.double(),)),
+        (SwiGLUMlp(32, 64), (x.double(),)),
+        (FinalLayer(32, 8), (x.double(), c)),
+        (PatchEmbed(8, 2, 3, 32), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)),
+    ]
+    for mod, args in cases:
+        with pytest.raises(ValueError, match=r"^x: expected dtype torch.float32 .*got torch.float64"):
+            mod(*args)
+    with pytest.raises(ValueError, match=r"^c: expected dtype torch.float32"):
+        FinalLayer(32, 8)(x, c.double())
+    # what autocast casts is still accepted (bf16 activations into fp32 weights), fp64 is not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert blk(x.bfloat16(), c).shape == (2, 5, 32)
+        with pytest.raises(ValueError, match="x: expected dtype torch.float32"):
+            blk(x.double(), c)
+    torch.testing.assert_close(blk(x, c), blk(x, c))  # matching dtypes: unchanged

@@ -49,7 +49,8 @@ def test_compiled_block_matches_eager(backend, compiler):
 def _opcheck_cases():
     import importlib
 
-    A, Lo, Nm, T = (importlib.import_module(f"fastmask.ops.{m}") for m in ("attention", "loss", "norm", "tokens"))
+    A, Lo, Nm, T, S = (importlib.import_module(f"fastmask.ops.{m}")
+                       for m in ("attention", "loss", "norm", "tokens", "swiglu"))
 
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -67,6 +68,16 @@ def _opcheck_cases():
             (x, r(B, N, D).requires_grad_(), vec(), vec(), vec(), 1e-6, "triton"),
         ),
         "attention": (A._attn_op, (r(B, 5, 3, 2, 8).requires_grad_(), 0.35, "triton")),
+        "attention_rope": (A._attn_rope_op, (
+            r(B, 5, 3, 2, 8).requires_grad_(), 0.35, r(9, 4).repeat_interleave(2, 1), r(9, 4).repeat_interleave(2, 1),
+            torch.stack([torch.randperm(9, generator=g)[:5] for _ in range(B)]),  # unsorted ids into 9 positions
+            r(8).requires_grad_(), r(8).requires_grad_(), 1e-6, "triton",
+        )),
+        "rmsnorm_modulate": (Nm._rnm_op, (x, vec(), vec(), r(D).requires_grad_(), 1e-6, "triton")),
+        "residual_rmsnorm_modulate": (
+            Nm._rrnm_op, (x, r(B, N, D).requires_grad_(), vec(), vec(), vec(), r(D).requires_grad_(), 1e-6, "triton"),
+        ),
+        "swiglu": (S._swiglu_op, (r(B, N, 2 * D).requires_grad_(), "triton")),
         "dsm_mae_loss": (
             Lo._loss_op,
             (r(B, N, 8).requires_grad_(), r(B, N, 8), r(B, N, 8), torch.tensor([0.5, 2.0]), mask, 0.1, 0.5, "triton"),

@@ -221,3 +221,130 @@ def test_masked_training_steps_through_diffusers_dit():
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and min(losses[3:]) < losses[0]
+
+
+# --------------------------------------------------------------------------- LoRA, processors, hooks
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _add_lora(model, name, seed):
+    """A peft LoRA adapter on the self- and cross-attention projections, with random A and B
+    (peft's default zero B would make every comparison trivially equal)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=_LORA_TARGETS, init_lora_weights=False)
+    return inject_adapter_in_model(cfg, model, adapter_name=name)
+
+
+def _lora_params(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _run(kind, model, x, t, y, enc):
+    if kind == "dit":
+        return model(x, timestep=t, class_labels=y).sample
+    return model(x, encoder_hidden_states=enc, timestep=t).sample
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@pytest.mark.parametrize("order", ["lora_then_fuse", "fuse_then_lora"])
+def test_lora_on_a_fused_model_equals_lora_on_diffusers_own(kind, order, count_ops):
+    """peft LoRA on to_q/to_k/to_v/to_out.0: the fused model's output and every LoRA gradient
+    equal the unfused model's with the same LoRA (fp32), in either order of LoRA and fusing, and
+    the fused model follows set_adapters and disable_adapters."""
+    pytest.importorskip("peft", reason="needs peft (the [test] extra)")
+    from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
+    base = tiny_dit() if kind == "dit" else tiny_pixart()
+    ref = _add_lora(_add_lora(copy.deepcopy(base), "a", 1), "b", 2)
+    if order == "lora_then_fuse":
+        model = fuse_transformer(_add_lora(_add_lora(copy.deepcopy(base), "a", 1), "b", 2))
+    else:
+        model = _add_lora(_add_lora(fuse_transformer(copy.deepcopy(base)), "a", 1), "b", 2)
+    assert type(model.transformer_blocks[0]).__name__ == "FusedBasicTransformerBlock"
+    assert type(model.transformer_blocks[0].attn1.to_q) is not torch.nn.Linear  # peft's wrapper
+    lref, lmod = _lora_params(ref), _lora_params(model)
+    assert list(lref) == list(lmod) and len(lref) >= 16
+    for n in lref:
+        assert torch.equal(lref[n], lmod[n]), n
+    x, t, y = _inputs()
+    enc = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(2))
+    plain = _run(kind, base, x, t, y, enc).detach()
+    for adapters, weights in ((["a"], [1.0]), (["b"], [1.0]), (["a", "b"], [1.0, 0.5])):
+        for m in (ref, model):
+            set_weights_and_activate_adapters(m, adapters, weights)
+        want = _run(kind, ref, x, t, y, enc)
+        got = _run(kind, model, x, t, y, enc)
+        assert _max(got, want) < TOL and _max(want, plain) > 1e-2, adapters  # LoRA changes the output
+        target = torch.randn_like(want)
+        for m in (ref, model):
+            m.zero_grad(set_to_none=True)
+        ((want - target) ** 2).mean().backward()
+        ((got - target) ** 2).mean().backward()
+        active = 0
+        for n, q in lref.items():
+            p = lmod[n]
+            if q.grad is None:
+                assert p.grad is None or p.grad.abs().max() == 0, n
+                continue
+            active += 1
+            assert p.grad is not None, n
+            assert _max(p.grad, q.grad) < 1e-5 * max(1.0, q.grad.abs().max().item()), n
+        assert active >= 8 * len(adapters), active  # 2 blocks x 4 projections x (A, B) per adapter at least
+    assert count_ops["attention"] > 0  # the fused attention core ran
+    for m in (ref, model):
+        set_adapter_layers(m, enabled=False)
+    with torch.no_grad():
+        off = _run(kind, model, x, t, y, enc)
+        assert _max(off, _run(kind, ref, x, t, y, enc)) < TOL and _max(off, plain) < TOL
+
+
+def test_what_the_fused_path_cannot_honour_is_refused_naming_the_module():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    class MyProcessor(AttnProcessor2_0):
+        pass
+
+    # a custom processor, before fusing and after
+    m = tiny_dit()
+    m.transformer_blocks[1].attn1.set_processor(MyProcessor())
+    with pytest.raises(ValueError, match=r"transformer_blocks\[1\]\.attn1: a custom attention processor \(MyProcessor\)"):
+        fuse_transformer(m)
+    m = fuse_transformer(tiny_dit())
+    x, t, y = _inputs()
+    m.transformer_blocks[0].attn1.set_processor(AttnProcessor())  # diffusers' standard ones are fine
+    m(x, timestep=t, class_labels=y)
+    m.transformer_blocks[0].attn1.set_processor(MyProcessor())
+    with pytest.raises(ValueError, match=r"transformer_blocks\[0\]\.attn1: a custom attention processor"):
+        m(x, timestep=t, class_labels=y)
+    # hooks on modules the fused path does not call: refused at fuse time, and when added after
+    m = tiny_dit()
+    m.transformer_blocks[0].norm3.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match=r"transformer_blocks\[0\]\.norm3: has hooks"):
+        fuse_transformer(m)
+    m = fuse_transformer(tiny_dit())
+    for name in ("attn1", "norm1", "norm1.norm", "norm3"):
+        with pytest.raises(ValueError, match=rf"transformer_blocks\[1\]\.{name.replace('.', '[.]')}: the fused path"):
+            m.transformer_blocks[1].get_submodule(name).register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match=r"transformer_blocks\[0\]\.attn1: the fused path"):
+        m.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *a: None)
+    copy.deepcopy(m)  # the guard copies
+    unfuse_transformer(m)
+    m.transformer_blocks[1].attn1.register_forward_hook(lambda *a: None)  # unfused: allowed again
+    # hooks on the projections run: they are called as modules
+    m = fuse_transformer(tiny_dit())
+    ref = tiny_dit()
+    seen = []
+    for mm in (m, ref):
+        mm.transformer_blocks[0].attn1.to_k.register_forward_hook(lambda mod, i, o: seen.append(1) or o * 2)
+    assert _max(m(x, timestep=t, class_labels=y).sample, ref(x, timestep=t, class_labels=y).sample) < TOL
+    assert len(seen) == 2
+
+
+def test_fused_block_names_an_input_of_another_dtype():
+    m = fuse_transformer(tiny_dit())
+    x, t, y = _inputs()
+    with pytest.raises(ValueError, match=r"^hidden_states: expected dtype torch.float32 .*got torch.float64"):
+        m.transformer_blocks[0](torch.randn(3, 16, 16, dtype=torch.float64), timestep=t, class_labels=y)

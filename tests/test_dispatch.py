@@ -5,6 +5,7 @@ import torch
 import fastmask
 from fastmask import ops
 from fastmask.ops import dispatch
+from fastmask._env import reload as _reload_env
 
 
 def test_cpu_default_is_reference():
@@ -24,11 +25,14 @@ def test_context_manager_nests_and_per_op():
 
 def test_env_var(monkeypatch):
     monkeypatch.setenv("FASTMASK_BACKEND", "attention=torch,gather_tokens=cuda")
+    _reload_env()  # fastmask reads the environment at import and on reload
     assert dispatch.requested("attention") == "torch" and dispatch.requested("gather_tokens") == "cuda"
     assert dispatch.requested("dsm_mae_loss") == "auto"
     monkeypatch.setenv("FASTMASK_BACKEND", "torch")
+    _reload_env()  # fastmask reads the environment at import and on reload
     assert dispatch.requested("unmask_tokens") == "torch"
     monkeypatch.setenv("FASTMASK_BACKEND", "bogus")
+    _reload_env()  # fastmask reads the environment at import and on reload
     with pytest.raises(ValueError, match="FASTMASK_BACKEND"):
         dispatch.requested("attention")
 
@@ -55,8 +59,10 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     # kernel is defined, and the kernels must stay interpretable for the other tests
     dispatch.not_supported_reasons("triton", "attention", [x])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     assert "TRITON_INTERPRET" in dispatch.why_not("triton", "attention", [x])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _reload_env()  # fastmask reads the environment at import and on reload
     assert dispatch.why_not("triton", "gather_tokens", [x.double()]) is not None  # fp64 is reference-only
 
 
@@ -69,6 +75,7 @@ def test_available_backends_reports_reasons():
 
 def test_unsupported_head_dim_falls_back_or_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _reload_env()  # fastmask reads the environment at import and on reload
     qkv = torch.randn(1, 4, 3, 2, 12)  # head dim 12: not a multiple of 8
     reason = dispatch.why_not("triton", "attention", [qkv])
     if reason is None or "head dim" not in reason:
@@ -104,21 +111,20 @@ def _backend_modules():
 def test_backends_follow_the_protocol(backend_name):
     import inspect
 
-    from fastmask.ops import backend_protocol as P
+    from fastmask.ops import registry as P
 
     mod = _backend_modules()[backend_name]
-    assert len(P.LAUNCHERS) == 13 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
+    assert len(P.all_launchers()) == 21 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
     for op in dispatch.OPS:  # every dispatched op has a forward launcher in the protocol
-        assert f"{op}_fwd" in P.LAUNCHERS
+        assert f"{op}_fwd" in P.all_launchers()
     for name in P.DECLARATIONS:
         assert hasattr(mod, name), f"{mod.__name__} does not declare {name}"
     assert all(isinstance(d, torch.dtype) for d in mod.DTYPES) and all(isinstance(d, str) for d in mod.DEVICE_TYPES)
 
-    def params(fn, drop_self):
-        ps = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
-        return [(p.name, p.kind, p.default) for p in ps]
+    def params(sig):
+        return [(p.name, p.default) for p in sig.parameters.values()]
 
-    names = ["not_supported_reasons"]
+    names = []
     for op in dispatch.OPS:
         if hasattr(mod, f"{op}_fwd"):
             names += P.launchers(op)
@@ -127,13 +133,32 @@ def test_backends_follow_the_protocol(backend_name):
             assert any("does not implement" in r for r in dispatch.not_supported_reasons(backend_name, op, []))
     assert len(names) > 8
     for name in names:
-        want = params(getattr(P.BackendModule, name), drop_self=True)
-        assert params(getattr(mod, name), drop_self=False) == want, f"{mod.__name__}.{name}"
+        got = params(inspect.signature(getattr(mod, name)))
+        assert got == params(P.signature(name)), f"{mod.__name__}.{name}: {got} != {P.signature(name)}"
+    got = list(inspect.signature(mod.not_supported_reasons).parameters)
+    assert got == ["op", "tensors"], f"{mod.__name__}.not_supported_reasons{got}"
+
+
+def test_an_op_is_declared_once_and_the_lists_follow():
+    from fastmask import info, profiling
+    from fastmask.ops import registry
+
+    assert set(registry.OPS) == set(dispatch.OPS)
+    for name, decl in registry.OPS.items():
+        assert decl.reference is getattr(ops.reference, name), name
+        assert profiling._OP_CATEGORY[name] == decl.category
+    calls = info.example_calls("T/2", "cpu", torch.float32, 2, 0.5, 8)
+    assert {op for op, _, _ in calls} == set(registry.OPS)
+    with pytest.raises(ValueError, match="declared twice"):
+        registry.declare("attention", reference=ops.reference.attention, launchers=(), category="attention")
+    with pytest.raises(ValueError, match="category"):
+        registry.declare("new_op", reference=ops.reference.attention, launchers=(), category="nope")
 
 
 def test_triton_lists_every_reason(monkeypatch):
     dispatch.not_supported_reasons("triton", "attention", [torch.zeros(1)])  # import under the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     qkv = torch.zeros(1, 4, 3, 2, 12, dtype=torch.float64)
     reasons = dispatch.not_supported_reasons("triton", "attention", [qkv])
     if len(reasons) == 1 and "cannot be imported" in reasons[0]:
@@ -190,8 +215,10 @@ def test_fallback_on_cuda_tensors_warns_once_per_reason(monkeypatch):
 
     triton_missing = isinstance(dispatch._module("triton"), str)  # imported here under the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine
+    _reload_env()  # fastmask reads the environment at import and on reload
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setenv("FASTMASK_BACKEND", "auto")
+    _reload_env()  # fastmask reads the environment at import and on reload
     qkv = _fake(1, 4, 3, 2, 12, dtype=torch.bfloat16)
     with pytest.warns(fastmask.ops.BackendFallbackWarning) as rec:
         assert dispatch.select("attention", qkv) == "torch"
@@ -245,6 +272,7 @@ def test_op_ranges_name_every_public_op(monkeypatch):
     from fastmask.ops import attention  # imported by name: still counted
 
     monkeypatch.delenv("FASTMASK_NVTX", raising=False)
+    _reload_env()  # fastmask reads the environment at import and on reload
     qkv = torch.randn(1, 4, 3, 2, 8)
     assert _range_names(lambda: attention(qkv)) == set()  # off by default
     with ops.op_ranges():
@@ -253,10 +281,12 @@ def test_op_ranges_name_every_public_op(monkeypatch):
         assert _range_names(lambda: ops.gather_tokens(qkv[:, :, 0, 0], ids)) == {"fastmask.op.gather_tokens"}
     assert _range_names(lambda: attention(qkv)) == set()
     monkeypatch.setenv("FASTMASK_NVTX", "1")  # the block's switch, read at call time
+    _reload_env()  # fastmask reads the environment at import and on reload
     assert _range_names(lambda: attention(qkv)) == {"fastmask.op.attention"}
     from fastmask import profiling
 
     monkeypatch.setenv("FASTMASK_NVTX", "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     with profiling.op_ranges():
         assert _range_names(lambda: attention(qkv)) == {"fastmask.op.attention"}
 
@@ -265,7 +295,9 @@ def test_block_stage_ranges_follow_the_switch_at_call_time(monkeypatch):
     blk = fastmask.MaskedDiTBlock(16, 2)
     x, c = torch.randn(1, 4, 16), torch.randn(1, 16)
     monkeypatch.setenv("FASTMASK_NVTX", "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     assert _range_names(lambda: blk(x, c)) == set()
     monkeypatch.setenv("FASTMASK_NVTX", "1")
+    _reload_env()  # fastmask reads the environment at import and on reload
     names = _range_names(lambda: blk(x, c))
     assert {"fastmask.block.attention", "fastmask.block.mlp", "fastmask.op.attention"} <= names

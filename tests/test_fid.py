@@ -153,3 +153,57 @@ def test_cli_with_an_inception_weights_file(tmp_path, inception, capsys):
         assert main(["fid", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err
+
+
+class _Spy(torch.nn.Module):
+    """Counts feature passes (a stand-in for the Inception network)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def test_a_corrupt_reference_is_refused_before_any_inception_pass(tmp_path, small_net, monkeypatch, capsys):
+    a = _images(0)
+    np.savez(tmp_path / "s.npz", arr_0=a)
+    d = 12
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bad_shape.npz", mu=rng.normal(size=d), sigma=np.eye(d + 1))
+    sig = np.eye(d)
+    sig[0, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", mu=rng.normal(size=d), sigma=sig)
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    np.savez(tmp_path / "float_images.npz", arr_0=a.astype(np.float32))
+    np.savez(tmp_path / "adm_bad_images.npz", arr_0=a[..., :2], mu=rng.normal(size=d), sigma=np.eye(d))
+    folder = _folder(tmp_path / "ref", _images(1))
+    (folder / "007.png").write_bytes((folder / "007.png").read_bytes()[:40])  # a truncated image
+    cases = [
+        ("bad_shape.npz", {}, r"--ref: expected statistics mu \[D\] and sigma \[D, D\]"),
+        ("nan.npz", {}, r"--ref: .*NaN"),
+        ("garbage.npz", {}, r"--ref: cannot read .*garbage\.npz"),
+        ("float_images.npz", {}, r"--ref: expected uint8 images"),
+        ("adm_bad_images.npz", {"prc": True}, r"--ref: expected uint8 images"),
+        ("ref", {}, r"--ref: cannot read image .*007\.png"),
+    ]
+    for ref, kw, msg in cases:
+        spy = _Spy(small_net)
+        with pytest.raises(UsageError, match=msg):
+            compute(tmp_path / "s.npz", tmp_path / ref, extractor=spy, **kw)
+        assert spy.calls == 0, ref
+    # the command line too: one line naming --ref, no Inception network loaded, no feature pass
+    import fastmask.fid as fid_mod
+
+    def no_pass(*a, **k):
+        raise AssertionError("an Inception pass ran before the reference was checked")
+
+    monkeypatch.setattr(fid_mod, "extract_features", no_pass)
+    monkeypatch.setattr(fid_mod, "load_inception", no_pass)
+    for ref in ("bad_shape.npz", "ref"):
+        assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / ref), "--inception",
+                     str(tmp_path / "s.npz"), "--progress", "off"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--ref" in err[0], err

@@ -15,6 +15,7 @@ import fastmask
 from fastmask.kernels import attention_launch as K
 from fastmask.ops.reference import attention as sdpa_attention
 from fastmask.ops.reference import attention_math
+from fastmask._env import reload as _reload_env
 from helpers import assert_all_written, assert_close_to_ref, max_err, poisoned_empty
 
 
@@ -214,6 +215,7 @@ def test_gpu_heuristic_configs_in_interpreter(monkeypatch, L, deterministic):
     too, in fp16, so its block sizes' indexing is proven before a GPU sees them."""
     monkeypatch.setattr(K, "interpreting", lambda: False)
     monkeypatch.setenv("FASTMASK_ATTN_AUTOTUNE", "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     monkeypatch.setattr(K, "_fixed_choice", {})
     B, H, hd = 1, 2, 72
     qkv = _qkv(B, L, H, hd, seed=L).to(torch.float16)
@@ -383,6 +385,7 @@ MODES = [(torch.bfloat16, "autotune"), (torch.bfloat16, "heuristic"), (torch.flo
 @pytest.mark.parametrize("B,H,L,hd", DIT_SHAPES, ids=[f"B{b}-H{h}-L{l}-hd{d}" for b, h, l, d in DIT_SHAPES])
 def test_gpu_dit_shapes_vs_sdpa(B, H, L, hd, dtype, mode, monkeypatch):
     monkeypatch.setenv("FASTMASK_ATTN_AUTOTUNE", "1" if mode == "autotune" else "0")
+    _reload_env()  # fastmask reads the environment at import and on reload
     qkv = _qkv(B, L, H, hd, dtype=dtype, device="cuda", seed=L + hd)
     grad = torch.randn(B, L, H * hd, device="cuda", dtype=dtype)
     scale = hd**-0.5

@@ -206,3 +206,26 @@ def test_plain_import_stays_light():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resolution_help_states_the_rule_the_checks_apply(tmp_path, capsys):
+    """--resolution takes any multiple of 8 (not only 256 or 512): its help says so, and the
+    flag's parse and extract() accept exactly the values the help describes."""
+    import argparse
+
+    from fastmask.latents import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helptext = next(a.help for a in parser._actions if "--resolution" in a.option_strings)
+    assert "any multiple of 8 from 8 to 4096" in helptext
+    from fastmask.latents import check_resolution
+    base = ["--images", str(tmp_path), "--out", str(tmp_path / "o")]
+    for r in (8, 16, 24, 72, 264, 1000, 4096):
+        assert parser.parse_args(base + ["--resolution", str(r)]).resolution == r == check_resolution(r)
+    for r in (0, 4, 12, 260, 4100, 4104):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--resolution", str(r)])
+        assert "multiple of 8" in capsys.readouterr().err
+        with pytest.raises(UsageError, match=r"--resolution: expected any multiple of 8"):
+            extract(tmp_path, tmp_path / "o", vae=None, resolution=r)

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.__main__",
         "fastmask.cli",
         "fastmask.presets",  # TrainConfig and the presets (checks model config names)
+        "fastmask.values",  # value checks of the config and of every command's flags; path and device helpers
         "fastmask.train",
         "fastmask.data",
         "fastmask.checkpoint_io",

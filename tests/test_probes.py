@@ -24,6 +24,7 @@ from test_train import tiny_cfg  # noqa: E402
 from fastmask import EDMPrecond, MaskedDiTBlock, dit, maskdit, ops  # noqa: E402
 from fastmask.cli import main  # noqa: E402
 from fastmask.train import train  # noqa: E402
+from fastmask._env import reload as _reload_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,10 +108,12 @@ def test_environment_switches_in_the_library(monkeypatch):
     from fastmask import _env
 
     monkeypatch.setenv("FASTMASK_CHECK_VALUES", "maybe")
+    _reload_env()  # fastmask reads the environment at import and on reload
     with pytest.raises(ValueError, match="FASTMASK_CHECK_VALUES"):
         _env.check_values()
     for value, want in (("0", False), ("1", True), ("", True)):
         monkeypatch.setenv("FASTMASK_CHECK_VALUES", value)
+        _reload_env()  # fastmask reads the environment at import and on reload
         assert _env.check_values() is want
 
 

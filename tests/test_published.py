@@ -134,10 +134,16 @@ def test_published_behaviour_labels_masking_kept_tokens():
     assert m.forward_tokens(x, t, y, ids_keep=ids)[1] is not None
     # class_labels=None: unconditional
     torch.testing.assert_close(m(x, t, None), m(x, t, null))
-    # train mode: labels are dropped with class_dropout_prob (here always), or where forced
+    # train mode: MaskDiT's model drops no label by itself (its published training loop does),
+    # only where forced; a DiT drops with class_dropout_prob (here always), as DiT's model does
     m.train()
     m.class_dropout_prob = 1.0
-    torch.testing.assert_close(m(x, t, y, ids_keep=ids), m(x, t, null, ids_keep=ids))
+    torch.testing.assert_close(m(x, t, y, ids_keep=ids), m.eval()(x, t, y, ids_keep=ids))
+    m.train()
+    d = randomise(dit("T/2", input_size=8, in_channels=4, num_classes=5, class_dropout_prob=1.0)).train()
+    torch.testing.assert_close(d(x, t, y), d(x, t, null))
+    d.class_dropout_prob = 0.0
+    assert not torch.allclose(d(x, t, y), d(x, t, null))
     m.class_dropout_prob = 0.0
     forced = m(x, t, y, ids_keep=ids, force_drop_ids=torch.tensor([1, 0, 1]))
     torch.testing.assert_close(forced, m(x, t, torch.tensor([-1, 1, -1]), ids_keep=ids))
@@ -154,10 +160,112 @@ def test_published_behaviour_labels_masking_kept_tokens():
 
 
 def test_edm_label_dropout_in_train_mode_reaches_a_users_own_loop():
+    # a DiT drops inside the model in train mode (as DiT's model); a MaskDiT leaves it to the loop
     torch.manual_seed(0)
-    net = EDMPrecond(randomise(tiny_maskdit(class_dropout_prob=1.0)))
+    net = EDMPrecond(randomise(dit("T/2", input_size=8, in_channels=4, num_classes=5, class_dropout_prob=1.0)))
     y, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = net.loss(y, labels, mask_ratio=0.0, generator=g())
+    b = net.loss(y, torch.full((2,), -1), mask_ratio=0.0, generator=g())
+    torch.testing.assert_close(a, b)
+    net = EDMPrecond(randomise(tiny_maskdit(class_dropout_prob=1.0)))
     a = net.loss(y, labels, mask_ratio=0.5, generator=g())
     b = net.loss(y, torch.full((2,), -1), mask_ratio=0.5, generator=g())
-    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, b)
+    c = net.loss(y, labels, mask_ratio=0.5, generator=g(), force_drop_ids=torch.tensor([1, 1]))
+    torch.testing.assert_close(c, b)
+
+
+class _PublishedStyleMaskDiT(torch.nn.Module):
+    """MaskDiT as its published code computes it, written out here in plain torch on the same
+    parameter names: labels are one-hot rows through a bias-free Linear and never dropped by
+    the model (the published training loop zeroes the rows it drops)."""
+
+    def __init__(self, sd, heads, dec_heads, patch, channels):
+        super().__init__()
+        self.w = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in sd.items()}
+        self.heads, self.dec_heads, self.p, self.C = heads, dec_heads, patch, channels
+
+    def _lin(self, name, x):
+        return torch.nn.functional.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _block(self, pre, x, c, heads):
+        F = torch.nn.functional
+        D = x.shape[-1]
+        mod = self._lin(pre + "adaLN_modulation.1", F.silu(c)).chunk(6, dim=1)
+        ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)  # noqa: E731
+        h = ln(x) * (1 + mod[1].unsqueeze(1)) + mod[0].unsqueeze(1)
+        B, L, _ = h.shape
+        q, k, v = self._lin(pre + "attn.qkv", h).reshape(B, L, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-2, -1)) * (D // heads) ** -0.5).softmax(-1) @ v
+        x = x + mod[2].unsqueeze(1) * self._lin(pre + "attn.proj", att.transpose(1, 2).reshape(B, L, D))
+        h = ln(x) * (1 + mod[4].unsqueeze(1)) + mod[3].unsqueeze(1)
+        m = self._lin(pre + "mlp.fc2", F.gelu(self._lin(pre + "mlp.fc1", h), approximate="tanh"))
+        return x + mod[5].unsqueeze(1) * m
+
+    def _final(self, pre, x, c):
+        F = torch.nn.functional
+        shift, scale = self._lin(pre + "adaLN_modulation.1", F.silu(c)).chunk(2, dim=1)
+        h = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return self._lin(pre + "linear", h)
+
+    def forward_tokens(self, x, t, y_onehot, ids_keep):
+        F, w = torch.nn.functional, self.w
+        h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=self.p)
+        h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
+        half = 128
+        freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / half)
+        args = t.float()[:, None] * freqs[None]
+        temb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        c = self._lin("t_embedder.mlp.2", F.silu(self._lin("t_embedder.mlp.0", temb)))
+        c = c + y_onehot @ w["y_embedder.embedding_table.weight"].t()  # no dropout in the model
+        B, N, D = h.shape
+        h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        for i in range(sum(k.endswith("attn.qkv.weight") and k.startswith("blocks.") for k in w)):
+            h = self._block(f"blocks.{i}.", h, c, self.heads)
+        h = self._final("decoder_layer.", h, c)
+        Dd = h.shape[-1]
+        full = w["mask_token"].expand(B, N, Dd).clone()
+        full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), h) + w["decoder_pos_embed"]
+        for i in range(sum(k.endswith("attn.qkv.weight") and k.startswith("decoder_blocks.") for k in w)):
+            full = self._block(f"decoder_blocks.{i}.", full, c, self.dec_heads)
+        return self._final("final_layer.", full, c)
+
+
+@pytest.mark.parametrize("route", ["maskdit", "from_published"])
+def test_train_mode_forward_and_loss_equal_the_published_maskdit(tmp_path, route):
+    """MaskDiT's published model never drops labels (its loop does): in train mode fastmask's
+    MaskDiT, built directly or from a released file, gives the published model's forward and loss
+    on the same inputs; the published loop's own label dropout is the only one."""
+    from fastmask.models.dit import patchify
+
+    src = randomise(tiny_maskdit(class_dropout_prob=0.5))
+    if route == "from_published":
+        net = EDMPrecond(from_published(_released(tmp_path, EDMPrecond(src), num_heads=4, decoder_num_heads=2)))
+    else:
+        net = EDMPrecond(src)
+    net.model.class_dropout_prob = 0.5
+    pub = _PublishedStyleMaskDiT(src.state_dict(), 4, 2, 2, 4)
+    net.train()
+    B = 8
+    torch.manual_seed(1)
+    y, labels = torch.randn(B, 4, 8, 8), torch.randint(0, 5, (B,))
+    onehot = torch.nn.functional.one_hot(labels, 5).float()
+    # the published loop: y = y * (rand >= p) on the one-hot labels, then the model
+    onehot = onehot * (torch.rand(B, 1, generator=torch.Generator().manual_seed(5)) >= 0.5)
+    assert 0 < int((onehot.sum(1) == 0).sum()) < B
+    sigma, noise = torch.rand(B) * 2 + 0.1, torch.randn(B, 4, 8, 8)
+    ids = ops.random_mask(B, 16, 0.5, generator=torch.Generator().manual_seed(2))[0]
+    x_noisy = y + noise * sigma.view(-1, 1, 1, 1)
+    c_in, c_noise = 1 / torch.sqrt(sigma**2 + 0.25), torch.log(sigma) / 4
+    F_pub = pub.forward_tokens(x_noisy * c_in.view(-1, 1, 1, 1), c_noise, onehot, ids)
+    for _ in range(3):  # the global RNG draws nothing in fastmask's model: every call agrees
+        F_ours, mask = net.model.forward_tokens(x_noisy * c_in.view(-1, 1, 1, 1), c_noise, onehot, ids_keep=ids)
+        torch.testing.assert_close(F_ours, F_pub, atol=1e-5, rtol=1e-5)
+    loss_pub = ops.reference.dsm_mae_loss(F_pub, patchify(x_noisy, 2), patchify(y, 2), sigma, mask, mae_coef=0.1)
+    loss, _, _ = net.loss_given(y, onehot, sigma, noise, ids, mae_coef=0.1)
+    torch.testing.assert_close(loss, loss_pub, atol=1e-5, rtol=1e-5)
+    # the same through the trainer's path: its own draws passed as force_drop_ids
+    drop = onehot.sum(1) == 0
+    forced, _, _ = net.loss_given(y, labels, sigma, noise, ids, mae_coef=0.1, force_drop_ids=drop)
+    torch.testing.assert_close(forced, loss_pub, atol=1e-5, rtol=1e-5)

@@ -237,3 +237,61 @@ def test_step_randomness_flow_draws_t_in_sigmas_place():
     assert torch.equal(r["t"], again["t"]) and torch.equal(r["noise"], again["noise"])
     other = step_randomness(0, 4, 64, (1, 2, 2), 16, 0.5, 0.1, False, "cpu", "uniform")
     assert not torch.equal(r["t"], other["t"])
+
+
+class _FakeClock:
+    """``time`` for fastmask.train with a perf_counter that advances 0.5 s per call: every
+    step then takes exactly 0.5 s of training time, the same in every run."""
+
+    def __init__(self):
+        import time as real
+
+        self._real, self.now = real, 0.0
+
+    def perf_counter(self):
+        self.now += 0.5
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_minutes_only_run_schedules_the_mask_by_elapsed_time_and_resumes_exactly(tmp_path, monkeypatch):
+    """steps unset, a 7.5 s budget of 0.5 s steps: 15 masked steps whose linear schedule goes
+    from 0.75 to 0.25 by the elapsed fraction of the budget (not to 0.25 after one step), and a
+    run stopped at step 6 and resumed uses the same ratios and ends bit-equal."""
+    import fastmask.train as T
+
+    kw = dict(steps=None, minutes=0.125, finetune_steps=2, log_every=1, mask_schedule="linear",
+              mask_ratio=0.75, mask_ratio_end=0.25)
+    want = [0.75 - 0.5 * k / 15 for k in range(15)]
+
+    def ratios(folder):  # {step: the mask ratio of that step} (log rows are written after it)
+        rows = [json.loads(x) for x in open(folder / "log.jsonl")]
+        return {r["step"] - 1: r["mask_ratio"] for r in rows if r.get("phase") == 1 and "loss" in r}
+
+    monkeypatch.setattr(T, "time", _FakeClock())
+    full = train(tiny_cfg(tmp_path / "full", **kw), progress=False)
+    assert full.summary()["phase1_steps"] == 15
+    assert ratios(tmp_path / "full") == pytest.approx(dict(enumerate(want)), abs=1e-12)
+    assert mask_ratio_at(full.cfg, 1, 1, progress=1 / 15) == pytest.approx(want[1])
+    with pytest.raises(ValueError, match="progress"):
+        mask_ratio_at(full.cfg, 1, 1)  # no step count to divide by: the caller says where it stands
+
+    def stop_at_6(trainer, step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "time", _FakeClock())
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "split", **kw), hooks={"after_step": stop_at_6}, progress=False)
+    ck = load_checkpoint(tmp_path / "split")
+    sched = ck["extra"]["mask_schedule"]
+    assert ck["step"] == 6 and sched["by"] == "minutes" and sched["step"] == 5
+    assert sched["progress"] == pytest.approx(5 / 15) and sched["ratio"] == pytest.approx(want[5])
+    monkeypatch.setattr(T, "time", _FakeClock())
+    resumed = train(tiny_cfg(tmp_path / "split", **kw), resume=tmp_path / "split", progress=False)
+    got = ratios(tmp_path / "split")  # the step the hook stopped was logged by neither run
+    assert set(range(6, 15)) <= set(got) and got == pytest.approx({k: want[k] for k in got}, abs=1e-12)
+    assert resumed.step == full.step == 17
+    _assert_bit_equal(_all_state(full), _all_state(resumed))

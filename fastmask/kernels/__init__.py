@@ -1,7 +1,7 @@
 """Triton kernels of fastmask (imported as ``fastmask.kernels``, never as a top-level module).
 
 The ``triton`` backend: each op exposes ``<op>_fwd`` / ``<op>_bwd`` launchers with the
-signatures written down in :mod:`fastmask.ops.backend_protocol`; see the op modules there
+signatures declared with the op in :mod:`fastmask.ops.registry`; see the op modules there
 for the autograd wiring. What the backend can serve is declared here: :data:`DEVICE_TYPES`,
 :data:`DTYPES` and :func:`not_supported_reasons`, which the dispatcher asks before each call.
 """
@@ -33,22 +33,18 @@ def not_supported_reasons(op: str, tensors) -> list[str]:
     bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in DTYPES})
     if bad:
         out.append(f"dtype {', '.join(bad)} is not supported (supported: float32, float16, bfloat16)")
-    if op == "attention" and tensors:
+    if op in ("attention", "attention_rope") and tensors:
         head_dim = attention_not_supported(tensors[0])
         if head_dim:
             out.append(head_dim)
     return out
 
 
-from .tokens import gather_tokens_bwd, gather_tokens_fwd, unmask_tokens_bwd, unmask_tokens_fwd  # noqa: E402, F401
-from .norm import (  # noqa: E402, F401
-    gated_residual_bwd,
-    gated_residual_fwd,
-    layernorm_modulate_bwd,
-    layernorm_modulate_fwd,
-    residual_layernorm_modulate_bwd,
-    residual_layernorm_modulate_fwd,
-)
-from .loss import dsm_mae_loss_fwd  # noqa: E402, F401
-from .attention_launch import attention_bwd, attention_fwd  # noqa: E402, F401
+# The launchers (``<op>_fwd`` / ``<op>_bwd``), one module per op family, each listing its own in
+# ``__all__``; a new family is one more line here.
+from .tokens import *  # noqa: E402, F401, F403
+from .norm import *  # noqa: E402, F401, F403
+from .loss import *  # noqa: E402, F401, F403
+from .swiglu import *  # noqa: E402, F401, F403
+from .attention_launch import attention_bwd, attention_fwd, attention_rope_bwd, attention_rope_fwd  # noqa: E402, F401
 from .attention_launch import not_supported_reason as attention_not_supported  # noqa: E402

@@ -34,6 +34,20 @@ def target_programs(t: torch.Tensor) -> int:
     return 8 * _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
+# The fp32 partial buffers of a split reduction (per-sample parameter gradients, batch sums)
+# are written and read back: traffic the op itself does not need. Their chunk counts are
+# capped so that this traffic stays within this fraction of the bytes the op moves anyway, so
+# that every op stays within 10% of its minimum (benchmarks/static_check.py counts it).
+PARTIAL_BYTES_BUDGET = 0.06
+
+
+def budget_chunks(chunks: int, partial_bytes_per_chunk: int, op_bytes: int) -> int:
+    """``chunks`` capped (at least 1) so that writing and reading back ``partial_bytes_per_chunk``
+    per chunk costs at most PARTIAL_BYTES_BUDGET of ``op_bytes``."""
+    cap = int(PARTIAL_BYTES_BUDGET * op_bytes) // max(1, 2 * partial_bytes_per_chunk)
+    return max(1, min(int(chunks), cap))
+
+
 def row_config(D: int) -> tuple[int, int, int]:
     """(BLOCK_R rows, BLOCK_D columns, num_warps) for a row-wise kernel on width D.
 

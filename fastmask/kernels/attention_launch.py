@@ -21,11 +21,11 @@ uses a fixed small config.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
+from .. import _env
 from ._utils import cdiv, interpreting
 from .attention import KERNELS, LOG2E, head_dim_split, not_supported_reason
 
@@ -34,6 +34,8 @@ __all__ = [
     "KINDS",
     "attention_bwd",
     "attention_fwd",
+    "attention_rope_bwd",
+    "attention_rope_fwd",
     "autotune_configs",
     "head_dim_split",
     "heuristic_config",
@@ -53,16 +55,25 @@ _GPU_CONFIGS = {
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
     "bwd": [(32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 2)],
     "delta": [(64, 16, 4, 1)],
+    "qchain": [(64, 16, 4, 1)],
 }
 KINDS = tuple(_GPU_CONFIGS)
 # Fixed blocks in the interpreter: small, and different for queries and keys, so the CPU
 # tests cover several blocks on each side, ragged tails, and M != N.
-_INTERPRET_BLOCKS = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (32, 16), "bwd": (16, 32), "delta": (16, 16)}
+_INTERPRET_BLOCKS = {
+    "fwd": (16, 32), "dq": (16, 32), "dkdv": (32, 16), "bwd": (16, 32), "delta": (16, 16), "qchain": (16, 16),
+}
 # The dimension of L each kind's grid is split along.
-_GRID_DIM = {"fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N", "bwd": "BLOCK_N", "delta": "BLOCK_M"}
+_GRID_DIM = {
+    "fwd": "BLOCK_M", "dq": "BLOCK_M", "dkdv": "BLOCK_N", "bwd": "BLOCK_N", "delta": "BLOCK_M", "qchain": "BLOCK_M",
+}
 _KIND_CONSTEXPRS = {"dkdv": {"ONE_PASS": False}, "bwd": {"ONE_PASS": True}}
 # Kinds that never go through the autotuner (one cheap memory-bound config).
-_FIXED_ONLY = ("delta",)
+_FIXED_ONLY = ("delta", "qchain")
+# The smallest block along the grid dimension any launch may take (autotune configs, the
+# resource fallback, the interpreter): the per-program partial buffers of the qk-norm weight
+# gradients are sized for it.
+_MIN_GRID_BLOCK = 16
 
 
 def kind_constexprs(kind: str) -> dict:
@@ -107,8 +118,8 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
     """
     if kind not in KERNELS:
         raise ValueError(f"attention: unknown kernel kind {kind!r}, expected one of {sorted(KERNELS)}")
-    if kind == "delta":
-        return _GPU_CONFIGS["delta"][0]
+    if kind in _FIXED_ONLY:
+        return _GPU_CONFIGS[kind][0]
     if dtype == torch.float32:
         return (16, 32, 4, 2) if kind in ("dkdv", "bwd") else (32, 32, 4, 2)
     width = sum(head_dim_split(hd))
@@ -135,11 +146,13 @@ def heuristic_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bflo
 # across the loop. Calibrated on ptxas -v for sm_90a (triton 3.8, bf16): configs above the
 # limit spilled (e.g. dk/dv with a 128 x 80 key tile on 4 warps: 180 bytes of spills).
 # The one-pass "bwd" limit is the dkdv one until ptxas counts calibrate it.
-_REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250, "bwd": 250, "delta": 300}
+_REG_LIMIT = {"fwd": 300, "dq": 300, "dkdv": 250, "bwd": 250, "delta": 300, "qchain": 300}
 # The same budget per target (compute capability as 90 / 80). sm_80 spills sooner (no wgmma:
 # the mma.sync fragments live in registers); calibrated with benchmarks/static_check.py, which
 # compiles every autotune config for both targets (tests/test_static_gpu.py keeps it true).
-REG_LIMIT_BY_ARCH = {90: _REG_LIMIT, 80: {"fwd": 236, "dq": 240, "dkdv": 250, "bwd": 250, "delta": 300}}
+REG_LIMIT_BY_ARCH = {
+    90: _REG_LIMIT, 80: {"fwd": 236, "dq": 240, "dkdv": 250, "bwd": 250, "delta": 300, "qchain": 300},
+}
 # Configs ptxas spilled on although the model above passes them, per target:
 # (kind, BLOCK_M, BLOCK_N, num_warps, padded head width). sm_80, triton 3.8: dk/dv 64 x 64 on
 # 4 warps at width 80 (36 bytes), forward 64 x 64 on 4 warps at width 32 (8 bytes), the one-pass
@@ -156,7 +169,7 @@ def _regs_estimate(kind: str, BM: int, BN: int, warps: int, width: int) -> float
         return (BM * width + 2 * BM * BN + BM * width / 2) / t
     if kind == "dq":  # dq [BM, W], s/p and dp [BM, BN], q and dO [BM, W]
         return (BM * width + 2 * BM * BN + BM * width) / t
-    if kind == "delta":  # dO and O rows [BM, W]
+    if kind in ("delta", "qchain"):  # two row tiles [BM, W]
         return 2 * BM * width / t
     # dk, dv [BN, W]; s^T, dp^T [BN, BM] plus the transposes; k, v [BN, W]
     est = (2 * BN * width + 3 * BN * BM + BN * width) / t
@@ -207,7 +220,7 @@ AUTOTUNE_KEY = ("L_BUCKET", "BH_BUCKET", "HD")
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("FASTMASK_ATTN_AUTOTUNE", "1") != "0"
+    return _env.attn_autotune()
 
 
 def _tuned_kernel(kind: str):
@@ -227,10 +240,35 @@ def _tuned_kernel(kind: str):
 _fixed_choice: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _fixed_candidates(kind: str, L: int, hd: int, dtype: torch.dtype):
+def prologue_config(kind: str, L: int, hd: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch with the RoPE / qk-norm prologue.
+
+    The prologue holds fp32 copies of the tile it rotates (and its cos / sin), and the backward's
+    epilogue several fp32 tiles of the rows it chains back, so the tiles that the prologue
+    touches are smaller than :func:`heuristic_config`'s and get more warps: the key tile of the
+    forward and dq kernels, the query tile walked by dk/dv (and its own key tile). Checked for
+    spills on sm_90 and sm_80 with benchmarks/static_check.py (--ops attention_rope).
+    """
+    if kind in _FIXED_ONLY:
+        return _GPU_CONFIGS[kind][0]
+    wide = sum(head_dim_split(hd)) > 64
+    if dtype == torch.float32:  # the correctness path; at head dim 72 the smallest tiles
+        if not wide:
+            return (16, 32, 8, 2) if kind in ("dkdv", "bwd") else (32, 32, 4, 2)
+        return {"fwd": (32, 32, 8, 2), "dq": (16, 32, 8, 2), "dkdv": (16, 32, 8, 2), "bwd": (16, 32, 8, 2)}[kind]
+    if kind == "fwd":
+        return (128, 32, 8, 2) if wide else (128, 32, 4, 3)
+    if kind == "dq":
+        return (64, 32, 8, 2) if wide else (64, 32, 4, 3)
+    if wide:  # sm_80 spilled 8-20 bytes with 64-key tiles at head dim 72 (mma.sync fragments)
+        return (16, 64, 8, 2) if _device_arch() >= 90 else (16, 32, 8, 2)
+    return (16, 64, 4, 2)
+
+
+def _fixed_candidates(kind: str, L: int, hd: int, dtype: torch.dtype, pro: bool = False):
     # The heuristic config, then cheaper ones for GPUs with less shared memory than an H100
     # (fewer pipeline stages, then small tiles).
-    BM, BN, w, st = heuristic_config(kind, L, hd, dtype)
+    BM, BN, w, st = (prologue_config if pro else heuristic_config)(kind, L, hd, dtype)
     yield BM, BN, w, st
     for stages in range(st - 1, 0, -1):
         yield BM, BN, w, stages
@@ -248,7 +286,7 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
 
     def run(BLOCK_M, BLOCK_N, warps, stages):
         block = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
-        if kind == "delta":
+        if kind in _FIXED_ONLY:
             block_args = {"BLOCK_M": BLOCK_M, "EVEN_M": L % BLOCK_M == 0}
         else:
             block_args = {**block, "EVEN_M": L % BLOCK_M == 0, "EVEN_N": L % BLOCK_N == 0}
@@ -258,18 +296,21 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
         run(*_INTERPRET_BLOCKS[kind], 4, 1)
         return
     qkv = args[0]
-    if _autotune_enabled() and qkv.dtype != torch.float32 and kind not in _FIXED_ONLY:
+    # With the RoPE / qk-norm prologue (PRO) the heuristic config runs: the autotuner's cache
+    # is keyed without the prologue, and its register model does not count the rotary tiles.
+    pro = bool(meta.get("PRO", False))
+    if _autotune_enabled() and qkv.dtype != torch.float32 and kind not in _FIXED_ONLY and not pro:
         grid = lambda META: (cdiv(L, META[grid_dim]) * BH,)  # noqa: E731
         _tuned_kernel(kind)[grid](*args, **meta)
         return
-    key = (kind, _l_bucket(L), hd, qkv.dtype, qkv.device.index)
+    key = (kind, _l_bucket(L), hd, qkv.dtype, qkv.device.index, pro)
     if key in _fixed_choice:
         run(*_fixed_choice[key])
         return
     from triton.runtime.errors import OutOfResources
 
     err = None
-    for cfg in _fixed_candidates(kind, L, hd, qkv.dtype):
+    for cfg in _fixed_candidates(kind, L, hd, qkv.dtype, pro):
         try:
             run(*cfg)  # raises before launching when the config does not fit the GPU
         except OutOfResources as e:
@@ -332,12 +373,56 @@ def _buckets(L: int, BH: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- launchers
 
 
+def _prologue_inputs(qkv, cos=None, sin=None, ids_keep=None, q_weight=None, k_weight=None, eps: float = 1e-6):
+    """(pointer and scalar arguments, constexprs) of the RoPE / qk-norm prologue; without
+    tables or weights, placeholders and PRO=False (the plain kernels)."""
+    B, L, _, H, hd = qkv.shape
+    rope, norm, gather = cos is not None, q_weight is not None, ids_keep is not None
+    if (cos is None) != (sin is None) or (q_weight is None) != (k_weight is None) or (gather and not rope):
+        raise ValueError("attention (triton): cos and sin come together, q_weight and k_weight together, "
+                         "and ids_keep only with cos/sin")
+    dummy = qkv
+    if rope:
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dim() != 2 or t.shape[1] != hd or t.shape[0] < (1 if gather else L):
+                raise ValueError(f"attention (triton): {name} must be [positions >= L, head_dim={hd}], "
+                                 f"got {tuple(t.shape)}")
+        # one angle per interleaved pair (columns 2i and 2i + 1 hold the same value in every RoPE
+        # table): the kernels read the half tables [P, hd / 2]
+        cos, sin = cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous()
+    if gather:
+        if ids_keep.shape != (B, L) or ids_keep.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"attention (triton): ids_keep must be an integer [B={B}, L={L}], "
+                             f"got {tuple(ids_keep.shape)} {ids_keep.dtype}")
+        ids_keep = ids_keep.contiguous()
+    if norm:
+        for name, t in (("q_weight", q_weight), ("k_weight", k_weight)):
+            if t.shape != (hd,):
+                raise ValueError(f"attention (triton): {name} must be [head_dim={hd}], got {tuple(t.shape)}")
+        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    args = (
+        cos if rope else dummy, sin if rope else dummy, ids_keep if gather else dummy,
+        q_weight if norm else dummy, k_weight if norm else dummy,
+    )
+    consts = dict(PRO=rope or norm, ROPE=rope, QK_NORM=norm, GATHER=gather)
+    return args, (ids_keep.stride(0) if gather else 0), float(eps), consts
+
+
 def attention_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [B, L, 3, H, hd] -> (out [B, L, H * hd] in qkv's dtype, lse [B, H, L] fp32, natural log)."""
+    return attention_rope_fwd(qkv, scale, None, None, None, None, None, 1e-6)
+
+
+def attention_rope_fwd(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps: float):
+    """:func:`attention_fwd` with the prologue of :mod:`fastmask.kernels.attention` on q and k:
+    per-head RMSNorm (weights [hd], eps) and/or interleaved-pair RoPE (cos, sin [P, hd], one angle
+    per pair: columns 2i and 2i + 1 equal, the even ones are read; row ids_keep[b, l] when
+    ids_keep [B, L] is given, else row l); None skips a part."""
     _check(qkv)
     if not _qkv_layout_ok(qkv):
         qkv = qkv.contiguous()
     B, L, _, H, hd = qkv.shape
+    ptrs, stride_idb, eps, consts = _prologue_inputs(qkv, cos, sin, ids_keep, q_weight, k_weight, eps)
     out = torch.empty((B, L, H * hd), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
@@ -345,9 +430,12 @@ def attention_fwd(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
     scale = float(scale)
     args = (
         qkv, out, lse, scale * LOG2E, L, H, *_buckets(L, B * H),
-        *_strides8(qkv, (0, 1, 2)), *_strides8(out, (0, 1)),
+        *_strides8(qkv, (0, 1, 2)), *_strides8(out, (0, 1)), *ptrs, stride_idb, eps,
     )
-    _launch("fwd", L, B * H, hd, args, _common_meta(qkv))
+    meta = _common_meta(qkv)
+    if consts["PRO"]:
+        meta.update(consts)
+    _launch("fwd", L, B * H, hd, args, meta)
     return out, lse
 
 
@@ -363,38 +451,78 @@ def attention_bwd(
     contiguous). ``deterministic`` picks the backward (see :func:`use_deterministic`): the
     one-pass kernel adds dq with fp32 atomics, the deterministic pair of kernels gives
     bit-identical results from run to run at the cost of two more matmuls."""
+    dqkv, _, _ = attention_rope_bwd(grad_out, qkv, out, lse, scale, None, None, None, None, None, 1e-6,
+                                    deterministic=deterministic)
+    return dqkv
+
+
+def attention_rope_bwd(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_weight, k_weight, eps: float,
+                       deterministic: bool | None = None):
+    """Gradient of :func:`attention_rope_fwd`: (dqkv, dq_weight, dk_weight); the weight
+    gradients are fp32 (per-program partials summed in a fixed order), empty without qk-norm.
+    The rotated / normalised q and k are recomputed in the kernels' prologue, and the gradient
+    is chained back through them in the epilogue (one-pass: in a small kernel after the dq
+    atomics are done)."""
     _check(qkv)
     if not _qkv_layout_ok(qkv):
         qkv = qkv.contiguous()
     B, L, _, H, hd = qkv.shape
+    ptrs, stride_idb, eps, consts = _prologue_inputs(qkv, cos, sin, ids_keep, q_weight, k_weight, eps)
+    pro, norm = consts["PRO"], consts["QK_NORM"]
     if not (_rows_layout_ok(grad_out) and _rows_layout_ok(out) and grad_out.stride() == out.stride()):
         grad_out, out = grad_out.contiguous(), out.contiguous()
     lse = lse.contiguous()
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    no_w = torch.empty(0, device=qkv.device, dtype=torch.float32)
     if dqkv.numel() == 0:
-        return dqkv
+        return dqkv, no_w, no_w
+    # qk-norm weight partials: one fp32 row per program (rows past the grid stay zero)
+    n_part = cdiv(L, _MIN_GRID_BLOCK) * B * H if norm else 1
+    p_dq = torch.zeros((n_part, hd), device=qkv.device, dtype=torch.float32) if norm else qkv
+    p_dk = torch.zeros((n_part, hd), device=qkv.device, dtype=torch.float32) if norm else qkv
     delta = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
     scale = float(scale)
     strides = (*_strides8(qkv, (0, 1, 2)), *_strides8(grad_out, (0, 1)), *_strides8(dqkv, (0, 1, 2)))
     head = (scale * LOG2E, scale, L, H, *_buckets(L, B * H))
     meta = _common_meta(qkv)
-    if use_deterministic(deterministic):
+    if pro:
+        meta.update(consts)
+
+    def weights():
+        if not norm:
+            return no_w, no_w
+        return p_dq.sum(0), p_dk.sum(0)
+
+    # With the prologue at padded widths over 64 (head dim 72), the one-pass kernel (dk, dv and
+    # the dq atomics, plus the rotated q tiles) spilled on sm_90 and sm_80 in every config tried
+    # down to 16 x 16 tiles on 8 warps (benchmarks/static_check.py --ops attention_rope): those
+    # launches take the deterministic pair, which fits.
+    if use_deterministic(deterministic) or (pro and sum(head_dim_split(hd)) > 64):
         # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
-        _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides), meta)
+        _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides,
+                                     *ptrs, p_dq, stride_idb, eps), meta)
         # (DQ_ACC and its strides are unused without ONE_PASS)
-        _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dqkv, *head, *strides, 0, 0), meta)
-        return dqkv
+        _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dqkv, *head, *strides, 0, 0,
+                                       *ptrs, p_dk, stride_idb, eps), meta)
+        return (dqkv, *weights())
     _launch("delta", L, B * H, hd, (grad_out, out, delta, L, H, *_buckets(L, B * H), *_strides8(grad_out, (0, 1))),
             _common_meta(qkv, dot=False))
-    # dq in fp32: straight into dqkv's q slice for fp32 inputs, else a buffer cast at the end
-    in_place = qkv.dtype == torch.float32
+    # dq in fp32: straight into dqkv's q slice for fp32 inputs without a prologue, else a
+    # buffer (cast at the end, or chained back through the prologue by the "qchain" kernel)
+    in_place = qkv.dtype == torch.float32 and not pro
     if in_place:
         dq_acc = dqkv[:, :, 0]
         dq_acc.zero_()
     else:
         dq_acc = torch.zeros((B, L, H, hd), device=qkv.device, dtype=torch.float32)
     _launch("bwd", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dq_acc, *head, *strides,
-                                  *_strides8(dq_acc, (0, 1))), meta)
-    if not in_place:
+                                  *_strides8(dq_acc, (0, 1)), *ptrs, p_dk, stride_idb, eps), meta)
+    if pro:
+        qmeta = {k: v for k, v in _common_meta(qkv, dot=False).items()}
+        qmeta.update(ROPE=consts["ROPE"], QK_NORM=norm, GATHER=consts["GATHER"])
+        _launch("qchain", L, B * H, hd, (qkv, dq_acc, dqkv, L, H, *_buckets(L, B * H), *_strides8(qkv, (0, 1, 2)),
+                                         *_strides8(dqkv, (0, 1, 2)), *_strides8(dq_acc, (0, 1)),
+                                         ptrs[0], ptrs[1], ptrs[2], ptrs[3], p_dq, stride_idb, eps), qmeta)
+    elif not in_place:
         dqkv[:, :, 0].copy_(dq_acc)
-    return dqkv
+    return (dqkv, *weights())

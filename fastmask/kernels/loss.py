@@ -26,6 +26,9 @@ import triton.language as tl
 from ..constants import MAE_EPS
 from ._utils import cdiv, interpreting
 
+# the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
+__all__ = ["dsm_mae_loss_fwd"]
+
 
 @triton.jit
 def _dsm_mae_fwd_kernel(

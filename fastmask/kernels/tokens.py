@@ -23,7 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, row_config, sum_partials, target_programs
+from ._utils import budget_chunks, cdiv, row_config, sum_partials, target_programs
+
+# the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
+__all__ = ["gather_tokens_fwd", "gather_tokens_bwd", "unmask_tokens_fwd", "unmask_tokens_bwd"]
 
 
 def _inverse_ids(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -37,10 +40,13 @@ def _inverse_ids(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return inv.scatter_(1, idx, src)[:, :N].contiguous()
 
 
-def _batch_chunks(B: int, n_tiles: int, ref: torch.Tensor) -> int:
-    """Samples per program for the batch-sum kernels: few enough chunks to keep the fp32
-    partial buffer small, enough programs to fill the device."""
+def _batch_chunks(B: int, n_tiles: int, ref: torch.Tensor, part_bytes: int = 0, op_bytes: int = 0) -> int:
+    """Samples per program for the batch-sum kernels: enough programs to fill the device, few
+    enough chunks that their fp32 partials (``part_bytes`` per chunk, written and read back)
+    stay within the byte budget of the op's own traffic ``op_bytes``."""
     chunks = max(1, min(B, cdiv(target_programs(ref), n_tiles)))
+    if part_bytes:
+        chunks = budget_chunks(chunks, part_bytes, op_bytes)
     return cdiv(B, chunks)
 
 
@@ -137,7 +143,8 @@ def gather_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens
         num_warps = max(2, num_warps // 2)
     n_tiles = cdiv(N, BLOCK_R)
     # Without a pos gradient nothing is summed over the batch: one sample per program.
-    b_per_prog = _batch_chunks(B, n_tiles, grad_out) if pos_grad else 1
+    op_bytes = B * (K + N) * D * grad_out.element_size()
+    b_per_prog = _batch_chunks(B, n_tiles, grad_out, N * D * 4, op_bytes) if pos_grad else 1
     chunks = cdiv(B, b_per_prog)
     part = torch.empty((chunks, N, D), device=grad_out.device, dtype=torch.float32) if pos_grad else grad_x
     _gather_bwd_kernel[(n_tiles * chunks,)](
@@ -246,7 +253,8 @@ def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: 
     inv = _inverse_ids(ids_keep, N)
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
     n_tiles = cdiv(N, BLOCK_R)
-    b_per_prog = _batch_chunks(B, n_tiles, grad_out)
+    part_bytes = n_tiles * D * 4 + (N * D * 4 if pos_grad else 0)  # mask-token (and pos) partials per chunk
+    b_per_prog = _batch_chunks(B, n_tiles, grad_out, part_bytes, B * (K + N) * D * grad_out.element_size())
     chunks = cdiv(B, b_per_prog)
     n_prog = n_tiles * chunks
     mask_part = torch.empty((n_prog, D), device=dev, dtype=torch.float32)

@@ -251,3 +251,57 @@ def from_published(state_dict, key: str | None = None, **overrides) -> nn.Module
     model = cls(**kw)
     load_published(model, state_dict, key=key)
     return model
+
+
+# ----------------------------------------------------------------------------- LightningDiT
+# hustvl/LightningDiT (models/lightningdit.py) saves a plain DiT layout with its block's keys:
+# blocks.i.norm1.weight / norm2.weight (RMSNorm), attn.qkv, attn.q_norm.weight / k_norm.weight
+# (only with use_qknorm), attn.proj, mlp.w12 / mlp.w3 (SwiGLU), adaLN_modulation.1, and
+# final_layer.norm_final.weight; pos_embed, x_embedder.proj, t_embedder.mlp, y_embedder
+# (a table of num_classes + 1 rows). ``feat_rope.freqs_cos`` / ``freqs_sin`` are buffers that
+# fastmask rebuilds (checked equal) instead of loading.
+_LIGHTNINGDIT_ROPE = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
+
+
+def from_lightningdit(state_dict, *, input_size: int | None = None, key: str | None = None) -> DiT:
+    """A fastmask :class:`DiT` with LightningDiT's blocks holding a LightningDiT checkpoint
+    (its ``ema``/``model`` dict or the flat tensors), loaded with ``strict=True``.
+
+    The architecture is read from the tensors: width, depth, patch size, channels, classes,
+    whether RMSNorm / SwiGLU / RoPE / qk-norm are used (a LayerNorm or GELU checkpoint is
+    refused: fastmask's DiT layout loads those with :func:`from_published`). Heads follow the
+    standard widths (LightningDiT's B/L/XL/1p0B/1p6B keep head dim 64 or 72). ``input_size``
+    is the latent size (default: from ``pos_embed`` and the patch size).
+    """
+    sd = dict(unwrap_state_dict(state_dict, key))
+    rope = {k: sd.pop(k) for k in _LIGHTNINGDIT_ROPE if k in sd}
+    if "blocks.0.norm1.weight" not in sd or "blocks.0.mlp.w12.weight" not in sd:
+        raise ValueError("state_dict: not a LightningDiT checkpoint with RMSNorm and SwiGLU blocks "
+                         "(no blocks.0.norm1.weight / blocks.0.mlp.w12.weight)")
+    D = sd["blocks.0.norm1.weight"].shape[0]
+    heads = {1536: 24, 1792: 28, **_STANDARD_HEADS}.get(D)
+    if heads is None:
+        raise ValueError(f"state_dict: no standard head count for width {D}")
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    conv = sd["x_embedder.proj.weight"]  # [D, C, p, p]
+    C, p = conv.shape[1], conv.shape[2]
+    grid = int(round(sd["pos_embed"].shape[1] ** 0.5))
+    hidden = sd["blocks.0.mlp.w3.weight"].shape[1]
+    # LightningDiT's SwiGLU width is int(2/3 * int(D * mlp_ratio)): pick the ratio whose inner
+    # width M = ceil(1.5 * hidden) gives it back (half a unit over M, so int() lands on M)
+    M = -(-3 * hidden // 2)
+    mlp_ratio = (M + 0.5) / D
+    out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    block = dict(norm="rms", qk_norm="blocks.0.attn.q_norm.weight" in sd, rope=bool(rope), mlp="swiglu")
+    model = DiT(input_size=input_size or grid * p, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
+                num_heads=heads, mlp_ratio=mlp_ratio, num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+                learn_sigma=out == 2 * C, label_form="table", block=block)
+    if model.blocks[0].mlp.w3.in_features != hidden:
+        raise ValueError(f"state_dict: SwiGLU width {hidden} does not follow int(2/3 * int({D} * mlp_ratio))")
+    if rope:
+        want = (model.rope_cos, model.rope_sin)
+        for (name, t), w in zip(rope.items(), want):
+            if t.shape != w.shape or not torch.allclose(t.float(), w, atol=1e-4):
+                raise ValueError(f"state_dict: {name} differs from fastmask's 2-D RoPE table (rope_2d)")
+    model.load_state_dict(sd, strict=True)
+    return model

@@ -2,6 +2,9 @@
 the CPU demo) and the model a training config builds."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
@@ -16,13 +19,25 @@ TINY = {
 }
 
 
+# LightningDiT's block (hustvl/LightningDiT models/lightningdit.py): RMSNorm with weights, 2-D
+# RoPE (theta 10000, interleaved pairs), SwiGLU MLP, plus per-head q/k RMSNorm (use_qknorm;
+# the released XL checkpoint was trained without it: see checkpoint.load_lightningdit).
+LIGHTNINGDIT_PREFIX = "LightningDiT-"
+LIGHTNINGDIT_BLOCK = dict(norm="rms", qk_norm=True, rope=True, mlp="swiglu")
+
+
 def config_names() -> list[str]:
     names = [f"{s}/{p}" for s in list(DIT_SIZES) + list(TINY) for p in (2, 4, 8)]
+    names += [f"{LIGHTNINGDIT_PREFIX}{s}/{p}" for s in list(DIT_SIZES) + list(TINY) for p in (1, 2)]
     return names
 
 
 def model_kwargs(name: str, masked: bool = True) -> dict:
-    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...)."""
+    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...; 'LightningDiT-XL/1',
+    'LightningDiT-Digits/2': the same sizes with LightningDiT's block, ``block=...``)."""
+    if isinstance(name, str) and name.startswith(LIGHTNINGDIT_PREFIX):
+        kw = model_kwargs(name[len(LIGHTNINGDIT_PREFIX):], masked)
+        return dict(kw, block=dict(LIGHTNINGDIT_BLOCK))
     try:
         size, patch = name.split("/")
         patch = int(patch)
@@ -56,6 +71,31 @@ def dit(name: str = "XL/2", **overrides) -> DiT:
     return DiT(**{**model_kwargs(name, masked=False), **overrides})
 
 
+# --------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class Architecture:
+    """A model family ``fastmask train --arch NAME`` builds: ``build(config_name, **overrides)``
+    makes the network, ``masks`` says whether it trains with dropped tokens."""
+
+    build: Callable
+    masks: bool
+    help: str
+
+
+#: name -> family. A new family is its module plus one :func:`register_architecture` call.
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, build: Callable, *, masks: bool, help: str) -> None:
+    if name in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is registered twice")
+    ARCHITECTURES[name] = Architecture(build, masks, help)
+
+
+register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
+register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+
+
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
     """The wrapped network a training config describes (``cfg.arch``, ``cfg.model``, and
     ``cfg.objective``: EDMPrecond for ``edm``, FlowPrecond for ``flow``;
@@ -67,7 +107,9 @@ def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecon
         raise ValueError(f"image_size: the data are {H}x{W} but the config says {cfg.image_size}")
     if C != cfg.channels:
         raise ValueError(f"channels: the data have {C} channels but the config says {cfg.channels}")
-    build = maskdit if cfg.arch == "maskdit" else dit
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"arch: unknown architecture {cfg.arch!r}; expected one of {list(ARCHITECTURES)}")
+    build = ARCHITECTURES[cfg.arch].build
     net = build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes)
     if getattr(cfg, "objective", "edm") == "flow":
         return FlowPrecond(net, t_schedule=getattr(cfg, "t_schedule", "uniform"))

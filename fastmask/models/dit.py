@@ -7,8 +7,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
-from ..ops import checks
-from ..nn import FinalLayer, LabelEmbedder, MaskedDiTBlock, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from ..ops import checks, reference
+from ..nn import FinalLayer, LabelEmbedder, MaskedDiTBlock, PatchEmbed, TimestepEmbedder, rope_2d, sincos_pos_embed_2d
 
 
 def unpatchify(tokens: Tensor, patch_size: int, channels: int) -> Tensor:
@@ -33,7 +33,19 @@ def patchify(x: Tensor, patch_size: int) -> Tensor:
 
 
 class _DiTBase(nn.Module):
-    """Patch embedding, fixed position embedding, conditioning, encoder blocks."""
+    """Patch embedding, fixed position embedding, conditioning, encoder blocks.
+
+    ``block``: extra MaskedDiTBlock options for every block (e.g. LightningDiT's
+    ``dict(norm="rms", qk_norm=True, rope=True, mlp="swiglu")``); with ``norm="rms"`` the final
+    layer's norm is an RMSNorm too, with ``rope`` the 2-D rotary tables are non-persistent
+    buffers (``rope_cos`` / ``rope_sin``, rebuilt from the grid) handed to every block. The
+    fixed sin-cos position embedding is still added, as LightningDiT does.
+    """
+
+    #: Whether the model itself drops labels (with ``class_dropout_prob``) in train mode when no
+    #: ``force_drop_ids`` is given: True for DiT, whose published model does; False for MaskDiT,
+    #: whose published training loop drops the labels and whose model never does.
+    drops_labels_in_train_mode: bool = True
 
     def __init__(
         self,
@@ -47,8 +59,10 @@ class _DiTBase(nn.Module):
         num_classes: int,
         label_form: str,
         class_dropout_prob: float = 0.1,
+        block: dict | None = None,
     ):
         super().__init__()
+        self.block_options = dict(block or {})
         for name, value, lo in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
                                 ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1),
                                 ("depth", depth, 1), ("num_classes", num_classes, 0)):
@@ -68,7 +82,23 @@ class _DiTBase(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, form=label_form) if num_classes > 0 else None
         pos = sincos_pos_embed_2d(hidden_size, self.x_embedder.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos).unsqueeze(0))  # fixed, not trained
-        self.blocks = nn.ModuleList([MaskedDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [MaskedDiTBlock(hidden_size, num_heads, mlp_ratio, **self.block_options) for _ in range(depth)]
+        )
+        self.final_norm = self.block_options.get("norm", "layer")
+        self._add_rope("rope", hidden_size // num_heads)
+
+    def _add_rope(self, prefix: str, head_dim: int) -> None:
+        if self.block_options.get("rope"):
+            cos, sin = rope_2d(self.x_embedder.grid_size, head_dim)
+            self.register_buffer(f"{prefix}_cos", cos, persistent=False)
+            self.register_buffer(f"{prefix}_sin", sin, persistent=False)
+
+    def _rope(self, prefix: str = "rope", ids: Tensor | None = None) -> dict:
+        """The blocks' RoPE arguments: the tables, and the kept tokens' positions."""
+        if not self.block_options.get("rope"):
+            return {}
+        return dict(rope=(getattr(self, f"{prefix}_cos"), getattr(self, f"{prefix}_sin")), rope_ids=ids)
 
     def _init_base(self, decoder_blocks=()):
         """DiT's initialisation: xavier-uniform Linears, normal(0.02) embeddings, and zeros for the
@@ -98,20 +128,23 @@ class _DiTBase(nn.Module):
     def condition(self, noise_labels: Tensor, class_labels: Tensor | None, force_drop_ids: Tensor | None = None) -> Tensor:
         """c = timestep embedding + class embedding, [B, D].
 
-        As in DiT/MaskDiT: ``class_labels=None`` is unconditional (the null label); in train
-        mode each label is dropped to the null label with probability ``class_dropout_prob``
-        (for classifier-free guidance), drawn from the global RNG, or where ``force_drop_ids``
-        [B] is true/1 (a caller that draws its own randomness, in any mode)."""
+        As in the published code of each family: ``class_labels=None`` is unconditional (the
+        null label); a label is dropped to the null label where ``force_drop_ids`` [B] is true/1
+        (a caller that draws its own randomness, in any mode). Otherwise, in train mode, DiT
+        drops each label with probability ``class_dropout_prob`` from the global RNG (DiT's
+        model does), and MaskDiT drops none (MaskDiT's training loop drops its labels; its
+        model never does): see :attr:`drops_labels_in_train_mode`."""
         c = self.t_embedder(noise_labels)
         if self.y_embedder is not None:
-            if class_labels is None:
+            made = class_labels is None  # the null labels made here need no range check (a sync)
+            if made:
                 class_labels = torch.full((noise_labels.shape[0],), -1, dtype=torch.long, device=noise_labels.device)
             else:
                 if not isinstance(class_labels, Tensor) or class_labels.dim() == 0 or class_labels.shape[0] != c.shape[0]:
                     got = tuple(class_labels.shape) if isinstance(class_labels, Tensor) else type(class_labels).__name__
                     raise ValueError(f"class_labels: expected [{c.shape[0]}] labels (one per sample), got {got}")
                 drop = force_drop_ids
-                if drop is None and self.training and self.class_dropout_prob > 0:
+                if drop is None and self.training and self.drops_labels_in_train_mode and self.class_dropout_prob > 0:
                     drop = torch.rand(class_labels.shape[0], device=class_labels.device) < self.class_dropout_prob
                 if drop is not None:
                     drop = drop.to(class_labels.device) == 1
@@ -119,7 +152,7 @@ class _DiTBase(nn.Module):
                         class_labels = class_labels * (~drop).unsqueeze(1).to(class_labels.dtype)
                     else:
                         class_labels = torch.where(drop, torch.full_like(class_labels, -1), class_labels)
-            c = c + self.y_embedder(class_labels).to(c.dtype)
+            c = c + self.y_embedder(class_labels, check_values=not made).to(c.dtype)
         return c
 
     def _check_input(self, x: Tensor, noise_labels: Tensor) -> None:
@@ -151,14 +184,15 @@ class DiT(_DiTBase):
         learn_sigma: bool = False,
         label_form: str = "table",
         class_dropout_prob: float = 0.1,
+        block: dict | None = None,
     ):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
-            class_dropout_prob,
+            class_dropout_prob, block,
         )
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels, norm=self.final_norm)
         self._init_base()
 
     def forward_tokens(
@@ -177,9 +211,10 @@ class DiT(_DiTBase):
             raise ValueError("mask_ratio: plain DiT runs every token; use MaskDiT to train with masking")
         self._check_input(x, noise_labels)
         c = self.condition(noise_labels, class_labels, force_drop_ids)
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        # the residual stream in the embedder's dtype (bf16 under autocast), as MaskDiT's
+        h = reference.add_pos(self.x_embedder(x), self.pos_embed)
         for blk in self.blocks:
-            h = blk(h, c)
+            h = blk(h, c, **self._rope())
         return self.final_layer(h, c)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
@@ -193,7 +228,12 @@ class MaskDiT(_DiTBase):
     with the position embedding); encoder blocks; decoder_layer (LN + adaLN + Linear D -> Dd);
     unmask (visible tokens back in place, ``mask_token`` elsewhere, + ``decoder_pos_embed``, one
     fused pass); decoder blocks of width Dd conditioned on c of width D; final layer; unpatchify.
+
+    Labels are dropped only where ``force_drop_ids`` says so, in any mode: as in the published
+    code, the training loop drops them (with probability ``class_dropout_prob``), not the model.
     """
+
+    drops_labels_in_train_mode = False
 
     def __init__(
         self,
@@ -210,10 +250,11 @@ class MaskDiT(_DiTBase):
         decoder_num_heads: int = 16,
         label_form: str = "linear",
         class_dropout_prob: float = 0.1,
+        block: dict | None = None,
     ):
         super().__init__(
             input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, label_form,
-            class_dropout_prob,
+            class_dropout_prob, block,
         )
         checks.integer("decoder_hidden_size", decoder_hidden_size, 1)
         checks.integer("decoder_depth", decoder_depth, 0)
@@ -230,9 +271,12 @@ class MaskDiT(_DiTBase):
         pos = sincos_pos_embed_2d(Dd, self.x_embedder.grid_size)
         self.register_buffer("decoder_pos_embed", torch.from_numpy(pos).unsqueeze(0))
         self.decoder_blocks = nn.ModuleList(
-            [MaskedDiTBlock(Dd, decoder_num_heads, mlp_ratio, cond_size=hidden_size) for _ in range(decoder_depth)]
+            [MaskedDiTBlock(Dd, decoder_num_heads, mlp_ratio, cond_size=hidden_size, **self.block_options)
+             for _ in range(decoder_depth)]
         )
-        self.final_layer = FinalLayer(Dd, patch_size * patch_size * in_channels, cond_size=hidden_size)
+        self._add_rope("decoder_rope", Dd // decoder_num_heads)
+        self.final_layer = FinalLayer(Dd, patch_size * patch_size * in_channels, cond_size=hidden_size,
+                                      norm=self.final_norm)
         # final_layer's adaLN_modulation is over Dd, conditioned on c of width D.
         self._init_base(self.decoder_blocks)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -242,11 +286,11 @@ class MaskDiT(_DiTBase):
         h = self.x_embedder(x)
         pos = self.pos_embed[0]
         if ids_keep is None:
-            h = h + pos.to(h.dtype)
+            h = reference.add_pos(h, pos)
         else:
             h = ops.gather_tokens(h, ids_keep, pos, check_ids=False)
-        for blk in self.blocks:
-            h = blk(h, c)
+        for blk in self.blocks:  # with RoPE, the kept tokens rotate by their grid positions
+            h = blk(h, c, **self._rope("rope", ids_keep))
         return h
 
     def decode(self, h: Tensor, c: Tensor, ids_keep: Tensor | None) -> Tensor:
@@ -254,11 +298,11 @@ class MaskDiT(_DiTBase):
         h = self.decoder_layer(h, c)
         pos = self.decoder_pos_embed[0]
         if ids_keep is None:
-            h = h + pos.to(h.dtype)
+            h = reference.add_pos(h, pos)
         else:
             h = ops.unmask_tokens(h, ids_keep, self.mask_token, self.num_patches, pos, check_ids=False)
         for blk in self.decoder_blocks:
-            h = blk(h, c)
+            h = blk(h, c, **self._rope("decoder_rope"))
         return self.final_layer(h, c)
 
     def forward_tokens(
@@ -275,15 +319,18 @@ class MaskDiT(_DiTBase):
     ) -> tuple[Tensor, Tensor | None]:
         """Output tokens [B, N, p*p*C] and the mask [B, N] (1 = dropped; None if nothing dropped).
 
-        Give either ``mask_ratio`` (in train mode a random mask is drawn, from ``generator`` if
-        given; in eval mode nothing is masked, as in the published model) or explicit
+        Give either ``mask_ratio`` (a ratio or a :class:`fastmask.ops.TokenStrategy`; in train mode
+        its tokens are drawn, from ``generator`` if given; in eval mode nothing is masked, as in the
+        published model) or explicit
         ``ids_keep`` [B, K], used in either mode (``check_ids=False`` skips validating them: a
         device sync).
         """
         self._check_input(x, noise_labels)
         B, N = x.shape[0], self.num_patches
-        if ids_keep is None and checks.mask_ratio(mask_ratio) > 0 and self.training:
-            ids_keep, _, mask = ops.random_mask(B, N, mask_ratio, generator=generator, device=x.device)
+        tokens = ops.as_strategy(mask_ratio)
+        if ids_keep is None and self.training and not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=x.device)
+            mask = ops.mask_from_ids(ids_keep, N)
         elif ids_keep is not None:
             if check_ids:
                 checks.ids("ids_keep", ids_keep, B, N)

@@ -11,7 +11,8 @@ def _block_flops(blk, L: int) -> dict:
     """Matmul FLOPs of one MaskedDiTBlock on L tokens, per sample (2 FLOPs per multiply-add)."""
     D = blk.hidden_size
     qkv = blk.attn.qkv
-    hidden = blk.mlp.fc1.out_features
+    # GELU MLP: fc1 (D -> F) and fc2; SwiGLU: w12 (D -> 2F) and w3, i.e. 3 matmuls of D x F
+    hidden = blk.mlp.fc1.out_features if hasattr(blk.mlp, "fc1") else blk.mlp.w3.in_features * 3 / 2
     ada = blk.adaLN_modulation[1]
     return {
         "qkv": 2 * L * D * qkv.out_features,

@@ -99,7 +99,7 @@ class FlowPrecond(nn.Module):
         y: Tensor,
         class_labels: Tensor | None = None,
         *,
-        mask_ratio: float = 0.5,
+        mask_ratio: "float | ops.TokenStrategy" = 0.5,
         mae_coef: float = 0.1,
         generator: torch.Generator | None = None,
         return_terms: bool = False,
@@ -107,17 +107,19 @@ class FlowPrecond(nn.Module):
     ):
         """The flow objective for clean data y = x1 [B, C, H, W]: per-sample loss [B].
 
+        ``mask_ratio``: a ratio (MaskDiT's random masks) or any :class:`fastmask.ops.TokenStrategy`.
         Draws from ``generator`` in this order: t, noise x0, mask (as EDMPrecond: sigma, noise,
         mask). No value is read back to the host."""
         B = y.shape[0]
         t = self.draw_t(B, generator=generator, device=y.device)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         ids_keep = None
-        if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
-            ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
+        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
+        if not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
         loss, fm, mae = self.loss_given(
             y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids,
-            check_ids=False, check_t=False,
+            check_ids=False, check_sigma=False,
         )
         return (loss, fm, mae) if return_terms else loss
 
@@ -132,7 +134,7 @@ class FlowPrecond(nn.Module):
         mae_coef: float = 0.1,
         force_drop_ids: Tensor | None = None,
         check_ids: bool = True,
-        check_t: bool = True,
+        check_sigma: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The objective with every draw given: t [B] in [0, 1], noise x0 [B, C, H, W],
         ids_keep [B, K] or None, ``force_drop_ids`` [B]. Returns (loss, fm, mae), each [B]:
@@ -148,14 +150,15 @@ class FlowPrecond(nn.Module):
         model to predict unseen noise (x0 is independent per token): an irreducible loss of
         the order of the velocity loss itself, which MaskDiT avoids for DSM the same way.
 
-        ``check_ids`` / ``check_t`` validate the given ids and times (device syncs); the
+        ``check_ids`` / ``check_sigma`` validate the given ids and times t (device syncs; named as
+        EDMPrecond's); the
         trainer's own draws skip them."""
         if y.dim() != 4 or y.shape[0] == 0:
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
-        t = _t(t, y, check_values=check_t)
+        t = _t(t, y, check_values=check_sigma)
         tv = t.view(-1, 1, 1, 1)
         x1, x0 = y.float(), noise.float()
         x_t = tv * x1 + (1 - tv) * x0

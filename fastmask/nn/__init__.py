@@ -1,6 +1,6 @@
 """fastmask.nn: DiT building blocks on top of fastmask.ops."""
-from .block import Attention, MaskedDiTBlock, Mlp, swap_dit_blocks
-from .layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from .block import Attention, MaskedDiTBlock, Mlp, SwiGLUMlp, swap_dit_blocks
+from .layers import FinalLayer, LabelEmbedder, PatchEmbed, RMSNorm, TimestepEmbedder, rope_2d, sincos_pos_embed_2d
 
 __all__ = [
     "Attention",
@@ -9,7 +9,10 @@ __all__ = [
     "MaskedDiTBlock",
     "Mlp",
     "PatchEmbed",
+    "RMSNorm",
+    "SwiGLUMlp",
     "TimestepEmbedder",
+    "rope_2d",
     "sincos_pos_embed_2d",
     "swap_dit_blocks",
 ]

@@ -12,10 +12,27 @@
 ``model.transformer_blocks`` to a subclass whose ``forward`` computes the same block with
 fastmask's ops (:mod:`fastmask.ops`): adaLN LayerNorm + modulate, the fused residual + LayerNorm
 + modulate, the gated residual, and attention on the fused ``[B, L, 3, H, hd]`` layout built from
-the block's own projections (``to_qkv`` after diffusers' ``fuse_qkv_projections()``, else
-``to_q``/``to_k``/``to_v`` concatenated, so gradients reach the original parameters). No
-parameter is added, removed or renamed: ``state_dict``, ``save_pretrained`` and optimizers see
-the same model. :func:`unfuse_transformer` restores diffusers' classes.
+the block's own projections. No parameter is added, removed or renamed: ``state_dict``,
+``save_pretrained`` and optimizers see the same model. :func:`unfuse_transformer` restores
+diffusers' classes.
+
+What is fused, and what runs as diffusers' own module (so LoRA and hooks apply):
+  * fused: the LayerNorms, the modulation arithmetic, the attention core and the gated residuals;
+  * the q/k/v projections: when ``to_q``/``to_k``/``to_v`` are plain ``nn.Linear`` without hooks,
+    one matmul on their concatenated weights (gradients reach the original parameters); otherwise
+    (a peft LoRA wrapper, any other module, or a hooked Linear) each is called as a module, so
+    LoRA, ``set_adapters`` and ``disable_adapters`` are followed exactly. After
+    ``attn.fuse_projections()`` (diffusers' ``Attention`` method; ``PixArtTransformer2DModel``
+    has ``fuse_qkv_projections()``, which calls it for every attention, ``DiTTransformer2DModel``
+    has no such model method) the fused ``to_qkv`` module is called;
+  * always called as modules: ``to_out``, the MLP (``ff``), the adaLN embedder and Linear
+    (``norm1.emb``, ``norm1.linear``), PixArt's cross-attention ``attn2``.
+What the fused path cannot honour is refused, naming the module: a custom attention processor on
+``attn1`` (``attn.set_processor``; diffusers' standard processors compute what the fused core
+computes), and hooks on the modules the fused path computes without calling them (``attn1``, the
+block's LayerNorms and ``norm1``). Before fusing, both raise in :func:`fuse_transformer`; after
+fusing, registering such a hook raises at once (those modules' hook tables refuse new entries
+until :func:`unfuse_transformer`), and the processor is checked at each forward (one type test).
 
 Supported blocks:
   * ``norm_type="ada_norm_zero"`` (DiT: ``DiTTransformer2DModel``), each block computing its
@@ -59,20 +76,54 @@ def _basic_block_class():
 
 
 # --------------------------------------------------------------------------- pieces
+# diffusers' standard attention processors: each computes softmax(q k^T scale) v from the
+# projections, which is what the fused attention core computes.
+_STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor")
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(m) -> bool:
+    return any(getattr(m, t, None) for t in _HOOK_TABLES)
+
+
+def _plain_linear(m) -> bool:
+    """A bare nn.Linear (not a subclass, not a LoRA wrapper) without hooks: safe to read its weight."""
+    return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                               or m._backward_pre_hooks)
+
+
+def _standard_processor(attn) -> bool:
+    p = getattr(attn, "processor", None)
+    return p is None or (type(p).__name__ in _STANDARD_PROCESSORS and type(p).__module__.startswith("diffusers."))
+
+
 def _qkv(attn, h: Tensor) -> Tensor:
     """[B, L, 3, H, hd] from the attention's fused or separate input projections."""
     B, L, _ = h.shape
     if getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
+        H = attn.heads
         qkv = attn.to_qkv(h)
-    else:
-        w = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
-        b = None if attn.to_q.bias is None else torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias])
+        return qkv.view(B, L, 3, H, qkv.shape[-1] // (3 * H))
+    mods = attn._modules  # read directly: Module.__getattr__ costs about a microsecond a call
+    to_q, to_k, to_v = mods["to_q"], mods["to_k"], mods["to_v"]
+    if _plain_linear(to_q) and _plain_linear(to_k) and _plain_linear(to_v):
+        w = torch.cat([to_q.weight, to_k.weight, to_v.weight])
+        b = None if to_q.bias is None else torch.cat([to_q.bias, to_k.bias, to_v.bias])
         qkv = F.linear(h, w, b)
+    else:  # LoRA or hooks on a projection: run each as the module it is
+        q, k, v = to_q(h), to_k(h), to_v(h)
+        H = attn.heads
+        return torch.stack([q, k, v], dim=2).view(B, L, 3, H, q.shape[-1] // H)
     H = attn.heads
     return qkv.view(B, L, 3, H, qkv.shape[-1] // (3 * H))
 
 
-def _self_attention(attn, h: Tensor) -> Tensor:
+def _self_attention(attn, h: Tensor, where: str = "block") -> Tensor:
+    if not _standard_processor(attn):  # set after fusing (fuse_block refuses one set before)
+        raise ValueError(
+            f"{where}.attn1: a custom attention processor ({type(attn.processor).__name__}) cannot take the fused path, "
+            "which computes the attention itself; unfuse_transformer(model) to run it"
+        )
     out = ops.attention(_qkv(attn, h), attn.scale)
     out = attn.to_out[0](out)
     if len(attn.to_out) > 1:
@@ -102,6 +153,39 @@ def _check_norm(norm, where: str) -> None:
         raise ValueError(f"{where}: expected a LayerNorm without affine parameters, got {norm!r}")
 
 
+def _uncalled_modules(block) -> list[tuple[str, torch.nn.Module]]:
+    """The block's sub-modules whose work the fused forward computes without calling them."""
+    names = ["attn1", "norm1", "norm1.norm", "norm3"] if block.norm_type == "ada_norm_zero" else ["attn1", "norm1", "norm2"]
+    return [(n, block.get_submodule(n)) for n in names]
+
+
+class _RefusingHooks(dict):
+    """The hook table of a module that a fused block computes without calling: registering a
+    hook there raises (the hook would never run), naming the module."""
+
+    def __init__(self, where: str = "module"):
+        super().__init__()
+        self.where = where
+
+    def __setitem__(self, key, value):
+        raise ValueError(
+            f"{self.where}: the fused path computes this module without calling it, so a hook on it would never "
+            "run; unfuse_transformer(model) first (hooks on to_q/to_k/to_v/to_out, ff and norm1.linear do run)"
+        )
+
+    def __reduce__(self):  # copies and pickles carry the guard, empty
+        return (type(self), (self.where,))
+
+
+def _guard_hooks(block, where: str, on: bool) -> None:
+    from collections import OrderedDict
+
+    for name, m in _uncalled_modules(block):
+        for t in _HOOK_TABLES:
+            if hasattr(m, t):
+                setattr(m, t, _RefusingHooks(f"{where}.{name}") if on else OrderedDict())
+
+
 def check_block(block, where: str = "block") -> None:
     """Raise ValueError saying why ``block`` (a diffusers BasicTransformerBlock) cannot be fused."""
     nt = getattr(block, "norm_type", None)
@@ -120,6 +204,25 @@ def check_block(block, where: str = "block") -> None:
     else:
         _check_norm(block.norm1, f"{where}.norm1")
         _check_norm(block.norm2, f"{where}.norm2")
+    if not _standard_processor(block.attn1):
+        raise ValueError(
+            f"{where}.attn1: a custom attention processor ({type(block.attn1.processor).__name__}) cannot take the "
+            "fused path, which computes the attention itself"
+        )
+    for name, m in _uncalled_modules(block):
+        if _has_hooks(m):
+            raise ValueError(
+                f"{where}.{name}: has hooks, which the fused path cannot run (it computes this module without "
+                "calling it); remove them first (hooks on to_q/to_k/to_v/to_out, ff and norm1.linear do run)"
+            )
+    a = block.attn1
+    if getattr(a, "fused_projections", False) and getattr(a, "to_qkv", None) is not None and not all(
+        _plain_linear(getattr(a, n)) for n in ("to_q", "to_k", "to_v")
+    ):
+        raise ValueError(
+            f"{where}.attn1: has fused projections (to_qkv) while to_q/to_k/to_v carry LoRA or hooks; "
+            "call attn.unfuse_projections() first"
+        )
 
 
 # --------------------------------------------------------------------------- the fused forward
@@ -136,6 +239,7 @@ def _fused_forward(
     ids_keep: Tensor | None = None,
 ) -> Tensor:
     x = hidden_states
+    checks.activation_dtype("hidden_states", x, self.attn1.to_out[0].weight, type(self).__name__)
     if ids_keep is not None:
         x = ops.gather_tokens(x, ids_keep)
     if attention_mask is not None or (cross_attention_kwargs and "gligen" in cross_attention_kwargs):
@@ -148,7 +252,7 @@ def _fused_forward(
         emb = n1.emb(timestep, class_labels, hidden_dtype=x.dtype)
         shift1, scale1, gate1, shift2, scale2, gate2 = n1.linear(n1.silu(emb)).chunk(6, dim=1)
         h = ops.layernorm_modulate(x, shift1, scale1, n1.norm.eps)
-        a = _self_attention(self.attn1, h)
+        a = _self_attention(self.attn1, h, self._fastmask_where)
         x, h = ops.residual_layernorm_modulate(x, a, gate1, shift2, scale2, self.norm3.eps)
         return ops.gated_residual(x, self.ff(h), gate2)
     # ada_norm_single (PixArt): timestep is the [B, 6 D] output of the model's AdaLayerNormSingle
@@ -156,7 +260,7 @@ def _fused_forward(
     mods = (self.scale_shift_table[None] + timestep.reshape(B, 6, -1)).unbind(1)
     shift1, scale1, gate1, shift2, scale2, gate2 = mods
     h = ops.layernorm_modulate(x, shift1, scale1, self.norm1.eps)
-    x = ops.gated_residual(x, _self_attention(self.attn1, h), gate1)
+    x = ops.gated_residual(x, _self_attention(self.attn1, h, self._fastmask_where), gate1)
     if self.attn2 is not None:
         c = self.attn2(x, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
                        **(cross_attention_kwargs or {}))
@@ -174,14 +278,16 @@ def _fused_class(base: type) -> type:
     return _FUSED[base]
 
 
-def fuse_block(block):
+def fuse_block(block, where: str = "block"):
     """Switch one diffusers BasicTransformerBlock to the fused forward (in place; returns it)."""
     if getattr(block, "_fastmask_fused", False):
         return block
     BasicTransformerBlock = _basic_block_class()
     if not isinstance(block, BasicTransformerBlock):
         raise ValueError(f"block: expected a diffusers BasicTransformerBlock, got {type(block).__name__}")
-    check_block(block)
+    check_block(block, where)
+    block._fastmask_where = where
+    _guard_hooks(block, where, on=True)
     block.__class__ = _fused_class(type(block))
     return block
 
@@ -193,10 +299,7 @@ def fuse_transformer(model, attr: str = "transformer_blocks"):
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
         raise ValueError(f"model: {type(model).__name__} has no ModuleList of transformer blocks named {attr!r}")
     for i, blk in enumerate(blocks):
-        try:
-            fuse_block(blk)
-        except ValueError as e:
-            raise ValueError(f"{attr}[{i}]: {e}") from None
+        fuse_block(blk, f"{attr}[{i}]")
     return model
 
 
@@ -205,6 +308,7 @@ def unfuse_transformer(model, attr: str = "transformer_blocks"):
     for blk in getattr(model, attr):
         if getattr(blk, "_fastmask_fused", False):
             blk.__class__ = type(blk).__mro__[1]
+            _guard_hooks(blk, "", on=False)
     return model
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
+from ..constants import RMS_EPS
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
@@ -32,6 +33,44 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([one_d(dim // 2, grid_w), one_d(dim // 2, grid_h)], axis=1).astype(np.float32)
 
 
+def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """2-D axial rotary tables (cos, sin), each [grid_size**2, head_dim] fp32, row n = token
+    (row n // grid_size, column n % grid_size) in raster order.
+
+    LightningDiT's layout (models/pos_embed.py, VisionRotaryEmbeddingFast with dim =
+    head_dim // 2, theta 10000, pt_seq_len = grid): the first half of the head dim rotates with
+    the token's grid row, the second half with its column; within a half, frequency
+    f_j = theta ** (-2j / (head_dim / 2)) for j < head_dim / 4, each used by one interleaved
+    pair (2j, 2j + 1), so columns 2j and 2j + 1 hold the same angle. SPRINT's rope.py uses the
+    same interleaved pairing (rotate_half on pairs) and theta.
+    """
+    if head_dim % 4:
+        raise ValueError(f"head_dim: 2-D RoPE needs a multiple of 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = theta ** (-torch.arange(0, half, 2, dtype=torch.float64)[: half // 2] / half)  # [hd / 4]
+    t = torch.arange(grid_size, dtype=torch.float64)
+    ang = (t[:, None] * freqs[None, :]).repeat_interleave(2, dim=1)  # [grid, half], pairs share an angle
+    rows = ang[:, None, :].expand(grid_size, grid_size, half)
+    cols = ang[None, :, :].expand(grid_size, grid_size, half)
+    full = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)
+    return full.cos().float(), full.sin().float()
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (LightningDiT's norm1 / norm2 / norm_final and q/k norms):
+    ``x * rsqrt(mean(x^2) + eps) * weight``, statistics in fp32. The blocks do not call it;
+    they pass ``weight`` and ``eps`` to the fused ops."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
 class PatchEmbed(nn.Module):
     """p x p stride-p convolution: [B, C, H, W] -> [B, N, D], tokens in row-major order."""
 
@@ -45,6 +84,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.proj.weight, "PatchEmbed")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -95,7 +135,9 @@ class LabelEmbedder(nn.Module):
         else:
             self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def forward(self, labels: Tensor) -> Tensor:
+    def forward(self, labels: Tensor, check_values: bool = True) -> Tensor:
+        """``check_values=False`` skips the range check of integer labels (a device sync), for
+        labels the caller made itself (the null labels of an unconditional call)."""
         C = self.num_classes
         if labels.dim() == 2:
             if labels.shape[1] != C:
@@ -109,7 +151,7 @@ class LabelEmbedder(nn.Module):
             raise ValueError(
                 f"class_labels: expected integer labels [B] or one-hot [B, {C}], got {labels.dtype} {tuple(labels.shape)}"
             )
-        if ops.checks.value_checks_enabled() and bool(((labels < -1) | (labels > C)).any()):
+        if check_values and ops.checks.value_checks_enabled() and bool(((labels < -1) | (labels > C)).any()):
             raise ValueError(f"class_labels: expected values in [-1, {C}] (-1 or {C} = no label)")
         null = (labels < 0) | (labels == C)
         if self.form == "table":
@@ -121,14 +163,23 @@ class LabelEmbedder(nn.Module):
 
 class FinalLayer(nn.Module):
     """LN (no affine) + adaLN shift/scale from c + Linear. Used as DiT's final layer and as
-    MaskDiT's ``decoder_layer`` (hidden D -> decoder width Dd)."""
+    MaskDiT's ``decoder_layer`` (hidden D -> decoder width Dd). ``norm="rms"``: RMSNorm with a
+    weight (``norm_final.weight``, LightningDiT's final layer) instead of the LayerNorm."""
 
-    def __init__(self, hidden_size: int, out_features: int, cond_size: int | None = None):
+    def __init__(self, hidden_size: int, out_features: int, cond_size: int | None = None, norm: str = "layer"):
         super().__init__()
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm: expected 'layer' or 'rms', got {norm!r}")
         cond_size = hidden_size if cond_size is None else cond_size
+        if norm == "rms":
+            self.norm_final = RMSNorm(hidden_size)
         self.linear = nn.Linear(hidden_size, out_features, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        ops.checks.activation_dtype("x", x, self.linear.weight, "FinalLayer")
+        ops.checks.activation_dtype("c", c, self.linear.weight, "FinalLayer")
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        if hasattr(self, "norm_final"):
+            return self.linear(ops.rmsnorm_modulate(x, shift, scale, self.norm_final.weight, self.norm_final.eps))
         return self.linear(ops.layernorm_modulate(x, shift, scale))

@@ -8,14 +8,37 @@ on; ``op_ranges()`` (or ``FASTMASK_NVTX=1``) names each op in profiler traces.
 """
 from . import reference
 from .attention import attention
-from .dispatch import BackendFallbackWarning, BackendUnavailable, available_backends, backend, record_choices
+from .dispatch import (
+    BackendFallbackWarning,
+    BackendUnavailable,
+    available_backends,
+    backend,
+    record_choices,
+    reload_environment,
+)
 from .loss import dsm_mae_loss
-from .norm import gated_residual, layernorm_modulate, residual_layernorm_modulate
+from .norm import (
+    gated_residual,
+    layernorm_modulate,
+    residual_layernorm_modulate,
+    residual_rmsnorm_modulate,
+    rmsnorm_modulate,
+)
 from .ranges import op_ranges
+from .selection import (
+    RandomRatioTokens,
+    RandomTokens,
+    RoutedTokens,
+    StructuredTokens,
+    TokenStrategy,
+    as_strategy,
+)
+from .swiglu import swiglu
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
 __all__ = [
     "attention",
+    "as_strategy",
     "available_backends",
     "backend",
     "BackendFallbackWarning",
@@ -28,8 +51,17 @@ __all__ = [
     "num_kept",
     "op_ranges",
     "random_mask",
+    "RandomRatioTokens",
+    "RandomTokens",
+    "RoutedTokens",
+    "StructuredTokens",
+    "TokenStrategy",
     "record_choices",
     "reference",
+    "reload_environment",
     "residual_layernorm_modulate",
+    "residual_rmsnorm_modulate",
+    "rmsnorm_modulate",
+    "swiglu",
     "unmask_tokens",
 ]

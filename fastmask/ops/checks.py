@@ -70,7 +70,11 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
 
 
-def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None) -> None:
+def ids(
+    name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None, values: bool = True
+) -> None:
+    """Structure of ``ids_keep`` (a 2-d int tensor [batch, K], 0 < K <= num_tokens) and, with
+    ``values``, :func:`ids_values`."""
     tensor(name, ids_keep, ndim=2)
     if ids_keep.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: expected an int64 (or int32) tensor, got dtype {ids_keep.dtype}")
@@ -83,7 +87,15 @@ def ids(name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept
         raise ValueError(f"{name}: keeps no token (K = 0); at least one token per sample must be kept")
     if K > num_tokens:
         raise ValueError(f"{name}: keeps {K} tokens of only {num_tokens}")
+    if values:
+        ids_values(name, ids_keep, num_tokens)
+
+
+def ids_values(name: str, ids_keep: torch.Tensor, num_tokens: int) -> None:
+    """Every id in [0, num_tokens) and distinct within its sample: a data-dependent check (it
+    syncs with the device), skipped like the other value checks."""
     if value_checks_enabled():
+        K = ids_keep.shape[1]
         lo, hi = int(ids_keep.min()), int(ids_keep.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"{name}: ids must lie in [0, {num_tokens}), got values in [{lo}, {hi}]")
@@ -142,3 +154,17 @@ def binary_mask(name: str, mask: torch.Tensor) -> None:
     if value_checks_enabled() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
         raise ValueError(f"{name}: expected only 0 (kept) and 1 (dropped), found {bad}")
+
+
+def activation_dtype(name: str, t: torch.Tensor, weight: torch.Tensor, module: str = "the module") -> None:
+    """A module's input ``t`` must have its weights' dtype, or one autocast casts for it (a
+    half or single float while autocast is on for its device); fp64 into fp32 weights would
+    otherwise fail deep inside a matmul. Costs a dtype comparison when the dtypes agree."""
+    if t.dtype == weight.dtype:
+        return
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.is_autocast_enabled(t.device.type):
+        return
+    raise ValueError(
+        f"{name}: expected dtype {weight.dtype} (the dtype of {module}'s weights; or float16/bfloat16/float32 "
+        f"under autocast), got {t.dtype}"
+    )

@@ -1,7 +1,7 @@
 """The one place that decides which backend runs an op.
 
 Backends (each module declares ``DEVICE_TYPES``, ``DTYPES`` and ``not_supported_reasons``;
-the launchers it must provide are written down in :mod:`fastmask.ops.backend_protocol`):
+the launchers it must provide are declared with each op in :mod:`fastmask.ops.registry`):
     ``torch``  the PyTorch reference (fastmask.ops.reference); runs everywhere.
     ``triton`` Triton kernels (fastmask.kernels); CUDA tensors, or CPU tensors when
                TRITON_INTERPRET=1 (the Triton interpreter, used by the tests).
@@ -10,8 +10,10 @@ the launchers it must provide are written down in :mod:`fastmask.ops.backend_pro
 Choice, in order:
     1. ``with fastmask.backend("triton"):`` (or ``backend(attention="triton", loss="cuda")``)
     2. the environment variable ``FASTMASK_BACKEND``: ``torch``, ``triton``, ``cuda``, ``auto``,
-       or per op: ``attention=triton,gather_tokens=cuda``
-    3. automatic: the first backend in :data:`DEFAULT_PREFERENCE` that can serve the call.
+       or per op: ``attention=triton,gather_tokens=cuda`` (read at import and by
+       :func:`reload_environment`, not per call)
+    3. automatic: the first backend in :data:`DEFAULT_PREFERENCE` (else :data:`PREFERENCE_DEFAULT`)
+       that can serve the call.
 
 An explicitly requested backend that cannot serve a call raises :class:`BackendUnavailable`
 listing every reason. The automatic choice falls back to the next backend instead; on CUDA
@@ -19,10 +21,15 @@ tensors each skipped backend is reported once per (op, reason) with a
 :class:`BackendFallbackWarning` (a GPU run that quietly lands on the reference is slow).
 :func:`record_choices` shows which backend each op actually ran on; ``fastmask info`` prints
 the choice and the reasons for a model config without running it.
+
+The public ops ask :func:`planned` first: a call whose signature (shapes, dtypes, devices, scalar
+arguments) was checked and dispatched before gets the same backend from a dictionary, without
+running its checks or computing reasons again (:func:`plan` stores a new signature's choice).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import warnings
@@ -31,31 +38,32 @@ from types import ModuleType
 import torch
 
 from .. import _env
+from . import registry
 
 log = logging.getLogger("fastmask.dispatch")
 
 BACKENDS = ("torch", "triton", "cuda")
-OPS = (
-    "gather_tokens",
-    "unmask_tokens",
-    "attention",
-    "layernorm_modulate",
-    "gated_residual",
-    "residual_layernorm_modulate",
-    "dsm_mae_loss",
-)
+#: every fused op, by name: the declarations of :mod:`fastmask.ops.registry` (filled as the op
+#: family modules are imported, which ``import fastmask.ops`` does)
+OPS = registry.OPS
 ENV_VAR = "FASTMASK_BACKEND"
 
 # Automatic choice on CUDA tensors, per op: the first backend that can serve wins.
 # Rule: CUDA C++ is preferred only where benchmarks/results show it faster than Triton on
 # the card at hand; until such results exist for an op, Triton is the default on GPUs.
 # (Kept here, next to the code that reads it; see benchmarks/README.md for the numbers.)
-DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {op: ("triton", "cuda", "torch") for op in OPS}
+# An op missing from the table takes the default order.
+PREFERENCE_DEFAULT: tuple[str, ...] = ("triton", "cuda", "torch")
+DEFAULT_PREFERENCE: dict[str, tuple[str, ...]] = {}
 
-_module_cache: dict[str, ModuleType | str] = {}
+# One slot per backend from the start, filled at its first use: the dictionary's size never
+# changes, so a compiled graph that traced a choice is not invalidated (recompiled) because
+# another backend was imported later.
+_module_cache: dict[str, ModuleType | str | None] = dict.fromkeys(BACKENDS)
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
 _recorders: list[dict[str, set[str]]] = []
+_open_frames = 0  # backend() blocks open in any thread (0: every request is the environment's)
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,7 +86,7 @@ def _parse(spec: str) -> dict[str, str]:
         op, _, name = part.partition("=")
         op, name = op.strip(), name.strip()
         if op not in OPS and op != "*":
-            raise ValueError(f"{ENV_VAR}: unknown op {op!r}; expected one of {OPS}")
+            raise ValueError(f"{ENV_VAR}: unknown op {op!r}; expected one of {tuple(OPS)}")
         _check_backend_name(name, ENV_VAR)
         out[op] = name
     return out
@@ -87,7 +95,7 @@ def _parse(spec: str) -> dict[str, str]:
 def check_environment() -> None:
     """Check ``FASTMASK_BACKEND`` and the library's 0/1 switches now (ValueError naming the
     variable), so that a command reports a bad value before its work starts."""
-    _env.check_environment()
+    _env.check_environment()  # reads the environment again (and clears the cached choices)
     _parse(_env.backend_spec())
 
 
@@ -109,28 +117,128 @@ def backend(name: str | None = None, **per_op: str):
         frame["*"] = name
     for op, b in per_op.items():
         if op not in OPS:
-            raise ValueError(f"backend(): unknown op {op!r}; expected one of {OPS}")
+            raise ValueError(f"backend(): unknown op {op!r}; expected one of {tuple(OPS)}")
         _check_backend_name(b, f"backend({op}=...)")
         frame[op] = b
+    global _open_frames
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
     stack.append(frame)
+    _open_frames += 1
     try:
         yield
     finally:
         stack.pop()
+        _open_frames -= 1
 
 
 def requested(op: str) -> str:
     """The backend asked for ``op`` by the context manager or the environment ("auto" if none)."""
-    for frame in reversed(getattr(_local, "stack", None) or []):
-        if op in frame:
-            return frame[op]
-        if "*" in frame:
-            return frame["*"]
-    env = _parse(_env.backend_spec())
-    return env.get(op, env.get("*", "auto"))
+    stack = getattr(_local, "stack", None)
+    if stack:
+        for frame in reversed(stack):
+            if op in frame:
+                return frame[op]
+            if "*" in frame:
+                return frame["*"]
+    env = _env_request()
+    return env.get(op) or env.get("*", "auto")
+
+
+# FASTMASK_BACKEND parsed once per environment snapshot (fastmask._env), not per call; a bad
+# value is kept as its ValueError and raised at the first op, as the variable is used.
+_env_parsed: list = []
+
+
+def _parse_env() -> None:
+    try:
+        parsed = _parse(_env.backend_spec())
+    except ValueError as e:
+        parsed = e
+    _env_parsed[:] = [parsed]
+
+
+def _env_request() -> dict[str, str]:
+    v = _env_parsed[0]
+    if isinstance(v, ValueError):
+        raise v
+    return v
+
+
+# ---------------------------------------------------------------------- the cached choice
+# The public ops validate a call's structure (shapes, dtypes, devices, scalar arguments) and
+# choose its backend once per *signature*: the op, the requested backend and a tuple the op
+# builds from exactly what its checks and the backends' reasons read. A later call with the same
+# signature skips both (a dictionary look-up instead of ~10-40 us of Python), so the hot path
+# reads no environment, computes no reasons and runs no structural check. Data-dependent checks
+# (ids range, NaN sigma) are not part of it: they run per call unless trusted or switched off.
+_plans: dict[tuple, str] = {}
+_PLANS_MAX = 4096  # a safety bound for programs that call with ever new shapes
+
+
+def signature(fn):
+    """Decorator of an op's signature function (the tuple its checks and its backend choice
+    depend on: shapes, dtypes, devices, scalar arguments). The wrapped function returns None
+    under torch.compile (a traced call is checked and dispatched while tracing) and for
+    arguments that are not tensors (the op's checks then say which argument)."""
+
+    @functools.wraps(fn)
+    def sig(*args):
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            return fn(*args)
+        except AttributeError:
+            return None
+
+    return sig
+
+
+def _plan_key(op: str, signature: tuple) -> tuple:
+    # Outside every backend() block the request is the environment's, fixed between two reads
+    # of the environment (which clear the plans): the key then needs no request at all.
+    return (op, requested(op), signature) if _open_frames else (op, signature)
+
+
+def planned(op: str, signature: tuple | None) -> str | None:
+    """The backend chosen before for ``op`` on a call of this ``signature`` (None: not yet, or no
+    signature: arguments that are not tensors, or a call traced by torch.compile)."""
+    if signature is None:
+        return None
+    name = _plans.get((op, requested(op), signature) if _open_frames else (op, signature))
+    if name is not None and _recorders:
+        _chosen(op, name)
+    return name
+
+
+def plan(op: str, signature: tuple | None, *tensors) -> str:
+    """:func:`select` for a call that passed the op's checks, remembered under ``signature``
+    (when there is one)."""
+    name = select(op, *tensors)
+    if signature is not None:
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        _plans[_plan_key(op, signature)] = name
+    return name
+
+
+def clear_plans() -> None:
+    """Forget every cached choice (the environment was read again, a backend was built)."""
+    _plans.clear()
+    _parse_env()
+
+
+_env.on_reload(clear_plans)
+_parse_env()
+
+
+def reload_environment() -> None:
+    """Read the ``FASTMASK_*`` variables (and ``TRITON_INTERPRET``) again after a change of
+    ``os.environ`` in this process, and forget the backend choices made under the old values.
+    (fastmask reads them once at import; the context manager :func:`backend` is the way to
+    change the choice inside a program.)"""
+    _env.reload()
 
 
 def _import(name: str) -> ModuleType:
@@ -224,7 +332,7 @@ def choice(op: str, *tensors) -> tuple[str, list[tuple[str, str]]]:
     if dev.type != "cuda":
         return "torch", []
     skipped = []
-    for name in DEFAULT_PREFERENCE[op]:
+    for name in DEFAULT_PREFERENCE.get(op, PREFERENCE_DEFAULT):
         reason = why_not(name, op, tensors)
         if reason is None:
             return name, skipped
@@ -274,3 +382,10 @@ def record_choices():
         yield rec
     finally:
         _recorders.remove(rec)
+
+
+# Import every backend now, not at the first call that needs one: a call traced by torch.compile
+# must find the dispatcher's state settled (a backend imported while a graph is traced would
+# invalidate that graph at the next call and compile it again).
+for _name in BACKENDS:
+    _module(_name)

@@ -8,12 +8,22 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
-from ._library import kernels
+from ._library import eager_function, kernels
 
 
-@torch.library.custom_op("fastmask::dsm_mae_loss", mutates_args=())
-def _loss_op(
+declare(
+    "dsm_mae_loss",
+    reference=reference.dsm_mae_loss,
+    # -> (loss [B], terms [B, 2], dLoss/dF); the backward is a scaling done here, no launcher
+    launchers=("dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, objective='edm')",),
+    category="loss",
+    example=lambda e: (f"F [{e.B}, {e.N}, {e.P}]", (e.t(e.B, e.N, e.P),) * 3) if e.part == "output" else None,
+)
+
+
+def _loss_fwd(
     F_out: Tensor,
     x_noisy: Tensor,
     y: Tensor,
@@ -27,6 +37,9 @@ def _loss_op(
     if objective == "edm":  # the launchers' original call, unchanged
         return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
     return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, objective)
+
+
+_loss_op = torch.library.custom_op("fastmask::dsm_mae_loss", mutates_args=())(_loss_fwd)
 
 
 @_loss_op.register_fake
@@ -49,6 +62,16 @@ def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+_LOSS = eager_function("DsmMaeLoss", _loss_fwd, _loss_setup, _loss_backward, nondifferentiable=(1, 2))
+
+
+@dispatch.signature
+def _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data):
+    return (
+        F_out.shape, F_out.dtype, F_out.device, x_noisy.shape, x_noisy.dtype, x_noisy.device, y.shape,
+        y.dtype, y.device, sigma.shape, sigma.dtype, sigma.device,
+        None if mask is None else (mask.shape, mask.dtype, mask.device), mae_coef, sigma_data,
+    )
 
 
 @profiled("dsm_mae_loss")
@@ -81,11 +104,38 @@ def dsm_mae_loss(
     """
     if objective not in ("edm", "flow"):
         raise ValueError(f"objective: expected 'edm' or 'flow', got {objective!r}")
+    sig = _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("dsm_mae_loss", sig)
+    if backend is None:
+        _check(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+        backend = dispatch.plan("dsm_mae_loss", sig, F_out, x_noisy, y)
+    if check_values and checks.value_checks_enabled():
+        if mask is not None:
+            checks.binary_mask("mask", mask)
+        if objective == "edm" and not bool(torch.isfinite(sigma).all()):
+            raise ValueError("sigma: contains NaN or inf")
+        if objective == "edm" and bool((sigma <= 0).any()):
+            raise ValueError("sigma: every noise level must be positive")
+    if backend == "torch":
+        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data, objective)
+        loss = dsm + mae_coef * mae
+    else:
+        m = None if mask is None else mask.to(torch.float32).contiguous()
+        args = (F_out.contiguous(), x_noisy.contiguous(), y.contiguous(), sigma.to(torch.float32).contiguous(), m,
+                float(mae_coef), float(sigma_data), backend, objective)
+        loss, terms, _ = _loss_op(*args) if compiling else _LOSS.apply(*args)
+        dsm, mae = terms.unbind(1)
+    return (loss, dsm, mae) if return_terms else loss
+
+
+def _check(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data) -> None:
+    """The structural checks of :func:`dsm_mae_loss` (shapes, dtypes, devices, coefficients)."""
     checks.tensor("F_out", F_out, ndim=3, floating=True)
     checks.nonempty("F_out", F_out, "B N P")
     B, N, P = F_out.shape
-    sigma_data = checks.positive_float("sigma_data", sigma_data)
-    mae_coef = checks.positive_float("mae_coef", mae_coef, allow_zero=True)
+    checks.positive_float("sigma_data", sigma_data)
+    checks.positive_float("mae_coef", mae_coef, allow_zero=True)
     checks.tensor("x_noisy", x_noisy, shape=(B, N, P), floating=True)
     checks.tensor("y", y, shape=(B, N, P), floating=True)
     checks.tensor("sigma", sigma, shape=(B,), floating=True)
@@ -94,29 +144,3 @@ def dsm_mae_loss(
     checks.same_device("F_out", F_out, x_noisy=x_noisy, y=y, sigma=sigma, mask=mask)
     if P < 2 and mask is not None:
         raise ValueError(f"F_out: the MAE target needs at least 2 values per token (unbiased variance), got P = {P}")
-    if check_values and checks.value_checks_enabled():
-        if mask is not None:
-            checks.binary_mask("mask", mask)
-        if objective == "edm" and not bool(torch.isfinite(sigma).all()):
-            raise ValueError("sigma: contains NaN or inf")
-        if objective == "edm" and bool((sigma <= 0).any()):
-            raise ValueError("sigma: every noise level must be positive")
-    backend = dispatch.select("dsm_mae_loss", F_out, x_noisy, y)
-    if backend == "torch":
-        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data, objective)
-        loss = dsm + mae_coef * mae
-    else:
-        m = None if mask is None else mask.to(torch.float32).contiguous()
-        loss, terms, _ = _loss_op(
-            F_out.contiguous(),
-            x_noisy.contiguous(),
-            y.contiguous(),
-            sigma.to(torch.float32).contiguous(),
-            m,
-            float(mae_coef),
-            float(sigma_data),
-            backend,
-            objective,
-        )
-        dsm, mae = terms.unbind(1)
-    return (loss, dsm, mae) if return_terms else loss

@@ -15,16 +15,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..constants import LN_EPS, MAE_EPS  # noqa: F401  (re-exported: fastmask.ops.reference.LN_EPS)
+from ..constants import LN_EPS, MAE_EPS, QK_NORM_EPS, RMS_EPS  # noqa: F401  (re-exported: fastmask.ops.reference.LN_EPS)
+
+
+def add_pos(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x + pos`` in x's dtype, rounded once: the sum is taken in fp32 (pos is usually the fp32
+    position table, x bf16 or fp16 under autocast) and rounded to x's dtype, as every backend does.
+    (Rounding pos to x's dtype first, then the sum, would round twice: 1 ulp off in places.)"""
+    if pos.dtype == x.dtype:
+        return x + pos
+    return (x.float() + pos.float()).to(x.dtype)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])."""
+    """x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]], see :func:`add_pos`)."""
     B, N, D = x.shape
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     out = torch.gather(x, 1, idx)
     if pos is not None:
-        out = out + pos.reshape(N, D)[ids_keep].to(out.dtype)
+        out = add_pos(out, pos.reshape(N, D)[ids_keep])
     return out
 
 
@@ -35,13 +44,14 @@ def unmask_tokens(
     num_tokens: int,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[b, n] = x_vis[b, j] where ids_keep[b, j] = n, else mask_token; plus pos[n]."""
+    """out[b, n] = x_vis[b, j] where ids_keep[b, j] = n, else mask_token (in x_vis's dtype); plus
+    pos[n] (see :func:`add_pos`)."""
     B, K, D = x_vis.shape
     out = mask_token.reshape(1, 1, D).to(x_vis.dtype).expand(B, num_tokens, D)
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     out = out.scatter(1, idx, x_vis)
     if pos is not None:
-        out = out + pos.reshape(1, num_tokens, D).to(out.dtype)
+        out = add_pos(out, pos.reshape(1, num_tokens, D))
     return out
 
 
@@ -66,6 +76,49 @@ def attention_math(qkv: torch.Tensor, scale: float | None = None) -> torch.Tenso
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     p = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
     return (p @ v).transpose(1, 2).reshape(B, L, H * hd)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Each interleaved pair (x[2i], x[2i+1]) of the last dim -> (-x[2i+1], x[2i])."""
+    x2 = x.reshape(*x.shape[:-1], -1, 2)
+    return torch.stack((-x2[..., 1], x2[..., 0]), dim=-1).reshape(x.shape)
+
+
+def attention_rope(
+    qkv: torch.Tensor,
+    scale: float | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = QK_NORM_EPS,
+) -> torch.Tensor:
+    """:func:`attention` after per-head RMSNorm and rotary embedding of q and k.
+
+    qk-norm (q_weight, k_weight [hd], shared by the heads): x * rsqrt(mean(x^2) + eps) * w.
+    RoPE (cos, sin [P, hd]): x * cos[p] + rotate_pairs(x) * sin[p], where p is the token's
+    row l, or ids_keep[b, l] when ids_keep [B, L] is given (tokens dropped, positions kept).
+    Norm first, then rotation, in fp32; the result is rounded to qkv's dtype.
+    """
+    B, L, _, H, hd = qkv.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(hd)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
+    if cos is not None:
+        c, s = (_acc(cos[ids_keep])[:, None], _acc(sin[ids_keep])[:, None]) if ids_keep is not None else (
+            _acc(cos[:L]), _acc(sin[:L]))
+
+    def prologue(x, w):
+        y = _acc(x)
+        if w is not None:
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * _acc(w)
+        if cos is not None:
+            y = y * c + rotate_pairs(y) * s
+        return y.to(x.dtype)
+
+    out = F.scaled_dot_product_attention(prologue(q, q_weight), prologue(k, k_weight), v, scale=scale)
+    return out.transpose(1, 2).reshape(B, L, H * hd)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -106,6 +159,40 @@ def residual_layernorm_modulate(
     """x_new = x + gate[b] * y; out = LN(x_new) * (1 + scale[b]) + shift[b]. Returns (x_new, out)."""
     x_new = gated_residual(x, y, gate)
     return x_new, layernorm_modulate(x_new, shift, scale, eps)
+
+
+def rmsnorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None = None,
+    eps: float = RMS_EPS,
+) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight * (1 + scale[b]) + shift[b] (weight [D] optional);
+    x [B, L, D], shift/scale [B, D]. Statistics and math in fp32, one rounding to x's dtype."""
+    h = _acc(x)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        h = h * _acc(weight)
+    return _modulate(h, _acc(shift), _acc(scale)).to(x.dtype)
+
+
+def residual_rmsnorm_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = RMS_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_new = x + gate[b] * y; out = rmsnorm_modulate(x_new, ...). Returns (x_new, out)."""
+    x_new = gated_residual(x, y, gate)
+    return x_new, rmsnorm_modulate(x_new, shift, scale, weight, eps)
+
+
+def swiglu(ab: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b with a, b the two halves of the last dim of ab [..., 2F] (a first) -> [..., F];
+    fp32 math, rounded to ab's dtype."""
+    a, b = _acc(ab).chunk(2, dim=-1)
+    return (F.silu(a) * b).to(ab.dtype)
 
 
 def dsm_mae_loss_terms(
@@ -167,7 +254,7 @@ def dsm_mae_loss(
 
 
 # ------------------------------------------------------------------ the ``torch`` backend
-# What the dispatcher asks of every backend module (see fastmask.ops.backend_protocol): the
+# What the dispatcher asks of every backend module (see fastmask.ops.registry): the
 # reference runs on any device and floating dtype, so it never refuses a call.
 DEVICE_TYPES = ("cpu", "cuda")  # and any other device torch runs on
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

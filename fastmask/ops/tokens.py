@@ -1,14 +1,18 @@
 """Token ops: random masking, fused gather of visible tokens, fused unmask."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import checks, dispatch, reference
+from .registry import declare
 from .ranges import profiled
-from ._library import empty_like_none, kernels
+from ._library import eager_function, empty_like_none, kernels
+
+custom_op = functools.partial(torch.library.custom_op, mutates_args=())
 
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
@@ -61,22 +65,33 @@ def mask_from_ids(ids_keep: Tensor, num_tokens: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- gather
-@torch.library.custom_op("fastmask::gather_tokens", mutates_args=())
-def _gather_op(x: Tensor, ids_keep: Tensor, pos: Optional[Tensor], backend: str) -> Tensor:
+declare(
+    "gather_tokens",
+    reference=reference.gather_tokens,
+    launchers=("gather_tokens_fwd(x, ids_keep, pos)",
+               "gather_tokens_bwd(grad_out, ids_keep, num_tokens, pos_grad)"),  # -> (grad_x, grad_pos or None)
+    category="gather/unmask",
+    example=lambda e: (f"x [{e.B}, {e.N}, {e.D}] -> {e.K} kept", (e.t(e.B, e.N, e.D), e.t(e.N, e.D, dt=torch.float32)))
+    if e.part == "encoder" else None,
+)
+def _gather_fwd(x: Tensor, ids_keep: Tensor, pos: Optional[Tensor], backend: str) -> Tensor:
     return kernels(backend).gather_tokens_fwd(x, ids_keep, pos)
+
+
+def _gather_bwd(
+    grad_out: Tensor, ids_keep: Tensor, num_tokens: int, pos_grad: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    gx, gpos = kernels(backend).gather_tokens_bwd(grad_out, ids_keep, num_tokens, pos_grad)
+    return gx, (gpos if gpos is not None else empty_like_none(grad_out))
+
+
+_gather_op = custom_op("fastmask::gather_tokens")(_gather_fwd)
+_gather_bwd_op = custom_op("fastmask::gather_tokens_backward")(_gather_bwd)
 
 
 @_gather_op.register_fake
 def _(x, ids_keep, pos, backend):
     return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
-
-
-@torch.library.custom_op("fastmask::gather_tokens_backward", mutates_args=())
-def _gather_bwd_op(
-    grad_out: Tensor, ids_keep: Tensor, num_tokens: int, pos_grad: bool, backend: str
-) -> tuple[Tensor, Tensor]:
-    gx, gpos = kernels(backend).gather_tokens_bwd(grad_out, ids_keep, num_tokens, pos_grad)
-    return gx, (gpos if gpos is not None else empty_like_none(grad_out))
 
 
 @_gather_bwd_op.register_fake
@@ -95,15 +110,25 @@ def _gather_setup(ctx, inputs, output):
     ctx.pos_dtype = None if pos is None else pos.dtype
 
 
-def _gather_backward(ctx, grad_out):
+def _gather_backward(ctx, grad_out, bwd=_gather_bwd_op):
     (ids_keep,) = ctx.saved_tensors
     pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[2]
-    gx, gpos = _gather_bwd_op(grad_out.contiguous(), ids_keep, ctx.num_tokens, pos_grad, ctx.backend)
+    gx, gpos = bwd(grad_out.contiguous(), ids_keep, ctx.num_tokens, pos_grad, ctx.backend)
     gpos = gpos.reshape(ctx.pos_shape).to(ctx.pos_dtype) if pos_grad else None
     return gx, None, gpos, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_GATHER = eager_function(
+    "GatherTokens", _gather_fwd, _gather_setup, functools.partial(_gather_backward, bwd=_gather_bwd)
+)
+
+
+def _token_tensor(name: str, t: Tensor, labels: str) -> tuple[int, int, int]:
+    """A non-empty floating [B, L, D] tensor (``labels`` names its dimensions); its shape."""
+    checks.tensor(name, t, ndim=3, floating=True)
+    checks.nonempty(name, t, labels)
+    return tuple(t.shape)
 
 
 def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Tensor | None:
@@ -117,6 +142,14 @@ def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Te
     return pos
 
 
+@dispatch.signature
+def _gather_tokens_signature(x, ids_keep, pos):
+    return (
+        x.shape, x.dtype, x.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
+        None if pos is None else (pos.shape, pos.dtype, pos.device),
+    )
+
+
 @profiled("gather_tokens")
 def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, check_ids: bool = True) -> Tensor:
     """Visible tokens: ``x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])``.
@@ -126,40 +159,54 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
     ``check_ids=False`` skips the range/uniqueness check of ids_keep (a device sync); use it
     for ids made by :func:`random_mask`.
     """
-    checks.tensor("x", x, ndim=3, floating=True)
-    checks.nonempty("x", x, "B N D")
-    B, N, D = x.shape
+    sig = _gather_tokens_signature(x, ids_keep, pos)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("gather_tokens", sig)
+    if backend is None:
+        B, N, D = _token_tensor("x", x, "B N D")
+        checks.ids("ids_keep", ids_keep, B, N, values=False)
+        _pos_table("pos", pos, N, D)
+        checks.same_device("x", x, ids_keep=ids_keep, pos=pos)
+        backend = dispatch.plan("gather_tokens", sig, x, pos)
     if check_ids:
-        checks.ids("ids_keep", ids_keep, B, N)
-    else:
-        checks.tensor("ids_keep", ids_keep, shape=(B, None))
-    pos = _pos_table("pos", pos, N, D)
-    checks.same_device("x", x, ids_keep=ids_keep, pos=pos)
-    backend = dispatch.select("gather_tokens", x, pos)
+        checks.ids_values("ids_keep", ids_keep, x.shape[1])
+    if pos is not None and pos.dim() == 3:
+        pos = pos[0]
     if backend == "torch":
         return reference.gather_tokens(x, ids_keep, pos)
-    return _gather_op(x.contiguous(), ids_keep.long().contiguous(), None if pos is None else pos.contiguous(), backend)
+    args = (x.contiguous(), ids_keep.long().contiguous(), None if pos is None else pos.contiguous(), backend)
+    return _gather_op(*args) if compiling else _GATHER.apply(*args)
 
 
 # ----------------------------------------------------------------------------- unmask
-@torch.library.custom_op("fastmask::unmask_tokens", mutates_args=())
-def _unmask_op(
+declare(
+    "unmask_tokens",
+    reference=reference.unmask_tokens,
+    launchers=("unmask_tokens_fwd(x_vis, ids_keep, mask_token, num_tokens, pos)",
+               "unmask_tokens_bwd(grad_out, ids_keep, pos_grad)"),  # -> (grad_x_vis, grad_mask_token, grad_pos or None)
+    category="gather/unmask",
+    example=lambda e: (f"x_vis [{e.B}, {e.K}, {e.D}] -> {e.N} tokens",
+                       (e.t(e.B, e.K, e.D), e.t(e.D, dt=torch.float32), e.t(e.N, e.D, dt=torch.float32)))
+    if e.part == "decoder" else None,
+)
+def _unmask_fwd(
     x_vis: Tensor, ids_keep: Tensor, mask_token: Tensor, num_tokens: int, pos: Optional[Tensor], backend: str
 ) -> Tensor:
     return kernels(backend).unmask_tokens_fwd(x_vis, ids_keep, mask_token, num_tokens, pos)
 
 
+def _unmask_bwd(grad_out: Tensor, ids_keep: Tensor, pos_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    gx, gmask, gpos = kernels(backend).unmask_tokens_bwd(grad_out, ids_keep, pos_grad)
+    return gx, gmask, (gpos if gpos is not None else empty_like_none(grad_out))
+
+
+_unmask_op = custom_op("fastmask::unmask_tokens")(_unmask_fwd)
+_unmask_bwd_op = custom_op("fastmask::unmask_tokens_backward")(_unmask_bwd)
+
+
 @_unmask_op.register_fake
 def _(x_vis, ids_keep, mask_token, num_tokens, pos, backend):
     return x_vis.new_empty(x_vis.shape[0], num_tokens, x_vis.shape[2])
-
-
-@torch.library.custom_op("fastmask::unmask_tokens_backward", mutates_args=())
-def _unmask_bwd_op(
-    grad_out: Tensor, ids_keep: Tensor, pos_grad: bool, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    gx, gmask, gpos = kernels(backend).unmask_tokens_bwd(grad_out, ids_keep, pos_grad)
-    return gx, gmask, (gpos if gpos is not None else empty_like_none(grad_out))
 
 
 @_unmask_bwd_op.register_fake
@@ -177,14 +224,26 @@ def _unmask_setup(ctx, inputs, output):
     ctx.pos_dtype = None if pos is None else pos.dtype
 
 
-def _unmask_backward(ctx, grad_out):
+def _unmask_backward(ctx, grad_out, bwd=_unmask_bwd_op):
     (ids_keep,) = ctx.saved_tensors
     pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[4]
-    gx, gmask, gpos = _unmask_bwd_op(grad_out.contiguous(), ids_keep, pos_grad, ctx.backend)
+    gx, gmask, gpos = bwd(grad_out.contiguous(), ids_keep, pos_grad, ctx.backend)
     return gx, None, gmask.to(ctx.mask_dtype), None, (gpos.to(ctx.pos_dtype) if pos_grad else None), None
 
 
 _unmask_op.register_autograd(_unmask_backward, setup_context=_unmask_setup)
+_UNMASK = eager_function(
+    "UnmaskTokens", _unmask_fwd, _unmask_setup, functools.partial(_unmask_backward, bwd=_unmask_bwd)
+)
+
+
+@dispatch.signature
+def _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos):
+    return (
+        x_vis.shape, x_vis.dtype, x_vis.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
+        mask_token.shape, mask_token.dtype, mask_token.device, num_tokens,
+        None if pos is None else (pos.shape, pos.dtype, pos.device),
+    )
 
 
 @profiled("unmask_tokens")
@@ -204,27 +263,33 @@ def unmask_tokens(
     [1, 1, D] parameter); pos [N, D] or [1, N, D]. Returns [B, N, D].
     Equivalent PyTorch code: :func:`fastmask.ops.reference.unmask_tokens`.
     """
-    checks.tensor("x_vis", x_vis, ndim=3, floating=True)
-    checks.nonempty("x_vis", x_vis, "B K D")
-    B, K, D = x_vis.shape
-    num_tokens = checks.integer("num_tokens", num_tokens, 1)
+    sig = _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("unmask_tokens", sig)
+    if backend is None:
+        B, K, D = _token_tensor("x_vis", x_vis, "B K D")
+        checks.integer("num_tokens", num_tokens, 1)
+        checks.ids("ids_keep", ids_keep, B, num_tokens, num_kept=K, values=False)
+        checks.tensor("mask_token", mask_token, floating=True)
+        if mask_token.numel() != D:
+            raise ValueError(
+                f"mask_token: expected {D} elements (the width of x_vis), got shape {tuple(mask_token.shape)}"
+            )
+        _pos_table("pos", pos, num_tokens, D)
+        checks.same_device("x_vis", x_vis, ids_keep=ids_keep, mask_token=mask_token, pos=pos)
+        backend = dispatch.plan("unmask_tokens", sig, x_vis, mask_token, pos)
     if check_ids:
-        checks.ids("ids_keep", ids_keep, B, num_tokens, num_kept=K)
-    else:
-        checks.tensor("ids_keep", ids_keep, shape=(B, K))
-    checks.tensor("mask_token", mask_token, floating=True)
-    if mask_token.numel() != D:
-        raise ValueError(f"mask_token: expected {D} elements (the width of x_vis), got shape {tuple(mask_token.shape)}")
-    pos = _pos_table("pos", pos, num_tokens, D)
-    checks.same_device("x_vis", x_vis, ids_keep=ids_keep, mask_token=mask_token, pos=pos)
-    backend = dispatch.select("unmask_tokens", x_vis, mask_token, pos)
+        checks.ids_values("ids_keep", ids_keep, num_tokens)
+    if pos is not None and pos.dim() == 3:
+        pos = pos[0]
     if backend == "torch":
         return reference.unmask_tokens(x_vis, ids_keep, mask_token, num_tokens, pos)
-    return _unmask_op(
+    args = (
         x_vis.contiguous(),
         ids_keep.long().contiguous(),
-        mask_token.reshape(D).contiguous(),
-        num_tokens,
+        mask_token.reshape(x_vis.shape[2]).contiguous(),
+        int(num_tokens),
         None if pos is None else pos.contiguous(),
         backend,
     )
+    return _unmask_op(*args) if compiling else _UNMASK.apply(*args)
