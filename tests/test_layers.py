@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.data",
         "fastmask.checkpoint_io",
         "fastmask.sampling",
+        "fastmask.flow_sampling",  # flow-matching ODE/SDE samplers (imported lazily by sampling)
         "fastmask.evaluate",
         "fastmask.report",
         "fastmask.vae",
