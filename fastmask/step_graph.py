@@ -49,7 +49,21 @@ class StepGraphs:
         self._graphs: dict = {}  # key -> CUDAGraph (or the recorded fn when emulated)
         self._pool = None
         self._said_full = False
+        self._failed: dict = {}  # key -> why its capture failed (it then runs eagerly)
         self.counts = {"warmup": 0, "capture": 0, "replay": 0, "eager": 0}
+
+    def _capture(self, fn, static):
+        if self.emulated:
+            return fn  # the "graph" is the recorded function, re-run on the same buffers
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn(**static)
+        self._pool = graph.pool()
+        return graph
+
+    def failure(self, key) -> str | None:
+        """Why capturing ``key``'s step failed (None: it did not)."""
+        return self._failed.get(key)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -72,6 +86,10 @@ class StepGraphs:
     def run(self, key, fn: Callable[..., None], inputs: dict[str, Tensor | None]) -> str:
         """Run the step for ``key`` on ``inputs`` (copied into the key's buffers); returns what it
         did: "warmup", "capture" (captured and replayed), "replay" or "eager"."""
+        if key in self._failed:  # its capture failed once: this shape runs eagerly
+            fn(**self._fill(key, inputs))
+            self.counts["eager"] += 1
+            return "eager"
         if key not in self._static and len(self._static) >= self.max_graphs:
             if not self._said_full:
                 self._said_full = True
@@ -98,13 +116,15 @@ class StepGraphs:
         what = "replay"
         if graph is None:
             what = "capture"
-            if self.emulated:
-                graph = fn  # the "graph" is the recorded function, re-run on the same buffers
-            else:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    fn(**static)
-                self._pool = graph.pool()
+            try:
+                graph = self._capture(fn, static)
+            except Exception as e:  # a capture never ran the step: run it eagerly, and from now on
+                self._failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
+                self.say(f"fastmask: step graphs: capturing the step for shape {key!r} failed "
+                         f"({self._failed[key]}); that shape runs eagerly")
+                fn(**static)
+                self.counts["eager"] += 1
+                return "eager"
             self._graphs[key] = graph
             self.counts["capture"] += 1
         if self.emulated:

@@ -72,6 +72,28 @@ def test_replay_reads_the_new_inputs(tmp_path, emulate, monkeypatch):
         g.run("k", fn, {"x": torch.ones(3)})
 
 
+def test_a_failed_capture_runs_that_shape_eagerly(tmp_path, emulate, monkeypatch):
+    """A capture that fails (a host sync inside the step, an op without graph support) must not
+    stop the run nor lose the step: that shape runs eagerly from then on, said once."""
+    said = []
+    g = step_graph.StepGraphs("cpu", max_graphs=2, say=said.append)
+    out = []
+    fn = lambda x: out.append(x.clone())  # noqa: E731
+
+    def refuse(self, fn, static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(step_graph.StepGraphs, "_capture", refuse)
+    assert [g.run("k", fn, {"x": torch.full((2,), float(i))}) for i in range(4)] == \
+        ["warmup", "eager", "eager", "eager"]
+    assert [o[0].item() for o in out] == [0.0, 1.0, 2.0, 3.0]  # every step ran, once
+    assert len(said) == 1 and "not permitted" in said[0] and "eagerly" in said[0]
+    assert "not permitted" in g.failure("k")
+    eager = train(tiny_cfg(tmp_path / "e", cuda_graph=False, **SCHED), progress=False)
+    graphed = train(tiny_cfg(tmp_path / "g", **SCHED), progress=False)
+    _assert_bit_equal(_all_state(eager), _all_state(graphed))
+
+
 def test_graphed_resume_is_exact(tmp_path, emulate):
     full = train(tiny_cfg(tmp_path / "full", **SCHED), progress=False)
 
