@@ -33,7 +33,87 @@ def draw_sigma(batch: int, *, generator: torch.Generator | None = None, device=N
     return (torch.randn(batch, generator=generator, device=device) * P_STD + P_MEAN).exp()
 
 
-class EDMPrecond(nn.Module):
+class Preconditioner(nn.Module):
+    """What the objective wrappers (:class:`EDMPrecond`, :class:`fastmask.models.flow.FlowPrecond`)
+    share: the wrapped network as ``self.model`` (state-dict keys with the ``model.`` prefix of the
+    published checkpoints), the call of its token forward, and :meth:`loss`, which draws the noise
+    level, the noise and the kept tokens and hands them to the subclass's ``loss_given``."""
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_size
+
+    def _forward_tokens(self, xin, level, class_labels, mask_ratio, ids_keep, generator, **kw):
+        """The network's output tokens (and mask) on input ``xin`` at noise input ``level``."""
+        drop = kw.pop("force_drop_ids", None)
+        kw = dict(mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator, **kw)
+        if mask_ratio == 0 and ids_keep is None:  # plain DiT takes no masking arguments
+            kw = {}
+        if drop is not None:
+            kw["force_drop_ids"] = drop
+        out = self.model.forward_tokens(xin, level, class_labels, **kw)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def draw_level(self, batch: int, *, generator=None, device=None) -> Tensor:
+        """The training noise levels [batch] (sigma for EDM, t for flow matching)."""
+        raise NotImplementedError
+
+    def _check_given(self, y: Tensor, noise: Tensor, ids_keep: Tensor | None, check_ids: bool) -> None:
+        """loss_given's structural checks (and, with ``check_ids``, the ids' values: a sync)."""
+        if y.dim() != 4 or y.shape[0] == 0:
+            raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
+        if ids_keep is not None and check_ids:
+            checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
+        checks.tensor("noise", noise, shape=tuple(y.shape))
+
+    def _mean_tokens(self, xin, level, class_labels, ids_keep, force_drop_ids, channels: int):
+        """The network's output tokens on the kept ``ids_keep`` (checked already) and the mask;
+        of a learned-sigma network, the mean channels only."""
+        kw = {} if ids_keep is None else {"check_ids": False}
+        if force_drop_ids is not None:
+            kw["force_drop_ids"] = force_drop_ids
+        F_tokens, mask = self._network(xin, level, class_labels, 0.0, ids_keep, None, **kw)
+        p = self.model.patch_size
+        if F_tokens.shape[-1] != p * p * channels:  # learned sigma (DiT, SiT): keep the mean channels
+            F_tokens = F_tokens.unflatten(-1, (p * p, -1))[..., :channels].flatten(-2)
+        return F_tokens, mask
+
+    def loss(
+        self,
+        y: Tensor,
+        class_labels: Tensor | None = None,
+        *,
+        mask_ratio: "float | ops.TokenStrategy" = 0.5,
+        mae_coef: float = 0.1,
+        generator: torch.Generator | None = None,
+        return_terms: bool = False,
+        force_drop_ids: Tensor | None = None,
+    ):
+        """The objective for clean data y [B, C, H, W]: per-sample loss [B] (with
+        ``return_terms``, ``(loss, denoising term, mae)``); see the subclass's ``loss_given``.
+
+        Draws from ``generator`` in this order: the noise level (:meth:`draw_level`), the noise,
+        the kept tokens (``mask_ratio``: a ratio, MaskDiT's random masks, or any
+        :class:`fastmask.ops.TokenStrategy`). No value drawn here is checked or read back to the
+        host. Labels are dropped where ``force_drop_ids`` is set; without it, in train mode, a
+        DiT drops them with its ``class_dropout_prob`` and a MaskDiT drops none (as in the
+        published code, the caller's training loop drops MaskDiT's labels).
+        """
+        B = y.shape[0]
+        level = self.draw_level(B, generator=generator, device=y.device)
+        noise = torch.randn(y.shape, device=y.device, generator=generator)
+        ids_keep = None
+        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
+        if not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
+        terms = self.loss_given(
+            y, class_labels, level, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
+            check_sigma=False,  # drawn here: finite and in range, and checking would sync with the device
+        )
+        return terms if return_terms else terms[0]
+
+
+class EDMPrecond(Preconditioner):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, label), F the wrapped network.
 
     The wrapped network is stored as ``self.model`` so that state-dict keys carry the
@@ -47,10 +127,6 @@ class EDMPrecond(nn.Module):
             raise ValueError(f"sigma_data: expected a positive finite number, got {sigma_data}")
         self.model = model
         self.sigma_data = sd
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.patch_size
 
     def forward(
         self,
@@ -75,49 +151,11 @@ class EDMPrecond(nn.Module):
     def _network(self, x, sigma, class_labels, mask_ratio, ids_keep, generator, **kw):
         _, _, c_in, c_noise, _ = edm_coefficients(sigma, self.sigma_data)
         xin = (c_in.view(-1, 1, 1, 1) * x.float()).to(x.dtype)
-        drop = kw.pop("force_drop_ids", None)
-        kw = dict(mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator, **kw)
-        if mask_ratio == 0 and ids_keep is None:  # plain DiT takes no masking arguments
-            kw = {}
-        if drop is not None:
-            kw["force_drop_ids"] = drop
-        out = self.model.forward_tokens(xin, c_noise, class_labels, **kw)
-        return out if isinstance(out, tuple) else (out, None)
+        return self._forward_tokens(xin, c_noise, class_labels, mask_ratio, ids_keep, generator, **kw)
 
-    def loss(
-        self,
-        y: Tensor,
-        class_labels: Tensor | None = None,
-        *,
-        mask_ratio: "float | ops.TokenStrategy" = 0.5,
-        mae_coef: float = 0.1,
-        generator: torch.Generator | None = None,
-        return_terms: bool = False,
-        force_drop_ids: Tensor | None = None,
-    ):
-        """The MaskDiT objective for clean data y [B, C, H, W]: per-sample loss [B].
-
-        ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
-        with ``mask_ratio`` of its tokens dropped (a ratio: MaskDiT's random masks; or any
-        :class:`fastmask.ops.TokenStrategy`); DSM on kept tokens + mae_coef * MAE on dropped
-        tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
-        Draws from ``generator`` in this order: sigma, noise, mask. Labels are dropped where
-        ``force_drop_ids`` is set; without it, in train mode, a DiT drops them with its
-        ``class_dropout_prob`` and a MaskDiT drops none (as in the published code, the caller's
-        training loop drops MaskDiT's labels).
-        """
-        B = y.shape[0]
-        sigma = draw_sigma(B, generator=generator, device=y.device)
-        noise = torch.randn(y.shape, device=y.device, generator=generator)
-        ids_keep = None
-        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
-        if not tokens.keeps_all(N):
-            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
-        loss, dsm, mae = self.loss_given(
-            y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
-            check_sigma=False,  # drawn here: finite and positive, and checking would sync with the device
-        )
-        return (loss, dsm, mae) if return_terms else loss
+    def draw_level(self, batch: int, *, generator=None, device=None) -> Tensor:
+        """ln(sigma) ~ N(P_mean, P_std^2) (:func:`draw_sigma`)."""
+        return draw_sigma(batch, generator=generator, device=device)
 
     def loss_given(
         self,
@@ -132,29 +170,24 @@ class EDMPrecond(nn.Module):
         check_ids: bool = True,
         check_sigma: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The objective with every random draw given: sigma [B], noise [B, C, H, W] (unit
-        variance), ids_keep [B, K] or None, and optionally the label-drop flags
-        ``force_drop_ids`` [B]. Returns (loss, dsm, mae), each [B].
+        """The MaskDiT objective with every random draw given: sigma [B], noise [B, C, H, W]
+        (unit variance), ids_keep [B, K] or None, and optionally the label-drop flags
+        ``force_drop_ids`` [B]. x_noisy = y + sigma * noise; the network sees x_noisy with only the
+        kept tokens; DSM on the kept tokens + mae_coef * MAE on the dropped ones, in token space,
+        by the fused op :func:`fastmask.ops.dsm_mae_loss`. Returns (loss, dsm, mae), each [B].
+        (:meth:`loss` draws them: ln(sigma) ~ N(P_mean, P_std^2).)
 
         ``ids_keep`` must hold distinct ids in [0, N) per sample; ``check_ids=False`` skips that
         check (a device sync), for ids made by :func:`fastmask.ops.random_mask`; ``check_sigma=False``
         likewise skips checking that sigma is finite and positive, for sigmas drawn by the caller. With
         both off (as :meth:`loss` and the trainer call it) the loss makes no host sync."""
-        if y.dim() != 4 or y.shape[0] == 0:
-            raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
-        if ids_keep is not None and check_ids:
-            checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
-        checks.tensor("noise", noise, shape=tuple(y.shape))
+        self._check_given(y, noise, ids_keep, check_ids)
         sigma = _sigma(sigma, y, check=check_sigma)
         x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
-        kw = {} if ids_keep is None else {"check_ids": False}  # checked above
-        if force_drop_ids is not None:
-            kw["force_drop_ids"] = force_drop_ids
-        F_tokens, mask = self._network(x_noisy.to(y.dtype), sigma, class_labels, 0.0, ids_keep, None, **kw)
+        F_tokens, mask = self._mean_tokens(
+            x_noisy.to(y.dtype), sigma, class_labels, ids_keep, force_drop_ids, y.shape[1]
+        )
         p = self.model.patch_size
-        C = y.shape[1]
-        if F_tokens.shape[-1] != p * p * C:  # learned-sigma DiT: keep the mean channels
-            F_tokens = F_tokens.unflatten(-1, (p * p, -1))[..., :C].flatten(-2)
         return ops.dsm_mae_loss(
             F_tokens,
             patchify(x_noisy, p),

@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import ops
 from ..ops import checks
 from .dit import patchify, unpatchify
+from .edm import Preconditioner
 
 T_SCHEDULES = ("uniform", "logit_normal")
 
@@ -39,7 +40,7 @@ def draw_t(
     raise ValueError(f"schedule: expected one of {T_SCHEDULES}, got {schedule!r}")
 
 
-class FlowPrecond(nn.Module):
+class FlowPrecond(Preconditioner):
     """v(x_t, t, label) = F(x_t, t, label)[:C], F the wrapped network (``self.model``, so state
     keys carry the ``model.`` prefix like EDMPrecond's). ``t_schedule`` picks the training
     distribution of t (see :func:`draw_t`). ``guide_channels``: the channels classifier-free
@@ -61,10 +62,6 @@ class FlowPrecond(nn.Module):
         self.model = model
         self.t_schedule, self.t_mean, self.t_std = t_schedule, mean, std
 
-    @property
-    def patch_size(self) -> int:
-        return self.model.patch_size
-
     def forward(
         self,
         x: Tensor,
@@ -82,46 +79,12 @@ class FlowPrecond(nn.Module):
         return F_img[:, : x.shape[1]]  # a learned-sigma network (SiT) carries a dead half
 
     def _network(self, x, t, class_labels, mask_ratio, ids_keep, generator, **kw):
-        drop = kw.pop("force_drop_ids", None)
-        kw = dict(mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator, **kw)
-        if mask_ratio == 0 and ids_keep is None:  # plain DiT takes no masking arguments
-            kw = {}
-        if drop is not None:
-            kw["force_drop_ids"] = drop
-        out = self.model.forward_tokens(x, t, class_labels, **kw)
-        return out if isinstance(out, tuple) else (out, None)
+        return self._forward_tokens(x, t, class_labels, mask_ratio, ids_keep, generator, **kw)
 
     def draw_t(self, batch: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
         return draw_t(batch, schedule=self.t_schedule, mean=self.t_mean, std=self.t_std, generator=generator, device=device)
 
-    def loss(
-        self,
-        y: Tensor,
-        class_labels: Tensor | None = None,
-        *,
-        mask_ratio: "float | ops.TokenStrategy" = 0.5,
-        mae_coef: float = 0.1,
-        generator: torch.Generator | None = None,
-        return_terms: bool = False,
-        force_drop_ids: Tensor | None = None,
-    ):
-        """The flow objective for clean data y = x1 [B, C, H, W]: per-sample loss [B].
-
-        ``mask_ratio``: a ratio (MaskDiT's random masks) or any :class:`fastmask.ops.TokenStrategy`.
-        Draws from ``generator`` in this order: t, noise x0, mask (as EDMPrecond: sigma, noise,
-        mask). No value is read back to the host."""
-        B = y.shape[0]
-        t = self.draw_t(B, generator=generator, device=y.device)
-        noise = torch.randn(y.shape, device=y.device, generator=generator)
-        ids_keep = None
-        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
-        if not tokens.keeps_all(N):
-            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
-        loss, fm, mae = self.loss_given(
-            y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids,
-            check_ids=False, check_sigma=False,
-        )
-        return (loss, fm, mae) if return_terms else loss
+    draw_level = draw_t  # what Preconditioner.loss draws first (t for flow, as sigma for EDM)
 
     def loss_given(
         self,
@@ -153,23 +116,13 @@ class FlowPrecond(nn.Module):
         ``check_ids`` / ``check_sigma`` validate the given ids and times t (device syncs; named as
         EDMPrecond's); the
         trainer's own draws skip them."""
-        if y.dim() != 4 or y.shape[0] == 0:
-            raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
-        if ids_keep is not None and check_ids:
-            checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
-        checks.tensor("noise", noise, shape=tuple(y.shape))
+        self._check_given(y, noise, ids_keep, check_ids)
         t = _t(t, y, check_values=check_sigma)
         tv = t.view(-1, 1, 1, 1)
         x1, x0 = y.float(), noise.float()
         x_t = tv * x1 + (1 - tv) * x0
-        kw = {} if ids_keep is None else {"check_ids": False}  # checked above
-        if force_drop_ids is not None:
-            kw["force_drop_ids"] = force_drop_ids
-        F_tokens, mask = self._network(x_t.to(y.dtype), t, class_labels, 0.0, ids_keep, None, **kw)
+        F_tokens, mask = self._mean_tokens(x_t.to(y.dtype), t, class_labels, ids_keep, force_drop_ids, y.shape[1])
         p = self.model.patch_size
-        C = y.shape[1]
-        if F_tokens.shape[-1] != p * p * C:  # learned-sigma network: keep the mean channels
-            F_tokens = F_tokens.unflatten(-1, (p * p, -1))[..., :C].flatten(-2)
         return ops.dsm_mae_loss(
             F_tokens,
             patchify(x_t, p),
