@@ -81,6 +81,8 @@ class TrainConfig:
     label_dropout: float = _f(0.1, "probability that a label is replaced by -1 (no label) for guidance", lo=0.0, hi=1.0)
     mae_coef: float = _f(0.1, "weight of the MAE term on dropped tokens", lo=0.0)
     amp: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
+    cuda_graph: bool = _f(True, "on CUDA, run each training step as one captured CUDA graph (forward, backward, "
+                          "AdamW, EMA); off: eager steps")
     # ---- phase 1: masked training
     steps: int | None = _f(2000, "total step count of the masked phase; a resumed run continues to it (none: until "
                            "--minutes runs out)", flag=True, lo=0)

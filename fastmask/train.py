@@ -66,6 +66,7 @@ from .errors import UsageError
 from .latents import check_manifest as check_latent_manifest
 from .models import EDMPrecond, build_model, draw_sigma
 from .presets import TrainConfig
+from .step_graph import StepGraph
 
 
 class NonFiniteLossError(RuntimeError):
@@ -208,12 +209,17 @@ class Trainer:
     traced with ``fullgraph=True`` and makes no host sync, so ``mode="reduce-overhead"`` can
     capture it in a CUDA graph.
 
+    ``step_graph``: on CUDA the whole step (forward, backward, clipping, fused AdamW, EMA and
+    the loss bookkeeping) runs as one captured CUDA graph (:class:`~fastmask.step_graph.StepGraph`)
+    unless ``cfg.cuda_graph`` is off, several ranks train, a ``loss`` hook or ``compile_step``
+    is set (the reason is logged once). ``"emulate"`` runs the same plumbing on the CPU (tests).
+
     Rank 0 holds an exclusive lock on ``cfg.out`` from construction until :meth:`close` (called
     by :func:`train`), so that two runs never write into one folder.
     """
 
     def __init__(self, cfg: TrainConfig, *, hooks: dict | None = None, progress: bool | None = None,
-                 compile_step: dict | None = None):
+                 compile_step: dict | None = None, step_graph: str | None = None):
         cfg.validate()
         self.cfg = cfg
         self.hooks = hooks or {}
@@ -230,7 +236,7 @@ class Trainer:
         if self.rank == 0:
             self._prepare_folder()
         try:
-            self._setup(compile_step)
+            self._setup(compile_step, step_graph)
         except BaseException:
             self.close()
             raise
@@ -265,7 +271,7 @@ class Trainer:
                 with open(self.log_path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
 
-    def _setup(self, compile_step) -> None:
+    def _setup(self, compile_step, step_graph=None) -> None:
         cfg = self.cfg
         check_latent_manifest(cfg)  # a `fastmask latents` folder: its manifest must fit the config
         self.data = build_dataset(cfg)
@@ -278,9 +284,17 @@ class Trainer:
         if hasattr(self.net.model, "class_dropout_prob"):
             self.net.model.class_dropout_prob = cfg.label_dropout
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(
-            self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        )
+        if self.device.type == "cuda":  # fused and capturable: no host sync, fits in a CUDA graph
+            self._lr_t = torch.tensor(float(cfg.lr), dtype=torch.float32, device=self.device)
+            self.opt = torch.optim.AdamW(
+                self.net.parameters(), lr=self._lr_t, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                fused=True, capturable=True,
+            )
+        else:
+            self._lr_t = None
+            self.opt = torch.optim.AdamW(
+                self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            )
         self.sampler = make_sampler(len(self.data), cfg.seed)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.step = 0
@@ -300,10 +314,12 @@ class Trainer:
         self._bad = torch.full((), _NO_BAD, dtype=torch.int64, device=dev)
         self._bad_val = torch.zeros((), dtype=acc_dtype, device=dev)
         self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
+        self._ema_w = torch.zeros((), dtype=torch.float32, device=dev)  # 1 - EMA decay of the step
         self._step_fn = self.device_step
         self._compiled = compile_step is not None
         if self._compiled:
             self._step_fn = torch.compile(self.device_step, fullgraph=True, **compile_step)
+        self._graph, self._graph_said = self._make_step_graph(step_graph, compile_step), set()
         skipped = getattr(self.data, "skipped", None)
         if skipped:
             self.say(f"fastmask: data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
@@ -390,10 +406,17 @@ class Trainer:
         self.net.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"] if ck["ema"] is not None else ck["model"])
         if ck["optimizer"] is not None:
+            # this run's implementation (fused, capturable) decides where the state lives, not
+            # the saving run's; the step count of a capturable AdamW is a device tensor
+            for saved, own in zip(ck["optimizer"]["param_groups"], self.opt.param_groups):
+                saved.update({k: own[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in own})
             try:
                 self.opt.load_state_dict(ck["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
                 raise UsageError(f"resume: the optimizer state in {str(path)!r} does not fit the model ({e})") from None
+            if self._lr_t is not None:  # the device lr tensor, filled every step
+                for g in self.opt.param_groups:
+                    g["lr"] = self._lr_t
         set_rng_state(*ck["rng"])
         self.step = ck["step"]
         self._step_t.fill_(self.step)
@@ -687,9 +710,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         step = self.step
         ratio = self._mask_ratio(phase)
-        lr = lr_at(cfg, self._sched_step(phase), phase)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        self._set_lr(lr_at(cfg, self._sched_step(phase), phase))
         net = self.net.model
         rnd = step_randomness(
             cfg.seed,
@@ -710,17 +731,22 @@ class Trainer:
         y = y.to(dev, non_blocking=True)
         labels = labels.to(dev, non_blocking=True) if self.num_classes > 0 else None
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
+        drop, sigma, noise = rnd["drop"][sl], rnd["sigma"][sl], rnd["noise"][sl]
+        key = (phase, None if ids_keep is None else ids_keep.shape[1])  # a graph per shape
+        if self._graph is not None and self._graph_has(key):
+            self._graph_step(key, phase, y=y, labels=labels, drop=drop, sigma=sigma, noise=noise, ids_keep=ids_keep)
+            return
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         if self._compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs may be reused
         with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
             mean, bad, bad_val, acc = self._step_fn(
-                y, labels, rnd["drop"][sl], rnd["sigma"][sl], rnd["noise"][sl], ids_keep,
-                self._step_t, self._bad, self._bad_val, self._acc,
+                y, labels, drop, sigma, noise, ids_keep, self._step_t, self._bad, self._bad_val, self._acc,
             )
-        if self._compiled:  # keep the running state out of the CUDA-graph memory pool
-            bad, bad_val, acc = bad.clone(), bad_val.clone(), acc.clone()
-        self._bad, self._bad_val, self._acc = bad, bad_val, acc
+        # in place: the running state keeps its storage (a captured step graph reads and writes it)
+        self._bad.copy_(bad)
+        self._bad_val.copy_(bad_val)
+        self._acc.copy_(acc)
         self.opt.zero_grad(set_to_none=True)
         mean.backward()
         if cfg.grad_clip is not None:
@@ -732,6 +758,89 @@ class Trainer:
         self.p1_steps += phase == 1
         self._step_t += 1
         self._in_update = False
+
+    # ---- the step as one CUDA graph
+    def _make_step_graph(self, mode: str | None, compile_step) -> StepGraph | None:
+        """The :class:`StepGraph` of this run, or None (eager steps) with the reason logged once
+        (and said on CUDA, where a graph is the default). ``mode``: None follows the config
+        (``cuda_graph``, on CUDA only); "emulate" is the CPU stand-in of the tests."""
+        if mode not in (None, "emulate"):
+            raise ValueError(f"step_graph: expected None or 'emulate', got {mode!r}")
+        why = None
+        if mode is None and not self.cfg.cuda_graph:
+            why = "cuda_graph is off"
+        elif mode is None and self.device.type != "cuda":
+            why = f"the device is {self.device.type}, not CUDA"
+        elif self.world > 1:
+            why = f"{self.world} ranks (DistributedDataParallel's gradient hooks are not captured)"
+        elif "loss" in self.hooks:
+            why = "a loss hook is set (it runs Python every step)"
+        elif compile_step is not None:
+            why = "compile_step is set (torch.compile handles the step)"
+        if why is not None:
+            self.log({"event": "step_graph", "graphed": False, "why": why})
+            if self.device.type == "cuda" and self.cfg.cuda_graph:
+                self.say(f"fastmask: the training step runs eagerly, not as a CUDA graph: {why}")
+            return None
+        self.log({"event": "step_graph", "graphed": True, "mode": mode or "cuda"})
+        return StepGraph(mode or "cuda")
+
+    def _graph_has(self, key) -> bool:
+        """Whether the step of shape ``key`` runs in a graph; beyond the graph cache, eagerly
+        (said once)."""
+        if self._graph.has_room(key):
+            return True
+        if "full" not in self._graph_said:
+            self._graph_said.add("full")
+            self.say(f"fastmask: {self._graph.max_graphs} step graphs are captured (one per kept-token count); "
+                     f"steps of other shapes run eagerly, e.g. {key} (phase, kept tokens)")
+            self.log({"event": "step_graph_full", "step": self.step, "key": list(key)})
+        return False
+
+    def _graph_step(self, key, phase: int, **inputs) -> None:
+        """One step through the step graph of ``key``: the inputs copied into its static
+        buffers, the EMA weight set, then a warm-up, a capture or a replay (:class:`StepGraph`)."""
+        bufs = self._graph.inputs(key, **inputs)
+        self._ema_w.fill_(1.0 - ema_decay_at(self.cfg, self.step))
+        self._in_update = True
+        self._graph.run(key, lambda: self._graph_body(bufs))
+        self.step += 1
+        self.p1_steps += phase == 1
+        self._step_t += 1
+        self._in_update = False
+
+    def _graph_body(self, b: dict) -> None:
+        """What a step graph holds: forward, loss bookkeeping, backward, clipping, the AdamW and
+        EMA updates. It reads only tensors whose storage outlives it (static inputs, weights,
+        optimizer state, ``_lr_t``, ``_ema_w``, ``_step_t``) and writes only into such tensors."""
+        # autocast's weight cache would hold tensors of the capture; it is off in a graph
+        ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.amp
+               else contextlib.nullcontext())
+        self.opt.zero_grad(set_to_none=True)  # the backward allocates the (static) grads
+        with ctx, ops.checks.trusted_values():
+            mean, bad, bad_val, acc = self.device_step(
+                b["y"], b["labels"], b["drop"], b["sigma"], b["noise"], b["ids_keep"],
+                self._step_t, self._bad, self._bad_val, self._acc,
+            )
+        self._bad.copy_(bad)
+        self._bad_val.copy_(bad_val)
+        self._acc.copy_(acc)
+        mean.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), [q.detach() for q in self.net.parameters()],
+                                 self._ema_w)
+
+    def _set_lr(self, lr: float) -> None:
+        """The lr of the next step: filled into the device tensor the fused optimizer (and a
+        captured step) reads on CUDA, a float elsewhere."""
+        if self._lr_t is not None:
+            self._lr_t.fill_(lr)
+        else:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
 
     def _mask_ratio(self, phase: int) -> float:
         """The mask ratio of the next step, recorded (``self.mask_sched``, saved in checkpoints).
@@ -792,13 +901,13 @@ def check_run_folder(out, resume=None, *, flag: str = "out", how: str | None = N
 
 
 def train(cfg: TrainConfig, *, resume=None, hooks: dict | None = None, progress: bool | None = None,
-          allow_partial_resume: bool = False, compile_step: dict | None = None):
+          allow_partial_resume: bool = False, compile_step: dict | None = None, step_graph: str | None = None):
     """Train according to ``cfg`` (resuming from a checkpoint file/folder if given); returns the
     :class:`Trainer` (its ``net``, ``ema`` and ``summary()``). The run folder's lock is held
     until this returns or raises. A fresh run (``resume`` None) refuses an ``out`` folder that
     already holds another run's checkpoints (:func:`check_run_folder`)."""
     check_run_folder(cfg.out, resume)
-    trainer = Trainer(cfg, hooks=hooks, progress=progress, compile_step=compile_step)
+    trainer = Trainer(cfg, hooks=hooks, progress=progress, compile_step=compile_step, step_graph=step_graph)
     try:
         if trainer.rank == 0:  # again under the lock: a run may have finished in between
             check_run_folder(cfg.out, resume)
