@@ -829,9 +829,9 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), [q.detach() for q in self.net.parameters()],
-                                 self._ema_w)
+        with torch.no_grad():  # the weight as a list of device scalars: a lone tensor would be read by the host
+            p = [q.detach() for q in self.net.parameters()]
+            torch._foreach_lerp_(list(self.ema.parameters()), p, [self._ema_w] * len(p))
 
     def _set_lr(self, lr: float) -> None:
         """The lr of the next step: filled into the device tensor the fused optimizer (and a

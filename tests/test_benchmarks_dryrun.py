@@ -84,11 +84,14 @@ def test_gpu_script_dry_run(tmp_path):
     assert {r["mode"] for r in rows if r["gpu_stage"] == "opgrid"} >= {"full"}
     steps = [r for r in rows if r["kind"] == "train_step"]
     head = [r["variant"] for r in steps if r["gpu_stage"] == "train"]
-    assert head == ["maskdit-fastmask", "dit-torch", "maskdit-fastmask-compile", "maskdit-torch-compile",
-                    "maskdit-torch", "dit-torch-compile"]  # ordered by value, compiled rows included
+    assert head == ["maskdit-fastmask-graph", "maskdit-fastmask", "maskdit-torch", "maskdit-torch-compile",
+                    "dit-torch", "maskdit-torch-graph", "maskdit-fastmask-compile",
+                    "dit-torch-compile"]  # ordered by value, compiled and graphed rows included
     ok = [r for r in steps if r["status"] == "ok"]
     assert {(r["variant"], r["mask_ratio"]) for r in ok} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
-    assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 for r in ok)
+    assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 and r["host_ms"] > 0 for r in ok)
+    graphed = [r for r in ok if r["variant"] == "maskdit-torch-graph"]  # emulated on the CPU
+    assert graphed and graphed[0]["step_graph"]["mode"] == "emulate" and graphed[0]["step_graph"]["captures"] == 1
     assert all(set(r["backends"].values()) == {"torch"} and "attention" in r["backends"] for r in ok), ok
     assert doc["summary"]["train"]["masked_speedup"]
     md = (out / "summary.md").read_text()
