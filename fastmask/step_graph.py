@@ -41,6 +41,8 @@ class StepGraph:
         self._calls: dict[Hashable, int] = {}
         self._graphs: dict[Hashable, object] = {}
         self._pool = None
+        self._side = None
+        self.failed: dict[Hashable, str] = {}  # keys whose capture failed (they run eagerly), and why
         self.captures = 0  # graphs captured so far
         self.replays = 0  # steps run by a replay (the capture's own replay included)
 
@@ -71,19 +73,29 @@ class StepGraph:
 
     def run(self, key: Hashable, fn: Callable[[], None]) -> str:
         """One step of ``key``: an eager warm-up call, the capture (then its replay) or a replay.
-        ``fn`` is used only up to the capture; a replay runs what was captured. Returns what
-        was done: "warmup", "capture" or "replay"."""
+        ``fn`` is used only up to the capture; a replay runs what was captured. A capture that
+        raises (an op waiting for the host, say) leaves ``key`` eager, with the reason in
+        :attr:`failed`. Returns what was done: "warmup", "capture", "replay", "failed" (that
+        step ran eagerly) or "eager"."""
         if key not in self._buffers:
             raise ValueError(f"key: fill the inputs of {key!r} (StepGraph.inputs) before running it")
         graph = self._graphs.get(key)
         if graph is not None:
             self._replay(graph)
             return "replay"
+        if key in self.failed:
+            self._warm(fn)
+            return "eager"
         self._calls[key] += 1
         if self._calls[key] <= self.warmup:
             self._warm(fn)
             return "warmup"
-        graph = self._capture(fn)
+        try:
+            graph = self._capture(fn)
+        except RuntimeError as e:  # e.g. an op that waits for the host: this key runs eagerly
+            self.failed[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            self._warm(fn)  # a failed capture ran nothing: the step itself, eagerly
+            return "failed"
         self._graphs[key] = graph
         self.captures += 1
         self._replay(graph)
@@ -94,7 +106,7 @@ class StepGraph:
         if self.mode == "emulate":
             fn()
             return
-        side = torch.cuda.Stream()
+        side = self._side = self._side or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn()

@@ -803,7 +803,10 @@ class Trainer:
         bufs = self._graph.inputs(key, **inputs)
         self._ema_w.fill_(1.0 - ema_decay_at(self.cfg, self.step))
         self._in_update = True
-        self._graph.run(key, lambda: self._graph_body(bufs))
+        if self._graph.run(key, lambda: self._graph_body(bufs)) == "failed":
+            self.say(f"fastmask: the step of shape {key} (phase, kept tokens) could not be captured in a CUDA "
+                     f"graph; it runs eagerly: {self._graph.failed[key]}")
+            self.log({"event": "step_graph_failed", "step": self.step, "key": list(key), "why": self._graph.failed[key]})
         self.step += 1
         self.p1_steps += phase == 1
         self._step_t += 1

@@ -98,6 +98,21 @@ def test_constant_ratio_replays_one_graph_and_resumes_exactly(tmp_path):
     _assert_bit_equal(_all_state(whole), _all_state(resumed))
 
 
+def test_a_failed_capture_leaves_that_shape_eager_and_the_run_exact(tmp_path, monkeypatch):
+    def refuse(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(StepGraph, "_capture", refuse)
+    cfg = dict(steps=6, finetune_steps=0, log_every=3)
+    graphed = _run(tmp_path / "g", "emulate", **cfg)
+    eager = _run(tmp_path / "e", None, **cfg)
+    _assert_bit_equal(_all_state(eager), _all_state(graphed))
+    assert graphed.step == 6 and graphed._graph.captures == 0
+    ev = _events(tmp_path / "g", "step_graph_failed")
+    assert len(ev) == 1 and ev[0]["step"] == 2 and ev[0]["why"] == (
+        "RuntimeError: operation not permitted when stream is capturing")
+
+
 def test_nonfinite_loss_in_a_graphed_step_is_found_and_named(tmp_path):
     # a loss hook runs Python every step: such a run falls back to eager steps, saying why
     cfg = tiny_cfg(tmp_path / "h", steps=4, finetune_steps=0)
