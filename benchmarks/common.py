@@ -139,6 +139,13 @@ def configure_torch() -> None:
 
 # ----------------------------------------------------------------------------- environment
 def git_commit() -> dict:
+    """The commit measured: ``FASTMASK_COMMIT`` when set (the GPU script sets it from its
+    ``--commit``), else git's HEAD, but only where this source tree is itself the root of a git
+    checkout: a copy of the tree inside another repository must not record that one's HEAD."""
+    given = os.environ.get("FASTMASK_COMMIT", "").strip()
+    if given:
+        return {"commit": given, "dirty": None}
+
     def git(*args):
         try:
             r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -146,6 +153,9 @@ def git_commit() -> dict:
         except Exception:
             return None
 
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != ROOT.resolve():
+        return {"commit": "unknown", "dirty": None}
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha or "uncommitted", "dirty": bool(status) if status is not None else None}

@@ -178,7 +178,8 @@ class _LossModule(nn.Module):
 
     def forward(self, y, labels, drop, sigma, noise, ids_keep):
         return self.precond.loss_given(
-            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False
+            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False,
+            check_sigma=False,
         )
 
 

@@ -155,3 +155,11 @@ class RandomRatioTokens(TokenStrategy):
         u = torch.rand((), generator=generator, device=dev).item()  # the one host read: K is a shape
         ratio = self.lo + (self.hi - self.lo) * u
         return RandomTokens(ratio).draw(batch, num_tokens, generator=generator, device=dev)
+
+
+def as_strategy(mask_ratio) -> TokenStrategy:
+    """A :class:`TokenStrategy` as given, or :class:`RandomTokens` of a drop ratio (MaskDiT's masks):
+    every ``mask_ratio`` argument of the models and losses takes either."""
+    if isinstance(mask_ratio, TokenStrategy):
+        return mask_ratio
+    return RandomTokens(checks.mask_ratio(mask_ratio))
