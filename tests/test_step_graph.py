@@ -98,6 +98,32 @@ def test_constant_ratio_replays_one_graph_and_resumes_exactly(tmp_path):
     _assert_bit_equal(_all_state(whole), _all_state(resumed))
 
 
+def test_what_a_graph_reads_and_writes_keeps_its_storage(tmp_path):
+    # a captured graph holds addresses: the running state, weights and optimizer state must be
+    # updated in place, never replaced (the emulation alone would not notice a replacement)
+    tr = Trainer(tiny_cfg(tmp_path / "p", steps=6, finetune_steps=0, log_every=2, grad_clip=1.0), progress=False,
+                 step_graph="emulate")
+    try:
+        names = ("_acc", "_bad", "_bad_val", "_step_t", "_ema_w")
+        before = {n: getattr(tr, n).data_ptr() for n in names}
+        weights = [p.data_ptr() for p in [*tr.net.parameters(), *tr.ema.parameters()]]
+        seen = {}
+
+        def record(trainer, step):
+            if step == 3:  # after the capture (two warm-up steps, then the capture's own replay)
+                seen.update({id(t): t.data_ptr() for st in trainer.opt.state.values() for t in st.values()})
+
+        tr.hooks["after_step"] = record
+        tr.run()
+        assert tr._graph.captures == 1 and tr._graph.replays == 4
+        assert {n: getattr(tr, n).data_ptr() for n in names} == before
+        assert [p.data_ptr() for p in [*tr.net.parameters(), *tr.ema.parameters()]] == weights
+        now = {id(t): t.data_ptr() for st in tr.opt.state.values() for t in st.values()}
+        assert seen and now == seen
+    finally:
+        tr.close()
+
+
 def test_a_failed_capture_leaves_that_shape_eager_and_the_run_exact(tmp_path, monkeypatch):
     def refuse(self, fn):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
