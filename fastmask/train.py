@@ -833,9 +833,12 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        with torch.no_grad():  # the weight as a list of device scalars: a lone tensor would be read by the host
+        with torch.no_grad():
             p = [q.detach() for q in self.net.parameters()]
-            torch._foreach_lerp_(list(self.ema.parameters()), p, [self._ema_w] * len(p))
+            # a constant decay is a number in the graph (one multi-tensor kernel); a warming-up one
+            # is read from the device, as a list of device scalars (a lone tensor would go to the host)
+            w = [self._ema_w] * len(p) if self.cfg.ema_warmup else 1.0 - ema_decay_at(self.cfg, 0)
+            torch._foreach_lerp_(list(self.ema.parameters()), p, w)
 
     def _set_lr(self, lr: float) -> None:
         """The lr of the next step: filled into the device tensor the fused optimizer (and a
