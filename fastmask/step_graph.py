@@ -23,9 +23,10 @@ MODES = ("cuda", "emulate")
 
 
 class StepGraph:
-    """Captured step functions, one per shape key. ``pool_shared``: every graph allocates from
-    one memory pool (safe since replays never overlap and each replay writes every pool tensor
-    it later reads), so that several shapes cost one step's activations, not several."""
+    """Captured step functions, one per shape key, at most ``max_graphs`` keys. Every graph
+    allocates from one memory pool, so that several shapes cost about one step's activations,
+    not several: safe because replays never overlap and a replay writes every pool tensor
+    before it reads it (what outlives a step lives outside the pool)."""
 
     def __init__(self, mode: str = "cuda", *, warmup: int = 2, max_graphs: int = 4):
         if mode not in MODES:
