@@ -213,6 +213,8 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
             warm = s.warmup if ts.graph is None else max(s.warmup, ts.graph.warmup + 1)
             for _ in range(warm):
                 ts.step()
+            if ts.graph is not None and ts.graph.failed:  # it ran eagerly: not a graphed row
+                raise RuntimeError(f"the step could not be captured in a CUDA graph: {ts.graph.failed['step']}")
             common.sync()
             warmup_s = time.perf_counter() - t0
             timed = common.RoundTimer(ts.step)
