@@ -99,3 +99,21 @@ def test_models_take_a_strategy_where_they_take_a_ratio():
     assert torch.isfinite(loss)
     _, mask = net.model.forward_tokens(y, torch.ones(2), labels, mask_ratio=StructuredTokens(0.75), generator=gen(6))
     assert mask.shape == (2, 16) and (mask.sum(1) == 12).all()  # 4 of 16 tokens kept, one per 2x2 group
+
+
+def test_a_model_family_is_one_registry_line(tmp_path):
+    from fastmask import presets
+    from fastmask.models import ARCHITECTURES, build_model, maskdit, register_architecture
+
+    assert set(ARCHITECTURES) >= {"maskdit", "dit"}
+    register_architecture("maskdit_copy", maskdit, masks=True, help="a test family")
+    presets.CHECKS.clear()  # the arch key's choices are read from the registry when first checked
+    try:
+        cfg = presets.update(presets.get_preset("digits"), {"arch": "maskdit_copy", "model": "T/2"}, "test")
+        net = build_model(cfg, (cfg.channels, cfg.image_size, cfg.image_size), 10)
+        assert type(net.model).__name__ == "MaskDiT"
+        with pytest.raises(ValueError, match="registered twice"):
+            register_architecture("dit", maskdit, masks=True, help="")
+    finally:
+        del ARCHITECTURES["maskdit_copy"]
+        presets.CHECKS.clear()

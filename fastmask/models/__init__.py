@@ -1,12 +1,14 @@
 """fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, configs, FLOP count,
 checkpoint loading."""
 from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
-from .configs import build_model, config_names, dit, maskdit, model_kwargs
+from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
 from .flops import count_flops
 
 __all__ = [
+    "ARCHITECTURES",
+    "register_architecture",
     "DDPMDenoiser",
     "DiT",
     "EDMPrecond",
