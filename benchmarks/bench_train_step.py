@@ -7,17 +7,16 @@ Variants (same config, input size and batch within a group):
     maskdit-torch-compile     the same under torch.compile (regional: every block compiled)
     maskdit-fastmask          MaskDiT with the fused kernels (automatic backend)
     maskdit-fastmask-compile  the same under torch.compile
-    maskdit-fastmask-graph    MaskDiT with the fused kernels, the whole step one CUDA graph
-                              (fastmask.step_graph.StepGraph, as the trainer runs it)
-    maskdit-torch-graph       the reference the same way
+    maskdit-fastmask-graph    the fused kernels, the whole step one CUDA graph (the trainer's
+                              helper fastmask.step_graph; CPU dry run: its emulation)
+    maskdit-torch-graph       the reference ops, one CUDA graph
 Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add other ratios
 (0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
 
-Each row: step time (median, 20/80 % quantiles), images/s, peak memory, model FLOPs per step
+Each row: step time (median, 20/80 % quantiles), images/s, host-issue ms and GPU ms per step
+(torch.profiler over 3 steps: CPU self time vs summed kernel time), peak memory, model FLOPs per step
 (``fastmask.models.count_flops``: 3x the forward's matmul + attention FLOPs) and MFU
-against the bf16 matmul rate measured in the same session, and where the step's time goes:
-``host_ms`` (the wall time to issue one step on the CPU, no sync) and ``gpu_ms`` (the summed
-CUDA kernel time of one step, from torch.profiler). On the CPU the headline is the
+against the bf16 matmul rate measured in the same session. On the CPU the headline is the
 masked (0.5) vs unmasked (0.0) step-time ratio of a small MaskDiT (reference backend).
 """
 from __future__ import annotations
@@ -40,7 +39,7 @@ class Variant:
     model: str  # maskdit | dit
     backend: str  # torch | auto
     compile: str | None  # None | blocks | model
-    graph: bool = False  # the whole step one CUDA graph (StepGraph)
+    graph: bool = False  # the whole step as one CUDA graph
 
 
 VARIANTS = {
@@ -59,11 +58,11 @@ VARIANTS = {
 }
 MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
 # The headline rows (the first setting, the GPU script's "train" stage), most valuable first:
-# what fastmask does (graphed, as the trainer runs on CUDA, then eager), the baselines of the
-# targets (the reference eager and compiled, DiT-XL/2 eager), then the rest of the comparison.
-# Compiled rows of the first setting come before any row of a larger one.
-HEADLINE = ("maskdit-fastmask-graph", "maskdit-fastmask", "maskdit-torch", "maskdit-torch-compile", "dit-torch",
-            "maskdit-torch-graph", "maskdit-fastmask-compile", "dit-torch-compile")
+# what fastmask does, the two baselines of the targets (DiT-XL/2 eager, MaskDiT compiled),
+# then the rest of the comparison. Compiled rows of the first setting come before any row of
+# a larger one.
+HEADLINE = ("maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
+            "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +125,7 @@ class StepCase:
             "model": v.model,
             "backend": v.backend,
             "compile": v.compile,
-            "graph": v.graph,
+            "cuda_graph": v.graph,
             "config": s.config,
             "input_size": s.input_size,
             "res": s.input_size * 8,
@@ -158,28 +157,6 @@ def build_cases() -> list[StepCase]:
 CASES = build_cases()
 
 
-def host_and_gpu_ms(step, n: int = 3) -> tuple[float, float | None]:
-    """(host_ms, gpu_ms) of one step, averaged over ``n``: the wall time the CPU takes to issue
-    a step without a sync (measured without the profiler), and the summed time of the CUDA
-    kernels (and copies) a step runs, from torch.profiler (None off a GPU)."""
-    common.sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    host_ms = (time.perf_counter() - t0) * 1e3 / n
-    common.sync()
-    if not common.on_gpu():
-        return host_ms, None
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(n):
-            step()
-        common.sync()
-    cuda = torch.autograd.DeviceType.CUDA
-    us = sum(e.time_range.elapsed_us() for e in prof.events() if getattr(e, "device_type", None) == cuda)
-    return host_ms, (us / 1e3 / n) if us > 0 else None
-
-
 def _free():
     gc.collect()
     if common.on_gpu():
@@ -194,6 +171,12 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         pytest.skip(common.compile_allowed())
     if v.backend == "auto" and not common.on_gpu():
         pytest.skip("no GPU: the automatic backend runs the torch reference here (the *-torch rows)")
+    if v.graph and not common.on_gpu():
+        if common.size_set() != "dry":
+            pytest.skip("no GPU: CUDA graphs need CUDA")
+        from fastmask import step_graph  # the dry run takes the graph rows' path in the CPU emulation
+
+        step_graph.CPU_EMULATION = True
     scope = os.environ.get("FASTMASK_BENCH_COMPILE_SCOPE", "blocks") if v.compile else None
     torch._dynamo.reset()
     _free()
@@ -209,21 +192,18 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         flops = ts.flops()
         with common.record_backends() as ran:  # which backend each op really ran on
             t0 = time.perf_counter()
-            # includes torch.compile's compile time, and a step graph's warm-up and capture
-            warm = s.warmup if ts.graph is None else max(s.warmup, ts.graph.warmup + 1)
-            for _ in range(warm):
+            for _ in range(s.warmup):  # includes torch.compile's compile time
                 ts.step()
-            if ts.graph is not None and ts.graph.failed:  # it ran eagerly: not a graphed row
-                raise RuntimeError(f"the step could not be captured in a CUDA graph: {ts.graph.failed['step']}")
             common.sync()
             warmup_s = time.perf_counter() - t0
             timed = common.RoundTimer(ts.step)
             benchmark.pedantic(timed, rounds=s.steps, iterations=1, warmup_rounds=0)
         stats = common.summarize(timed.times_ms())
+        try:
+            prof = common.profile_step_ms(ts.step, steps=3)
+        except Exception as e:  # the profiler must not lose the row
+            prof = {"host_issue_ms": None, "gpu_ms": None, "profile_error": f"{type(e).__name__}: {str(e)[:200]}"}
         timed = None  # it holds ts.step, hence the model: let the finally free it
-        host_ms, gpu_ms = host_and_gpu_ms(ts.step)
-        graphed = None if ts.graph is None else {"mode": ts.graph.mode, "captures": ts.graph.captures,
-                                                 "replays": ts.graph.replays}
         peak = torch.cuda.max_memory_allocated() / 2**30 if common.on_gpu() else None
     except torch.cuda.OutOfMemoryError as e:
         ts = None
@@ -240,10 +220,7 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         params=params,
         warmup_s=warmup_s,
         images_per_s=s.batch / step_s,
-        host_ms=host_ms,
-        gpu_ms=gpu_ms,
-        host_share=host_ms / stats["median_ms"],
-        step_graph=graphed,
+        **prof,
         peak_mem_gib=peak,
         flops=flops["train_step"],
         tflops=tflops,

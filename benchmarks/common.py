@@ -267,6 +267,27 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def profile_step_ms(fn: Callable[[], object], steps: int = 3) -> dict:
+    """torch.profiler over ``steps`` calls of ``fn``: ``host_issue_ms``, the CPU self time of all
+    ops and runtime calls per step (waits in a device synchronize excluded), and ``gpu_ms``, the
+    summed CUDA kernel time per step (None on the CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    events = prof.key_averages()
+    host = sum(e.self_cpu_time_total for e in events if "Synchronize" not in e.key)
+    gpu = None
+    if on_gpu():
+        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type == DeviceType.CUDA)
+        gpu = gpu / 1e3 / steps
+    return {"host_issue_ms": host / 1e3 / steps, "gpu_ms": gpu}
+
+
 class RoundTimer:
     """Times each call of ``fn`` on the device: CUDA events on a GPU, perf_counter on the CPU."""
 

@@ -12,10 +12,9 @@ killed with its whole group and the run goes on. Default mode, in order of value
     probe     GPU, driver, versions, Python.h, nvcc, whether xformers' compiled part loads
     quick     ``pytest tests -m gpu_quick`` (every Triton kernel, forward + backward, at
               DiT-XL/2 shapes, bf16 and fp32, against the reference) under pytest-timeout
-    train     the headline: MaskDiT-XL/2 256 px bf16 training step -- fastmask and the
-              reference MaskDiT, each eager, compiled and as one CUDA graph (the trainer's
-              default), DiT-XL/2 eager and compiled (img/s, peak memory, MFU, host-issue
-              and GPU ms per step)
+    train     the headline: MaskDiT-XL/2 256 px bf16 training step -- fastmask eager and
+              compiled, reference MaskDiT eager and compiled, DiT-XL/2 eager and compiled
+              (img/s, peak memory, MFU)
     ops       every op forward and backward at the headline shape against the copy bandwidth
               and matmul rate measured in the same process; attention against SDPA flash /
               efficient / cuDNN (and xformers where its compiled part loads)
@@ -71,7 +70,7 @@ class Stage:
 DEFAULT_STAGES = [
     Stage("probe", 40, 15, "GPU, driver, versions, Python.h, nvcc, xformers"),
     Stage("quick", 100, 45, "pytest -m gpu_quick: every Triton kernel fwd+bwd at DiT-XL/2 shapes"),
-    Stage("train", 240, 90, "MaskDiT-XL/2 256 px bf16 training step: 8 headline rows"),
+    Stage("train", 210, 90, "MaskDiT-XL/2 256 px bf16 training step: 6 headline rows"),
     Stage("ops", 140, 60, "ops fwd/bwd at the headline shape vs copy bandwidth; attention vs SDPA"),
     Stage("train512", 90, 0, "512 px training rows and other mask ratios"),
     Stage("opgrid", 10_000, 0, "the rest of the op grid"),

@@ -35,8 +35,6 @@ VARIANT_ORDER = (
     "maskdit-torch-compile",
     "maskdit-fastmask",
     "maskdit-fastmask-compile",
-    "maskdit-torch-graph",
-    "maskdit-fastmask-graph",
 )
 VARIANT_LABEL = {
     "dit-torch": "DiT, PyTorch eager (SDPA)",
@@ -46,8 +44,6 @@ VARIANT_LABEL = {
     "maskdit-torch-compile": "MaskDiT, reference + torch.compile",
     "maskdit-fastmask": "MaskDiT, fastmask kernels",
     "maskdit-fastmask-compile": "MaskDiT, fastmask + torch.compile",
-    "maskdit-torch-graph": "MaskDiT, reference, step as one CUDA graph",
-    "maskdit-fastmask-graph": "MaskDiT, fastmask, step as one CUDA graph",
 }
 
 
@@ -104,16 +100,12 @@ def _table_head(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def _opt_ms(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
 def train_table(rows) -> list[str]:
     steps = _ok(rows, kind="train_step")
     if not steps:
         return []
     out = _table_head("model", "variant", "input", "batch", "mask ratio", "step (ms)", "images/s", "vs DiT",
-                      "peak mem (GiB)", "MFU", "host issue (ms)", "GPU (ms)", "ops ran on")
+                      "peak mem (GiB)", "MFU", "ops ran on")
     groups = sorted({(r["config"], r["input_size"], r["batch"]) for r in steps}, key=lambda g: (g[1], g[0]))
     for g in groups:
         rs = [r for r in steps if (r["config"], r["input_size"], r["batch"]) == g]
@@ -127,7 +119,7 @@ def train_table(rows) -> list[str]:
             out.append(
                 f"| {model} | {VARIANT_LABEL.get(r['variant'], r['variant'])} | {_input_label(r)} "
                 f"| {r['batch']} | {r['mask_ratio']} | {_fmt_ms(r['median_ms'])} | {r['images_per_s']:.1f} | {vs} | {mem} | {mfu} "
-                f"| {_opt_ms(r.get('host_ms'))} | {_opt_ms(r.get('gpu_ms'))} | {_ran_on(r.get('backends'))} |"
+                f"| {_ran_on(r.get('backends'))} |"
             )
     return out
 

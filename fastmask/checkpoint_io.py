@@ -205,8 +205,8 @@ def _optim_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
         for name, v in st.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"optim.{idx}.{name}"] = t.detach().cpu().contiguous()
-    # a fused, capturable optimizer holds its lr as a device tensor: saved as its value
-    groups = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [{k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in g.items()}
+              for g in sd["param_groups"]]  # a device-tensor lr (a CUDA-graphed step) is saved as a number
     return tensors, groups
 
 

@@ -279,6 +279,7 @@ def dsm_mae_loss_fwd(
     mask: Tensor | None,
     mae_coef: float,
     sigma_data: float,
+    objective: str = "edm",
 ):
     B = F_out.shape[0]
     loss = torch.empty(B, device=F_out.device, dtype=torch.float32)
@@ -292,5 +293,6 @@ def dsm_mae_loss_fwd(
     _C().dsm_mae_loss_fwd(
         loss, terms, grad_F, F_out, x_noisy.to(xdt).contiguous(), y.to(xdt).contiguous(),
         sigma.to(torch.float32).contiguous(), m, float(mae_coef), float(sigma_data),
+        objective == "flow",
     )
     return loss, terms, grad_F

@@ -68,6 +68,11 @@ class TrainConfig:
     model: str = _f("Digits/2", "model config (fastmask.models.config_names()): Digits/2, T/2, S/2, B/2, XL/2 ...",
                     flag=True)
     num_classes: int | None = _f(None, "classes (none: from the data set; 0 = unconditional)", lo=0, hi=1_000_000)
+    objective: str = _f("edm", "training objective: edm (MaskDiT's EDM denoising loss) or flow (SiT's linear "
+                        "flow matching: x_t = t x1 + (1 - t) x0, velocity target x1 - x0)", flag=True,
+                        choices=("edm", "flow"))
+    t_schedule: str = _f("uniform", "flow only: distribution of the training time t, uniform (SiT) or logit_normal "
+                         "(sigmoid of a standard normal)", flag=True, choices=("uniform", "logit_normal"))
     # ---- optimisation
     batch_size: int = _f(128, "global batch size (all ranks together)", flag=True, lo=1, hi=2**20)
     lr: float = _f(1e-4, "AdamW learning rate of the masked phase", flag=True, **_LR)
@@ -82,7 +87,7 @@ class TrainConfig:
     mae_coef: float = _f(0.1, "weight of the MAE term on dropped tokens", lo=0.0)
     amp: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
     cuda_graph: bool = _f(True, "on CUDA, run each training step as one captured CUDA graph (forward, backward, "
-                          "AdamW, EMA); off: eager steps")
+                          "AdamW, EMA), replayed per step; false: eager. Off with several ranks or a compiled step")
     # ---- phase 1: masked training
     steps: int | None = _f(2000, "total step count of the masked phase; a resumed run continues to it (none: until "
                            "--minutes runs out)", flag=True, lo=0)

@@ -33,14 +33,20 @@ def null_labels(labels: Tensor) -> Tensor:
 
 
 def guided_denoiser(net, guidance: float = 1.0):
-    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional)."""
+    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional), on
+    all channels, or on the first ``net.guide_channels`` where the net sets it (a published DiT:
+    3, as DiT's forward_with_cfg; D is affine in eps, so guiding D's channels guides eps's)."""
 
     def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None or guidance == 1.0:
             return net(x, sigma, labels)
         both = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null_labels(labels)]))
         cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        g = uncond + guidance * (cond - uncond)
+        k = getattr(net, "guide_channels", None)  # a published DiT guides channels 0-2 only
+        if k is not None and k < g.shape[1]:
+            g = torch.cat([g[:, :k], cond[:, k:]], 1)
+        return g
 
     return denoise
 
@@ -60,7 +66,14 @@ def heun_sample(
 ) -> Tensor:
     """Deterministic EDM Heun sampling from ``noise`` [B, C, H, W] (unit Gaussian). ``net`` is an
     EDM denoiser D(x, sigma [B], labels) such as :class:`fastmask.models.EDMPrecond`. The ODE state
-    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA)."""
+    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA). A flow-matching
+    model (``net.objective == "flow"``) is integrated from t = 0 to 1 by Heun on a fixed grid of
+    ``steps`` steps instead (:func:`fastmask.flow_sampling.flow_sample`)."""
+    if getattr(net, "objective", "edm") == "flow":
+        from .flow_sampling import flow_sample
+
+        return flow_sample(net, noise, labels, method="heun", steps=steps, guidance=guidance,
+                           guide_channels=getattr(net, "guide_channels", None), amp=amp)
     denoise = guided_denoiser(net, guidance)
     # a denoiser may support only a range of sigma (DDPM-trained DiT: about 0.01 .. 157)
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
@@ -167,13 +180,15 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     folder), or a published MaskDiT/DiT state dict (``.pt``/``.pth``, via
     :func:`fastmask.models.from_published`). Published MaskDiT checkpoints are EDM models;
     published DiT checkpoints are DDPM eps-prediction models and are wrapped by
-    :class:`DDPMDenoiser` (``parameterization`` overrides: ``edm`` or ``ddpm``).
+    :class:`DDPMDenoiser`; published SiT checkpoints (the DiT layout; recognised by a file name
+    starting with ``SiT`` or stored arguments naming a SiT model) are flow models, wrapped by
+    :class:`FlowPrecond` (``parameterization`` overrides: ``edm``, ``ddpm`` or ``flow``).
     Returns ``(net, info)`` with info = {num_classes, shape (C, H, W), kind (pixels|latents), source}.
     """
     from pathlib import Path
 
     from .errors import UsageError
-    from .models import DDPMDenoiser, DiT, EDMPrecond, build_model, from_published
+    from .models import DDPMDenoiser, DiT, EDMPrecond, FlowPrecond, build_model, from_published
 
     p = Path(path)
     if p.is_dir() or p.suffix == ".safetensors":
@@ -196,7 +211,8 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
             raise UsageError(f"checkpoint: {str(ck['path'])!r} does not fit the model its config describes: "
                              f"{str(e).splitlines()[0]}") from None
         info = {"num_classes": num_classes, "shape": shape, "kind": extra.get("data_kind", "pixels"),
-                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model"}
+                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model",
+                "objective": cfg.objective}
         return net.to(device).eval(), info
     if not p.exists():
         raise ValueError(f"checkpoint: {str(p)!r} does not exist")
@@ -206,13 +222,31 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     net = from_published(obj, key=key)
     if parameterization == "auto":
         parameterization = "ddpm" if isinstance(net, DiT) else "edm"
-    if parameterization not in ("edm", "ddpm"):
-        raise ValueError(f"parameterization: expected auto, edm or ddpm, got {parameterization!r}")
-    den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+        if isinstance(net, DiT) and _is_sit(p, obj):
+            parameterization = "flow"
+    if parameterization not in ("edm", "ddpm", "flow"):
+        raise ValueError(f"parameterization: expected auto, edm, ddpm or flow, got {parameterization!r}")
+    if parameterization == "flow":  # SiT: v(x_t, t), t in [0, 1]; its code guides channels 0-2 only
+        den = FlowPrecond(net)
+        den.guide_channels = 3
+    else:
+        den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+        if parameterization == "ddpm":
+            den.guide_channels = 3
     C, s = net.in_channels, net.input_size
     info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
-            "source": str(p), "parameterization": parameterization}
+            "source": str(p), "parameterization": parameterization,
+            "objective": "flow" if parameterization == "flow" else "edm"}
     return den.to(device).eval(), info
+
+
+def _is_sit(path, obj) -> bool:
+    """A SiT release: the file name (``SiT-XL-2-256x256.pt``) or train.py's stored ``args.model``."""
+    from .models.checkpoint import stored_args
+
+    if path.name.lower().startswith("sit"):
+        return True
+    return str(stored_args(obj).get("model", "")).startswith("SiT")
 
 
 # --------------------------------------------------------------------------- fastmask sample

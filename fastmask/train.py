@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from . import ops
+from . import ops, step_graph
 from .checkpoint_io import (
     LATEST,
     TMP_SUFFIX,
@@ -64,9 +64,8 @@ from .checkpoint_io import (
 from .data import batch_indices, build_dataset, check_labels, make_sampler
 from .errors import UsageError
 from .latents import check_manifest as check_latent_manifest
-from .models import EDMPrecond, build_model, draw_sigma
+from .models import EDMPrecond, FlowPrecond, build_model, draw_sigma, draw_t
 from .presets import TrainConfig
-from .step_graph import StepGraph
 
 
 class NonFiniteLossError(RuntimeError):
@@ -152,31 +151,38 @@ def step_randomness(
     label_dropout: float,
     latents: bool,
     device,
+    t_schedule: str | None = None,
 ) -> dict[str, Tensor | None]:
     """All random draws of global step ``step``, for the whole global batch, from one generator
     seeded by (seed, step): label-drop flags [B], sigma [B], noise [B, C, H, W] (unit, times
-    sigma later), ids_keep [B, K] (None at ratio 0) and the latent posterior eps (or None)."""
+    sigma later), ids_keep [B, K] (None at ratio 0) and the latent posterior eps (or None).
+    With ``t_schedule`` (the flow objective) the draw in sigma's place is the time t [B]
+    (key ``t``; ``sigma`` is None) and the noise is x0."""
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed((seed % 2**31) * 2**32 + step)
     B = global_batch
     drop = torch.rand(B, generator=g, device=dev) < label_dropout
-    sigma = draw_sigma(B, generator=g, device=dev)
+    t = sigma = None
+    if t_schedule is None:
+        sigma = draw_sigma(B, generator=g, device=dev)
+    else:
+        t = draw_t(B, schedule=t_schedule, generator=g, device=dev)
     noise = torch.randn((B, *shape), generator=g, device=dev)
     ids_keep = None
     if mask_ratio > 0:
         ids_keep, _, _ = ops.random_mask(B, num_tokens, mask_ratio, generator=g, device=dev)
     eps = torch.randn((B, *shape), generator=g, device=dev) if latents else None
-    return {"drop": drop, "sigma": sigma, "noise": noise, "ids_keep": ids_keep, "eps": eps}
+    return {"drop": drop, "sigma": sigma, "t": t, "noise": noise, "ids_keep": ids_keep, "eps": eps}
 
 
 class _LossModule(nn.Module):
     """The loss as a module, so that DistributedDataParallel sees the forward pass."""
 
-    def __init__(self, precond: EDMPrecond, mae_coef: float):
+    def __init__(self, precond: EDMPrecond | FlowPrecond, mae_coef: float):
         super().__init__()
         self.precond, self.mae_coef = precond, mae_coef
 
-    def forward(self, y, labels, drop, sigma, noise, ids_keep):
+    def forward(self, y, labels, drop, sigma, noise, ids_keep):  # sigma: the times t under flow
         return self.precond.loss_given(
             y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False,
             check_sigma=False,
@@ -210,17 +216,12 @@ class Trainer:
     traced with ``fullgraph=True`` and makes no host sync, so ``mode="reduce-overhead"`` can
     capture it in a CUDA graph.
 
-    ``step_graph``: on CUDA the whole step (forward, backward, clipping, fused AdamW, EMA and
-    the loss bookkeeping) runs as one captured CUDA graph (:class:`~fastmask.step_graph.StepGraph`)
-    unless ``cfg.cuda_graph`` is off, several ranks train, a ``loss`` hook or ``compile_step``
-    is set (the reason is logged once). ``"emulate"`` runs the same plumbing on the CPU (tests).
-
     Rank 0 holds an exclusive lock on ``cfg.out`` from construction until :meth:`close` (called
     by :func:`train`), so that two runs never write into one folder.
     """
 
     def __init__(self, cfg: TrainConfig, *, hooks: dict | None = None, progress: bool | None = None,
-                 compile_step: dict | None = None, step_graph: str | None = None):
+                 compile_step: dict | None = None):
         cfg.validate()
         self.cfg = cfg
         self.hooks = hooks or {}
@@ -237,7 +238,7 @@ class Trainer:
         if self.rank == 0:
             self._prepare_folder()
         try:
-            self._setup(compile_step, step_graph)
+            self._setup(compile_step)
         except BaseException:
             self.close()
             raise
@@ -272,7 +273,7 @@ class Trainer:
                 with open(self.log_path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
 
-    def _setup(self, compile_step, step_graph=None) -> None:
+    def _setup(self, compile_step) -> None:
         cfg = self.cfg
         check_latent_manifest(cfg)  # a `fastmask latents` folder: its manifest must fit the config
         self.data = build_dataset(cfg)
@@ -285,17 +286,15 @@ class Trainer:
         if hasattr(self.net.model, "class_dropout_prob"):
             self.net.model.class_dropout_prob = cfg.label_dropout
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        if self.device.type == "cuda":  # fused and capturable: no host sync, fits in a CUDA graph
-            self._lr_t = torch.tensor(float(cfg.lr), dtype=torch.float32, device=self.device)
-            self.opt = torch.optim.AdamW(
-                self.net.parameters(), lr=self._lr_t, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                fused=True, capturable=True,
-            )
-        else:
-            self._lr_t = None
-            self.opt = torch.optim.AdamW(
-                self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-            )
+        cuda = self.device.type == "cuda"
+        # On CUDA the lr and the EMA weight are device tensors, set before each step outside the
+        # step's work, and AdamW is fused and capturable: the step can be one CUDA graph.
+        self._lr_t = torch.full((), float(cfg.lr), device=self.device) if cuda else None
+        self._ema_w = torch.zeros((), device=self.device) if cuda else None
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self._lr_t if cuda else cfg.lr, betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay, **({"fused": True, "capturable": True} if cuda else {}),
+        )
         self.sampler = make_sampler(len(self.data), cfg.seed)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.step = 0
@@ -315,16 +314,35 @@ class Trainer:
         self._bad = torch.full((), _NO_BAD, dtype=torch.int64, device=dev)
         self._bad_val = torch.zeros((), dtype=acc_dtype, device=dev)
         self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
-        self._ema_w = torch.zeros((), dtype=torch.float32, device=dev)  # 1 - EMA decay of the step
         self._step_fn = self.device_step
         self._compiled = compile_step is not None
         if self._compiled:
             self._step_fn = torch.compile(self.device_step, fullgraph=True, **compile_step)
-        self._graph, self._graph_said = self._make_step_graph(step_graph, compile_step), set()
+        self._graphs: step_graph.StepGraphs | None = None
+        self.graph_reason = self._graph_off_reason()
+        if self.graph_reason is None:
+            self._graphs = step_graph.StepGraphs(dev, max_graphs=3, say=self.say)
+        elif cfg.cuda_graph and dev.type == "cuda":
+            self.say(f"fastmask: the training step runs eagerly, not as a CUDA graph: {self.graph_reason}")
         skipped = getattr(self.data, "skipped", None)
         if skipped:
             self.say(f"fastmask: data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
             self.log({"event": "data", "skipped_images": len(skipped), "example": str(skipped[0])})
+
+    def _graph_off_reason(self) -> str | None:
+        """Why the step is not captured as one CUDA graph (None: it is)."""
+        if not self.cfg.cuda_graph:
+            return "cuda_graph is off in the config"
+        why = step_graph.unavailable_reason(self.device)
+        if why is not None:
+            return why
+        if self._compiled:
+            return "the step is compiled (torch.compile's own CUDA graphs: mode='reduce-overhead')"
+        if self.world > 1:
+            return f"distributed training ({self.world} ranks): the gradient all-reduce is not captured"
+        if "loss" in self.hooks:
+            return "a 'loss' hook is set (it runs Python per step)"
+        return None
 
     def close(self) -> None:
         """Release the run folder's lock (idempotent)."""
@@ -407,17 +425,10 @@ class Trainer:
         self.net.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"] if ck["ema"] is not None else ck["model"])
         if ck["optimizer"] is not None:
-            # this run's implementation (fused, capturable) decides where the state lives, not
-            # the saving run's; the step count of a capturable AdamW is a device tensor
-            for saved, own in zip(ck["optimizer"]["param_groups"], self.opt.param_groups):
-                saved.update({k: own[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in own})
             try:
                 self.opt.load_state_dict(ck["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
                 raise UsageError(f"resume: the optimizer state in {str(path)!r} does not fit the model ({e})") from None
-            if self._lr_t is not None:  # the device lr tensor, filled every step
-                for g in self.opt.param_groups:
-                    g["lr"] = self._lr_t
         set_rng_state(*ck["rng"])
         self.step = ck["step"]
         self._step_t.fill_(self.step)
@@ -575,6 +586,7 @@ class Trainer:
             "checkpoint": str(self.last_ckpt[1]) if self.last_ckpt else None,
             "world_size": self.world,
             "device": str(self.device),
+            "step_graph": "on" if self._graphs is not None else f"off: {self.graph_reason}",
         }
 
     def _run_phase(self, phase: int) -> None:
@@ -711,7 +723,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         step = self.step
         ratio = self._mask_ratio(phase)
-        self._set_lr(lr_at(cfg, self._sched_step(phase), phase))
+        lr = lr_at(cfg, self._sched_step(phase), phase)
         net = self.net.model
         rnd = step_randomness(
             cfg.seed,
@@ -723,7 +735,9 @@ class Trainer:
             cfg.label_dropout,
             self.data.kind == "latents",
             dev,
+            cfg.t_schedule if cfg.objective == "flow" else None,
         )
+        level = rnd["t"] if cfg.objective == "flow" else rnd["sigma"]
         per = cfg.batch_size // self.world
         sl = slice(self.rank * per, (self.rank + 1) * per)
         idx = batch_indices(self.sampler, step, cfg.batch_size, self.rank, self.world)
@@ -732,22 +746,32 @@ class Trainer:
         y = y.to(dev, non_blocking=True)
         labels = labels.to(dev, non_blocking=True) if self.num_classes > 0 else None
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
-        drop, sigma, noise = rnd["drop"][sl], rnd["sigma"][sl], rnd["noise"][sl]
-        key = (phase, None if ids_keep is None else ids_keep.shape[1])  # a graph per shape
-        if self._graph is not None and self._graph_has(key):
-            self._graph_step(key, phase, y=y, labels=labels, drop=drop, sigma=sigma, noise=noise, ids_keep=ids_keep)
+        self._set_hyperparameters(lr, ema_decay_at(cfg, self.step))
+        if not self._compiled:  # eager or one CUDA graph: the same function either way
+            inputs = {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": rnd["sigma"][sl],
+                      "noise": rnd["noise"][sl], "ids_keep": ids_keep}
+            self._in_update = True
+            if self._graphs is not None:
+                key = (tuple(y.shape), None if ids_keep is None else tuple(ids_keep.shape), labels is None)
+                self._graphs.run(key, self._whole_step, inputs)
+            else:
+                self._whole_step(**inputs)
+            self.step += 1
+            self.p1_steps += phase == 1
+            self._step_t += 1
+            self._in_update = False
             return
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         if self._compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs may be reused
         with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
             mean, bad, bad_val, acc = self._step_fn(
-                y, labels, drop, sigma, noise, ids_keep, self._step_t, self._bad, self._bad_val, self._acc,
+                y, labels, rnd["drop"][sl], level[sl], rnd["noise"][sl], ids_keep,
+                self._step_t, self._bad, self._bad_val, self._acc,
             )
-        # in place: the running state keeps its storage (a captured step graph reads and writes it)
-        self._bad.copy_(bad)
-        self._bad_val.copy_(bad_val)
-        self._acc.copy_(acc)
+        if self._compiled:  # keep the running state out of the CUDA-graph memory pool
+            bad, bad_val, acc = bad.clone(), bad_val.clone(), acc.clone()
+        self._bad, self._bad_val, self._acc = bad, bad_val, acc
         self.opt.zero_grad(set_to_none=True)
         mean.backward()
         if cfg.grad_clip is not None:
@@ -760,94 +784,36 @@ class Trainer:
         self._step_t += 1
         self._in_update = False
 
-    # ---- the step as one CUDA graph
-    def _make_step_graph(self, mode: str | None, compile_step) -> StepGraph | None:
-        """The :class:`StepGraph` of this run, or None (eager steps) with the reason logged once
-        (and said on CUDA, where a graph is the default). ``mode``: None follows the config
-        (``cuda_graph``, on CUDA only); "emulate" is the CPU stand-in of the tests."""
-        if mode not in (None, "emulate"):
-            raise ValueError(f"step_graph: expected None or 'emulate', got {mode!r}")
-        why = None
-        if mode is None and not self.cfg.cuda_graph:
-            why = "cuda_graph is off"
-        elif mode is None and self.device.type != "cuda":
-            why = f"the device is {self.device.type}, not CUDA"
-        elif self.world > 1:
-            why = f"{self.world} ranks (DistributedDataParallel's gradient hooks are not captured)"
-        elif "loss" in self.hooks:
-            why = "a loss hook is set (it runs Python every step)"
-        elif compile_step is not None:
-            why = "compile_step is set (torch.compile handles the step)"
-        if why is not None:
-            self.log({"event": "step_graph", "graphed": False, "why": why})
-            if self.device.type == "cuda" and self.cfg.cuda_graph:
-                self.say(f"fastmask: the training step runs eagerly, not as a CUDA graph: {why}")
-            return None
-        self.log({"event": "step_graph", "graphed": True, "mode": mode or "cuda"})
-        return StepGraph(mode or "cuda")
+    def _set_hyperparameters(self, lr: float, decay: float) -> None:
+        """The step's lr and EMA decay: into device tensors on CUDA (read by the captured step),
+        as Python numbers elsewhere."""
+        if self._lr_t is not None:
+            self._lr_t.fill_(lr)
+            self._ema_w.fill_(1.0 - decay)
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr_t if self._lr_t is not None else lr  # a resume may have replaced it
+        self._ema_weight = self._ema_w if self._ema_w is not None else 1.0 - decay
 
-    def _graph_has(self, key) -> bool:
-        """Whether the step of shape ``key`` runs in a graph; beyond the graph cache, eagerly
-        (said once)."""
-        if self._graph.has_room(key):
-            return True
-        if "full" not in self._graph_said:
-            self._graph_said.add("full")
-            self.say(f"fastmask: {self._graph.max_graphs} step graphs are captured (one per kept-token count); "
-                     f"steps of other shapes run eagerly, e.g. {key} (phase, kept tokens)")
-            self.log({"event": "step_graph_full", "step": self.step, "key": list(key)})
-        return False
-
-    def _graph_step(self, key, phase: int, **inputs) -> None:
-        """One step through the step graph of ``key``: the inputs copied into its static
-        buffers, the EMA weight set, then a warm-up, a capture or a replay (:class:`StepGraph`)."""
-        bufs = self._graph.inputs(key, **inputs)
-        self._ema_w.fill_(1.0 - ema_decay_at(self.cfg, self.step))
-        self._in_update = True
-        if self._graph.run(key, lambda: self._graph_body(bufs)) == "failed":
-            self.say(f"fastmask: the step of shape {key} (phase, kept tokens) could not be captured in a CUDA "
-                     f"graph; it runs eagerly: {self._graph.failed[key]}")
-            self.log({"event": "step_graph_failed", "step": self.step, "key": list(key), "why": self._graph.failed[key]})
-        self.step += 1
-        self.p1_steps += phase == 1
-        self._step_t += 1
-        self._in_update = False
-
-    def _graph_body(self, b: dict) -> None:
-        """What a step graph holds: forward, loss bookkeeping, backward, clipping, the AdamW and
-        EMA updates. It reads only tensors whose storage outlives it (static inputs, weights,
-        optimizer state, ``_lr_t``, ``_ema_w``, ``_step_t``) and writes only into such tensors."""
-        # autocast's weight cache would hold tensors of the capture; it is off in a graph
-        ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.amp
-               else contextlib.nullcontext())
-        self.opt.zero_grad(set_to_none=True)  # the backward allocates the (static) grads
-        with ctx, ops.checks.trusted_values():
+    def _whole_step(self, y, labels, drop, sigma, noise, ids_keep) -> None:
+        """Forward, backward, gradient clipping, AdamW and the EMA update of one step, every
+        effect in place (what :class:`fastmask.step_graph.StepGraphs` captures)."""
+        amp = self.amp and self.device.type == "cuda"
+        # the autocast cast cache must not outlive a capture
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self._graphs is None) if amp else \
+            contextlib.nullcontext()
+        with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
             mean, bad, bad_val, acc = self.device_step(
-                b["y"], b["labels"], b["drop"], b["sigma"], b["noise"], b["ids_keep"],
-                self._step_t, self._bad, self._bad_val, self._acc,
+                y, labels, drop, sigma, noise, ids_keep, self._step_t, self._bad, self._bad_val, self._acc
             )
         self._bad.copy_(bad)
         self._bad_val.copy_(bad_val)
         self._acc.copy_(acc)
+        self.opt.zero_grad(set_to_none=True)
         mean.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        with torch.no_grad():
-            p = [q.detach() for q in self.net.parameters()]
-            # a constant decay is a number in the graph (one multi-tensor kernel); a warming-up one
-            # is read from the device, as a list of device scalars (a lone tensor would go to the host)
-            w = [self._ema_w] * len(p) if self.cfg.ema_warmup else 1.0 - ema_decay_at(self.cfg, 0)
-            torch._foreach_lerp_(list(self.ema.parameters()), p, w)
-
-    def _set_lr(self, lr: float) -> None:
-        """The lr of the next step: filled into the device tensor the fused optimizer (and a
-        captured step) reads on CUDA, a float elsewhere."""
-        if self._lr_t is not None:
-            self._lr_t.fill_(lr)
-        else:
-            for g in self.opt.param_groups:
-                g["lr"] = lr
+        self._update_ema(self._ema_weight)
 
     def _mask_ratio(self, phase: int) -> float:
         """The mask ratio of the next step, recorded (``self.mask_sched``, saved in checkpoints).
@@ -868,10 +834,16 @@ class Trainer:
         return self.p1_steps if phase == 1 else self.step
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, weight=None) -> None:
+        """EMA towards the weights by ``weight`` (1 - decay; a device tensor in a graphed step),
+        by default that of the current step."""
         ema_p = list(self.ema.parameters())
         p = [q.detach() for q in self.net.parameters()]
-        torch._foreach_lerp_(ema_p, p, 1.0 - ema_decay_at(self.cfg, self.step))
+        if weight is None:
+            weight = 1.0 - ema_decay_at(self.cfg, self.step)
+        if isinstance(weight, Tensor):  # one 0-d weight per tensor: a lone tensor would be read as a number (a sync)
+            weight = [weight] * len(ema_p)
+        torch._foreach_lerp_(ema_p, p, weight)
 
 
 def run_checkpoints(out) -> list[Path]:
@@ -908,13 +880,13 @@ def check_run_folder(out, resume=None, *, flag: str = "out", how: str | None = N
 
 
 def train(cfg: TrainConfig, *, resume=None, hooks: dict | None = None, progress: bool | None = None,
-          allow_partial_resume: bool = False, compile_step: dict | None = None, step_graph: str | None = None):
+          allow_partial_resume: bool = False, compile_step: dict | None = None):
     """Train according to ``cfg`` (resuming from a checkpoint file/folder if given); returns the
     :class:`Trainer` (its ``net``, ``ema`` and ``summary()``). The run folder's lock is held
     until this returns or raises. A fresh run (``resume`` None) refuses an ``out`` folder that
     already holds another run's checkpoints (:func:`check_run_folder`)."""
     check_run_folder(cfg.out, resume)
-    trainer = Trainer(cfg, hooks=hooks, progress=progress, compile_step=compile_step, step_graph=step_graph)
+    trainer = Trainer(cfg, hooks=hooks, progress=progress, compile_step=compile_step)
     try:
         if trainer.rank == 0:  # again under the lock: a run may have finished in between
             check_run_folder(cfg.out, resume)

@@ -29,10 +29,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.presets",  # TrainConfig and the presets (checks model config names)
         "fastmask.values",  # value checks of the config and of every command's flags; path and device helpers
         "fastmask.train",
-        "fastmask.step_graph",  # one training step as one CUDA graph (warm-up, capture, replay)
+        "fastmask.step_graph",  # the trainer's step captured as a CUDA graph (imports only torch)
         "fastmask.data",
         "fastmask.checkpoint_io",
         "fastmask.sampling",
+        "fastmask.flow_sampling",  # flow-matching ODE/SDE samplers (imported lazily by sampling)
         "fastmask.evaluate",
         "fastmask.report",
         "fastmask.vae",

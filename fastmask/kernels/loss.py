@@ -7,6 +7,9 @@ Per sample b (the MaskDiT objective; c_skip, c_out, lambda from sigma inside the
     m_t    = mean_p (D - target)^2                        mae = sum_t drop_t m_t / n_drop
     dL/dF  = c_out * 2/P * (kept_t/n_kept * lambda (D - y) + mae_coef * drop_t/n_drop (D - target))
 
+With FLOW (SiT's velocity objective, fastmask.models.flow): c_skip = 0, c_out = 1, lambda = 1,
+so D = F is the velocity, y the target x1 - x0 and x_noisy the interpolant x_t; sigma is not read.
+
 Token rows are short (P = p*p*C, 16 for SD latents at p = 2), so a program takes a 2-D tile
 of BLOCK_T tokens x BLOCK_P values of one sample (~4K elements) instead of one row. The
 counts n_kept/n_drop come from the sample's mask row (N floats, read by each program of the
@@ -30,7 +33,7 @@ __all__ = ["dsm_mae_loss_fwd"]
 @triton.jit
 def _dsm_mae_fwd_kernel(
     F, XN, Y, SIGMA, MASK, GRAD, PART, N, P, CHUNKS, mae_coef, sigma_data, mae_eps,
-    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, FLOW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // CHUNKS).to(tl.int64)
@@ -43,12 +46,17 @@ def _dsm_mae_fwd_kernel(
     # Scalar args may arrive as fp64 (Inductor): pin everything to fp32.
     sd = tl.full([], sigma_data, tl.float32)
     coef = tl.full([], mae_coef, tl.float32)
-    s = tl.load(SIGMA + b).to(tl.float32)
-    s2 = s * s
-    d2 = sd * sd
-    c_skip = d2 / (s2 + d2)
-    c_out = s * sd / tl.sqrt(s2 + d2)
-    lam = (s2 + d2) / ((s * sd) * (s * sd))
+    if FLOW:
+        c_skip = tl.full([], 0.0, tl.float32)
+        c_out = tl.full([], 1.0, tl.float32)
+        lam = tl.full([], 1.0, tl.float32)
+    else:
+        s = tl.load(SIGMA + b).to(tl.float32)
+        s2 = s * s
+        d2 = sd * sd
+        c_skip = d2 / (s2 + d2)
+        c_out = s * sd / tl.sqrt(s2 + d2)
+        lam = (s2 + d2) / ((s * sd) * (s * sd))
     # ints go through tl.full: a size of 1 arrives as a constexpr (and a Python int when interpreting)
     inv_p = 1.0 / tl.full([], P, tl.float32)
 
@@ -114,7 +122,7 @@ def _tile(P: int) -> tuple[int, int, int]:
     return BLOCK_T, BLOCK_P, num_warps
 
 
-def dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data: float):
+def dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data: float, objective: str = "edm"):
     B, N, P = F_out.shape
     dev = F_out.device
     loss = torch.empty(B, device=dev, dtype=torch.float32)
@@ -129,7 +137,7 @@ def dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data
     _dsm_mae_fwd_kernel[(B * chunks,)](
         F_out, x_noisy, y, sigma, F_out if mask is None else mask, grad, part,
         N, P, chunks, float(mae_coef), float(sigma_data), MAE_EPS,
-        HAS_MASK=mask is not None, BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        HAS_MASK=mask is not None, FLOW=objective == "flow", BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     _dsm_mae_finish_kernel[(B,)](part, loss, terms, chunks, float(mae_coef), num_warps=1)
     return loss, terms, grad

@@ -7,6 +7,7 @@ from typing import Callable
 
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
+from .flow import FlowPrecond
 
 # (depth, hidden_size, num_heads) of the DiT paper.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -95,8 +96,9 @@ register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
 
 
-def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond:
-    """The EDM-preconditioned network a training config describes (``cfg.arch``, ``cfg.model``;
+def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
+    """The wrapped network a training config describes (``cfg.arch``, ``cfg.model``, and
+    ``cfg.objective``: EDMPrecond for ``edm``, FlowPrecond for ``flow``;
     ``cfg.image_size`` and ``cfg.channels`` are checked against the data ``shape`` (C, H, W))."""
     C, H, W = shape
     if H != W:
@@ -108,4 +110,7 @@ def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecon
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"arch: unknown architecture {cfg.arch!r}; expected one of {list(ARCHITECTURES)}")
     build = ARCHITECTURES[cfg.arch].build
-    return EDMPrecond(build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes))
+    net = build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes)
+    if getattr(cfg, "objective", "edm") == "flow":
+        return FlowPrecond(net, t_schedule=getattr(cfg, "t_schedule", "uniform"))
+    return EDMPrecond(net)

@@ -1,4 +1,5 @@
-"""The MaskDiT objective in token space: DSM on kept tokens + MAE on dropped tokens (EDM)."""
+"""The MaskDiT objective in token space: DSM on kept tokens + MAE on dropped tokens (EDM), or
+the flow-matching velocity loss on kept tokens + the same MAE term (``objective="flow"``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -16,7 +17,7 @@ declare(
     "dsm_mae_loss",
     reference=reference.dsm_mae_loss,
     # -> (loss [B], terms [B, 2], dLoss/dF); the backward is a scaling done here, no launcher
-    launchers=("dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)",),
+    launchers=("dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, objective='edm')",),
     category="loss",
     example=lambda e: (f"F [{e.B}, {e.N}, {e.P}]", (e.t(e.B, e.N, e.P),) * 3) if e.part == "output" else None,
 )
@@ -31,15 +32,18 @@ def _loss_fwd(
     mae_coef: float,
     sigma_data: float,
     backend: str,
+    objective: str = "edm",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    if objective == "edm":  # the launchers' original call, unchanged
+        return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, objective)
 
 
 _loss_op = torch.library.custom_op("fastmask::dsm_mae_loss", mutates_args=())(_loss_fwd)
 
 
 @_loss_op.register_fake
-def _(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend):
+def _(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend, objective="edm"):
     B = F_out.shape[0]
     return F_out.new_empty(B, dtype=torch.float32), F_out.new_empty(B, 2, dtype=torch.float32), torch.empty_like(F_out)
 
@@ -54,7 +58,7 @@ def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
     gF = None
     if grad_loss is not None:
         gF = (grad_F * grad_loss.float().view(-1, 1, 1)).to(grad_F.dtype)  # multiply in fp32
-    return gF, None, None, None, None, None, None, None
+    return gF, None, None, None, None, None, None, None, None
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -82,6 +86,7 @@ def dsm_mae_loss(
     *,
     return_terms: bool = False,
     check_values: bool = True,
+    objective: str = "edm",
 ):
     """Per-sample MaskDiT loss [B] (fp32) from the raw network output in token space.
 
@@ -92,8 +97,13 @@ def dsm_mae_loss(
     With ``return_terms=True`` returns ``(loss, dsm, mae)``; only ``loss`` is differentiable.
     ``check_values=False`` skips the NaN/positivity check of sigma (a device sync); use it for
     sigmas the training loop drew itself.
+    ``objective="flow"`` (SiT's velocity objective, :mod:`fastmask.models.flow`): F_out is the
+    velocity v, y the target x1 - x0, x_noisy the interpolant x_t (the MAE target is built from
+    it as in EDM); D = v, unweighted; sigma (the times t) is shape-checked but not read.
     Equivalent PyTorch code: :func:`fastmask.ops.reference.dsm_mae_loss_terms`.
     """
+    if objective not in ("edm", "flow"):
+        raise ValueError(f"objective: expected 'edm' or 'flow', got {objective!r}")
     sig = _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
     compiling = sig is None and torch.compiler.is_compiling()
     backend = dispatch.planned("dsm_mae_loss", sig)
@@ -103,17 +113,17 @@ def dsm_mae_loss(
     if check_values and checks.value_checks_enabled():
         if mask is not None:
             checks.binary_mask("mask", mask)
-        if not bool(torch.isfinite(sigma).all()):
+        if objective == "edm" and not bool(torch.isfinite(sigma).all()):
             raise ValueError("sigma: contains NaN or inf")
-        if bool((sigma <= 0).any()):
+        if objective == "edm" and bool((sigma <= 0).any()):
             raise ValueError("sigma: every noise level must be positive")
     if backend == "torch":
-        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data)
+        dsm, mae = reference.dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data, objective)
         loss = dsm + mae_coef * mae
     else:
         m = None if mask is None else mask.to(torch.float32).contiguous()
         args = (F_out.contiguous(), x_noisy.contiguous(), y.contiguous(), sigma.to(torch.float32).contiguous(), m,
-                float(mae_coef), float(sigma_data), backend)
+                float(mae_coef), float(sigma_data), backend, objective)
         loss, terms, _ = _loss_op(*args) if compiling else _LOSS.apply(*args)
         dsm, mae = terms.unbind(1)
     return (loss, dsm, mae) if return_terms else loss
