@@ -50,6 +50,7 @@ class StepGraphs:
         self._pool = None
         self._said_full = False
         self.counts = {"warmup": 0, "capture": 0, "replay": 0, "eager": 0}
+        self.failed: dict = {}  # key -> why its capture failed (it runs eagerly)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -69,15 +70,30 @@ class StepGraphs:
                 s.copy_(t, non_blocking=True)
         return static
 
+    def _capture(self, fn, static):
+        if self.emulated:
+            return fn  # the "graph" is the recorded function, re-run on the same buffers
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn(**static)
+        self._pool = graph.pool()
+        return graph
+
     def run(self, key, fn: Callable[..., None], inputs: dict[str, Tensor | None]) -> str:
         """Run the step for ``key`` on ``inputs`` (copied into the key's buffers); returns what it
-        did: "warmup", "capture" (captured and replayed), "replay" or "eager"."""
+        did: "warmup", "capture" (captured and replayed), "replay", "eager", or "failed" (the
+        capture raised, e.g. on an op that waits for the host: the key runs eagerly from then on,
+        with the reason in :attr:`failed`, said once)."""
         if key not in self._static and len(self._static) >= self.max_graphs:
             if not self._said_full:
                 self._said_full = True
                 self.say(f"fastmask: step graphs: more than {self.max_graphs} step shapes; the new ones run "
                          "eagerly (no CUDA graph)")
             fn(**inputs)
+            self.counts["eager"] += 1
+            return "eager"
+        if key in self.failed:
+            fn(**self._fill(key, inputs))
             self.counts["eager"] += 1
             return "eager"
         warm = key in self._static
@@ -98,13 +114,16 @@ class StepGraphs:
         what = "replay"
         if graph is None:
             what = "capture"
-            if self.emulated:
-                graph = fn  # the "graph" is the recorded function, re-run on the same buffers
-            else:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    fn(**static)
-                self._pool = graph.pool()
+            try:
+                graph = self._capture(fn, static)
+            except RuntimeError as e:  # e.g. an op that waits for the host: this key stays eager
+                why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                self.failed[key] = f"{type(e).__name__}: {why}"
+                self.say(f"fastmask: step graphs: the step of shape {key!r} could not be captured, it runs "
+                         f"eagerly: {self.failed[key]}")
+                fn(**static)  # a failed capture ran nothing: the step itself, eagerly
+                self.counts["eager"] += 1
+                return "failed"
             self._graphs[key] = graph
             self.counts["capture"] += 1
         if self.emulated:
