@@ -72,6 +72,7 @@ DEFAULT_STAGES = [
     Stage("quick", 100, 45, "pytest -m gpu_quick: every Triton kernel fwd+bwd at DiT-XL/2 shapes"),
     Stage("train", 210, 90, "MaskDiT-XL/2 256 px bf16 training step: 6 headline rows"),
     Stage("ops", 140, 60, "ops fwd/bwd at the headline shape vs copy bandwidth; attention vs SDPA"),
+    Stage("hostcost", 40, 20, "host time per public op call: Triton path vs the same torch expression"),
     Stage("train512", 90, 0, "512 px training rows and other mask ratios"),
     Stage("opgrid", 10_000, 0, "the rest of the op grid"),
 ]
@@ -380,6 +381,27 @@ def stage_bench(r: Runner, name: str, files: list[str], part: str, extra_env: di
     r.finish(st, ", ".join(f"{v} {k}" for k, v in sorted(c.items())) or "no rows")
 
 
+def stage_host_cost(r: Runner) -> None:
+    """benchmarks/host_cost.py on the GPU: the host time of one call of each public op (Triton
+    path) against the same PyTorch expression on CUDA tensors, rows appended as kind host_cost."""
+    cap = r.cap("hostcost")
+    if cap < 10:
+        r.skip("hostcost", f"no time left in the budget ({cap:.0f} s)")
+        return
+    out = r.work / "host_cost" / "host_cost.json"  # not a benchmark JSON of the work folder's top
+    cmd = [sys.executable, "benchmarks/host_cost.py", "--out", str(out)]
+    if r.dry:
+        cmd += ["--calls", "20", "--repeat", "2"]  # the CPU set, tiny: the stage's plumbing only
+    else:
+        cmd += ["--device", "cuda", "--backend", "triton"]
+    st = r.run("hostcost", cmd, env=dict(r.env, FASTMASK_ATTN_AUTOTUNE="0"), cap=cap)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    for row in rows:
+        r.add_row({"kind": "host_cost", "gpu_stage": "hostcost", "status": "ok", **row})
+    worst = max((row["ratio"] for row in rows), default=None)
+    r.finish(st, f"{len(rows)} rows, worst fastmask/torch {worst:.2f}x" if rows else "no rows")
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     if path.exists():
@@ -433,6 +455,8 @@ def merged_document(r: Runner, info: dict | None = None) -> dict:
     for x in rows:
         if x.get("kind") in ("op", "train_step"):
             doc["results"].append(x)
+        elif x.get("kind") == "host_cost":
+            doc.setdefault("host_cost", []).append(x)
         elif x.get("kind") == "ceilings" and not doc["ceilings"]:
             doc["ceilings"] = {k: v for k, v in x.items() if k not in ("kind", "gpu_stage")}
         elif x.get("kind") == "env" and not doc["env"]:
@@ -596,6 +620,8 @@ def main(argv=None) -> int:
             stage_bench(r, "train", ["bench_train_step.py"], "headline", {"FASTMASK_ATTN_AUTOTUNE": "0"})
         elif s.name == "ops":
             stage_bench(r, "ops", ["bench_ops.py"], "headline")
+        elif s.name == "hostcost":
+            stage_host_cost(r)
         elif s.name == "train512":
             stage_bench(r, "train512", ["bench_train_step.py"], "rest")
         elif s.name == "opgrid":

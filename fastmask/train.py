@@ -147,7 +147,7 @@ def step_randomness(
     global_batch: int,
     shape: tuple[int, int, int],
     num_tokens: int,
-    mask_ratio: float,
+    mask_ratio: "float | ops.TokenStrategy",
     label_dropout: float,
     latents: bool,
     device,
@@ -168,9 +168,8 @@ def step_randomness(
     else:
         t = draw_t(B, schedule=t_schedule, generator=g, device=dev)
     noise = torch.randn((B, *shape), generator=g, device=dev)
-    ids_keep = None
-    if mask_ratio > 0:
-        ids_keep, _, _ = ops.random_mask(B, num_tokens, mask_ratio, generator=g, device=dev)
+    tokens = ops.as_strategy(mask_ratio)  # a ratio: MaskDiT's random tokens (or any TokenStrategy)
+    ids_keep = None if tokens.keeps_all(num_tokens) else tokens.draw(B, num_tokens, generator=g, device=dev)
     eps = torch.randn((B, *shape), generator=g, device=dev) if latents else None
     return {"drop": drop, "sigma": sigma, "t": t, "noise": noise, "ids_keep": ids_keep, "eps": eps}
 

@@ -20,8 +20,21 @@ def _load(path: Path, name: str):
 
 
 @pytest.fixture
-def enclosed_copy(tmp_path):
-    """benchmarks/common.py and gpu_script.py copied into a folder inside another git repository."""
+def enclosed_copy(tmp_path, monkeypatch):
+    """benchmarks/common.py and gpu_script.py copied into a folder inside another git repository.
+    The copy's gpu_script puts its folder on sys.path and imports the copy's ``benchmarks``
+    package: both are undone afterwards, so later tests import the real one."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    saved = {m: mod for m, mod in sys.modules.items() if m == "benchmarks" or m.startswith("benchmarks.")}
+    for name in saved:
+        del sys.modules[name]
+    yield _enclosed_copy(tmp_path)
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def _enclosed_copy(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     outer = tmp_path / "outer"

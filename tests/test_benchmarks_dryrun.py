@@ -62,7 +62,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert doc["env"]["probe"]["python_h"] in (True, False) and doc["env"]["commit"]
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
     stages = [(s["name"], s["status"]) for s in doc["stages"]]
-    assert stages == [(n, "ok") for n in ("probe", "quick", "train", "ops", "train512", "opgrid")], (
+    assert stages == [(n, "ok") for n in ("probe", "quick", "train", "ops", "hostcost", "train512", "opgrid")], (
         stages, (out / "log.txt").read_text()[-4000:])
     assert doc["tests"]["quick"]["counts"]["passed"] >= 20 and not doc["tests"]["quick"]["failed"]
     rows = doc["results"]
@@ -95,6 +95,8 @@ def test_gpu_script_dry_run(tmp_path):
     assert all(r["host_issue_ms"] > 0 and r.get("gpu_ms") is None for r in ok), ok
     assert all(set(r["backends"].values()) == {"torch"} and "attention" in r["backends"] for r in ok), ok
     assert doc["summary"]["train"]["masked_speedup"]
+    host = {r["op"] for r in doc["host_cost"]}  # the host-cost stage's rows
+    assert {"gated_residual", "attention", "dsm_mae_loss"} <= host
     md = (out / "summary.md").read_text()
     assert "| quick | ok |" in md and "Training step" in md and "| attention (encoder) |" in md
     assert proc.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the summary is printed last
