@@ -60,8 +60,10 @@ class TrainSetup:
         ids = None
         if self.mask_ratio > 0:
             ids = fastmask.ops.random_mask(B, N, self.mask_ratio, generator=g, device=dev)[0]
-        self._graphs.run("step", self._whole_step,
-                         {"y": self.y, "labels": self.labels, "sigma": sigma, "noise": noise, "ids_keep": ids})
+        what = self._graphs.run("step", self._whole_step,
+                                {"y": self.y, "labels": self.labels, "sigma": sigma, "noise": noise, "ids_keep": ids})
+        if what == "eager":  # a graphed row that fell back would time eager steps under its name
+            raise RuntimeError(f"the step could not be captured in a CUDA graph: {self._graphs.failure('step')}")
         return self._loss
 
     def _whole_step(self, y, labels, sigma, noise, ids_keep) -> None:

@@ -49,8 +49,21 @@ class StepGraphs:
         self._graphs: dict = {}  # key -> CUDAGraph (or the recorded fn when emulated)
         self._pool = None
         self._said_full = False
+        self._failed: dict = {}  # key -> why its capture failed (it then runs eagerly)
         self.counts = {"warmup": 0, "capture": 0, "replay": 0, "eager": 0}
-        self.failed: dict = {}  # key -> why its capture failed (it runs eagerly)
+
+    def _capture(self, fn, static):
+        if self.emulated:
+            return fn  # the "graph" is the recorded function, re-run on the same buffers
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn(**static)
+        self._pool = graph.pool()
+        return graph
+
+    def failure(self, key) -> str | None:
+        """Why capturing ``key``'s step failed (None: it did not)."""
+        return self._failed.get(key)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -70,30 +83,19 @@ class StepGraphs:
                 s.copy_(t, non_blocking=True)
         return static
 
-    def _capture(self, fn, static):
-        if self.emulated:
-            return fn  # the "graph" is the recorded function, re-run on the same buffers
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            fn(**static)
-        self._pool = graph.pool()
-        return graph
-
     def run(self, key, fn: Callable[..., None], inputs: dict[str, Tensor | None]) -> str:
         """Run the step for ``key`` on ``inputs`` (copied into the key's buffers); returns what it
-        did: "warmup", "capture" (captured and replayed), "replay", "eager", or "failed" (the
-        capture raised, e.g. on an op that waits for the host: the key runs eagerly from then on,
-        with the reason in :attr:`failed`, said once)."""
+        did: "warmup", "capture" (captured and replayed), "replay" or "eager"."""
+        if key in self._failed:  # its capture failed once: this shape runs eagerly
+            fn(**self._fill(key, inputs))
+            self.counts["eager"] += 1
+            return "eager"
         if key not in self._static and len(self._static) >= self.max_graphs:
             if not self._said_full:
                 self._said_full = True
                 self.say(f"fastmask: step graphs: more than {self.max_graphs} step shapes; the new ones run "
                          "eagerly (no CUDA graph)")
             fn(**inputs)
-            self.counts["eager"] += 1
-            return "eager"
-        if key in self.failed:
-            fn(**self._fill(key, inputs))
             self.counts["eager"] += 1
             return "eager"
         warm = key in self._static
@@ -116,14 +118,13 @@ class StepGraphs:
             what = "capture"
             try:
                 graph = self._capture(fn, static)
-            except RuntimeError as e:  # e.g. an op that waits for the host: this key stays eager
-                why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-                self.failed[key] = f"{type(e).__name__}: {why}"
-                self.say(f"fastmask: step graphs: the step of shape {key!r} could not be captured, it runs "
-                         f"eagerly: {self.failed[key]}")
-                fn(**static)  # a failed capture ran nothing: the step itself, eagerly
+            except Exception as e:  # a capture never ran the step: run it eagerly, and from now on
+                self._failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
+                self.say(f"fastmask: step graphs: capturing the step for shape {key!r} failed "
+                         f"({self._failed[key]}); that shape runs eagerly")
+                fn(**static)
                 self.counts["eager"] += 1
-                return "failed"
+                return "eager"
             self._graphs[key] = graph
             self.counts["capture"] += 1
         if self.emulated:
