@@ -424,6 +424,10 @@ class Trainer:
         self.net.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"] if ck["ema"] is not None else ck["model"])
         if ck["optimizer"] is not None:
+            # this run's AdamW (fused and capturable on CUDA, plain on the CPU) decides where its
+            # state lives, not the saving run's: a CPU checkpoint resumes on CUDA and back
+            for saved, own in zip(ck["optimizer"]["param_groups"], self.opt.param_groups):
+                saved.update({k: own[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in own})
             try:
                 self.opt.load_state_dict(ck["optimizer"])
             except (ValueError, KeyError, RuntimeError) as e:
@@ -747,7 +751,7 @@ class Trainer:
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
         self._set_hyperparameters(lr, ema_decay_at(cfg, self.step))
         if not self._compiled:  # eager or one CUDA graph: the same function either way
-            inputs = {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": rnd["sigma"][sl],
+            inputs = {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": level[sl],
                       "noise": rnd["noise"][sl], "ids_keep": ids_keep}
             self._in_update = True
             if self._graphs is not None:

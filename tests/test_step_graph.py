@@ -241,3 +241,28 @@ def test_a_device_lr_is_saved_as_its_value(tmp_path):
     groups = load_checkpoint(path)["optimizer"]["param_groups"]
     assert groups[0]["lr"] == pytest.approx(2.5e-4) and isinstance(groups[0]["lr"], float)
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the optimizer's own is untouched
+
+
+def test_resume_uses_this_runs_optimizer_kind(tmp_path):
+    # a checkpoint saved by a fused, capturable AdamW (a CUDA run) resumes exactly on the CPU's
+    # plain AdamW (and the other way): the resuming run's flags decide where the state lives
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cfg = dict(steps=6, finetune_steps=0, ckpt_every=3, keep_checkpoints=5, log_every=3)
+    whole = train(tiny_cfg(tmp_path / "w", **cfg), progress=False)
+    ck = tmp_path / "w" / "checkpoints" / "ckpt-0000003.safetensors"
+    with safe_open(str(ck), "pt") as f:
+        meta = dict(f.metadata())
+    groups = _json.loads(meta["optim_param_groups"])
+    for g in groups:
+        g.update(fused=True, capturable=True)
+    meta["optim_param_groups"] = _json.dumps(groups)
+    moved = tmp_path / "cuda-ckpt" / "ckpt-0000003.safetensors"
+    moved.parent.mkdir()
+    save_file(load_file(str(ck)), str(moved), metadata=meta)
+    resumed = train(tiny_cfg(tmp_path / "r", **cfg), resume=moved, progress=False)
+    assert resumed.opt.param_groups[0]["capturable"] is False
+    _assert_bit_equal(_all_state(whole), _all_state(resumed))
