@@ -92,6 +92,8 @@ _TRITON_ONLY = {
                         "and no benchmark yet shows a CUDA C++ version would be faster",
     "residual_rmsnorm_modulate": "no RMSNorm kernels in csrc/: the Triton norm kernels serve RMSNorm with an RMS "
                                  "switch, and no benchmark yet shows a CUDA C++ version would be faster",
+    "flow_mae_loss": "csrc/loss.cu has the EDM loss only: the flow-matching loss is the Triton kernel's FLOW "
+                     "switch, not yet ported",
     "swiglu": "no SwiGLU kernel in csrc/: a memory-bound elementwise op that the Triton kernel already serves",
 }
 

@@ -67,6 +67,11 @@ class TrainConfig:
     arch: str = _f("maskdit", "maskdit or dit", flag=True, choices=("maskdit", "dit"))
     model: str = _f("Digits/2", "model config (fastmask.models.config_names()): Digits/2, T/2, S/2, B/2, XL/2 ...",
                     flag=True)
+    objective: str = _f("edm", "training objective: edm (MaskDiT's EDM denoising loss) or flow (SiT's flow matching: "
+                        "linear path, velocity target; sampled with an ODE Euler/Heun sampler)", flag=True,
+                        choices=("edm", "flow"))
+    flow_t: str = _f("uniform", "objective=flow: training distribution of t, uniform (SiT) or logit-normal (N(0, 1) "
+                     "logits)", choices=("uniform", "logit-normal"))
     num_classes: int | None = _f(None, "classes (none: from the data set; 0 = unconditional)", lo=0, hi=1_000_000)
     # ---- optimisation
     batch_size: int = _f(128, "global batch size (all ranks together)", flag=True, lo=1, hi=2**20)

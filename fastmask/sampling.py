@@ -81,6 +81,128 @@ def heun_sample(
     return x
 
 
+# --------------------------------------------------------------------------- flow matching
+FLOW_METHODS = ("heun", "euler", "sde")
+
+
+def guided_velocity(net, guidance: float = 1.0, interval: tuple[float, float] | None = None,
+                    channels: int | None = None):
+    """v(x, t [B], labels) with classifier-free guidance ``guidance`` on the first ``channels``
+    channels (None: ``net.guide_channels``, then all). The other channels keep the conditional
+    prediction, as SiT's forward_with_cfg keeps each half's own (it guides channels 0-2 of its
+    4-channel latents). ``interval`` (lo, hi): guide only for lo <= t <= hi (flow time, 1 =
+    data); elsewhere the conditional velocity alone (one network call)."""
+    if channels is None:
+        channels = getattr(net, "guide_channels", None)
+    lo, hi = interval if interval is not None else (0.0, 1.0)
+
+    def velocity(x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        tf = float(t[0])  # the samplers' grids are host values: no device sync
+        if labels is None or guidance == 1.0 or not (lo <= tf <= hi):
+            return net(x, t, labels).float()
+        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels(labels)])).float()
+        cond, uncond = both.chunk(2)
+        g = uncond + guidance * (cond - uncond)
+        if channels is None or channels >= g.shape[1]:
+            return g
+        return torch.cat([g[:, :channels], cond[:, channels:]], 1)
+
+    return velocity
+
+
+@torch.no_grad()
+def flow_sample(
+    net,
+    noise: Tensor,
+    labels: Tensor | None = None,
+    *,
+    steps: int = 50,
+    method: str = "heun",
+    guidance: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    last_step: float = 0.04,
+    generator: torch.Generator | None = None,
+    amp: bool = False,
+) -> Tensor:
+    """Samples of a velocity field v(x, t, labels) (:class:`fastmask.models.FlowPrecond`), from
+    x(0) = ``noise`` (t = 0 noise, t = 1 data, SiT's convention). The state is float32.
+
+    * ``euler`` / ``heun``: the probability-flow ODE dx/dt = v on the fixed grid
+      linspace(0, 1, steps + 1); Euler: ``steps`` network calls, Heun (second order, also on
+      the last interval: v is finite at t = 1): 2 * ``steps``.
+    * ``sde``: Euler-Maruyama of dx = (v + w s) dt + sqrt(2 w) dW with SiT's diffusion
+      coefficient w(t) = 1 - t and score s = (t v - x) / (1 - t), on linspace(0, 1 - last_step,
+      steps), then one drift-only step of ``last_step`` (SiT's "Mean" last step): ``steps``
+      calls. ``generator`` draws the noise (on noise's device).
+    """
+    if method not in FLOW_METHODS:
+        raise ValueError(f"method: expected one of {FLOW_METHODS}, got {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps: expected at least 1, got {steps}")
+    if not 0 < last_step < 1:
+        raise ValueError(f"last_step: expected a value in (0, 1), got {last_step}")
+    vel = guided_velocity(net, guidance, guidance_interval)
+    B = noise.shape[0]
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    x = noise.float()
+    dev = noise.device
+
+    def at(t: float) -> Tensor:
+        return torch.full((B,), t, dtype=torch.float32, device=dev)
+
+    with ctx:
+        if method == "sde":
+            grid = torch.linspace(0, 1 - last_step, steps, dtype=torch.float64).tolist()
+            grid.append(1.0)
+
+            def drift(x, t):
+                v = vel(x, at(t), labels)
+                score = (t * v - x) / (1 - t)
+                return v + (1 - t) * score  # w(t) = 1 - t
+
+            for i in range(len(grid) - 1):
+                t, dt = grid[i], grid[i + 1] - grid[i]
+                if i == len(grid) - 2:  # the drift-only last step
+                    x = x + drift(x, t) * dt
+                else:
+                    z = torch.randn(x.shape, generator=generator, device=dev)
+                    x = x + drift(x, t) * dt + (2 * (1 - t) * dt) ** 0.5 * z
+            return x
+        grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+        for i in range(steps):
+            t, t_next = grid[i], grid[i + 1]
+            h = t_next - t
+            v = vel(x, at(t), labels)
+            x_next = x + h * v
+            if method == "heun":
+                x_next = x + h * 0.5 * (v + vel(x_next, at(t_next), labels))
+            x = x_next
+    return x
+
+
+def is_flow(net) -> bool:
+    """Whether ``net`` is a velocity field (flow matching) rather than an EDM denoiser."""
+    return getattr(net, "objective", "edm") == "flow"
+
+
+def sample_batch(net, noise: Tensor, labels: Tensor | None, *, steps: int, guidance: float = 1.0, amp: bool = False,
+                 flow: dict | None = None) -> Tensor:
+    """One batch with the sampler of ``net``'s objective: EDM Heun for a denoiser, or
+    :func:`flow_sample` (``flow``: its method, guidance_interval, ... ; default Heun) for a flow."""
+    if is_flow(net):
+        return flow_sample(net, noise, labels, steps=steps, guidance=guidance, amp=amp, **(flow or {}))
+    return heun_sample(net, noise, labels, steps=steps, guidance=guidance, amp=amp)
+
+
+def sampler_description(net, steps: int, flow: dict | None = None) -> str:
+    """What :func:`sample_batch` runs, in words (for reports)."""
+    if not is_flow(net):
+        return f"EDM Heun, {steps} steps ({2 * steps - 1} network calls), sigma 80 -> 0.002, rho 7"
+    method = (flow or {}).get("method", "heun")
+    calls = 2 * steps if method == "heun" else steps
+    return f"flow {method}, {steps} steps ({calls} network calls), t 0 -> 1"
+
+
 def sample(
     net,
     labels: Tensor | None,
@@ -93,9 +215,11 @@ def sample(
     batch_size: int = 256,
     device="cpu",
     amp: bool = False,
+    flow: dict | None = None,
 ) -> Tensor:
     """Samples [B, C, H, W] for ``labels`` [B] (or ``num`` unconditional ones), in chunks of
-    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking."""
+    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking.
+    A flow model is sampled by :func:`flow_sample` (``flow``: its settings)."""
     n = labels.shape[0] if labels is not None else num
     if n is None or n < 1:
         raise ValueError("labels: give class labels [B] or a sample count (num)")
@@ -109,7 +233,8 @@ def sample(
         for s in range(0, n, batch_size):
             lab = labels[s : s + batch_size].to(device) if labels is not None else None
             out.append(
-                heun_sample(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp).cpu()
+                sample_batch(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp,
+                             flow=flow).cpu()
             )
     finally:
         if was_training:
@@ -300,6 +425,7 @@ def generate(
     device="cpu",
     amp: bool = False,
     decode=None,
+    flow: dict | None = None,
 ):
     """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
     sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
@@ -308,7 +434,11 @@ def generate(
     for s in range(start, stop, batch_size):
         idx = torch.arange(s, min(s + batch_size, stop))
         lab = labels[idx].to(device) if labels is not None else None
-        x = heun_sample(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp)
+        flow_kw = dict(flow or {})
+        if is_flow(net) and flow_kw.get("method") == "sde":  # the SDE's noise: a function of (seed, first index)
+            flow_kw["generator"] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(idx[0]))
+        x = sample_batch(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp,
+                         flow=flow_kw)
         if decode is not None:
             x = decode(x)
         yield idx, x.cpu()

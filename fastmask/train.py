@@ -64,7 +64,7 @@ from .checkpoint_io import (
 from .data import batch_indices, build_dataset, check_labels, make_sampler
 from .errors import UsageError
 from .latents import check_manifest as check_latent_manifest
-from .models import EDMPrecond, build_model, draw_sigma
+from .models import EDMPrecond, build_model, draw_sigma, draw_t
 from .presets import TrainConfig
 
 
@@ -151,15 +151,22 @@ def step_randomness(
     label_dropout: float,
     latents: bool,
     device,
+    objective: str = "edm",
+    flow_t: str = "uniform",
 ) -> dict[str, Tensor | None]:
     """All random draws of global step ``step``, for the whole global batch, from one generator
     seeded by (seed, step): label-drop flags [B], sigma [B], noise [B, C, H, W] (unit, times
-    sigma later), ids_keep [B, K] (None at ratio 0) and the latent posterior eps (or None)."""
+    sigma later), ids_keep [B, K] (None at ratio 0) and the latent posterior eps (or None).
+    With ``objective="flow"`` the "sigma" entry holds the times t [B] (``flow_t``: their
+    distribution), drawn at the same place in the stream, and noise is x0."""
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed((seed % 2**31) * 2**32 + step)
     B = global_batch
     drop = torch.rand(B, generator=g, device=dev) < label_dropout
-    sigma = draw_sigma(B, generator=g, device=dev)
+    if objective == "flow":
+        sigma = draw_t(B, generator=g, device=dev, dist=flow_t)
+    else:
+        sigma = draw_sigma(B, generator=g, device=dev)
     noise = torch.randn((B, *shape), generator=g, device=dev)
     ids_keep = None
     if mask_ratio > 0:
@@ -701,6 +708,8 @@ class Trainer:
             cfg.label_dropout,
             self.data.kind == "latents",
             dev,
+            cfg.objective,
+            cfg.flow_t,
         )
         per = cfg.batch_size // self.world
         sl = slice(self.rank * per, (self.rank + 1) * per)

@@ -1,15 +1,17 @@
-"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, configs, FLOP count,
+"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, the flow-matching wrapper, configs, FLOP count,
 checkpoint loading."""
 from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
 from .configs import build_model, config_names, dit, maskdit, model_kwargs
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
+from .flow import FlowPrecond, draw_t
 from .flops import count_flops
 
 __all__ = [
     "DDPMDenoiser",
     "DiT",
     "EDMPrecond",
+    "FlowPrecond",
     "MaskDiT",
     "build_model",
     "compile_model",
@@ -17,6 +19,7 @@ __all__ = [
     "count_flops",
     "dit",
     "draw_sigma",
+    "draw_t",
     "edm_coefficients",
     "from_lightningdit",
     "from_published",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
+from .flow import FlowPrecond
 
 # (depth, hidden_size, num_heads) of the DiT paper.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -67,8 +68,9 @@ def dit(name: str = "XL/2", **overrides) -> DiT:
     return DiT(**{**model_kwargs(name, masked=False), **overrides})
 
 
-def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond:
-    """The EDM-preconditioned network a training config describes (``cfg.arch``, ``cfg.model``;
+def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
+    """The network a training config describes, wrapped for its objective (``cfg.objective``: edm
+    -> :class:`EDMPrecond`, flow -> :class:`FlowPrecond` with ``cfg.flow_t``); ``cfg.arch``, ``cfg.model``;
     ``cfg.image_size`` and ``cfg.channels`` are checked against the data ``shape`` (C, H, W))."""
     C, H, W = shape
     if H != W:
@@ -78,4 +80,7 @@ def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecon
     if C != cfg.channels:
         raise ValueError(f"channels: the data have {C} channels but the config says {cfg.channels}")
     build = maskdit if cfg.arch == "maskdit" else dit
-    return EDMPrecond(build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes))
+    net = build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes)
+    if getattr(cfg, "objective", "edm") == "flow":
+        return FlowPrecond(net, t_dist=getattr(cfg, "flow_t", "uniform"))
+    return EDMPrecond(net)

@@ -234,6 +234,47 @@ def dsm_mae_loss(
     return dsm + mae_coef * mae
 
 
+def flow_mae_loss_terms(
+    F_out: torch.Tensor,
+    x_t: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample flow-matching terms (SiT's velocity loss), in token space.
+
+    F_out: the predicted velocity, x_t: the interpolant t x1 + (1 - t) x0, u: the target velocity
+    x1 - x0, all [B, N, P]; mask [B, N] with 1 at dropped tokens (None: nothing dropped).
+    fm = mean over kept tokens of mean_p (F - u)^2; mae = mean over dropped tokens of
+    mean_p (F - normalise(x_t))^2, the per-token normalisation of the MaskDiT MAE target.
+    Returns (fm [B], mae [B]) in fp32.
+    """
+    Fo, xt, uu = _acc(F_out), _acc(x_t), _acc(u)
+    e = ((Fo - uu) ** 2).mean(-1)  # [B, N]
+    if mask is None:
+        return e.mean(-1), torch.zeros_like(e[:, 0])
+    dropped = mask.to(e.dtype)
+    kept = 1.0 - dropped
+    fm = (e * kept).sum(-1) / kept.sum(-1).clamp_min(1.0)
+    mean = xt.mean(-1, keepdim=True)
+    var = xt.var(-1, unbiased=True, keepdim=True)
+    target = (xt - mean) / torch.sqrt(var + MAE_EPS)
+    m = ((Fo - target) ** 2).mean(-1)
+    mae = (m * dropped).sum(-1) / dropped.sum(-1).clamp_min(1.0)
+    return fm, mae
+
+
+def flow_mae_loss(
+    F_out: torch.Tensor,
+    x_t: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mae_coef: float = 0.1,
+) -> torch.Tensor:
+    """Per-sample loss [B]: fm + mae_coef * mae (see :func:`flow_mae_loss_terms`)."""
+    fm, mae = flow_mae_loss_terms(F_out, x_t, u, mask)
+    return fm + mae_coef * mae
+
+
 # ------------------------------------------------------------------ the ``torch`` backend
 # What the dispatcher asks of every backend module (see fastmask.ops.registry): the
 # reference runs on any device and floating dtype, so it never refuses a call.
