@@ -143,7 +143,8 @@ declare(
     # -> (loss [B], terms [B, 2], dLoss/dF): the dsm_mae_loss kernel with its FLOW switch
     launchers=("flow_mae_loss_fwd(F_out, x_t, u, mask, mae_coef)",),
     category="loss",
-    example=None,
+    example=lambda e: (f"F [{e.B}, {e.N}, {e.P}] with --objective flow", (e.t(e.B, e.N, e.P),) * 3)
+    if e.part == "output" else None,
 )
 
 
