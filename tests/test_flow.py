@@ -1,0 +1,252 @@
+"""Flow matching (SiT's objective) beside EDM: the wrapper's loss, its MAE space, the trainer's
+draws, exact resume, and the ODE/SDE samplers with guidance."""
+import json
+
+import pytest
+import torch
+from helpers import randomise
+
+import fastmask
+from fastmask.models import EDMPrecond, FlowPrecond, build_model, dit, draw_t, maskdit, patchify
+from fastmask.ops import checks
+from fastmask.sampling import flow_sample, guided_velocity, sample_batch
+
+
+def tiny_flow(masked=True, **kw):
+    net = (maskdit if masked else dit)("T/2", input_size=8, in_channels=3, num_classes=5)
+    randomise(net, std=0.05, seed=1)
+    return FlowPrecond(net, **kw)
+
+
+def _normalised(x):
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_loss_given_is_sits_velocity_loss_plus_the_mae_of_normalised_x_t(backend, masked):
+    """x_t = t x1 + (1 - t) x0, target x1 - x0, t fed to the network as is; MAE on the dropped
+    tokens against x_t normalised per token; gradients equal the plain torch computation."""
+    torch.manual_seed(0)
+    pre = tiny_flow(masked).eval()  # no random label drop (ids_keep masks in any mode)
+    B, N = 3, pre.model.num_patches
+    y, x0 = torch.randn(B, 3, 8, 8), torch.randn(B, 3, 8, 8)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    labels = torch.tensor([1, 2, 3])
+    ids = torch.stack([torch.randperm(N)[:8] for _ in range(B)]).sort(1).values if masked else None
+    with fastmask.backend(backend):
+        loss, fm, mae = pre.loss_given(y, labels, t, x0, ids, mae_coef=0.1)
+    loss.sum().backward()
+    got = {n: p.grad.clone() for n, p in pre.named_parameters() if p.grad is not None}
+    pre.zero_grad()
+
+    seen = {}
+    fwd = pre.model.forward_tokens
+
+    def spy(x, tt, c, **kw):
+        seen["t"] = tt
+        return fwd(x, tt, c, **kw)
+
+    pre.model.forward_tokens = spy
+    tv = t.view(-1, 1, 1, 1)
+    x_t = tv * y + (1 - tv) * x0
+    with fastmask.backend("torch"):
+        out = pre._network(x_t, t, labels, 0.0, ids, None)
+    del pre.model.forward_tokens
+    assert torch.equal(seen["t"], t)  # no x1000, no log: SiT feeds t itself
+    F, mask = out
+    u, xt = patchify(y - x0, 2), patchify(x_t, 2)
+    e = ((F - u) ** 2).mean(-1)
+    if masked:
+        kept = 1 - mask
+        fm_ref = (e * kept).sum(1) / kept.sum(1)
+        mae_ref = (((F - _normalised(xt)) ** 2).mean(-1) * mask).sum(1) / mask.sum(1)
+    else:
+        fm_ref, mae_ref = e.mean(1), torch.zeros(B)
+    torch.testing.assert_close(fm, fm_ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mae, mae_ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, (fm_ref + 0.1 * mae_ref).detach(), atol=1e-5, rtol=1e-5)
+    (fm_ref + 0.1 * mae_ref).sum().backward()
+    for n, p in pre.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+    assert masked == bool((mae > 0).all())
+
+
+def test_loss_draws_t_noise_mask_in_order_and_matches_loss_given():
+    pre = tiny_flow().train()
+    y = torch.randn(4, 3, 8, 8)
+    g = torch.Generator().manual_seed(5)
+    with fastmask.backend("torch"):
+        loss, fm, mae = pre.loss(y, torch.arange(4), mask_ratio=0.5, generator=g, return_terms=True)
+    g = torch.Generator().manual_seed(5)
+    t = draw_t(4, generator=g)
+    x0 = torch.randn(y.shape, generator=g)
+    ids = fastmask.ops.random_mask(4, pre.model.num_patches, 0.5, generator=g)[0]
+    with fastmask.backend("torch"):
+        again = pre.loss_given(y, torch.arange(4), t, x0, ids)
+    for a, b in zip((loss, fm, mae), again):
+        torch.testing.assert_close(a, b)
+
+
+def test_t_draws_and_checks():
+    t = draw_t(20000, generator=torch.Generator().manual_seed(0))
+    assert 0 <= t.min() and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.01
+    ln = draw_t(20000, generator=torch.Generator().manual_seed(0), dist="logit-normal")
+    z = torch.logit(ln)
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03
+    with pytest.raises(ValueError, match="dist"):
+        draw_t(2, dist="beta")
+    with pytest.raises(ValueError, match="t_dist"):
+        FlowPrecond(dit("T/2", input_size=8, in_channels=3), t_dist="beta")
+    pre = tiny_flow(False)
+    y = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="t: expected times in"):
+        pre.loss_given(y, None, torch.tensor([0.5, 1.5]), y, None)
+    with pytest.raises(ValueError, match="t: expected a scalar"):
+        pre.loss_given(y, None, torch.zeros(3), y, None)
+    with checks.trusted_values():  # the trainer's own draws: no check, no host sync
+        pre.loss_given(y, None, torch.tensor([0.5, 1.5]), y, None)
+
+
+def test_build_model_picks_the_wrapper():
+    from fastmask.presets import TrainConfig
+
+    cfg = TrainConfig(model="T/2", image_size=8, channels=1)
+    assert isinstance(build_model(cfg, (1, 8, 8), 10), EDMPrecond)
+    cfg.objective, cfg.flow_t = "flow", "logit-normal"
+    pre = build_model(cfg, (1, 8, 8), 10)
+    assert isinstance(pre, FlowPrecond) and pre.t_dist == "logit-normal"
+    from fastmask.errors import UsageError
+    from fastmask.presets import check_value
+
+    with pytest.raises(UsageError, match="objective"):
+        check_value("objective", "ddpm")
+
+
+def test_step_randomness_draws_t_where_edm_draws_sigma():
+    from fastmask.train import step_randomness
+
+    e = step_randomness(0, 3, 16, (1, 4, 4), 4, 0.5, 0.1, False, "cpu")
+    f = step_randomness(0, 3, 16, (1, 4, 4), 4, 0.5, 0.1, False, "cpu", "flow")
+    g = torch.Generator().manual_seed(3)
+    torch.rand(16, generator=g)  # the label-drop flags come first
+    assert torch.equal(f["sigma"], torch.rand(16, generator=g))
+    assert torch.equal(e["drop"], f["drop"]) and torch.equal(e["noise"], f["noise"])
+    assert torch.equal(e["ids_keep"], f["ids_keep"]) and not torch.equal(e["sigma"], f["sigma"])
+    ln = step_randomness(0, 3, 16, (1, 4, 4), 4, 0.5, 0.1, False, "cpu", "flow", "logit-normal")
+    assert torch.equal(ln["noise"], f["noise"]) and not torch.equal(ln["sigma"], f["sigma"])
+
+
+# ------------------------------------------------------------------------------ training
+def _cfg(out, **kw):
+    from test_train import tiny_cfg
+
+    return tiny_cfg(out, objective="flow", **kw)
+
+
+@pytest.mark.parametrize("arch", ["maskdit", "dit"])
+def test_flow_training_logs_checkpoints_and_resumes_exactly(tmp_path, arch):
+    from test_train import _all_state, _assert_bit_equal
+
+    from fastmask.checkpoint_io import load_checkpoint
+    from fastmask.train import train
+
+    kw = dict(arch=arch, steps=6, finetune_steps=4, samples_per_class=1, grid_per_class=1, sample_steps=2)
+    if arch == "dit":
+        kw["mask_ratio"] = 0.0
+    full = train(_cfg(tmp_path / "full", **kw), progress=False)
+    assert isinstance(full.net, FlowPrecond)
+    rows = [json.loads(x) for x in open(tmp_path / "full" / "log.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(v == v and v > 0 for v in losses)
+
+    def stop_at_5(trainer, step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "split", **kw), hooks={"after_step": stop_at_5}, progress=False)
+    ck = load_checkpoint(tmp_path / "split")
+    assert ck["step"] == 5 and ck["config"]["objective"] == "flow"
+    resumed = train(_cfg(tmp_path / "split", **kw), resume=tmp_path / "split", progress=False)
+    assert resumed.step == 10
+    _assert_bit_equal(_all_state(full), _all_state(resumed))
+
+    from fastmask.sampling import load_model
+
+    net, info = load_model(tmp_path / "full")
+    assert isinstance(net, FlowPrecond) and info["shape"] == (1, 8, 8)
+    x = sample_batch(net, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), steps=2, guidance=1.5)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_resuming_with_the_other_objective_is_refused(tmp_path):
+    from fastmask.train import train
+
+    def stop_at_3(trainer, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "r", steps=6, finetune_steps=0), hooks={"after_step": stop_at_3}, progress=False)
+    from test_train import tiny_cfg
+
+    with pytest.raises(Exception, match="objective"):
+        train(tiny_cfg(tmp_path / "r", steps=6, finetune_steps=0), resume=tmp_path / "r", progress=False)
+
+
+# ------------------------------------------------------------------------------ samplers
+class _GaussianVelocity(torch.nn.Module):
+    """The exact velocity of the linear path for data N(mu, s^2 I): E[x1 - x0 | x_t = x] =
+    mu + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) (x - t mu); class c shifts mu by c."""
+
+    objective = "flow"
+    guide_channels = None
+
+    def __init__(self, mu=1.5, s=0.5):
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.calls = 0
+
+    def forward(self, x, t, labels=None):
+        self.calls += 1
+        mu = torch.full((x.shape[0],), self.mu) if labels is None else self.mu + labels.clamp_min(0).float()
+        mu, t = mu.view(-1, 1, 1, 1), t.view(-1, 1, 1, 1)
+        s2 = self.s**2
+        return mu + (t * s2 - (1 - t)) / (t * t * s2 + (1 - t) ** 2) * (x - t * mu)
+
+
+@pytest.mark.parametrize("method,steps,tol", [("heun", 20, 0.01), ("euler", 200, 0.02), ("sde", 250, 0.05)])
+def test_samplers_reach_the_data_distribution(method, steps, tol):
+    net = _GaussianVelocity()
+    noise = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = flow_sample(net, noise, steps=steps, method=method, generator=torch.Generator().manual_seed(1))
+    assert abs(x.mean().item() - 1.5) < tol and abs(x.std().item() - 0.5) < tol
+    assert net.calls == (2 * steps if method == "heun" else steps)
+
+
+def test_heun_is_second_order_and_sde_needs_its_score():
+    net = _GaussianVelocity()
+    noise = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    exact = flow_sample(net, noise, steps=400, method="heun")
+    e_euler = (flow_sample(net, noise, steps=10, method="euler") - exact).abs().max()
+    e_heun = (flow_sample(net, noise, steps=10, method="heun") - exact).abs().max()
+    assert e_heun < e_euler / 5
+
+
+def test_guidance_channels_and_interval():
+    net = _GaussianVelocity()
+    x, t, lab = torch.randn(2, 4, 2, 2), torch.full((2,), 0.5), torch.tensor([1, 2])
+    cond, uncond = net(x, t, lab), net(x, t, None)
+    g = guided_velocity(net, 3.0)(x, t, lab)
+    torch.testing.assert_close(g, uncond + 3.0 * (cond - uncond))
+    g3 = guided_velocity(net, 3.0, channels=3)(x, t, lab)  # SiT: channels 0-2 guided, 3 conditional
+    torch.testing.assert_close(g3[:, :3], g[:, :3])
+    torch.testing.assert_close(g3[:, 3:], cond[:, 3:])
+    net.calls = 0
+    out = guided_velocity(net, 3.0, interval=(0.6, 1.0))(x, t, lab)  # t = 0.5: outside, one call
+    torch.testing.assert_close(out, cond)
+    assert net.calls == 1
+    with pytest.raises(ValueError, match="method"):
+        flow_sample(net, x, method="dopri5")
