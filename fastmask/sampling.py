@@ -292,13 +292,15 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     folder), or a published MaskDiT/DiT state dict (``.pt``/``.pth``, via
     :func:`fastmask.models.from_published`). Published MaskDiT checkpoints are EDM models;
     published DiT checkpoints are DDPM eps-prediction models and are wrapped by
-    :class:`DDPMDenoiser` (``parameterization`` overrides: ``edm`` or ``ddpm``).
+    :class:`DDPMDenoiser`; released SiT checkpoints (:func:`fastmask.models.published_objective`)
+    are velocity fields, wrapped by :class:`FlowPrecond` (``parameterization`` overrides:
+    ``edm``, ``ddpm`` or ``flow``).
     Returns ``(net, info)`` with info = {num_classes, shape (C, H, W), kind (pixels|latents), source}.
     """
     from pathlib import Path
 
     from .errors import UsageError
-    from .models import DDPMDenoiser, DiT, EDMPrecond, build_model, from_published
+    from .models import DDPMDenoiser, DiT, EDMPrecond, FlowPrecond, build_model, from_published, published_objective
 
     p = Path(path)
     if p.is_dir() or p.suffix == ".safetensors":
@@ -321,7 +323,8 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
             raise UsageError(f"checkpoint: {str(ck['path'])!r} does not fit the model its config describes: "
                              f"{str(e).splitlines()[0]}") from None
         info = {"num_classes": num_classes, "shape": shape, "kind": extra.get("data_kind", "pixels"),
-                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model"}
+                "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model",
+                "flow": is_flow(net)}
         return net.to(device).eval(), info
     if not p.exists():
         raise ValueError(f"checkpoint: {str(p)!r} does not exist")
@@ -330,13 +333,16 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     obj = load_published_file(p, trust_pickle=trust_pickle)  # released files: tensors + argparse.Namespace
     net = from_published(obj, key=key)
     if parameterization == "auto":
-        parameterization = "ddpm" if isinstance(net, DiT) else "edm"
-    if parameterization not in ("edm", "ddpm"):
-        raise ValueError(f"parameterization: expected auto, edm or ddpm, got {parameterization!r}")
-    den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+        parameterization = published_objective(obj, p) or ("ddpm" if isinstance(net, DiT) else "edm")
+    if parameterization not in ("edm", "ddpm", "flow"):
+        raise ValueError(f"parameterization: expected auto, edm, ddpm or flow, got {parameterization!r}")
+    if parameterization == "flow":  # SiT: t fed as is; its forward_with_cfg guides channels 0-2 of 4
+        den = FlowPrecond(net, guide_channels=3 if net.in_channels == 4 else None)
+    else:
+        den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
     C, s = net.in_channels, net.input_size
     info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
-            "source": str(p), "parameterization": parameterization}
+            "source": str(p), "parameterization": parameterization, "flow": parameterization == "flow"}
     return den.to(device).eval(), info
 
 

@@ -250,3 +250,121 @@ def test_guidance_channels_and_interval():
     assert net.calls == 1
     with pytest.raises(ValueError, match="method"):
         flow_sample(net, x, method="dopri5")
+
+
+# ------------------------------------------------------------------------- released SiT files
+class _PlainSiT(torch.nn.Module):
+    """SiT's published architecture (willisma/SiT models.py, as described in SPEC-ROUTING
+    section 5) in plain torch: DiT's adaLN-Zero network, t in [0, 1] fed to the sinusoidal time
+    embedding as is, a label table with a null row, learn_sigma (2C outputs, the first C
+    returned). Keys and shapes are those of the released files."""
+
+    def __init__(self, size=8, p=2, C=4, D=384, depth=2, heads=6, classes=1000):
+        super().__init__()
+        nn = torch.nn
+        self.p, self.C, self.heads = p, C, heads
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(C, D, p, p)
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embedder = nn.Module()
+        self.y_embedder.embedding_table = nn.Embedding(classes + 1, D)
+        self.pos_embed = nn.Parameter(torch.randn(1, (size // p) ** 2, D) * 0.5, requires_grad=False)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.attn = nn.Module()
+            b.attn.qkv, b.attn.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+            b.mlp = nn.Module()
+            b.mlp.fc1, b.mlp.fc2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+            b.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+            self.blocks.append(b)
+        self.final_layer = nn.Module()
+        self.final_layer.linear = nn.Linear(D, p * p * 2 * C)
+        self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def _ln(self, x, shift, scale):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def forward(self, x, t, y):
+        B, C, H, W = x.shape
+        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(128) / 128)
+        ang = t.float()[:, None] * freqs[None]
+        c = self.t_embedder.mlp(torch.cat([torch.cos(ang), torch.sin(ang)], -1)) + self.y_embedder.embedding_table(y)
+        for b in self.blocks:
+            s1, g1, gate1, s2, g2, gate2 = b.adaLN_modulation(c).chunk(6, 1)
+            a = self._ln(h, s1, g1)
+            N, D = a.shape[1], a.shape[2]
+            q, k, v = b.attn.qkv(a).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            o = torch.softmax(q @ k.transpose(-1, -2) * (D // self.heads) ** -0.5, -1) @ v
+            h = h + gate1[:, None] * b.attn.proj(o.transpose(1, 2).reshape(B, N, D))
+            m = b.mlp.fc2(torch.nn.functional.gelu(b.mlp.fc1(self._ln(h, s2, g2)), approximate="tanh"))
+            h = h + gate2[:, None] * m
+        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, 1)
+        out = self.final_layer.linear(self._ln(h, shift, scale))
+        p, n = self.p, H // self.p
+        out = out.reshape(B, n, n, p, p, 2 * C).permute(0, 5, 1, 3, 2, 4).reshape(B, 2 * C, H, W)
+        return out[:, :C]
+
+    def forward_with_cfg(self, x, t, y, scale):
+        """The published guidance: channels 0-2 guided, channel 3 each half's own."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = eps.chunk(2)
+        g = uncond + scale * (cond - uncond)
+        return torch.cat([torch.cat([g, g]), rest], 1)
+
+
+@pytest.mark.parametrize("layout", ["bare", "train"])
+def test_released_sit_files_load_safely_and_equal_the_published_model(tmp_path, layout):
+    import argparse
+
+    from fastmask.models import from_published, load_published_file, published_objective
+    from fastmask.sampling import load_model
+
+    torch.manual_seed(0)
+    sit = _PlainSiT().eval()
+    for m in sit.modules():  # adaLN-Zero would start at zero: random weights make the test bite
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.05)
+    if layout == "bare":
+        f = tmp_path / "SiT-XL-2-256x256.pt"
+        torch.save(sit.state_dict(), f)
+    else:
+        f = tmp_path / "0100000.pt"
+        raw = _PlainSiT()  # "model" holds other weights: the EMA is the one loaded, as find_model does
+        opt = torch.optim.AdamW(raw.parameters(), lr=1e-4)
+        raw(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([3])).sum().backward()
+        opt.step()
+        args = argparse.Namespace(model="SiT-S/2", path_type="Linear", prediction="velocity", num_classes=1000,
+                                  image_size=64)
+        torch.save({"model": raw.state_dict(), "ema": sit.state_dict(), "opt": opt.state_dict(), "args": args}, f)
+    obj = load_published_file(f)  # weights_only: no trust flag
+    assert published_objective(obj, f) == "flow"
+    net = from_published(obj)
+    assert net.learn_sigma and net.num_classes == 1000
+    den, info = load_model(f)
+    assert isinstance(den, FlowPrecond) and info["flow"] and den.guide_channels == 3
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([0.0, 0.25, 0.7, 1.0]), torch.tensor([0, 7, 999, 3])
+    with torch.no_grad(), fastmask.backend("torch"):
+        want = sit(x, t, y)
+        torch.testing.assert_close(den(x, t, y), want, atol=1e-4, rtol=1e-4)
+        guided = guided_velocity(den, 1.5)(x, t, y)
+        pub = sit.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 1000)]), 1.5)
+        torch.testing.assert_close(guided, pub[:4], atol=1e-4, rtol=1e-4)
+        every = guided_velocity(den, 1.5, channels=4)(x, t, y)  # guiding channel 3 too would differ
+        assert not torch.allclose(every[:, 3], pub[:4, 3], atol=1e-3)
+    if layout == "bare":  # the command line: latents of a SiT file, its preset, its samplers
+        import numpy as np
+
+        from fastmask.cli import main
+
+        out = tmp_path / "s"
+        assert main(["sample", "--checkpoint", str(f), "--labels", "1,2", "--steps", "2", "--sampler", "sde",
+                     "--guidance-interval", "0,0.8", "--out", str(out)]) == 0
+        lat = np.load(out / "latents.npy")
+        assert lat.shape == (2, 4, 8, 8) and np.isfinite(lat).all()
+        assert main(["sample", "--checkpoint", str(f), "--labels", "1", "--preset", "sit256",
+                     "--out", str(tmp_path / "p")]) == 2  # made for 32x32 latents: refused by name

@@ -1,6 +1,14 @@
 """fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, the flow-matching wrapper, configs, FLOP count,
 checkpoint loading."""
-from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
+from .checkpoint import (
+    from_lightningdit,
+    from_published,
+    infer_config,
+    load_published,
+    load_published_file,
+    published_objective,
+    unwrap_state_dict,
+)
 from .configs import build_model, config_names, dit, maskdit, model_kwargs
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
@@ -29,6 +37,7 @@ __all__ = [
     "maskdit",
     "model_kwargs",
     "patchify",
+    "published_objective",
     "unpatchify",
     "unwrap_state_dict",
 ]
