@@ -108,6 +108,17 @@ def test_t_draws_and_checks():
     with checks.trusted_values():  # the trainer's own draws: no check, no host sync
         pre.loss_given(y, None, torch.tensor([0.5, 1.5]), y, None)
 
+    def no_sync(*a, **k):
+        raise AssertionError("loss() read a value it drew itself back to the host")
+
+    uncond = FlowPrecond(maskdit("T/2", input_size=8, in_channels=3, num_classes=0))  # no label check either
+    real = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = no_sync
+    try:
+        uncond.loss(y, None, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.Tensor.__bool__ = real
+
 
 def test_build_model_picks_the_wrapper():
     from fastmask.presets import TrainConfig

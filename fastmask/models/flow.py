@@ -127,8 +127,9 @@ class FlowPrecond(nn.Module):
         ids_keep = None
         if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
             ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
-        loss, fm, mae = self.loss_given(
-            y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False
+        loss, fm, mae = self._loss_given(  # t drawn here: no range check, so no host sync
+            y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
+            check_t=False,
         )
         return (loss, fm, mae) if return_terms else loss
 
@@ -150,12 +151,16 @@ class FlowPrecond(nn.Module):
         without dropping). Computed by the fused op :func:`fastmask.ops.flow_mae_loss`.
         The range check of t syncs with the device; inside ``ops.checks.trusted_values()``
         (the trainer, which drew t itself) it is skipped."""
+        return self._loss_given(y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids,
+                                check_ids=check_ids, check_t=True)
+
+    def _loss_given(self, y, class_labels, t, noise, ids_keep, *, mae_coef, force_drop_ids, check_ids, check_t):
         if y.dim() != 4 or y.shape[0] == 0:
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
-        t = _time(t, y)
+        t = _time(t, y, check=check_t)
         tv = t.view(-1, 1, 1, 1)
         x1, x0 = y.float(), noise.float()
         x_t = tv * x1 + (1 - tv) * x0
@@ -173,13 +178,13 @@ class FlowPrecond(nn.Module):
         )
 
 
-def _time(t, x: Tensor) -> Tensor:
+def _time(t, x: Tensor, check: bool = True) -> Tensor:
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
         raise ValueError(f"t: expected a scalar or shape [{x.shape[0]}], got {tuple(t.shape)}")
-    if checks.value_checks_enabled() and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+    if check and checks.value_checks_enabled() and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
         bad = t[~((t >= 0) & (t <= 1))].flatten()[0].item()  # NaN fails both comparisons
         raise ValueError(f"t: expected times in [0, 1], found {bad}")
     return t
