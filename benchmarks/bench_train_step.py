@@ -7,10 +7,14 @@ Variants (same config, input size and batch within a group):
     maskdit-torch-compile     the same under torch.compile (regional: every block compiled)
     maskdit-fastmask          MaskDiT with the fused kernels (automatic backend)
     maskdit-fastmask-compile  the same under torch.compile
+    maskdit-fastmask-graph    the fused kernels, the whole step one CUDA graph (the trainer's
+                              helper fastmask.step_graph; CPU dry run: its emulation)
+    maskdit-torch-graph       the reference ops, one CUDA graph
 Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add other ratios
 (0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
 
-Each row: step time (median, 20/80 % quantiles), images/s, peak memory, model FLOPs per step
+Each row: step time (median, 20/80 % quantiles), images/s, host-issue ms and GPU ms per step
+(torch.profiler over 3 steps: CPU self time vs summed kernel time), peak memory, model FLOPs per step
 (``fastmask.models.count_flops``: 3x the forward's matmul + attention FLOPs) and MFU
 against the bf16 matmul rate measured in the same session. On the CPU the headline is the
 masked (0.5) vs unmasked (0.0) step-time ratio of a small MaskDiT (reference backend).
@@ -35,6 +39,7 @@ class Variant:
     model: str  # maskdit | dit
     backend: str  # torch | auto
     compile: str | None  # None | blocks | model
+    graph: bool = False  # the whole step as one CUDA graph
 
 
 VARIANTS = {
@@ -47,6 +52,8 @@ VARIANTS = {
         Variant("maskdit-fastmask", "maskdit", "auto", None),
         Variant("maskdit-fastmask-compile", "maskdit", "auto", "blocks"),
         Variant("dit-fastmask", "dit", "auto", None),
+        Variant("maskdit-fastmask-graph", "maskdit", "auto", None, graph=True),
+        Variant("maskdit-torch-graph", "maskdit", "torch", None, graph=True),
     )
 }
 MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
@@ -54,8 +61,8 @@ MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask
 # what fastmask does, the two baselines of the targets (DiT-XL/2 eager, MaskDiT compiled),
 # then the rest of the comparison. Compiled rows of the first setting come before any row of
 # a larger one.
-HEADLINE = ("maskdit-fastmask", "dit-torch", "maskdit-fastmask-compile", "maskdit-torch-compile",
-            "maskdit-torch", "dit-torch-compile")
+HEADLINE = ("maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
+            "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +125,7 @@ class StepCase:
             "model": v.model,
             "backend": v.backend,
             "compile": v.compile,
+            "cuda_graph": v.graph,
             "config": s.config,
             "input_size": s.input_size,
             "res": s.input_size * 8,
@@ -163,6 +171,12 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         pytest.skip(common.compile_allowed())
     if v.backend == "auto" and not common.on_gpu():
         pytest.skip("no GPU: the automatic backend runs the torch reference here (the *-torch rows)")
+    if v.graph and not common.on_gpu():
+        if common.size_set() != "dry":
+            pytest.skip("no GPU: CUDA graphs need CUDA")
+        from fastmask import step_graph  # the dry run takes the graph rows' path in the CPU emulation
+
+        step_graph.CPU_EMULATION = True
     scope = os.environ.get("FASTMASK_BENCH_COMPILE_SCOPE", "blocks") if v.compile else None
     torch._dynamo.reset()
     _free()
@@ -172,7 +186,7 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
     try:
         ts = build_training(
             s.config, model=v.model, mask_ratio=case.mask_ratio, backend=v.backend, device=common.device(),
-            compile=scope, **s.shape_kwargs(),
+            compile=scope, graph=v.graph, **s.shape_kwargs(),
         )
         params = sum(p.numel() for p in ts.model.parameters())
         flops = ts.flops()
@@ -185,6 +199,10 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
             timed = common.RoundTimer(ts.step)
             benchmark.pedantic(timed, rounds=s.steps, iterations=1, warmup_rounds=0)
         stats = common.summarize(timed.times_ms())
+        try:
+            prof = common.profile_step_ms(ts.step, steps=3)
+        except Exception as e:  # the profiler must not lose the row
+            prof = {"host_issue_ms": None, "gpu_ms": None, "profile_error": f"{type(e).__name__}: {str(e)[:200]}"}
         timed = None  # it holds ts.step, hence the model: let the finally free it
         peak = torch.cuda.max_memory_allocated() / 2**30 if common.on_gpu() else None
     except torch.cuda.OutOfMemoryError as e:
@@ -202,6 +220,7 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         params=params,
         warmup_s=warmup_s,
         images_per_s=s.batch / step_s,
+        **prof,
         peak_mem_gib=peak,
         flops=flops["train_step"],
         tflops=tflops,

@@ -139,6 +139,13 @@ def configure_torch() -> None:
 
 # ----------------------------------------------------------------------------- environment
 def git_commit() -> dict:
+    """The commit measured: ``FASTMASK_COMMIT`` when set (the GPU script sets it from its
+    ``--commit``), else git's HEAD, but only where this source tree is itself the root of a git
+    checkout: a copy of the tree inside another repository must not record that one's HEAD."""
+    given = os.environ.get("FASTMASK_COMMIT", "").strip()
+    if given:
+        return {"commit": given, "dirty": None}
+
     def git(*args):
         try:
             r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -146,6 +153,9 @@ def git_commit() -> dict:
         except Exception:
             return None
 
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != ROOT.resolve():
+        return {"commit": "unknown", "dirty": None}
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha or "uncommitted", "dirty": bool(status) if status is not None else None}
@@ -255,6 +265,27 @@ def backends_field(got: dict) -> dict:
 def sync() -> None:
     if on_gpu():
         torch.cuda.synchronize()
+
+
+def profile_step_ms(fn: Callable[[], object], steps: int = 3) -> dict:
+    """torch.profiler over ``steps`` calls of ``fn``: ``host_issue_ms``, the CPU self time of all
+    ops and runtime calls per step (waits in a device synchronize excluded), and ``gpu_ms``, the
+    summed CUDA kernel time per step (None on the CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    events = prof.key_averages()
+    host = sum(e.self_cpu_time_total for e in events if "Synchronize" not in e.key)
+    gpu = None
+    if on_gpu():
+        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type == DeviceType.CUDA)
+        gpu = gpu / 1e3 / steps
+    return {"host_issue_ms": host / 1e3 / steps, "gpu_ms": gpu}
 
 
 class RoundTimer:

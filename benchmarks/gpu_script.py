@@ -292,18 +292,12 @@ def stage_probe(r: Runner, commit: str | None) -> dict:
 
 
 def _git_commit() -> str:
-    sha = os.environ.get("FASTMASK_COMMIT", "").strip()
-    if sha:
-        return sha
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except Exception:
-        pass
-    return "unknown"
+    """``FASTMASK_COMMIT``, else this tree's own git HEAD (never an enclosing repository's: see
+    benchmarks/common.git_commit, the one rule every stage's rows follow)."""
+    from benchmarks import common
+
+    c = common.git_commit()
+    return c["commit"] + ("-dirty" if c.get("dirty") else "")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -559,6 +553,8 @@ def main(argv=None) -> int:
     if out == work or work in out.parents or out in work.parents:
         ap.error("--work must lie outside OUTDIR (OUTDIR gets at most 4 files)")
     r = Runner(out, work, stages, args.budget or default_budget, args.dry_run, args.pack_every)
+    # one commit for the whole run: the probe and every stage's rows record the one given
+    r.env["FASTMASK_COMMIT"] = args.commit or _git_commit()
 
     def on_signal(signum, frame):  # SIGTERM / SIGINT: stop the stage, keep what is there
         r.say(f"signal {signum}: stopping")
@@ -583,7 +579,7 @@ def main(argv=None) -> int:
             r.skip(s.name, "not selected")
             continue
         if s.name == "probe":
-            info = stage_probe(r, args.commit)
+            info = stage_probe(r, r.env["FASTMASK_COMMIT"])
             if not args.dry_run and not info.get("gpu"):
                 r.say("   WARNING: torch sees no GPU here; the stages run their CPU sets")
         elif s.name == "quick":

@@ -234,13 +234,13 @@ void gather_tokens_fwd(const at::Tensor& out, const at::Tensor& x, const at::Ten
   check(x, op, "x", x, {B, N, D}, std::nullopt);
   check(ids, op, "ids_keep", x, {B, K}, at::kLong);
   check(out, op, "out", x, {B, K, D}, x.scalar_type());
-  if (pos.has_value()) check(*pos, op, "pos", x, {N, D}, x.scalar_type());
+  if (pos.has_value()) check(*pos, op, "pos", x, {N, D}, at::kFloat);  // fp32: the add rounds once
   if (out.numel() == 0) return;
   const DeviceScope scope(x);
   const cudaStream_t stream = scope.stream();
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* p = ptr<T>(pos);
+    const float* p = ptr<float>(pos);
     const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x.data_ptr(), p});
     check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
                    return fm::gather_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x), ptr<int64_t>(ids), p, B, N, K, D,
@@ -288,7 +288,7 @@ void unmask_tokens_fwd(const at::Tensor& out, const at::Tensor& x_vis, const at:
   check(ids, op, "ids_keep", x_vis, {B, K}, at::kLong);
   check(mask_token, op, "mask_token", x_vis, {D}, x_vis.scalar_type());
   check(out, op, "out", x_vis, {B, N, D}, x_vis.scalar_type());
-  if (pos.has_value()) check(*pos, op, "pos", x_vis, {N, D}, x_vis.scalar_type());
+  if (pos.has_value()) check(*pos, op, "pos", x_vis, {N, D}, at::kFloat);  // fp32: the add rounds once
   TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
   if (out.numel() == 0) return;
   const DeviceScope scope(x_vis);
@@ -296,7 +296,7 @@ void unmask_tokens_fwd(const at::Tensor& out, const at::Tensor& x_vis, const at:
   const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
   dispatch_float(x_vis.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* p = ptr<T>(pos);
+    const float* p = ptr<float>(pos);
     const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x_vis.data_ptr(), mask_token.data_ptr(), p});
     check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
                    return fm::unmask_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x_vis), ptr<int32_t>(inv),

@@ -81,8 +81,8 @@ inline int64_t token_bwd_splits(int64_t B, int64_t N, int64_t chunks, int sm_cou
 cudaError_t inverse_ids(int32_t* inv, const int64_t* ids, int64_t B, int64_t N, int64_t K, cudaStream_t stream);
 
 template <typename T, int VEC>
-cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const T* pos, int64_t B, int64_t N, int64_t K,
-                              int64_t D, cudaStream_t stream);
+cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const float* pos, int64_t B, int64_t N,
+                              int64_t K, int64_t D, cudaStream_t stream);
 
 // grad_x [B, N, D] fully written; pos_partial [splits, N, D] fp32 (or null).
 template <typename T, int VEC>
@@ -90,8 +90,8 @@ cudaError_t gather_tokens_bwd(T* grad_x, float* pos_partial, const T* grad_out, 
                               int64_t N, int64_t K, int64_t D, int64_t splits, cudaStream_t stream);
 
 template <typename T, int VEC>
-cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const T* pos, int64_t B,
-                              int64_t N, int64_t K, int64_t D, cudaStream_t stream);
+cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const float* pos,
+                              int64_t B, int64_t N, int64_t K, int64_t D, cudaStream_t stream);
 
 // grad_x_vis [B, K, D] fully written (zeros at ids outside [0, N) or repeated); mask_partial
 // [splits, N, D] fp32; pos_partial [splits, N, D] fp32 (or null).

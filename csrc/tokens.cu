@@ -40,10 +40,11 @@ __device__ __forceinline__ RowLoop row_loop(int tpr, int rpb) {
           static_cast<int64_t>(gridDim.x) * rpb};
 }
 
-// Chunk c of a token row, plus chunk c of its position embedding row p when there is one.
+// Chunk c of a token row, plus chunk c of its position embedding row p (fp32) when there is
+// one: the sum is taken in fp32 and rounded once, when stored (as the reference's add_pos).
 template <int VEC, typename T>
-__device__ __forceinline__ void load_row_chunk(float (&v)[VEC], const T* __restrict__ src, const T* __restrict__ p,
-                                               int64_t c) {
+__device__ __forceinline__ void load_row_chunk(float (&v)[VEC], const T* __restrict__ src,
+                                               const float* __restrict__ p, int64_t c) {
   load<VEC>(v, src + c * VEC);
   if (p != nullptr) {
     float q[VEC];
@@ -65,12 +66,13 @@ __device__ __forceinline__ SplitRow split_row(int64_t row, int64_t B, int64_t N,
   return {row - s * N, b0, b0 + per_split < B ? b0 + per_split : B};
 }
 
-// out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]]): the add rounds once, in T, like the
-// reference (pos arrives already converted to T). An id outside [0, N) (the caller skipped
-// the id check) reads nothing and gives a row of zeros.
+// out[b, k] = x[b, ids[b, k]] (+ pos[ids[b, k]]): pos is fp32 and the sum rounds once, to T,
+// like the reference. An id outside [0, N) (the caller skipped the id check) reads nothing and
+// gives a row of zeros.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) gather_fwd_kernel(T* __restrict__ out, const T* __restrict__ x,
-                                                         const int64_t* __restrict__ ids, const T* __restrict__ pos,
+                                                         const int64_t* __restrict__ ids,
+                                                         const float* __restrict__ pos,
                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr, int rpb) {
   const int64_t chunks = D / VEC;
   const RowLoop rl = row_loop(tpr, rpb);
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(256) gather_fwd_kernel(T* __restrict__ out, co
     const int64_t n = ids[row];
     const bool ok = 0 <= n && n < N;
     const T* src = x + (b * N + (ok ? n : 0)) * D;
-    const T* p = pos == nullptr ? nullptr : pos + (ok ? n : 0) * D;
+    const float* p = pos == nullptr ? nullptr : pos + (ok ? n : 0) * D;
     T* dst = out + row * D;
     for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float v[VEC];
@@ -126,7 +128,8 @@ __global__ void __launch_bounds__(256) gather_bwd_kernel(T* __restrict__ grad_x,
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) unmask_fwd_kernel(T* __restrict__ out, const T* __restrict__ x_vis,
                                                          const int32_t* __restrict__ inv,
-                                                         const T* __restrict__ mask_token, const T* __restrict__ pos,
+                                                         const T* __restrict__ mask_token,
+                                                         const float* __restrict__ pos,
                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr,
                                                          int rpb) {
   const int64_t chunks = D / VEC;
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(256) unmask_fwd_kernel(T* __restrict__ out, co
     const int64_t n = row - b * N;
     const int32_t j = inv[row];
     const T* src = j >= 0 ? x_vis + (b * K + j) * D : mask_token;
-    const T* p = pos == nullptr ? nullptr : pos + n * D;
+    const float* p = pos == nullptr ? nullptr : pos + n * D;
     T* dst = out + row * D;
     for (int64_t c = rl.lane; c < chunks; c += tpr) {
       float v[VEC];
@@ -258,8 +261,8 @@ cudaError_t inverse_ids(int32_t* inv, const int64_t* ids, int64_t B, int64_t N, 
 }
 
 template <typename T, int VEC>
-cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const T* pos, int64_t B, int64_t N, int64_t K,
-                              int64_t D, cudaStream_t stream) {
+cudaError_t gather_tokens_fwd(T* out, const T* x, const int64_t* ids, const float* pos, int64_t B, int64_t N,
+                              int64_t K, int64_t D, cudaStream_t stream) {
   const TokenGrid g = token_grid(D / VEC);
   FASTMASK_LAUNCH(grid_for(B * K, g.rows_per_block), g.threads, stream, gather_fwd_kernel<T, VEC>)(
       out, x, ids, pos, B, N, K, D, g.tpr, g.rows_per_block);
@@ -276,8 +279,8 @@ cudaError_t gather_tokens_bwd(T* grad_x, float* pos_partial, const T* grad_out, 
 }
 
 template <typename T, int VEC>
-cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const T* pos, int64_t B,
-                              int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
+cudaError_t unmask_tokens_fwd(T* out, const T* x_vis, const int32_t* inv, const T* mask_token, const float* pos,
+                              int64_t B, int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
   const TokenGrid g = token_grid(D / VEC);
   FASTMASK_LAUNCH(grid_for(B * N, g.rows_per_block), g.threads, stream, unmask_fwd_kernel<T, VEC>)(
       out, x_vis, inv, mask_token, pos, B, N, K, D, g.tpr, g.rows_per_block);
@@ -307,11 +310,11 @@ cudaError_t reduce_middle(TOut* out, const float* in, int64_t G, int64_t J, int6
 }
 
 #define FASTMASK_TOKENS(T, VEC)                                                                                    \
-  template cudaError_t gather_tokens_fwd<T, VEC>(T*, const T*, const int64_t*, const T*, int64_t, int64_t, int64_t, \
-                                                 int64_t, cudaStream_t);                                           \
+  template cudaError_t gather_tokens_fwd<T, VEC>(T*, const T*, const int64_t*, const float*, int64_t, int64_t,     \
+                                                 int64_t, int64_t, cudaStream_t);                                  \
   template cudaError_t gather_tokens_bwd<T, VEC>(T*, float*, const T*, const int32_t*, int64_t, int64_t, int64_t,   \
                                                  int64_t, int64_t, cudaStream_t);                                  \
-  template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const T*, int64_t,         \
+  template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const float*, int64_t,     \
                                                  int64_t, int64_t, int64_t, cudaStream_t);                         \
   template cudaError_t unmask_tokens_bwd<T, VEC>(T*, float*, float*, const T*, const int64_t*, const int32_t*,      \
                                                  int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t);

@@ -205,7 +205,9 @@ def _optim_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
         for name, v in st.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"optim.{idx}.{name}"] = t.detach().cpu().contiguous()
-    return tensors, sd["param_groups"]
+    groups = [{k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in g.items()}
+              for g in sd["param_groups"]]  # a device-tensor lr (a CUDA-graphed step) is saved as a number
+    return tensors, groups
 
 
 def _optim_from_tensors(tensors: dict[str, torch.Tensor], groups: list) -> dict:

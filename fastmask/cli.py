@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
-from .presets import arg_type, make_out_dir
+from .values import arg_type, make_out_dir
 
 
 # --------------------------------------------------------------------------- train

@@ -164,13 +164,14 @@ def build_jit(verbose: bool = False, archs=None) -> ModuleType:
 
 # ------------------------------------------------------------------------------ helpers
 def _f32(v: Tensor) -> Tensor:
-    """A small per-sample vector as contiguous, 16-byte aligned fp32 (vector loads)."""
+    """A small per-sample vector or the position table as contiguous, 16-byte aligned fp32
+    (vector loads; pos is added in fp32 and the sum rounded once)."""
     v = v.to(torch.float32).contiguous()
     return v if v.data_ptr() % 16 == 0 else v.clone()
 
 
 def _as(t: Tensor | None, like: Tensor) -> Tensor | None:
-    """t in like's dtype, contiguous (pos, mask token: the reference adds them in that dtype)."""
+    """t in like's dtype, contiguous (the mask token: the reference casts it to x_vis's dtype)."""
     if t is None:
         return None
     t = t.to(like.dtype).contiguous()
@@ -189,7 +190,7 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
 def gather_tokens_fwd(x: Tensor, ids_keep: Tensor, pos: Tensor | None) -> Tensor:
     B, N, D = x.shape
     out = torch.empty(B, ids_keep.shape[1], D, device=x.device, dtype=x.dtype)
-    _C().gather_tokens_fwd(out, x, ids_keep, _as(None if pos is None else pos.reshape(N, D), x))
+    _C().gather_tokens_fwd(out, x, ids_keep, None if pos is None else _f32(pos.reshape(N, D)))
     return out
 
 
@@ -207,7 +208,7 @@ def unmask_tokens_fwd(
     B, K, D = x_vis.shape
     out = torch.empty(B, num_tokens, D, device=x_vis.device, dtype=x_vis.dtype)
     pos = None if pos is None else pos.reshape(num_tokens, D)
-    _C().unmask_tokens_fwd(out, x_vis, ids_keep, _as(mask_token.reshape(D), x_vis), _as(pos, x_vis))
+    _C().unmask_tokens_fwd(out, x_vis, ids_keep, _as(mask_token.reshape(D), x_vis), None if pos is None else _f32(pos))
     return out
 
 

@@ -226,7 +226,8 @@ def plot_loss_curve(log_path, png_path, title: str = "training loss") -> None:
 # --------------------------------------------------------------------------- fastmask eval
 def add_arguments(e) -> None:
     """Options of ``fastmask eval``."""
-    from .presets import arg_type, field_check
+    from .presets import field_check
+    from .values import arg_type
     from .sampling import add_loading_arguments
 
     e.description = (
@@ -249,7 +250,8 @@ def run(args) -> int:
     from .checkpoint_io import atomic_write_json, load_checkpoint, resolve
     from .data import DigitsDataset
     from .errors import UsageError
-    from .presets import TrainConfig, make_out_dir, resolve_device
+    from .presets import TrainConfig
+    from .values import make_out_dir, resolve_device
     from .sampling import load_model
 
     if not os.path.exists(args.checkpoint):

@@ -327,7 +327,8 @@ def compute(
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
-    from .presets import DEVICE, MAX_SAMPLES, Check, arg_type, field_check
+    from .presets import field_check
+    from .values import DEVICE, MAX_SAMPLES, Check, arg_type
 
     parser.add_argument("--samples", required=True, metavar="PATH",
                         help="generated images: a folder, or an .npz with arr_0 uint8 [N, H, W, 3]")
@@ -351,7 +352,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .presets import check_out_file, resolve_device
+    from .values import check_out_file, resolve_device
 
     resolve_device(args.device)  # the flags first: a bad one fails before any image is read
     check_out_file(args.out, "--out")

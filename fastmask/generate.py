@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .presets import MAX_SAMPLES, check_out_file, make_out_dir, resolve_device
+from .values import MAX_SAMPLES, check_out_file, make_out_dir, resolve_device
 
 FID_SAMPLES = 50_000
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_PER_CLASS = 18, 1.5, 8
@@ -61,7 +61,8 @@ def presets_help() -> str:
 
 def add_arguments(parser) -> None:
     """The flags of ``fastmask sample``."""
-    from .presets import COUNT, arg_type, field_check
+    from .presets import field_check
+    from .values import COUNT, arg_type
     from .sampling import add_loading_arguments
 
     parser.description = (

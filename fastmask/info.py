@@ -26,7 +26,8 @@ _BACKEND_ROLE = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .presets import RATIO, arg_type, field_check
+    from .presets import field_check
+    from .values import RATIO, arg_type
 
     p.add_argument("--model", default="XL/2", type=arg_type(field_check("model"), "model"),
                    help="MaskDiT config whose op shapes are checked (default XL/2)")

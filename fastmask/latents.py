@@ -420,7 +420,8 @@ def check_manifest(cfg) -> dict | None:
 
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
-    from .presets import COUNT, DEVICE, Check, arg_type, field_check
+    from .presets import field_check
+    from .values import COUNT, DEVICE, Check, arg_type
 
     parser.add_argument("--images", required=True, metavar="DIR",
                         help="image folder: one sub-folder per class (ImageNet layout), or flat with --labels")
@@ -455,7 +456,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .presets import make_out_dir, resolve_device
+    from .values import make_out_dir, resolve_device
 
     resolve_device(args.device)  # before the (slow) VAE load: a bad --device or --out fails at once
     make_out_dir(args.out)

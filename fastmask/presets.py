@@ -64,7 +64,7 @@ class TrainConfig:
                    hi=1024)
     latent_scale: float = _f(0.18215, "z = latent_scale * (mean + exp(logvar / 2) * eps)", lo=0.0, lo_open=True)
     # ---- model
-    arch: str = _f("maskdit", "maskdit or dit", flag=True, choices=("maskdit", "dit"))
+    arch: str = _f("maskdit", "model family, one of fastmask.models.ARCHITECTURES (maskdit, dit, ...)", flag=True)
     model: str = _f("Digits/2", "model config (fastmask.models.config_names()): Digits/2, T/2, S/2, B/2, XL/2 ...",
                     flag=True)
     objective: str = _f("edm", "training objective: edm (MaskDiT's EDM denoising loss) or flow (SiT's flow matching: "
@@ -86,6 +86,8 @@ class TrainConfig:
     label_dropout: float = _f(0.1, "probability that a label is replaced by -1 (no label) for guidance", lo=0.0, hi=1.0)
     mae_coef: float = _f(0.1, "weight of the MAE term on dropped tokens", lo=0.0)
     amp: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
+    cuda_graph: bool = _f(True, "on CUDA, run each training step as one captured CUDA graph (forward, backward, "
+                          "AdamW, EMA), replayed per step; false: eager. Off with several ranks or a compiled step")
     # ---- phase 1: masked training
     steps: int | None = _f(2000, "total step count of the masked phase; a resumed run continues to it (none: until "
                            "--minutes runs out)", flag=True, lo=0)
@@ -140,8 +142,11 @@ class TrainConfig:
         if self.data == "digits" and self.data_path is not None:
             raise UsageError(f"data_path: the built-in digits need no --data-path (got {self.data_path!r}); "
                              "set --data latents or --data folder to train on it")
-        if self.arch == "dit" and (self.mask_ratio > 0 or (self.mask_ratio_end or 0) > 0):
-            raise UsageError("mask_ratio: a plain DiT (arch='dit') cannot drop tokens; set mask_ratio=0")
+        from .models import ARCHITECTURES
+
+        masks = self.arch not in ARCHITECTURES or ARCHITECTURES[self.arch].masks
+        if not masks and (self.mask_ratio > 0 or (self.mask_ratio_end or 0) > 0):
+            raise UsageError(f"mask_ratio: {self.arch} (arch={self.arch!r}) runs every token; set mask_ratio=0")
         if self.steps is None and self.minutes is None:
             raise UsageError("steps: give a step count or a time budget (minutes)")
 
@@ -168,6 +173,10 @@ def _check_of(name: str) -> Check:
         from .models import config_names
 
         check["choices"] = tuple(config_names())
+    if name == "arch":  # the registered model families (fastmask.models.ARCHITECTURES)
+        from .models import ARCHITECTURES
+
+        check["choices"] = tuple(ARCHITECTURES)
     return Check(type=base, optional=type(None) in args, **check)
 
 

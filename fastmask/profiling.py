@@ -157,7 +157,8 @@ def categorize(events, on_gpu: bool, detail: dict | None = None) -> dict[str, fl
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``fastmask profile``."""
-    from .presets import COUNT, DEVICE, RATIO, Check, arg_type, field_check
+    from .presets import field_check
+    from .values import COUNT, DEVICE, RATIO, Check, arg_type
 
     count, ratio = arg_type(COUNT, "count"), arg_type(RATIO, "ratio")
     parser.add_argument("--config", default="XL/2", help="model config: XL/2, L/2, B/2, S/2, Digits/2, T/2 ... (default XL/2)")
@@ -208,7 +209,7 @@ def _sync(dev):
 
 def run(args: argparse.Namespace) -> int:
     """``fastmask profile``: profile, print the per-kind table (and write --trace / --json); 0."""
-    from .presets import check_out_file
+    from .values import check_out_file
 
     check_out_file(args.trace, "--trace")  # before profiling: a bad path fails at once
     check_out_file(args.json, "--json")
@@ -250,7 +251,7 @@ def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp:
 
 def profile(args: argparse.Namespace) -> dict:
     """Profile ``args.steps`` training steps; print the per-kind table; return it as a dict."""
-    from .presets import resolve_device
+    from .values import resolve_device
 
     dev = resolve_device(args.device or "auto")
     on_gpu = dev.type == "cuda"

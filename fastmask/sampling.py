@@ -350,7 +350,8 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
 def add_loading_arguments(p, what: str, *, guidance: float | None = 1.5, steps: int | None = 18, seed: int = 0) -> None:
     """--checkpoint, --weights, --device and the sampler's --guidance, --steps and --seed, shared by
     ``fastmask sample`` and ``fastmask eval`` (``None``: the run's config)."""
-    from .presets import DEVICE, arg_type, field_check
+    from .presets import field_check
+    from .values import DEVICE, arg_type
 
     run = "the run's config"
     p.add_argument("--checkpoint", required=True, help=what)

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from . import ops
+from . import ops, step_graph
 from .checkpoint_io import (
     LATEST,
     TMP_SUFFIX,
@@ -184,7 +184,8 @@ class _LossModule(nn.Module):
 
     def forward(self, y, labels, drop, sigma, noise, ids_keep):
         return self.precond.loss_given(
-            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False
+            y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False,
+            check_sigma=False,
         )
 
 
@@ -285,8 +286,14 @@ class Trainer:
         if hasattr(self.net.model, "class_dropout_prob"):
             self.net.model.class_dropout_prob = cfg.label_dropout
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        cuda = self.device.type == "cuda"
+        # On CUDA the lr and the EMA weight are device tensors, set before each step outside the
+        # step's work, and AdamW is fused and capturable: the step can be one CUDA graph.
+        self._lr_t = torch.full((), float(cfg.lr), device=self.device) if cuda else None
+        self._ema_w = torch.zeros((), device=self.device) if cuda else None
         self.opt = torch.optim.AdamW(
-            self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            self.net.parameters(), lr=self._lr_t if cuda else cfg.lr, betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay, **({"fused": True, "capturable": True} if cuda else {}),
         )
         self.sampler = make_sampler(len(self.data), cfg.seed)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
@@ -311,10 +318,31 @@ class Trainer:
         self._compiled = compile_step is not None
         if self._compiled:
             self._step_fn = torch.compile(self.device_step, fullgraph=True, **compile_step)
+        self._graphs: step_graph.StepGraphs | None = None
+        self.graph_reason = self._graph_off_reason()
+        if self.graph_reason is None:
+            self._graphs = step_graph.StepGraphs(dev, max_graphs=3, say=self.say)
+        elif cfg.cuda_graph and dev.type == "cuda":
+            self.say(f"fastmask: the training step runs eagerly, not as a CUDA graph: {self.graph_reason}")
         skipped = getattr(self.data, "skipped", None)
         if skipped:
             self.say(f"fastmask: data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
             self.log({"event": "data", "skipped_images": len(skipped), "example": str(skipped[0])})
+
+    def _graph_off_reason(self) -> str | None:
+        """Why the step is not captured as one CUDA graph (None: it is)."""
+        if not self.cfg.cuda_graph:
+            return "cuda_graph is off in the config"
+        why = step_graph.unavailable_reason(self.device)
+        if why is not None:
+            return why
+        if self._compiled:
+            return "the step is compiled (torch.compile's own CUDA graphs: mode='reduce-overhead')"
+        if self.world > 1:
+            return f"distributed training ({self.world} ranks): the gradient all-reduce is not captured"
+        if "loss" in self.hooks:
+            return "a 'loss' hook is set (it runs Python per step)"
+        return None
 
     def close(self) -> None:
         """Release the run folder's lock (idempotent)."""
@@ -562,6 +590,7 @@ class Trainer:
             "checkpoint": str(self.last_ckpt[1]) if self.last_ckpt else None,
             "world_size": self.world,
             "device": str(self.device),
+            "step_graph": "on" if self._graphs is not None else f"off: {self.graph_reason}",
         }
 
     def _run_phase(self, phase: int) -> None:
@@ -699,8 +728,6 @@ class Trainer:
         step = self.step
         ratio = self._mask_ratio(phase)
         lr = lr_at(cfg, self._sched_step(phase), phase)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
         net = self.net.model
         rnd = step_randomness(
             cfg.seed,
@@ -723,6 +750,21 @@ class Trainer:
         y = y.to(dev, non_blocking=True)
         labels = labels.to(dev, non_blocking=True) if self.num_classes > 0 else None
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
+        self._set_hyperparameters(lr, ema_decay_at(cfg, self.step))
+        if not self._compiled:  # eager or one CUDA graph: the same function either way
+            inputs = {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": rnd["sigma"][sl],
+                      "noise": rnd["noise"][sl], "ids_keep": ids_keep}
+            self._in_update = True
+            if self._graphs is not None:
+                key = (tuple(y.shape), None if ids_keep is None else tuple(ids_keep.shape), labels is None)
+                self._graphs.run(key, self._whole_step, inputs)
+            else:
+                self._whole_step(**inputs)
+            self.step += 1
+            self.p1_steps += phase == 1
+            self._step_t += 1
+            self._in_update = False
+            return
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         if self._compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs may be reused
@@ -746,6 +788,37 @@ class Trainer:
         self._step_t += 1
         self._in_update = False
 
+    def _set_hyperparameters(self, lr: float, decay: float) -> None:
+        """The step's lr and EMA decay: into device tensors on CUDA (read by the captured step),
+        as Python numbers elsewhere."""
+        if self._lr_t is not None:
+            self._lr_t.fill_(lr)
+            self._ema_w.fill_(1.0 - decay)
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr_t if self._lr_t is not None else lr  # a resume may have replaced it
+        self._ema_weight = self._ema_w if self._ema_w is not None else 1.0 - decay
+
+    def _whole_step(self, y, labels, drop, sigma, noise, ids_keep) -> None:
+        """Forward, backward, gradient clipping, AdamW and the EMA update of one step, every
+        effect in place (what :class:`fastmask.step_graph.StepGraphs` captures)."""
+        amp = self.amp and self.device.type == "cuda"
+        # the autocast cast cache must not outlive a capture
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self._graphs is None) if amp else \
+            contextlib.nullcontext()
+        with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
+            mean, bad, bad_val, acc = self.device_step(
+                y, labels, drop, sigma, noise, ids_keep, self._step_t, self._bad, self._bad_val, self._acc
+            )
+        self._bad.copy_(bad)
+        self._bad_val.copy_(bad_val)
+        self._acc.copy_(acc)
+        self.opt.zero_grad(set_to_none=True)
+        mean.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self._update_ema(self._ema_weight)
+
     def _mask_ratio(self, phase: int) -> float:
         """The mask ratio of the next step, recorded (``self.mask_sched``, saved in checkpoints).
         A run with ``steps`` schedules by phase-1 steps; a minutes-only run by the elapsed fraction
@@ -765,10 +838,16 @@ class Trainer:
         return self.p1_steps if phase == 1 else self.step
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, weight=None) -> None:
+        """EMA towards the weights by ``weight`` (1 - decay; a device tensor in a graphed step),
+        by default that of the current step."""
         ema_p = list(self.ema.parameters())
         p = [q.detach() for q in self.net.parameters()]
-        torch._foreach_lerp_(ema_p, p, 1.0 - ema_decay_at(self.cfg, self.step))
+        if weight is None:
+            weight = 1.0 - ema_decay_at(self.cfg, self.step)
+        if isinstance(weight, Tensor):  # one 0-d weight per tensor: a lone tensor would be read as a number (a sync)
+            weight = [weight] * len(ema_p)
+        torch._foreach_lerp_(ema_p, p, weight)
 
 
 def run_checkpoints(out) -> list[Path]:

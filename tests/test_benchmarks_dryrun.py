@@ -84,11 +84,15 @@ def test_gpu_script_dry_run(tmp_path):
     assert {r["mode"] for r in rows if r["gpu_stage"] == "opgrid"} >= {"full"}
     steps = [r for r in rows if r["kind"] == "train_step"]
     head = [r["variant"] for r in steps if r["gpu_stage"] == "train"]
-    assert head == ["maskdit-fastmask", "dit-torch", "maskdit-fastmask-compile", "maskdit-torch-compile",
-                    "maskdit-torch", "dit-torch-compile"]  # ordered by value, compiled rows included
+    assert head == ["maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
+                    "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch",
+                    "dit-torch-compile"]  # ordered by value, compiled and graphed rows included
     ok = [r for r in steps if r["status"] == "ok"]
     assert {(r["variant"], r["mask_ratio"]) for r in ok} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
     assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 for r in ok)
+    # the graphed reference row ran (CPU emulation of the capture) and every row was profiled
+    assert ("maskdit-torch-graph", 0.5) in {(r["variant"], r["mask_ratio"]) for r in ok}
+    assert all(r["host_issue_ms"] > 0 and r.get("gpu_ms") is None for r in ok), ok
     assert all(set(r["backends"].values()) == {"torch"} and "attention" in r["backends"] for r in ok), ok
     assert doc["summary"]["train"]["masked_speedup"]
     md = (out / "summary.md").read_text()
@@ -270,3 +274,26 @@ def test_device_command_in_readme():
     cmd = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1)
     assert "\n" not in cmd and len(cmd) <= 2000
     assert 'benchmarks/gpu_script.py "$OUT"' in cmd and "timeout" in cmd
+
+
+def test_results_record_the_commit_they_were_given(monkeypatch, tmp_path):
+    """FASTMASK_COMMIT (the GPU script's --commit) wins; a copy of the tree inside another git
+    repository records "unknown", never that repository's HEAD."""
+    import shutil
+
+    from benchmarks import common
+
+    monkeypatch.setenv("FASTMASK_COMMIT", "abc1234")
+    assert common.git_commit()["commit"] == "abc1234"
+    monkeypatch.delenv("FASTMASK_COMMIT")
+    outer = tmp_path / "outer"
+    (outer / "copy" / "benchmarks").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.email=a@b", "-c", "user.name=n", "commit", "-q",
+                    "--allow-empty", "-m", "outer"], check=True)
+    shutil.copy(ROOT / "benchmarks" / "common.py", outer / "copy" / "benchmarks" / "common.py")
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.git_commit()['commit'])")
+    env = {k: v for k, v in os.environ.items() if k != "FASTMASK_COMMIT"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=outer / "copy", capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "unknown"

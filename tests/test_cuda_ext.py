@@ -357,7 +357,7 @@ def test_gather_tokens(impl, B, N, K, D, dt, pdt, with_pos):
     with poisoned_empty():
         out = impl.gather_tokens_fwd(x, ids, pos)
         gx, gpos = impl.gather_tokens_bwd(g, ids, N, with_pos)
-    # A gather (+ one add rounded in x's dtype, pos first rounded to it, as the reference does).
+    # A gather (+ pos added in fp32 and rounded once to x's dtype, as the reference does).
     _same(impl, out, R.gather_tokens(x, ids, pos), "gather forward")
     assert torch.equal(gx, torch.zeros_like(x).scatter(1, ids[..., None].expand(-1, -1, D), g)), "grad_x"
     if with_pos:

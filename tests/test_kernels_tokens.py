@@ -349,3 +349,29 @@ def test_out_of_range_ids_public_ops_unchecked():
     assert (out[~valid] == 0).all()
     with pytest.raises(ValueError, match="ids_keep"):
         fastmask.ops.gather_tokens(x, ids)  # checked by default
+
+
+# One rounding for the add of the position table (see fastmask.ops.reference.gather_tokens): the
+# token and the fp32 pos row are summed in fp32 and rounded once, identically on every backend.
+# bf16 is left out on the CPU: the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest),
+# so only the GPU test (tests/test_cuda_ext.py, triton-True-bf16-fp32) can show bf16 bit-exact.
+@pytest.mark.parametrize("B,N,K,D", SHAPES)
+def test_pos_add_rounds_once_bit_exact(B, N, K, D):
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(B, N, D, generator=gen) * 4).half()
+    pos = torch.randn(N, D, generator=gen)  # fp32, as the models hold it
+    # make some sums cancel to tiny values: double rounding would give 0 or a different ulp there
+    pos[:, : D // 2] = -x[0, :, : D // 2].float() + torch.randn(N, D // 2, generator=gen) * 1e-4
+    ids = _ids(B, N, K, gen)
+    want = (x.float()[torch.arange(B)[:, None], ids] + pos[ids]).half()
+    ref = R.gather_tokens(x, ids, pos)
+    assert torch.equal(ref, want), "reference: not the fp32 sum rounded once"
+    twice = x[torch.arange(B)[:, None], ids] + pos[ids].half()
+    assert not torch.equal(twice, want), "the case does not tell one rounding from two"
+    assert torch.equal(fk.gather_tokens_fwd(x, ids, pos), ref), "triton gather"
+    mt = torch.randn(D, generator=gen).half()
+    xv = ref
+    want_u = R.unmask_tokens(xv, ids, mt, N, None).float() + pos
+    ref_u = R.unmask_tokens(xv, ids, mt, N, pos)
+    assert torch.equal(ref_u, want_u.half()), "reference unmask: not the fp32 sum rounded once"
+    assert torch.equal(fk.unmask_tokens_fwd(xv, ids, mt, N, pos), ref_u), "triton unmask"

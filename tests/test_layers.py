@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.presets",  # TrainConfig and the presets (checks model config names)
         "fastmask.values",  # value checks of the config and of every command's flags; path and device helpers
         "fastmask.train",
+        "fastmask.step_graph",  # the trainer's step captured as a CUDA graph (imports only torch)
         "fastmask.data",
         "fastmask.checkpoint_io",
         "fastmask.sampling",

@@ -81,3 +81,39 @@ def test_random_ratio_tokens_draw_k_per_batch_from_the_generator():
         RandomRatioTokens(0.5, 0.3)
     with pytest.raises(ValueError, match="mask_ratio"):
         RandomTokens(1.0)
+
+
+def test_models_take_a_strategy_where_they_take_a_ratio():
+    from fastmask import EDMPrecond, maskdit
+
+    from helpers import randomise
+
+    torch.manual_seed(0)
+    net = EDMPrecond(randomise(maskdit("T/2", input_size=8, in_channels=2, num_classes=3), std=0.02))
+    y, labels = torch.randn(2, 2, 8, 8), torch.tensor([0, 1])
+    a = net.loss(y, labels, mask_ratio=0.5, generator=gen(5))
+    b = net.loss(y, labels, mask_ratio=RandomTokens(0.5), generator=gen(5))
+    assert torch.equal(a, b)  # a ratio is MaskDiT's random strategy, draw for draw
+    loss = net.loss(y, labels, mask_ratio=StructuredTokens(0.75), generator=gen(5)).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    _, mask = net.model.forward_tokens(y, torch.ones(2), labels, mask_ratio=StructuredTokens(0.75), generator=gen(6))
+    assert mask.shape == (2, 16) and (mask.sum(1) == 12).all()  # 4 of 16 tokens kept, one per 2x2 group
+
+
+def test_a_model_family_is_one_registry_line(tmp_path):
+    from fastmask import presets
+    from fastmask.models import ARCHITECTURES, build_model, maskdit, register_architecture
+
+    assert set(ARCHITECTURES) >= {"maskdit", "dit"}
+    register_architecture("maskdit_copy", maskdit, masks=True, help="a test family")
+    presets.CHECKS.clear()  # the arch key's choices are read from the registry when first checked
+    try:
+        cfg = presets.update(presets.get_preset("digits"), {"arch": "maskdit_copy", "model": "T/2"}, "test")
+        net = build_model(cfg, (cfg.channels, cfg.image_size, cfg.image_size), 10)
+        assert type(net.model).__name__ == "MaskDiT"
+        with pytest.raises(ValueError, match="registered twice"):
+            register_architecture("dit", maskdit, masks=True, help="")
+    finally:
+        del ARCHITECTURES["maskdit_copy"]
+        presets.CHECKS.clear()

@@ -9,13 +9,15 @@ from .checkpoint import (
     published_objective,
     unwrap_state_dict,
 )
-from .configs import build_model, config_names, dit, maskdit, model_kwargs
+from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
 from .flow import FlowPrecond, draw_t
 from .flops import count_flops
 
 __all__ = [
+    "ARCHITECTURES",
+    "register_architecture",
     "DDPMDenoiser",
     "DiT",
     "EDMPrecond",

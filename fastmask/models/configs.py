@@ -2,6 +2,9 @@
 the CPU demo) and the model a training config builds."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
@@ -68,6 +71,31 @@ def dit(name: str = "XL/2", **overrides) -> DiT:
     return DiT(**{**model_kwargs(name, masked=False), **overrides})
 
 
+# --------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class Architecture:
+    """A model family ``fastmask train --arch NAME`` builds: ``build(config_name, **overrides)``
+    makes the network, ``masks`` says whether it trains with dropped tokens."""
+
+    build: Callable
+    masks: bool
+    help: str
+
+
+#: name -> family. A new family is its module plus one :func:`register_architecture` call.
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, build: Callable, *, masks: bool, help: str) -> None:
+    if name in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is registered twice")
+    ARCHITECTURES[name] = Architecture(build, masks, help)
+
+
+register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
+register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+
+
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
     """The network a training config describes, wrapped for its objective (``cfg.objective``: edm
     -> :class:`EDMPrecond`, flow -> :class:`FlowPrecond` with ``cfg.flow_t``); ``cfg.arch``, ``cfg.model``;
@@ -79,7 +107,9 @@ def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecon
         raise ValueError(f"image_size: the data are {H}x{W} but the config says {cfg.image_size}")
     if C != cfg.channels:
         raise ValueError(f"channels: the data have {C} channels but the config says {cfg.channels}")
-    build = maskdit if cfg.arch == "maskdit" else dit
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"arch: unknown architecture {cfg.arch!r}; expected one of {list(ARCHITECTURES)}")
+    build = ARCHITECTURES[cfg.arch].build
     net = build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes)
     if getattr(cfg, "objective", "edm") == "flow":
         return FlowPrecond(net, t_dist=getattr(cfg, "flow_t", "uniform"))

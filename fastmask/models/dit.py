@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
-from ..ops import checks
+from ..ops import checks, reference
 from ..nn import FinalLayer, LabelEmbedder, MaskedDiTBlock, PatchEmbed, TimestepEmbedder, rope_2d, sincos_pos_embed_2d
 
 
@@ -136,7 +136,8 @@ class _DiTBase(nn.Module):
         model never does): see :attr:`drops_labels_in_train_mode`."""
         c = self.t_embedder(noise_labels)
         if self.y_embedder is not None:
-            if class_labels is None:
+            made = class_labels is None  # the null labels made here need no range check (a sync)
+            if made:
                 class_labels = torch.full((noise_labels.shape[0],), -1, dtype=torch.long, device=noise_labels.device)
             else:
                 if not isinstance(class_labels, Tensor) or class_labels.dim() == 0 or class_labels.shape[0] != c.shape[0]:
@@ -151,7 +152,7 @@ class _DiTBase(nn.Module):
                         class_labels = class_labels * (~drop).unsqueeze(1).to(class_labels.dtype)
                     else:
                         class_labels = torch.where(drop, torch.full_like(class_labels, -1), class_labels)
-            c = c + self.y_embedder(class_labels).to(c.dtype)
+            c = c + self.y_embedder(class_labels, check_values=not made).to(c.dtype)
         return c
 
     def _check_input(self, x: Tensor, noise_labels: Tensor) -> None:
@@ -210,7 +211,8 @@ class DiT(_DiTBase):
             raise ValueError("mask_ratio: plain DiT runs every token; use MaskDiT to train with masking")
         self._check_input(x, noise_labels)
         c = self.condition(noise_labels, class_labels, force_drop_ids)
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        # the residual stream in the embedder's dtype (bf16 under autocast), as MaskDiT's
+        h = reference.add_pos(self.x_embedder(x), self.pos_embed)
         for blk in self.blocks:
             h = blk(h, c, **self._rope())
         return self.final_layer(h, c)
@@ -284,7 +286,7 @@ class MaskDiT(_DiTBase):
         h = self.x_embedder(x)
         pos = self.pos_embed[0]
         if ids_keep is None:
-            h = h + pos.to(h.dtype)
+            h = reference.add_pos(h, pos)
         else:
             h = ops.gather_tokens(h, ids_keep, pos, check_ids=False)
         for blk in self.blocks:  # with RoPE, the kept tokens rotate by their grid positions
@@ -296,7 +298,7 @@ class MaskDiT(_DiTBase):
         h = self.decoder_layer(h, c)
         pos = self.decoder_pos_embed[0]
         if ids_keep is None:
-            h = h + pos.to(h.dtype)
+            h = reference.add_pos(h, pos)
         else:
             h = ops.unmask_tokens(h, ids_keep, self.mask_token, self.num_patches, pos, check_ids=False)
         for blk in self.decoder_blocks:
@@ -317,15 +319,18 @@ class MaskDiT(_DiTBase):
     ) -> tuple[Tensor, Tensor | None]:
         """Output tokens [B, N, p*p*C] and the mask [B, N] (1 = dropped; None if nothing dropped).
 
-        Give either ``mask_ratio`` (in train mode a random mask is drawn, from ``generator`` if
-        given; in eval mode nothing is masked, as in the published model) or explicit
+        Give either ``mask_ratio`` (a ratio or a :class:`fastmask.ops.TokenStrategy`; in train mode
+        its tokens are drawn, from ``generator`` if given; in eval mode nothing is masked, as in the
+        published model) or explicit
         ``ids_keep`` [B, K], used in either mode (``check_ids=False`` skips validating them: a
         device sync).
         """
         self._check_input(x, noise_labels)
         B, N = x.shape[0], self.num_patches
-        if ids_keep is None and checks.mask_ratio(mask_ratio) > 0 and self.training:
-            ids_keep, _, mask = ops.random_mask(B, N, mask_ratio, generator=generator, device=x.device)
+        tokens = ops.as_strategy(mask_ratio)
+        if ids_keep is None and self.training and not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=x.device)
+            mask = ops.mask_from_ids(ids_keep, N)
         elif ids_keep is not None:
             if check_ids:
                 checks.ids("ids_keep", ids_keep, B, N)

@@ -89,7 +89,7 @@ class EDMPrecond(nn.Module):
         y: Tensor,
         class_labels: Tensor | None = None,
         *,
-        mask_ratio: float = 0.5,
+        mask_ratio: "float | ops.TokenStrategy" = 0.5,
         mae_coef: float = 0.1,
         generator: torch.Generator | None = None,
         return_terms: bool = False,
@@ -98,7 +98,8 @@ class EDMPrecond(nn.Module):
         """The MaskDiT objective for clean data y [B, C, H, W]: per-sample loss [B].
 
         ln(sigma) ~ N(P_mean, P_std^2); x_noisy = y + sigma * eps; the network sees x_noisy
-        with ``mask_ratio`` of its tokens dropped; DSM on kept tokens + mae_coef * MAE on dropped
+        with ``mask_ratio`` of its tokens dropped (a ratio: MaskDiT's random masks; or any
+        :class:`fastmask.ops.TokenStrategy`); DSM on kept tokens + mae_coef * MAE on dropped
         tokens, computed in token space by the fused op :func:`fastmask.ops.dsm_mae_loss`.
         Draws from ``generator`` in this order: sigma, noise, mask. Labels are dropped where
         ``force_drop_ids`` is set; without it, in train mode, a DiT drops them with its
@@ -109,10 +110,12 @@ class EDMPrecond(nn.Module):
         sigma = draw_sigma(B, generator=generator, device=y.device)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         ids_keep = None
-        if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
-            ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
+        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
+        if not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
         loss, dsm, mae = self.loss_given(
-            y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False
+            y, class_labels, sigma, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
+            check_sigma=False,  # drawn here: finite and positive, and checking would sync with the device
         )
         return (loss, dsm, mae) if return_terms else loss
 
@@ -127,19 +130,22 @@ class EDMPrecond(nn.Module):
         mae_coef: float = 0.1,
         force_drop_ids: Tensor | None = None,
         check_ids: bool = True,
+        check_sigma: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The objective with every random draw given: sigma [B], noise [B, C, H, W] (unit
         variance), ids_keep [B, K] or None, and optionally the label-drop flags
         ``force_drop_ids`` [B]. Returns (loss, dsm, mae), each [B].
 
         ``ids_keep`` must hold distinct ids in [0, N) per sample; ``check_ids=False`` skips that
-        check (a device sync), for ids made by :func:`fastmask.ops.random_mask`."""
+        check (a device sync), for ids made by :func:`fastmask.ops.random_mask`; ``check_sigma=False``
+        likewise skips checking that sigma is finite and positive, for sigmas drawn by the caller. With
+        both off (as :meth:`loss` and the trainer call it) the loss makes no host sync."""
         if y.dim() != 4 or y.shape[0] == 0:
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
-        sigma = _sigma(sigma, y)
+        sigma = _sigma(sigma, y, check=check_sigma)
         x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
         kw = {} if ids_keep is None else {"check_ids": False}  # checked above
         if force_drop_ids is not None:
@@ -162,13 +168,14 @@ class EDMPrecond(nn.Module):
         )
 
 
-def _sigma(sigma, x: Tensor) -> Tensor:
+def _sigma(sigma, x: Tensor, check: bool = True) -> Tensor:
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     if sigma.dim() == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
         raise ValueError(f"sigma: expected a scalar or shape [{x.shape[0]}], got {tuple(sigma.shape)}")
-    checks.sigmas("sigma", sigma)  # NaN, inf or <= 0 would give NaN outputs without a word
+    if check:  # a user's sigma: NaN, inf or <= 0 would give NaN outputs without a word (a device sync)
+        checks.sigmas("sigma", sigma)
     return sigma
 
 

@@ -135,7 +135,9 @@ class LabelEmbedder(nn.Module):
         else:
             self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def forward(self, labels: Tensor) -> Tensor:
+    def forward(self, labels: Tensor, check_values: bool = True) -> Tensor:
+        """``check_values=False`` skips the range check of integer labels (a device sync), for
+        labels the caller made itself (the null labels of an unconditional call)."""
         C = self.num_classes
         if labels.dim() == 2:
             if labels.shape[1] != C:
@@ -149,7 +151,7 @@ class LabelEmbedder(nn.Module):
             raise ValueError(
                 f"class_labels: expected integer labels [B] or one-hot [B, {C}], got {labels.dtype} {tuple(labels.shape)}"
             )
-        if ops.checks.value_checks_enabled() and bool(((labels < -1) | (labels > C)).any()):
+        if check_values and ops.checks.value_checks_enabled() and bool(((labels < -1) | (labels > C)).any()):
             raise ValueError(f"class_labels: expected values in [-1, {C}] (-1 or {C} = no label)")
         null = (labels < 0) | (labels == C)
         if self.form == "table":

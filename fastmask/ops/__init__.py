@@ -25,12 +25,20 @@ from .norm import (
     rmsnorm_modulate,
 )
 from .ranges import op_ranges
-from .selection import RandomRatioTokens, RandomTokens, RoutedTokens, StructuredTokens, TokenStrategy
+from .selection import (
+    RandomRatioTokens,
+    RandomTokens,
+    RoutedTokens,
+    StructuredTokens,
+    TokenStrategy,
+    as_strategy,
+)
 from .swiglu import swiglu
 from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
 
 __all__ = [
     "attention",
+    "as_strategy",
     "available_backends",
     "backend",
     "BackendFallbackWarning",

@@ -18,13 +18,22 @@ import torch.nn.functional as F
 from ..constants import LN_EPS, MAE_EPS, QK_NORM_EPS, RMS_EPS  # noqa: F401  (re-exported: fastmask.ops.reference.LN_EPS)
 
 
+def add_pos(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x + pos`` in x's dtype, rounded once: the sum is taken in fp32 (pos is usually the fp32
+    position table, x bf16 or fp16 under autocast) and rounded to x's dtype, as every backend does.
+    (Rounding pos to x's dtype first, then the sum, would round twice: 1 ulp off in places.)"""
+    if pos.dtype == x.dtype:
+        return x + pos
+    return (x.float() + pos.float()).to(x.dtype)
+
+
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]])."""
+    """x_vis[b, k] = x[b, ids_keep[b, k]] (+ pos[ids_keep[b, k]], see :func:`add_pos`)."""
     B, N, D = x.shape
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     out = torch.gather(x, 1, idx)
     if pos is not None:
-        out = out + pos.reshape(N, D)[ids_keep].to(out.dtype)
+        out = add_pos(out, pos.reshape(N, D)[ids_keep])
     return out
 
 
@@ -35,13 +44,14 @@ def unmask_tokens(
     num_tokens: int,
     pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out[b, n] = x_vis[b, j] where ids_keep[b, j] = n, else mask_token; plus pos[n]."""
+    """out[b, n] = x_vis[b, j] where ids_keep[b, j] = n, else mask_token (in x_vis's dtype); plus
+    pos[n] (see :func:`add_pos`)."""
     B, K, D = x_vis.shape
     out = mask_token.reshape(1, 1, D).to(x_vis.dtype).expand(B, num_tokens, D)
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
     out = out.scatter(1, idx, x_vis)
     if pos is not None:
-        out = out + pos.reshape(1, num_tokens, D).to(out.dtype)
+        out = add_pos(out, pos.reshape(1, num_tokens, D))
     return out
 
 

@@ -8,7 +8,7 @@ generator by (seed, step), gets the same tokens again on a resume:
 * :class:`RandomTokens` (MaskDiT, MicroDiT, MDT, SPRINT "random"): per sample, argsort of N
   uniform numbers, the first K kept; K = int(N * (1 - ratio)) in Python float arithmetic, as
   the published code computes it.
-* :class:`RoutedTokens` (TREAD): ``rate`` is the fraction that bypasses the routed blocks;
+* :class:`RoutedTokens` (TREAD): ``ratio`` is the fraction that bypasses the routed blocks (its rate);
   K = N - int(N * rate) (so N = 64, 0.3 keeps 45 where RandomTokens keeps 44). The same draw.
 * :class:`StructuredTokens` (SPRINT "structured with random offset"): the square token grid in
   g x g groups, s positions kept per group (top-s of uniform noise, per group and sample); ids in
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .tokens import num_kept, random_mask
+from .tokens import num_kept
 
 #: SPRINT's structured masks: drop ratio -> (group size g, kept per group s)
 STRUCTURED = {0.5: (2, 2), 0.625: (4, 6), 0.75: (2, 1), 0.875: (4, 2)}
@@ -58,7 +58,8 @@ def _device(generator, device):
 
 @dataclass(frozen=True)
 class RandomTokens(TokenStrategy):
-    """Per-sample random subset; ``ratio`` is the fraction dropped, in [0, 1)."""
+    """Per-sample random subset; ``ratio`` is the fraction dropped, in [0, 1). The draw is
+    MaskDiT's (:func:`fastmask.ops.random_mask`): argsort of N uniform numbers, the first K kept."""
 
     ratio: float
 
@@ -69,31 +70,21 @@ class RandomTokens(TokenStrategy):
         return num_kept(num_tokens, self.ratio)
 
     def draw(self, batch, num_tokens, *, generator=None, device=None):
-        if self.ratio == 0:
-            return None
-        return random_mask(batch, num_tokens, self.ratio, generator=generator, device=_device(generator, device))[0]
-
-
-@dataclass(frozen=True)
-class RoutedTokens(TokenStrategy):
-    """TREAD's routing: ``rate`` is the fraction of tokens that bypasses the routed blocks."""
-
-    rate: float
-
-    def __post_init__(self):
-        checks.mask_ratio(self.rate)
-
-    def num_kept(self, num_tokens: int) -> int:
-        checks.integer("num_tokens", num_tokens, 1)
-        return num_tokens - int(num_tokens * self.rate)
-
-    def draw(self, batch, num_tokens, *, generator=None, device=None):
         K = self.num_kept(num_tokens)
         if K == num_tokens:
             return None
-        dev = _device(generator, device)
-        noise = torch.rand(batch, num_tokens, generator=generator, device=dev)
+        noise = torch.rand(batch, num_tokens, generator=generator, device=_device(generator, device))
         return torch.argsort(noise, dim=1)[:, :K].contiguous()
+
+
+@dataclass(frozen=True)
+class RoutedTokens(RandomTokens):
+    """TREAD's routing: ``ratio`` is the fraction of tokens that bypasses the routed blocks (its
+    ``rate``), so K = N - int(N * ratio); drawn as :class:`RandomTokens`."""
+
+    def num_kept(self, num_tokens: int) -> int:
+        checks.integer("num_tokens", num_tokens, 1)
+        return num_tokens - int(num_tokens * self.ratio)
 
 
 @dataclass(frozen=True)
@@ -155,3 +146,11 @@ class RandomRatioTokens(TokenStrategy):
         u = torch.rand((), generator=generator, device=dev).item()  # the one host read: K is a shape
         ratio = self.lo + (self.hi - self.lo) * u
         return RandomTokens(ratio).draw(batch, num_tokens, generator=generator, device=dev)
+
+
+def as_strategy(mask_ratio) -> TokenStrategy:
+    """A :class:`TokenStrategy` as given, or :class:`RandomTokens` of a drop ratio (MaskDiT's masks):
+    every ``mask_ratio`` argument of the models and losses takes either."""
+    if isinstance(mask_ratio, TokenStrategy):
+        return mask_ratio
+    return RandomTokens(checks.mask_ratio(mask_ratio))
