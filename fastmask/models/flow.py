@@ -127,9 +127,9 @@ class FlowPrecond(nn.Module):
         ids_keep = None
         if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
             ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
-        loss, fm, mae = self._loss_given(  # t drawn here: no range check, so no host sync
+        loss, fm, mae = self.loss_given(
             y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
-            check_t=False,
+            check_sigma=False,  # t drawn here: in [0, 1], and checking would sync with the device
         )
         return (loss, fm, mae) if return_terms else loss
 
@@ -144,23 +144,20 @@ class FlowPrecond(nn.Module):
         mae_coef: float = 0.1,
         force_drop_ids: Tensor | None = None,
         check_ids: bool = True,
+        check_sigma: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The objective with every random draw given: t [B] in [0, 1], noise x0 [B, C, H, W],
         ids_keep [B, K] or None, and optionally ``force_drop_ids`` [B]. Returns (loss, fm, mae),
         each [B]: fm the velocity loss on kept tokens, mae the MAE term on dropped ones (0
         without dropping). Computed by the fused op :func:`fastmask.ops.flow_mae_loss`.
-        The range check of t syncs with the device; inside ``ops.checks.trusted_values()``
-        (the trainer, which drew t itself) it is skipped."""
-        return self._loss_given(y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids,
-                                check_ids=check_ids, check_t=True)
-
-    def _loss_given(self, y, class_labels, t, noise, ids_keep, *, mae_coef, force_drop_ids, check_ids, check_t):
+        ``check_sigma=False`` (named as EDMPrecond's, so the trainer calls both alike) skips the
+        range check of t, a device sync, for times the caller drew; ``check_ids`` as EDMPrecond's."""
         if y.dim() != 4 or y.shape[0] == 0:
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
-        t = _time(t, y, check=check_t)
+        t = _time(t, y, check=check_sigma)
         tv = t.view(-1, 1, 1, 1)
         x1, x0 = y.float(), noise.float()
         x_t = tv * x1 + (1 - tv) * x0
