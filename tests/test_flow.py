@@ -379,3 +379,29 @@ def test_released_sit_files_load_safely_and_equal_the_published_model(tmp_path, 
         assert lat.shape == (2, 4, 8, 8) and np.isfinite(lat).all()
         assert main(["sample", "--checkpoint", str(f), "--labels", "1", "--preset", "sit256",
                      "--out", str(tmp_path / "p")]) == 2  # made for 32x32 latents: refused by name
+
+
+def test_sample_settings_of_flow_and_edm_models():
+    import argparse
+
+    from fastmask.errors import UsageError
+    from fastmask.generate import SAMPLE_PRESETS, resolve_settings
+
+    def args(**kw):
+        base = dict(preset=None, steps=None, guidance=None, labels="1", num=None, per_class=None, npz=None,
+                    sampler=None, guidance_interval=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    flow = {"num_classes": 10, "shape": (4, 32, 32), "kind": "latents", "flow": True}
+    edm = dict(flow, flow=False)
+    st = resolve_settings(args(preset="sit256"), flow)
+    assert (st["steps"], st["guidance"], st["flow"]["method"]) == (125, 1.5, "heun")
+    assert "2.06" in SAMPLE_PRESETS["sit256"]["note"]
+    st = resolve_settings(args(sampler="sde", guidance_interval="0.1,0.9"), flow)
+    assert st["flow"] == {"method": "sde", "guidance_interval": (0.1, 0.9)}
+    with pytest.raises(UsageError, match="--guidance-interval"):
+        resolve_settings(args(guidance_interval="0.9,0.1"), flow)
+    with pytest.raises(UsageError, match="--sampler"):
+        resolve_settings(args(sampler="euler"), edm)
+    with pytest.raises(UsageError, match="sit256"):
+        resolve_settings(args(preset="sit256"), edm)
