@@ -534,7 +534,7 @@ void residual_layernorm_modulate_bwd(const at::Tensor& grad_x, const at::Tensor&
 // ----------------------------------------------------------------------------- loss
 void dsm_mae_loss_fwd(const at::Tensor& loss, const at::Tensor& terms, const at::Tensor& grad_F,
                       const at::Tensor& F_out, const at::Tensor& x_noisy, const at::Tensor& y,
-                      const at::Tensor& sigma, const OptTensor& mask, double mae_coef, double sigma_data) {
+                      const at::Tensor& sigma, const OptTensor& mask, double mae_coef, double sigma_data, bool flow) {
   const char* op = "dsm_mae_loss_fwd";
   check_rank(F_out, 3, op, "F_out");
   const int64_t B = F_out.size(0), N = F_out.size(1), P = F_out.size(2);
@@ -572,6 +572,7 @@ void dsm_mae_loss_fwd(const at::Tensor& loss, const at::Tensor& terms, const at:
     a.P = P;
     a.mae_coef = static_cast<float>(mae_coef);
     a.sigma_data = static_cast<float>(sigma_data);
+    a.flow = flow;
     const bool vec = use_vec(P, kVec<T>, {a.grad_F, a.F, a.x_noisy, a.y});
     const int64_t blocks = fm::loss_blocks(N, P, vec ? kVec<T> : 1);
     TORCH_CHECK(B * blocks < (int64_t(1) << 30), "fastmask.", op, ": batch too large for one launch");
@@ -617,5 +618,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rstd"));
   m.def("dsm_mae_loss_fwd", &dsm_mae_loss_fwd, py::arg("loss"), py::arg("terms"), py::arg("grad_F"),
         py::arg("F_out"), py::arg("x_noisy"), py::arg("y"), py::arg("sigma"), py::arg("mask"), py::arg("mae_coef"),
-        py::arg("sigma_data"));
+        py::arg("sigma_data"), py::arg("flow") = false);
 }

@@ -164,6 +164,7 @@ struct LossArgs {
   const float* mask;     // [B, N] or null
   int64_t B, N, P;
   float mae_coef, sigma_data;
+  bool flow;             // SiT velocity objective: c_skip = 0, c_out = 1, weight = 1, sigma unread
 };
 
 // Loss plan: a row group of loss_threads_per_token threads per token, blocks of

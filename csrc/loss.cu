@@ -5,6 +5,7 @@
 //   target = (x_noisy - mean) / sqrt(var_unbiased + 1e-6)  (per token)
 //   m_t = mean_p (D - target)^2,              mae = sum_t drop_t m_t / max(sum_t drop_t, 1)
 //   loss = dsm + mae_coef * mae;  kept_t = 1 - mask_t, drop_t = mask_t (no mask: all kept)
+// a.flow (SiT's velocity objective): c_skip = 0, c_out = 1, lambda = 1 (D = F, y = x1 - x0).
 // fastmask/ops/reference.py::dsm_mae_loss_terms is the oracle.
 //
 // Layout: one block per (sample, run of tokens); one row group of `tpr` threads per token
@@ -39,13 +40,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) dsm_mae_fwd_kernel(LossArgs a,
   const float* __restrict__ mask = has_mask ? a.mask + b * N : nullptr;
 
   // EDM preconditioning of this sample, fp32 like the reference.
-  const float sigma = a.sigma[b];
+  const float sigma = a.flow ? 1.f : a.sigma[b];
   const float sd = a.sigma_data;
   const float s2 = sigma * sigma;
   const float d2 = sd * sd;
-  const float c_skip = d2 / (s2 + d2);
-  const float c_out = sigma * sd / sqrtf(s2 + d2);
-  const float weight = (s2 + d2) / ((sigma * sd) * (sigma * sd));
+  const float c_skip = a.flow ? 0.f : d2 / (s2 + d2);
+  const float c_out = a.flow ? 1.f : sigma * sd / sqrtf(s2 + d2);
+  const float weight = a.flow ? 1.f : (s2 + d2) / ((sigma * sd) * (sigma * sd));
 
   // Kept / dropped counts of the sample (each block recounts: N floats, cheaper than a launch).
   float counts[2] = {static_cast<float>(N), 0.f};

@@ -92,8 +92,6 @@ _TRITON_ONLY = {
                         "and no benchmark yet shows a CUDA C++ version would be faster",
     "residual_rmsnorm_modulate": "no RMSNorm kernels in csrc/: the Triton norm kernels serve RMSNorm with an RMS "
                                  "switch, and no benchmark yet shows a CUDA C++ version would be faster",
-    "flow_mae_loss": "csrc/loss.cu has the EDM loss only: the flow-matching loss is the Triton kernel's FLOW "
-                     "switch, not yet ported",
     "swiglu": "no SwiGLU kernel in csrc/: a memory-bound elementwise op that the Triton kernel already serves",
 }
 
@@ -281,6 +279,7 @@ def dsm_mae_loss_fwd(
     mask: Tensor | None,
     mae_coef: float,
     sigma_data: float,
+    objective: str = "edm",
 ):
     B = F_out.shape[0]
     loss = torch.empty(B, device=F_out.device, dtype=torch.float32)
@@ -294,5 +293,6 @@ def dsm_mae_loss_fwd(
     _C().dsm_mae_loss_fwd(
         loss, terms, grad_F, F_out, x_noisy.to(xdt).contiguous(), y.to(xdt).contiguous(),
         sigma.to(torch.float32).contiguous(), m, float(mae_coef), float(sigma_data),
+        objective == "flow",
     )
     return loss, terms, grad_F

@@ -47,11 +47,11 @@ SAMPLE_PRESETS = {
                        note="MaskDiT ImageNet 512x512 with guidance: published FID-50k 2.50"),
     "maskdit512-unguided": dict(steps=40, guidance=1.0, latent_size=64,
                                 note="MaskDiT ImageNet 512x512 without guidance: published FID-50k 10.79"),
-    # SiT (willisma/SiT): README table, XL/2 256x256 FID-50K 2.06 (IS 270.27); the maintainer
-    # (SiT issue #18): that number came from the second-order Heun ODE sampler, 125 steps = 250
-    # network calls, guidance 1.5 (SiT guides latent channels 0-2).
-    "sit256": dict(steps=125, guidance=1.5, latent_size=32, sampler="heun",
-                   note="SiT-XL/2 ImageNet 256x256, flow ODE Heun (250 network calls): published FID-50K 2.06"),
+    # github.com/willisma/SiT README: SiT-XL/2 256x256 FID-50K 2.06, IS 270.27; the sampler is
+    # the maintainer's answer in willisma/SiT issue #18: "second-order Heun ODE solver with 125
+    # steps (250 NFEs) and 1.5 cfg scale" (guidance on channels 0-2, as SiT's forward_with_cfg)
+    "sit256": dict(steps=125, guidance=1.5, latent_size=32, objective="flow",
+                   note="SiT-XL/2 ImageNet 256x256, flow ODE Heun 250 NFE: published FID-50K 2.06"),
 }
 
 
@@ -81,14 +81,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="samples", help="output folder")
     parser.add_argument("--batch-size", type=arg_type(field_check("batch_size"), "count"), default=64, help="samples per network batch")
     parser.add_argument("--key", default=None, help="entry of a published checkpoint to load (e.g. ema, net)")
-    parser.add_argument("--sampler", choices=("heun", "euler", "sde"), default=None,
-                        help="flow models only: ODE Heun (2 calls a step, default), ODE Euler, or SDE Euler-Maruyama "
-                        "(SiT's diffusion 1 - t, drift-only last step of 0.04)")
-    parser.add_argument("--guidance-interval", default=None, metavar="LO,HI",
-                        help="flow models only: guide only for flow times LO <= t <= HI (0 noise, 1 data)")
     parser.add_argument("--parameterization", choices=("auto", "edm", "ddpm", "flow"), default="auto",
-                        help="published checkpoints: edm (MaskDiT) or ddpm (DiT eps-prediction); auto picks by "
-                        "architecture")
+                        help="published checkpoints: edm (MaskDiT), ddpm (DiT eps-prediction) or flow (SiT velocity); "
+                        "auto picks by architecture (and SiT by its file name or stored arguments)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow torch.load to unpickle arbitrary objects")
     parser.add_argument("--vae", default=None, metavar="PATH_OR_ID",
                         help="decode latent samples to images with this diffusers AutoencoderKL (local folder, hub id "
@@ -112,9 +107,9 @@ def resolve_settings(args, info: dict) -> dict:
             f"--preset {args.preset}: made for {p['latent_size']}x{p['latent_size']} latents, but the checkpoint's "
             f"model takes {info['shape'][1]}x{info['shape'][2]}"
         )
-    if p is not None and "sampler" in p and not info.get("flow"):
-        raise UsageError(f"--preset {args.preset}: the settings of a flow-matching (SiT) model, but the checkpoint is "
-                         "sampled with EDM (pass --parameterization flow if it is a SiT checkpoint)")
+    if p is not None and p.get("objective", "edm") != info.get("objective", "edm"):
+        raise UsageError(f"--preset {args.preset}: made for a {p.get('objective', 'edm')} model, but the checkpoint "
+                         f"is a {info.get('objective', 'edm')} model")
     steps = args.steps if args.steps is not None else (p["steps"] if p else DEFAULT_STEPS)
     guidance = args.guidance if args.guidance is not None else (p["guidance"] if p else DEFAULT_GUIDANCE)
     if steps < 1:
@@ -146,21 +141,8 @@ def resolve_settings(args, info: dict) -> dict:
         num = args.num or args.per_class or (FID_SAMPLES if fid_run else DEFAULT_PER_CLASS)
         if num < 1:
             raise UsageError(f"--num: expected at least 1, got {num}")
-    flow = {"method": getattr(args, "sampler", None) or (p.get("sampler") if p else None) or "heun"}
-    gi = getattr(args, "guidance_interval", None)
-    if gi is not None:
-        try:
-            lo, hi = (float(v) for v in str(gi).split(","))
-        except ValueError:
-            raise UsageError(f"--guidance-interval: expected LO,HI (two numbers), got {gi!r}") from None
-        if not 0 <= lo <= hi <= 1:
-            raise UsageError(f"--guidance-interval: expected 0 <= LO <= HI <= 1, got {lo}, {hi}")
-        flow["guidance_interval"] = (lo, hi)
-    if (getattr(args, "sampler", None) or gi is not None) and not info.get("flow"):
-        raise UsageError("--sampler / --guidance-interval: only for flow-matching models; this checkpoint is "
-                         "sampled with EDM Heun")
     return {"steps": steps, "guidance": guidance, "labels": labels, "num": num if labels is None else len(labels),
-            "preset": args.preset if p else None, "per_class": per_class, "flow": flow}
+            "preset": args.preset if p else None, "per_class": per_class}
 
 
 def _balanced(K: int, total: int) -> torch.Tensor:
@@ -238,8 +220,7 @@ def run(args) -> int:
     parts_dir = out / ".parts"
     n, labels = st["num"], st["labels"]
     start, stop = rank_range(n, rank, world)
-    how = f"{st['flow']['method']} steps, flow" if info.get("flow") else "Heun steps"
-    say(f"fastmask: sampling {n} {'images' if images else 'latents'} ({st['steps']} {how}, guidance "
+    say(f"fastmask: sampling {n} {'images' if images else 'latents'} ({st['steps']} Heun steps, guidance "
         f"{st['guidance']}{', preset ' + st['preset'] if st['preset'] else ''}) on {world} rank(s)")
     t0 = time.perf_counter()
     part = parts_dir / f"part-{rank:05d}-of-{world:05d}.npy"
@@ -247,7 +228,7 @@ def run(args) -> int:
     keep = not images or args.npz or (n <= GRID_MAX and not args.no_png)
     for idx, x in generate(net, labels, info["shape"], start, stop, steps=st["steps"], guidance=st["guidance"],
                            seed=args.seed, batch_size=args.batch_size, device=dev, amp=dev.type == "cuda",
-                           decode=decode, flow=st["flow"]):
+                           decode=decode):
         if images:
             u8 = to_uint8(x).numpy()
             if not args.no_png:

@@ -67,12 +67,12 @@ class TrainConfig:
     arch: str = _f("maskdit", "model family, one of fastmask.models.ARCHITECTURES (maskdit, dit, ...)", flag=True)
     model: str = _f("Digits/2", "model config (fastmask.models.config_names()): Digits/2, T/2, S/2, B/2, XL/2 ...",
                     flag=True)
-    objective: str = _f("edm", "training objective: edm (MaskDiT's EDM denoising loss) or flow (SiT's flow matching: "
-                        "linear path, velocity target; sampled with an ODE Euler/Heun sampler)", flag=True,
-                        choices=("edm", "flow"))
-    flow_t: str = _f("uniform", "objective=flow: training distribution of t, uniform (SiT) or logit-normal (N(0, 1) "
-                     "logits)", choices=("uniform", "logit-normal"))
     num_classes: int | None = _f(None, "classes (none: from the data set; 0 = unconditional)", lo=0, hi=1_000_000)
+    objective: str = _f("edm", "training objective: edm (MaskDiT's EDM denoising loss) or flow (SiT's linear "
+                        "flow matching: x_t = t x1 + (1 - t) x0, velocity target x1 - x0)", flag=True,
+                        choices=("edm", "flow"))
+    t_schedule: str = _f("uniform", "flow only: distribution of the training time t, uniform (SiT) or logit_normal "
+                         "(sigmoid of a standard normal)", flag=True, choices=("uniform", "logit_normal"))
     # ---- optimisation
     batch_size: int = _f(128, "global batch size (all ranks together)", flag=True, lo=1, hi=2**20)
     lr: float = _f(1e-4, "AdamW learning rate of the masked phase", flag=True, **_LR)

@@ -33,14 +33,20 @@ def null_labels(labels: Tensor) -> Tensor:
 
 
 def guided_denoiser(net, guidance: float = 1.0):
-    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional)."""
+    """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional), on
+    all channels, or on the first ``net.guide_channels`` where the net sets it (a published DiT:
+    3, as DiT's forward_with_cfg; D is affine in eps, so guiding D's channels guides eps's)."""
 
     def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None or guidance == 1.0:
             return net(x, sigma, labels)
         both = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null_labels(labels)]))
         cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        g = uncond + guidance * (cond - uncond)
+        k = getattr(net, "guide_channels", None)  # a published DiT guides channels 0-2 only
+        if k is not None and k < g.shape[1]:
+            g = torch.cat([g[:, :k], cond[:, k:]], 1)
+        return g
 
     return denoise
 
@@ -60,7 +66,14 @@ def heun_sample(
 ) -> Tensor:
     """Deterministic EDM Heun sampling from ``noise`` [B, C, H, W] (unit Gaussian). ``net`` is an
     EDM denoiser D(x, sigma [B], labels) such as :class:`fastmask.models.EDMPrecond`. The ODE state
-    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA)."""
+    is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA). A flow-matching
+    model (``net.objective == "flow"``) is integrated from t = 0 to 1 by Heun on a fixed grid of
+    ``steps`` steps instead (:func:`fastmask.flow_sampling.flow_sample`)."""
+    if getattr(net, "objective", "edm") == "flow":
+        from .flow_sampling import flow_sample
+
+        return flow_sample(net, noise, labels, method="heun", steps=steps, guidance=guidance,
+                           guide_channels=getattr(net, "guide_channels", None), amp=amp)
     denoise = guided_denoiser(net, guidance)
     # a denoiser may support only a range of sigma (DDPM-trained DiT: about 0.01 .. 157)
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
@@ -81,128 +94,6 @@ def heun_sample(
     return x
 
 
-# --------------------------------------------------------------------------- flow matching
-FLOW_METHODS = ("heun", "euler", "sde")
-
-
-def guided_velocity(net, guidance: float = 1.0, interval: tuple[float, float] | None = None,
-                    channels: int | None = None):
-    """v(x, t [B], labels) with classifier-free guidance ``guidance`` on the first ``channels``
-    channels (None: ``net.guide_channels``, then all). The other channels keep the conditional
-    prediction, as SiT's forward_with_cfg keeps each half's own (it guides channels 0-2 of its
-    4-channel latents). ``interval`` (lo, hi): guide only for lo <= t <= hi (flow time, 1 =
-    data); elsewhere the conditional velocity alone (one network call)."""
-    if channels is None:
-        channels = getattr(net, "guide_channels", None)
-    lo, hi = interval if interval is not None else (0.0, 1.0)
-
-    def velocity(x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        tf = float(t[0])  # the samplers' grids are host values: no device sync
-        if labels is None or guidance == 1.0 or not (lo <= tf <= hi):
-            return net(x, t, labels).float()
-        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels(labels)])).float()
-        cond, uncond = both.chunk(2)
-        g = uncond + guidance * (cond - uncond)
-        if channels is None or channels >= g.shape[1]:
-            return g
-        return torch.cat([g[:, :channels], cond[:, channels:]], 1)
-
-    return velocity
-
-
-@torch.no_grad()
-def flow_sample(
-    net,
-    noise: Tensor,
-    labels: Tensor | None = None,
-    *,
-    steps: int = 50,
-    method: str = "heun",
-    guidance: float = 1.0,
-    guidance_interval: tuple[float, float] | None = None,
-    last_step: float = 0.04,
-    generator: torch.Generator | None = None,
-    amp: bool = False,
-) -> Tensor:
-    """Samples of a velocity field v(x, t, labels) (:class:`fastmask.models.FlowPrecond`), from
-    x(0) = ``noise`` (t = 0 noise, t = 1 data, SiT's convention). The state is float32.
-
-    * ``euler`` / ``heun``: the probability-flow ODE dx/dt = v on the fixed grid
-      linspace(0, 1, steps + 1); Euler: ``steps`` network calls, Heun (second order, also on
-      the last interval: v is finite at t = 1): 2 * ``steps``.
-    * ``sde``: Euler-Maruyama of dx = (v + w s) dt + sqrt(2 w) dW with SiT's diffusion
-      coefficient w(t) = 1 - t and score s = (t v - x) / (1 - t), on linspace(0, 1 - last_step,
-      steps), then one drift-only step of ``last_step`` (SiT's "Mean" last step): ``steps``
-      calls. ``generator`` draws the noise (on noise's device).
-    """
-    if method not in FLOW_METHODS:
-        raise ValueError(f"method: expected one of {FLOW_METHODS}, got {method!r}")
-    if steps < 1:
-        raise ValueError(f"steps: expected at least 1, got {steps}")
-    if not 0 < last_step < 1:
-        raise ValueError(f"last_step: expected a value in (0, 1), got {last_step}")
-    vel = guided_velocity(net, guidance, guidance_interval)
-    B = noise.shape[0]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    x = noise.float()
-    dev = noise.device
-
-    def at(t: float) -> Tensor:
-        return torch.full((B,), t, dtype=torch.float32, device=dev)
-
-    with ctx:
-        if method == "sde":
-            grid = torch.linspace(0, 1 - last_step, steps, dtype=torch.float64).tolist()
-            grid.append(1.0)
-
-            def drift(x, t):
-                v = vel(x, at(t), labels)
-                score = (t * v - x) / (1 - t)
-                return v + (1 - t) * score  # w(t) = 1 - t
-
-            for i in range(len(grid) - 1):
-                t, dt = grid[i], grid[i + 1] - grid[i]
-                if i == len(grid) - 2:  # the drift-only last step
-                    x = x + drift(x, t) * dt
-                else:
-                    z = torch.randn(x.shape, generator=generator, device=dev)
-                    x = x + drift(x, t) * dt + (2 * (1 - t) * dt) ** 0.5 * z
-            return x
-        grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
-        for i in range(steps):
-            t, t_next = grid[i], grid[i + 1]
-            h = t_next - t
-            v = vel(x, at(t), labels)
-            x_next = x + h * v
-            if method == "heun":
-                x_next = x + h * 0.5 * (v + vel(x_next, at(t_next), labels))
-            x = x_next
-    return x
-
-
-def is_flow(net) -> bool:
-    """Whether ``net`` is a velocity field (flow matching) rather than an EDM denoiser."""
-    return getattr(net, "objective", "edm") == "flow"
-
-
-def sample_batch(net, noise: Tensor, labels: Tensor | None, *, steps: int, guidance: float = 1.0, amp: bool = False,
-                 flow: dict | None = None) -> Tensor:
-    """One batch with the sampler of ``net``'s objective: EDM Heun for a denoiser, or
-    :func:`flow_sample` (``flow``: its method, guidance_interval, ... ; default Heun) for a flow."""
-    if is_flow(net):
-        return flow_sample(net, noise, labels, steps=steps, guidance=guidance, amp=amp, **(flow or {}))
-    return heun_sample(net, noise, labels, steps=steps, guidance=guidance, amp=amp)
-
-
-def sampler_description(net, steps: int, flow: dict | None = None) -> str:
-    """What :func:`sample_batch` runs, in words (for reports)."""
-    if not is_flow(net):
-        return f"EDM Heun, {steps} steps ({2 * steps - 1} network calls), sigma 80 -> 0.002, rho 7"
-    method = (flow or {}).get("method", "heun")
-    calls = 2 * steps if method == "heun" else steps
-    return f"flow {method}, {steps} steps ({calls} network calls), t 0 -> 1"
-
-
 def sample(
     net,
     labels: Tensor | None,
@@ -215,11 +106,9 @@ def sample(
     batch_size: int = 256,
     device="cpu",
     amp: bool = False,
-    flow: dict | None = None,
 ) -> Tensor:
     """Samples [B, C, H, W] for ``labels`` [B] (or ``num`` unconditional ones), in chunks of
-    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking.
-    A flow model is sampled by :func:`flow_sample` (``flow``: its settings)."""
+    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking."""
     n = labels.shape[0] if labels is not None else num
     if n is None or n < 1:
         raise ValueError("labels: give class labels [B] or a sample count (num)")
@@ -233,8 +122,7 @@ def sample(
         for s in range(0, n, batch_size):
             lab = labels[s : s + batch_size].to(device) if labels is not None else None
             out.append(
-                sample_batch(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp,
-                             flow=flow).cpu()
+                heun_sample(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp).cpu()
             )
     finally:
         if was_training:
@@ -292,15 +180,15 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     folder), or a published MaskDiT/DiT state dict (``.pt``/``.pth``, via
     :func:`fastmask.models.from_published`). Published MaskDiT checkpoints are EDM models;
     published DiT checkpoints are DDPM eps-prediction models and are wrapped by
-    :class:`DDPMDenoiser`; released SiT checkpoints (:func:`fastmask.models.published_objective`)
-    are velocity fields, wrapped by :class:`FlowPrecond` (``parameterization`` overrides:
-    ``edm``, ``ddpm`` or ``flow``).
+    :class:`DDPMDenoiser`; published SiT checkpoints (the DiT layout; recognised by a file name
+    starting with ``SiT`` or stored arguments naming a SiT model) are flow models, wrapped by
+    :class:`FlowPrecond` (``parameterization`` overrides: ``edm``, ``ddpm`` or ``flow``).
     Returns ``(net, info)`` with info = {num_classes, shape (C, H, W), kind (pixels|latents), source}.
     """
     from pathlib import Path
 
     from .errors import UsageError
-    from .models import DDPMDenoiser, DiT, EDMPrecond, FlowPrecond, build_model, from_published, published_objective
+    from .models import DDPMDenoiser, DiT, EDMPrecond, FlowPrecond, build_model, from_published
 
     p = Path(path)
     if p.is_dir() or p.suffix == ".safetensors":
@@ -324,7 +212,7 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
                              f"{str(e).splitlines()[0]}") from None
         info = {"num_classes": num_classes, "shape": shape, "kind": extra.get("data_kind", "pixels"),
                 "source": str(ck["path"]), "step": ck["step"], "weights": "ema" if use_ema and ck["ema"] else "model",
-                "flow": is_flow(net)}
+                "objective": cfg.objective}
         return net.to(device).eval(), info
     if not p.exists():
         raise ValueError(f"checkpoint: {str(p)!r} does not exist")
@@ -333,17 +221,32 @@ def load_model(path, *, use_ema: bool = True, device="cpu", key: str | None = No
     obj = load_published_file(p, trust_pickle=trust_pickle)  # released files: tensors + argparse.Namespace
     net = from_published(obj, key=key)
     if parameterization == "auto":
-        parameterization = published_objective(obj, p) or ("ddpm" if isinstance(net, DiT) else "edm")
+        parameterization = "ddpm" if isinstance(net, DiT) else "edm"
+        if isinstance(net, DiT) and _is_sit(p, obj):
+            parameterization = "flow"
     if parameterization not in ("edm", "ddpm", "flow"):
         raise ValueError(f"parameterization: expected auto, edm, ddpm or flow, got {parameterization!r}")
-    if parameterization == "flow":  # SiT: t fed as is; its forward_with_cfg guides channels 0-2 of 4
-        den = FlowPrecond(net, guide_channels=3 if net.in_channels == 4 else None)
+    if parameterization == "flow":  # SiT: v(x_t, t), t in [0, 1]; its code guides channels 0-2 only
+        den = FlowPrecond(net)
+        den.guide_channels = 3
     else:
         den = EDMPrecond(net) if parameterization == "edm" else DDPMDenoiser(net)
+        if parameterization == "ddpm":
+            den.guide_channels = 3
     C, s = net.in_channels, net.input_size
     info = {"num_classes": net.num_classes, "shape": (C, s, s), "kind": "latents" if C == 4 else "pixels",
-            "source": str(p), "parameterization": parameterization, "flow": parameterization == "flow"}
+            "source": str(p), "parameterization": parameterization,
+            "objective": "flow" if parameterization == "flow" else "edm"}
     return den.to(device).eval(), info
+
+
+def _is_sit(path, obj) -> bool:
+    """A SiT release: the file name (``SiT-XL-2-256x256.pt``) or train.py's stored ``args.model``."""
+    from .models.checkpoint import stored_args
+
+    if path.name.lower().startswith("sit"):
+        return True
+    return str(stored_args(obj).get("model", "")).startswith("SiT")
 
 
 # --------------------------------------------------------------------------- fastmask sample
@@ -432,7 +335,6 @@ def generate(
     device="cpu",
     amp: bool = False,
     decode=None,
-    flow: dict | None = None,
 ):
     """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
     sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
@@ -441,11 +343,7 @@ def generate(
     for s in range(start, stop, batch_size):
         idx = torch.arange(s, min(s + batch_size, stop))
         lab = labels[idx].to(device) if labels is not None else None
-        flow_kw = dict(flow or {})
-        if is_flow(net) and flow_kw.get("method") == "sde":  # the SDE's noise: a function of (seed, first index)
-            flow_kw["generator"] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(idx[0]))
-        x = sample_batch(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp,
-                         flow=flow_kw)
+        x = heun_sample(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp)
         if decode is not None:
             x = decode(x)
         yield idx, x.cpu()

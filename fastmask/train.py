@@ -64,7 +64,7 @@ from .checkpoint_io import (
 from .data import batch_indices, build_dataset, check_labels, make_sampler
 from .errors import UsageError
 from .latents import check_manifest as check_latent_manifest
-from .models import EDMPrecond, build_model, draw_sigma, draw_t
+from .models import EDMPrecond, FlowPrecond, build_model, draw_sigma, draw_t
 from .presets import TrainConfig
 
 
@@ -151,38 +151,38 @@ def step_randomness(
     label_dropout: float,
     latents: bool,
     device,
-    objective: str = "edm",
-    flow_t: str = "uniform",
+    t_schedule: str | None = None,
 ) -> dict[str, Tensor | None]:
     """All random draws of global step ``step``, for the whole global batch, from one generator
     seeded by (seed, step): label-drop flags [B], sigma [B], noise [B, C, H, W] (unit, times
     sigma later), ids_keep [B, K] (None at ratio 0) and the latent posterior eps (or None).
-    With ``objective="flow"`` the "sigma" entry holds the times t [B] (``flow_t``: their
-    distribution), drawn at the same place in the stream, and noise is x0."""
+    With ``t_schedule`` (the flow objective) the draw in sigma's place is the time t [B]
+    (key ``t``; ``sigma`` is None) and the noise is x0."""
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed((seed % 2**31) * 2**32 + step)
     B = global_batch
     drop = torch.rand(B, generator=g, device=dev) < label_dropout
-    if objective == "flow":
-        sigma = draw_t(B, generator=g, device=dev, dist=flow_t)
-    else:
+    t = sigma = None
+    if t_schedule is None:
         sigma = draw_sigma(B, generator=g, device=dev)
+    else:
+        t = draw_t(B, schedule=t_schedule, generator=g, device=dev)
     noise = torch.randn((B, *shape), generator=g, device=dev)
     ids_keep = None
     if mask_ratio > 0:
         ids_keep, _, _ = ops.random_mask(B, num_tokens, mask_ratio, generator=g, device=dev)
     eps = torch.randn((B, *shape), generator=g, device=dev) if latents else None
-    return {"drop": drop, "sigma": sigma, "noise": noise, "ids_keep": ids_keep, "eps": eps}
+    return {"drop": drop, "sigma": sigma, "t": t, "noise": noise, "ids_keep": ids_keep, "eps": eps}
 
 
 class _LossModule(nn.Module):
     """The loss as a module, so that DistributedDataParallel sees the forward pass."""
 
-    def __init__(self, precond: EDMPrecond, mae_coef: float):
+    def __init__(self, precond: EDMPrecond | FlowPrecond, mae_coef: float):
         super().__init__()
         self.precond, self.mae_coef = precond, mae_coef
 
-    def forward(self, y, labels, drop, sigma, noise, ids_keep):
+    def forward(self, y, labels, drop, sigma, noise, ids_keep):  # sigma: the times t under flow
         return self.precond.loss_given(
             y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False,
             check_sigma=False,
@@ -415,10 +415,6 @@ class Trainer:
         have = ck["extra"].get("data_shape")
         if have is not None and list(have) != want:
             raise UsageError(f"resume: {str(path)!r} was trained on data of shape {tuple(have)}, this data is {tuple(want)}")
-        theirs = (ck.get("config") or {}).get("objective", "edm")  # checkpoints before the field: EDM
-        if theirs != self.cfg.objective:
-            raise UsageError(f"resume: {str(path)!r} was trained with objective {theirs!r}, this run asks for "
-                             f"{self.cfg.objective!r}; the weights would not continue the same training")
         diff = _first_difference(self.net.state_dict(), ck["model"])
         if diff is None and ck["ema"] is not None:
             diff = _first_difference(self.ema.state_dict(), ck["ema"])
@@ -739,9 +735,9 @@ class Trainer:
             cfg.label_dropout,
             self.data.kind == "latents",
             dev,
-            cfg.objective,
-            cfg.flow_t,
+            cfg.t_schedule if cfg.objective == "flow" else None,
         )
+        level = rnd["t"] if cfg.objective == "flow" else rnd["sigma"]
         per = cfg.batch_size // self.world
         sl = slice(self.rank * per, (self.rank + 1) * per)
         idx = batch_indices(self.sampler, step, cfg.batch_size, self.rank, self.world)
@@ -770,7 +766,7 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA-graph outputs may be reused
         with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
             mean, bad, bad_val, acc = self._step_fn(
-                y, labels, rnd["drop"][sl], rnd["sigma"][sl], rnd["noise"][sl], ids_keep,
+                y, labels, rnd["drop"][sl], level[sl], rnd["noise"][sl], ids_keep,
                 self._step_t, self._bad, self._bad_val, self._acc,
             )
         if self._compiled:  # keep the running state out of the CUDA-graph memory pool

@@ -619,6 +619,22 @@ def test_dsm_mae_loss(impl, B, N, P, dt, xdt, with_mask):
     _repeat_equal(lambda: impl.dsm_mae_loss_fwd(F, xn, y, sigma, mask, MAE_COEF, SIGMA_DATA), "dsm_mae_loss_fwd")
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_dsm_mae_loss_flow(impl, with_mask):
+    """The flow objective (c_skip = 0, c_out = 1, weight 1; sigma unread) against the reference."""
+    B, N, P = 3, 37, 12
+    F, xn, y, sigma, mask = _loss_case(impl, B, N, P, "fp32", "fp32", with_mask, seed=7)
+    with poisoned_empty():
+        loss, terms, grad = impl.dsm_mae_loss_fwd(F, xn, y, torch.full_like(sigma, float("nan")), mask, MAE_COEF,
+                                                  SIGMA_DATA, "flow")
+    Fl = F.detach().clone().requires_grad_()
+    fm, mae = R.dsm_mae_loss_terms(Fl, xn, y, sigma, mask, objective="flow")
+    (fm + MAE_COEF * mae).sum().backward()
+    torch.testing.assert_close(loss, (fm + MAE_COEF * mae).detach(), atol=1e-5, rtol=2e-5)
+    torch.testing.assert_close(terms, torch.stack([fm, mae], 1).detach(), atol=1e-5, rtol=2e-5)
+    torch.testing.assert_close(grad, Fl.grad, atol=1e-7, rtol=1e-5)
+
+
 # ------------------------------------------------------ public ops, CUDA backend forced
 @pytest.mark.parametrize("dt,vdt", [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")])
 def test_public_ops_cuda_backend(impl, monkeypatch, dt, vdt):

@@ -185,3 +185,20 @@ def test_npz_merge_streams_parts(tmp_path):
     with np.load(tmp_path / "all.npz") as z:
         want = np.concatenate([np.load(p) for p in parts])
         assert np.array_equal(z["arr_0"], want) and z["labels"].tolist() == list(range(7))
+
+
+def test_released_sit_checkpoint_samples_to_npz(tmp_path, assets):
+    """`fastmask sample --checkpoint SiT-XL-2-256x256.pt --vae ... --npz`: a bare state dict of the
+    published SiT architecture (random, tiny) samples with the flow Heun sampler and decodes."""
+    from test_sit import PublishedSiT
+
+    torch.manual_seed(0)
+    ck = tmp_path / "SiT-XL-2-256x256.pt"
+    torch.save(PublishedSiT(D=64, H=4, num_classes=5).state_dict(), ck)
+    npz = tmp_path / "sit.npz"
+    with pytest.warns(UserWarning, match="rows"):
+        rc = main(["sample", "--checkpoint", str(ck), "--vae", str(assets / "vae"), "--num", "2", "--steps", "3",
+                   "--npz", str(npz), "--no-png", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert rc == 0
+    with np.load(npz) as z:
+        assert z["arr_0"].shape == (2, 16, 16, 3) and z["labels"].tolist() == [0, 1]

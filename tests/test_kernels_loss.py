@@ -122,94 +122,6 @@ def test_dsm_mae_op_triton_backend(with_mask, dtype):
     torch.testing.assert_close(Fl.grad.float(), Fr.grad, atol=tol * Fr.grad.abs().max().item(), rtol=tol)
 
 
-# ------------------------------------------------------------------ flow matching (FLOW switch)
-def _flow_case(B, N, P, dtype, with_mask, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x1, x0 = torch.randn(B, N, P, generator=gen), torch.randn(B, N, P, generator=gen)
-    t = torch.rand(B, generator=gen).view(-1, 1, 1)
-    xt, u = t * x1 + (1 - t) * x0, x1 - x0
-    F = torch.randn(B, N, P, generator=gen)
-    mask = None
-    if with_mask:
-        mask = (torch.rand(B, N, generator=gen) < 0.5).float()
-        if B > 1:
-            mask[-1] = 0.0
-    return F.to(dtype), xt.to(dtype), u.to(dtype), mask
-
-
-def _flow_reference(F, xt, u, mask, upcast=True):
-    Fl = (F.float() if upcast else F).detach().clone().requires_grad_()
-    fm, mae = R.flow_mae_loss_terms(Fl, xt.float() if upcast else xt, u.float() if upcast else u, mask)
-    loss = fm + MAE_COEF * mae
-    loss.sum().backward()
-    return loss.detach(), fm.detach(), mae.detach(), Fl.grad
-
-
-@pytest.mark.parametrize("B,N,P", SHAPES)
-@pytest.mark.parametrize("with_mask", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_flow_mae_kernel(B, N, P, with_mask, dtype):
-    F, xt, u, mask = _flow_case(B, N, P, dtype, with_mask)
-    with poisoned_empty():
-        loss, terms, grad = fk.flow_mae_loss_fwd(F, xt, u, mask, MAE_COEF)
-    for t, n in [(loss, "loss"), (terms, "terms"), (grad, "grad_F")]:
-        assert_all_written(t, n)
-    assert grad.dtype == F.dtype
-    l32, f32, m32, g32 = _flow_reference(F, xt, u, mask)
-    torch.testing.assert_close(loss, l32, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(terms[:, 0], f32, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(terms[:, 1], m32, atol=1e-5, rtol=1e-5)
-    if dtype == torch.float32:
-        torch.testing.assert_close(grad, g32, atol=1e-7, rtol=1e-5)
-    else:
-        _, _, _, g_lo = _flow_reference(F, xt, u, mask, upcast=False)
-        assert_close_to_ref(grad.float(), g_lo.float(), g32, 3, atol=1e-3 * g32.abs().max().item(), name="grad_F")
-    if not with_mask:
-        assert torch.equal(terms[:, 1], torch.zeros(B))
-    elif B > 1:
-        assert terms[-1, 1].item() == 0.0
-
-
-def test_flow_reference_is_the_sit_loss_and_the_mae_of_normalised_x_t():
-    """fm is SiT's mean squared velocity error over kept tokens; mae compares F with x_t
-    normalised per token (zero mean, unit unbiased variance), over dropped tokens only."""
-    F, xt, u, mask = _flow_case(2, 8, 6, torch.float32, True, seed=7)
-    fm, mae = R.flow_mae_loss_terms(F, xt, u, mask)
-    k = mask[0] == 0
-    torch.testing.assert_close(fm[0], ((F[0, k] - u[0, k]) ** 2).mean())
-    z = (xt[0] - xt[0].mean(-1, keepdim=True)) / xt[0].std(-1, keepdim=True)
-    torch.testing.assert_close(mae[0], ((F[0, ~k] - z[~k]) ** 2).mean(), atol=1e-5, rtol=1e-5)
-    full, _ = R.flow_mae_loss_terms(F, xt, u, None)
-    torch.testing.assert_close(full, ((F - u) ** 2).mean((1, 2)))
-
-
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_flow_mae_op_triton_backend(with_mask):
-    F, xt, u, mask = _flow_case(3, 59, 12, torch.float32, with_mask, seed=8)
-    Fl = F.clone().requires_grad_()
-    with fastmask.backend("triton"):
-        loss, fm, mae = fastmask.ops.flow_mae_loss(Fl, xt, u, mask, MAE_COEF, return_terms=True)
-    w = torch.tensor([0.5, -1.0, 2.0])
-    (loss * w).sum().backward()
-    Fr = F.clone().requires_grad_()
-    fr, mr = R.flow_mae_loss_terms(Fr, xt, u, mask)
-    ((fr + MAE_COEF * mr) * w).sum().backward()
-    torch.testing.assert_close(fm, fr.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mae, mr.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(Fl.grad, Fr.grad, atol=1e-7, rtol=1e-5)
-
-
-def test_flow_op_checks_and_the_cuda_backend_says_it_lacks_it():
-    F, xt, u, _ = _flow_case(2, 4, 6, torch.float32, False)
-    with pytest.raises(ValueError, match="u"):
-        fastmask.ops.flow_mae_loss(F, xt, u[:, :3])
-    with pytest.raises(ValueError, match="mae_coef"):
-        fastmask.ops.flow_mae_loss(F, xt, u, None, -1.0)
-    from fastmask.ops import dispatch
-    reasons = " ".join(dispatch.not_supported_reasons("cuda", "flow_mae_loss", [F.to("meta")]))
-    assert "flow" in reasons and "Triton" in reasons
-
-
 # -------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -234,4 +146,3 @@ def test_gpu_launch_configs_in_interpreter(monkeypatch):
     monkeypatch.setattr(loss, "interpreting", lambda: False)
     test_dsm_mae_kernel(3, 59, 12, True, torch.float32)
     test_dsm_mae_kernel(2, 30, 48, True, torch.float16)
-    test_flow_mae_kernel(3, 59, 12, True, torch.float32)

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.data",
         "fastmask.checkpoint_io",
         "fastmask.sampling",
+        "fastmask.flow_sampling",  # flow-matching ODE/SDE samplers (imported lazily by sampling)
         "fastmask.evaluate",
         "fastmask.report",
         "fastmask.vae",
@@ -42,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.info",
         "fastmask.profiling",
     )),
-    ("models: DiT, MaskDiT, preconditioners, the flow-matching wrapper (models.flow), configs, FLOP count, checkpoint loading", (
+    ("models: DiT, MaskDiT, preconditioners, configs, FLOP count, checkpoint loading", (
         "fastmask.models",
     )),
     ("nn: DiT blocks and layers (fastmask.nn.diffusers included)", (

@@ -7,17 +7,15 @@ Per sample b (the MaskDiT objective; c_skip, c_out, lambda from sigma inside the
     m_t    = mean_p (D - target)^2                        mae = sum_t drop_t m_t / n_drop
     dL/dF  = c_out * 2/P * (kept_t/n_kept * lambda (D - y) + mae_coef * drop_t/n_drop (D - target))
 
+With FLOW (SiT's velocity objective, fastmask.models.flow): c_skip = 0, c_out = 1, lambda = 1,
+so D = F is the velocity, y the target x1 - x0 and x_noisy the interpolant x_t; sigma is not read.
+
 Token rows are short (P = p*p*C, 16 for SD latents at p = 2), so a program takes a 2-D tile
 of BLOCK_T tokens x BLOCK_P values of one sample (~4K elements) instead of one row. The
 counts n_kept/n_drop come from the sample's mask row (N floats, read by each program of the
 sample: far less than the tile), so the gradient is written in the same pass as the loss and
 the op's backward is a per-sample scale. Each program writes its (dsm, mae) partial; a second
 tiny kernel adds them per sample in a fixed order: deterministic, no atomics.
-
-The flow-matching objective (``flow_mae_loss``, SiT's velocity loss) is the same kernel with the
-constexpr ``FLOW``: no preconditioning (D = F, c_out = lambda = 1, sigma is not read), ``Y`` holds
-the velocity target u = x1 - x0 and ``XN`` the interpolant x_t, whose per-token normalisation is
-the MAE target exactly as above.
 """
 from __future__ import annotations
 
@@ -29,14 +27,13 @@ from ..constants import MAE_EPS
 from ._utils import cdiv, interpreting
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
-__all__ = ["dsm_mae_loss_fwd", "flow_mae_loss_fwd"]
+__all__ = ["dsm_mae_loss_fwd"]
 
 
 @triton.jit
 def _dsm_mae_fwd_kernel(
     F, XN, Y, SIGMA, MASK, GRAD, PART, N, P, CHUNKS, mae_coef, sigma_data, mae_eps,
-    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    FLOW: tl.constexpr = False,
+    HAS_MASK: tl.constexpr, FLOW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // CHUNKS).to(tl.int64)
@@ -49,7 +46,7 @@ def _dsm_mae_fwd_kernel(
     # Scalar args may arrive as fp64 (Inductor): pin everything to fp32.
     sd = tl.full([], sigma_data, tl.float32)
     coef = tl.full([], mae_coef, tl.float32)
-    if FLOW:  # velocity loss: D = F, unweighted (SIGMA is not read)
+    if FLOW:
         c_skip = tl.full([], 0.0, tl.float32)
         c_out = tl.full([], 1.0, tl.float32)
         lam = tl.full([], 1.0, tl.float32)
@@ -66,10 +63,7 @@ def _dsm_mae_fwd_kernel(
     f = tl.load(F + offs, mask=m, other=0.0).to(tl.float32)
     xn = tl.load(XN + offs, mask=m, other=0.0).to(tl.float32)
     yy = tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
-    if FLOW:
-        d = f
-    else:
-        d = c_skip * xn + c_out * f
+    d = c_skip * xn + c_out * f
     diff = d - yy  # 0 in masked lanes (all three loads are 0 there)
     e = lam * tl.sum(diff * diff, axis=1) * inv_p  # [BLOCK_T]
 
@@ -128,16 +122,7 @@ def _tile(P: int) -> tuple[int, int, int]:
     return BLOCK_T, BLOCK_P, num_warps
 
 
-def dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data: float):
-    return _loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, flow=False)
-
-
-def flow_mae_loss_fwd(F_out, x_t, u, mask, mae_coef: float):
-    """The flow-matching loss: the same kernel with ``FLOW`` (no sigma, no preconditioning)."""
-    return _loss_fwd(F_out, x_t, u, None, mask, mae_coef, 1.0, flow=True)
-
-
-def _loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data: float, flow: bool):
+def dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data: float, objective: str = "edm"):
     B, N, P = F_out.shape
     dev = F_out.device
     loss = torch.empty(B, device=dev, dtype=torch.float32)
@@ -150,9 +135,9 @@ def _loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data: float
     part = torch.empty((B * chunks, 2), device=dev, dtype=torch.float32)
     BLOCK_N = min(1024, triton.next_power_of_2(max(N, 1)))
     _dsm_mae_fwd_kernel[(B * chunks,)](
-        F_out, x_noisy, y, F_out if sigma is None else sigma, F_out if mask is None else mask, grad, part,
+        F_out, x_noisy, y, sigma, F_out if mask is None else mask, grad, part,
         N, P, chunks, float(mae_coef), float(sigma_data), MAE_EPS,
-        HAS_MASK=mask is not None, BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, FLOW=flow, num_warps=num_warps,
+        HAS_MASK=mask is not None, FLOW=objective == "flow", BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
     _dsm_mae_finish_kernel[(B,)](part, loss, terms, chunks, float(mae_coef), num_warps=1)
     return loss, terms, grad

@@ -1,19 +1,11 @@
-"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, the flow-matching wrapper, configs, FLOP count,
+"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, the flow wrapper, configs, FLOP count,
 checkpoint loading."""
-from .checkpoint import (
-    from_lightningdit,
-    from_published,
-    infer_config,
-    load_published,
-    load_published_file,
-    published_objective,
-    unwrap_state_dict,
-)
+from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
 from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
-from .flow import FlowPrecond, draw_t
 from .flops import count_flops
+from .flow import FlowPrecond, draw_t
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,7 +31,6 @@ __all__ = [
     "maskdit",
     "model_kwargs",
     "patchify",
-    "published_objective",
     "unpatchify",
     "unwrap_state_dict",
 ]

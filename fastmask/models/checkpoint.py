@@ -228,20 +228,6 @@ def infer_config(state_dict, key: str | None = None, **known) -> dict:
     return {"cls": DiT, **kw, **known}
 
 
-def published_objective(obj, path=None) -> str | None:
-    """"flow" for a released SiT checkpoint (willisma/SiT), else None. SiT's weights have DiT's
-    layout exactly (learn_sigma, 2C outputs whose second half SiT never uses), so the weights
-    alone cannot tell: its train.py stores ``args`` with the transport options (``path_type``,
-    ``prediction``) and a model name ``SiT-...``; the bare released file is recognised by its
-    name (``SiT-XL-2-256x256.pt``). Anything else: pass the objective explicitly."""
-    args = stored_args(obj)
-    if "path_type" in args or "prediction" in args or str(args.get("model", "")).startswith("SiT-"):
-        return "flow"
-    if path is not None and Path(path).name.lower().startswith("sit-"):
-        return "flow"
-    return None
-
-
 def from_published(state_dict, key: str | None = None, **overrides) -> nn.Module:
     """Build the DiT/MaskDiT a published checkpoint describes and load it. ``state_dict`` is
     the loaded object or a file path. ``overrides`` replace inferred constructor arguments;

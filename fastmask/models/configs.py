@@ -97,8 +97,8 @@ register_architecture("dit", dit, masks=False, help="plain DiT on every token (t
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
-    """The network a training config describes, wrapped for its objective (``cfg.objective``: edm
-    -> :class:`EDMPrecond`, flow -> :class:`FlowPrecond` with ``cfg.flow_t``); ``cfg.arch``, ``cfg.model``;
+    """The wrapped network a training config describes (``cfg.arch``, ``cfg.model``, and
+    ``cfg.objective``: EDMPrecond for ``edm``, FlowPrecond for ``flow``;
     ``cfg.image_size`` and ``cfg.channels`` are checked against the data ``shape`` (C, H, W))."""
     C, H, W = shape
     if H != W:
@@ -112,5 +112,5 @@ def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecon
     build = ARCHITECTURES[cfg.arch].build
     net = build(cfg.model, input_size=H, in_channels=C, num_classes=num_classes)
     if getattr(cfg, "objective", "edm") == "flow":
-        return FlowPrecond(net, t_dist=getattr(cfg, "flow_t", "uniform"))
+        return FlowPrecond(net, t_schedule=getattr(cfg, "t_schedule", "uniform"))
     return EDMPrecond(net)

@@ -1,11 +1,12 @@
-"""Flow matching beside EDM: :class:`FlowPrecond` makes a DiT/MaskDiT a velocity field v(x, t)
-with SiT's linear interpolant (willisma/SiT, transport/path.py "Linear"), and gives it the
-training loss that :class:`~fastmask.models.edm.EDMPrecond` gives an EDM denoiser, with the same
-``loss`` / ``loss_given`` signatures and returns, so that the trainer treats both alike.
+"""SiT's flow-matching objective beside EDM: :class:`FlowPrecond` makes a DiT/MaskDiT a
+velocity field v(x_t, t), with a ``loss`` / ``loss_given`` pair shaped like
+:class:`fastmask.models.edm.EDMPrecond`'s so that the trainer treats both alike.
 
-Convention (SiT's): t = 0 is noise, t = 1 is data; x_t = t x1 + (1 - t) x0 with x0 ~ N(0, I) and
-x1 the data; the target velocity is u = x1 - x0; t is fed to the time embedding as it is (no
-x1000, no log); t ~ U[0, 1] by default, or logit-normal (t = sigmoid(m + s n), n ~ N(0, 1)).
+Conventions (SiT, willisma/SiT transport/path.py ICPlan "Linear", velocity prediction):
+t = 0 is noise, t = 1 is data; x_t = t x1 + (1 - t) x0 with x0 ~ N(0, I) and x1 the clean
+latent; the target is u = x1 - x0; t ~ U[0, 1] (SiT forces train_eps = 0 for Linear +
+velocity), or logit-normal (sigmoid of N(mean, std^2)) as an option. The network sees x_t
+and t itself (no preconditioning: t in [0, 1] goes straight into the time embedding).
 """
 from __future__ import annotations
 
@@ -17,68 +18,52 @@ from .. import ops
 from ..ops import checks
 from .dit import patchify, unpatchify
 
-T_DISTS = ("uniform", "logit-normal")
+T_SCHEDULES = ("uniform", "logit_normal")
 
 
 def draw_t(
     batch: int,
     *,
-    generator: torch.Generator | None = None,
-    device=None,
-    dist: str = "uniform",
+    schedule: str = "uniform",
     mean: float = 0.0,
     std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device=None,
 ) -> Tensor:
-    """The training times [batch] in [0, 1]: U[0, 1) (one rand draw) or logit-normal
-    sigmoid(mean + std n) (one randn draw)."""
-    if dist == "uniform":
+    """The training times [batch] in [0, 1]: ``uniform`` (one rand draw, SiT) or
+    ``logit_normal`` (one randn draw: sigmoid(mean + std * n))."""
+    if schedule == "uniform":
         return torch.rand(batch, generator=generator, device=device)
-    if dist == "logit-normal":
+    if schedule == "logit_normal":
         return torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
-    raise ValueError(f"dist: expected one of {T_DISTS}, got {dist!r}")
+    raise ValueError(f"schedule: expected one of {T_SCHEDULES}, got {schedule!r}")
 
 
 class FlowPrecond(nn.Module):
-    """v(x, t, label) = F(x, t, label): the wrapped network predicts the velocity directly.
+    """v(x_t, t, label) = F(x_t, t, label)[:C], F the wrapped network (``self.model``, so state
+    keys carry the ``model.`` prefix like EDMPrecond's). ``t_schedule`` picks the training
+    distribution of t (see :func:`draw_t`). ``guide_channels``: the channels classifier-free
+    guidance acts on when sampling (None: all; 3 for a published SiT, as its code does)."""
 
-    The network is stored as ``self.model`` (state-dict keys ``model.``, as EDMPrecond's), so a
-    fastmask checkpoint of either objective has the same layout; ``objective`` says which.
-    ``t_dist`` ("uniform" or "logit-normal", with ``t_mean`` / ``t_std``) is the training
-    distribution of t. ``guide_channels``: how many leading channels classifier-free guidance
-    acts on (None: all; 3 for a published SiT, whose code guides channels 0-2 only).
+    objective = "flow"  # what the samplers dispatch on
+    guide_channels: int | None = None
 
-    The MAE term (MaskDiT, on the dropped tokens) is taken in the space of the network's input:
-    the prediction F at a dropped token is compared with that token of x_t, normalised per
-    token (zero mean, unit variance), as MaskDiT's MAE reconstructs its noisy input x + sigma n.
-    Why this space: x_t is what the encoder saw at the kept tokens, so the task is the same
-    inpainting MaskDiT's decoder learns; the normalised target has unit scale at every t, like
-    the velocity (variance 1 + var(x1)), so one output head serves both terms without a t-dependent
-    weight; and it is defined at t = 0 and t = 1, where a clean-data target x1 = x_t + (1 - t) v
-    would make the term's gradient vanish (t -> 1) or ask for pure noise recovery (t -> 0).
-    """
-
-    objective = "flow"
-
-    def __init__(self, model: nn.Module, *, t_dist: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0,
-                 guide_channels: int | None = None):
+    def __init__(self, model: nn.Module, t_schedule: str = "uniform", t_mean: float = 0.0, t_std: float = 1.0):
         super().__init__()
-        if t_dist not in T_DISTS:
-            raise ValueError(f"t_dist: expected one of {T_DISTS}, got {t_dist!r}")
-        if not (float(t_std) > 0 and float(t_std) < float("inf")):
+        if t_schedule not in T_SCHEDULES:
+            raise ValueError(f"t_schedule: expected one of {T_SCHEDULES}, got {t_schedule!r}")
+        std = float(t_std)
+        if not (std > 0 and std < float("inf")):
             raise ValueError(f"t_std: expected a positive finite number, got {t_std}")
-        if guide_channels is not None and not (isinstance(guide_channels, int) and guide_channels >= 1):
-            raise ValueError(f"guide_channels: expected None or a positive int, got {guide_channels!r}")
+        mean = float(t_mean)
+        if not abs(mean) < float("inf"):
+            raise ValueError(f"t_mean: expected a finite number, got {t_mean}")
         self.model = model
-        self.t_dist, self.t_mean, self.t_std = t_dist, float(t_mean), float(t_std)
-        self.guide_channels = guide_channels
+        self.t_schedule, self.t_mean, self.t_std = t_schedule, mean, std
 
     @property
     def patch_size(self) -> int:
         return self.model.patch_size
-
-    def draw_level(self, batch: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """The training times [batch] (this wrapper's ``t_dist``)."""
-        return draw_t(batch, generator=generator, device=device, dist=self.t_dist, mean=self.t_mean, std=self.t_std)
 
     def forward(
         self,
@@ -90,11 +75,11 @@ class FlowPrecond(nn.Module):
         ids_keep: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """The velocity [B, C, H, W] (fp32) at x_t = ``x``; t: [B] or a scalar in [0, 1]."""
-        t = _time(t, x)
+        """Velocity [B, C, H, W] (fp32) at x_t. t: [B] or a scalar in [0, 1]."""
+        t = _t(t, x)
         F_tokens, _ = self._network(x, t, class_labels, mask_ratio, ids_keep, generator)
         F_img = unpatchify(F_tokens.float(), self.model.patch_size, self.model.out_channels)
-        return F_img[:, : x.shape[1]]  # a learned-sigma network (SiT) carries dead variance channels
+        return F_img[:, : x.shape[1]]  # a learned-sigma network (SiT) carries a dead half
 
     def _network(self, x, t, class_labels, mask_ratio, ids_keep, generator, **kw):
         drop = kw.pop("force_drop_ids", None)
@@ -106,30 +91,35 @@ class FlowPrecond(nn.Module):
         out = self.model.forward_tokens(x, t, class_labels, **kw)
         return out if isinstance(out, tuple) else (out, None)
 
+    def draw_t(self, batch: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+        return draw_t(batch, schedule=self.t_schedule, mean=self.t_mean, std=self.t_std, generator=generator, device=device)
+
     def loss(
         self,
         y: Tensor,
         class_labels: Tensor | None = None,
         *,
-        mask_ratio: float = 0.5,
+        mask_ratio: "float | ops.TokenStrategy" = 0.5,
         mae_coef: float = 0.1,
         generator: torch.Generator | None = None,
         return_terms: bool = False,
         force_drop_ids: Tensor | None = None,
     ):
-        """The flow-matching objective for data y = x1 [B, C, H, W]: per-sample loss [B].
+        """The flow objective for clean data y = x1 [B, C, H, W]: per-sample loss [B].
 
-        Draws from ``generator`` in this order (as EDMPrecond.loss): t, noise x0, mask. Labels as
-        in :meth:`EDMPrecond.loss`. With ``return_terms`` returns (loss, fm, mae)."""
+        ``mask_ratio``: a ratio (MaskDiT's random masks) or any :class:`fastmask.ops.TokenStrategy`.
+        Draws from ``generator`` in this order: t, noise x0, mask (as EDMPrecond: sigma, noise,
+        mask). No value is read back to the host."""
         B = y.shape[0]
-        t = self.draw_level(B, generator=generator, device=y.device)
+        t = self.draw_t(B, generator=generator, device=y.device)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         ids_keep = None
-        if mask_ratio and ops.num_kept(self.model.num_patches, mask_ratio) < self.model.num_patches:
-            ids_keep = ops.random_mask(B, self.model.num_patches, mask_ratio, generator=generator, device=y.device)[0]
+        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
+        if not tokens.keeps_all(N):
+            ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
         loss, fm, mae = self.loss_given(
-            y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids, check_ids=False,
-            check_sigma=False,  # t drawn here: in [0, 1], and checking would sync with the device
+            y, class_labels, t, noise, ids_keep, mae_coef=mae_coef, force_drop_ids=force_drop_ids,
+            check_ids=False, check_sigma=False,
         )
         return (loss, fm, mae) if return_terms else loss
 
@@ -146,18 +136,29 @@ class FlowPrecond(nn.Module):
         check_ids: bool = True,
         check_sigma: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The objective with every random draw given: t [B] in [0, 1], noise x0 [B, C, H, W],
-        ids_keep [B, K] or None, and optionally ``force_drop_ids`` [B]. Returns (loss, fm, mae),
-        each [B]: fm the velocity loss on kept tokens, mae the MAE term on dropped ones (0
-        without dropping). Computed by the fused op :func:`fastmask.ops.flow_mae_loss`.
-        ``check_sigma=False`` (named as EDMPrecond's, so the trainer calls both alike) skips the
-        range check of t, a device sync, for times the caller drew; ``check_ids`` as EDMPrecond's."""
+        """The objective with every draw given: t [B] in [0, 1], noise x0 [B, C, H, W],
+        ids_keep [B, K] or None, ``force_drop_ids`` [B]. Returns (loss, fm, mae), each [B]:
+        fm = mean over kept tokens of mean_p (v - (x1 - x0))^2 (SiT's loss on every token when
+        nothing is dropped), mae as below; loss = fm + mae_coef * mae (fused op, one pass).
+
+        The MAE term (dropped tokens, MaskDiT only) regresses the network output onto x_t
+        normalised per token (zero mean, unit unbiased variance), the space MaskDiT's MAE uses
+        (its x_noisy) carried over unchanged: x_t is the input the model sees at the kept
+        tokens, so the term still asks the decoder to fill in what the encoder never saw;
+        the per-token normalisation keeps its scale 1 at every t, so ``mae_coef`` keeps the
+        balance it has under EDM. The velocity x1 - x0 at dropped tokens would instead ask the
+        model to predict unseen noise (x0 is independent per token): an irreducible loss of
+        the order of the velocity loss itself, which MaskDiT avoids for DSM the same way.
+
+        ``check_ids`` / ``check_sigma`` validate the given ids and times t (device syncs; named as
+        EDMPrecond's); the
+        trainer's own draws skip them."""
         if y.dim() != 4 or y.shape[0] == 0:
             raise ValueError(f"y: expected a non-empty batch [B, C, H, W], got shape {tuple(y.shape)}")
         if ids_keep is not None and check_ids:
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
-        t = _time(t, y, check=check_sigma)
+        t = _t(t, y, check_values=check_sigma)
         tv = t.view(-1, 1, 1, 1)
         x1, x0 = y.float(), noise.float()
         x_t = tv * x1 + (1 - tv) * x0
@@ -167,21 +168,27 @@ class FlowPrecond(nn.Module):
         F_tokens, mask = self._network(x_t.to(y.dtype), t, class_labels, 0.0, ids_keep, None, **kw)
         p = self.model.patch_size
         C = y.shape[1]
-        if F_tokens.shape[-1] != p * p * C:  # learned-sigma network: keep the velocity channels
+        if F_tokens.shape[-1] != p * p * C:  # learned-sigma network: keep the mean channels
             F_tokens = F_tokens.unflatten(-1, (p * p, -1))[..., :C].flatten(-2)
-        return ops.flow_mae_loss(
-            F_tokens, patchify(x_t, p), patchify(x1 - x0, p), mask, mae_coef=mae_coef, return_terms=True,
-            check_values=False,  # the mask comes from ids the model checked (or the caller trusts)
+        return ops.dsm_mae_loss(
+            F_tokens,
+            patchify(x_t, p),
+            patchify(x1 - x0, p),
+            t,
+            mask,
+            mae_coef=mae_coef,
+            return_terms=True,
+            check_values=False,
+            objective="flow",
         )
 
 
-def _time(t, x: Tensor, check: bool = True) -> Tensor:
+def _t(t, x: Tensor, check_values: bool = True) -> Tensor:
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
     if t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
         raise ValueError(f"t: expected a scalar or shape [{x.shape[0]}], got {tuple(t.shape)}")
-    if check and checks.value_checks_enabled() and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
-        bad = t[~((t >= 0) & (t <= 1))].flatten()[0].item()  # NaN fails both comparisons
-        raise ValueError(f"t: expected times in [0, 1], found {bad}")
+    if check_values and checks.value_checks_enabled() and not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError("t: every time must lie in [0, 1] (0 = noise, 1 = data), without NaN")
     return t

@@ -16,7 +16,7 @@ from .dispatch import (
     record_choices,
     reload_environment,
 )
-from .loss import dsm_mae_loss, flow_mae_loss
+from .loss import dsm_mae_loss
 from .norm import (
     gated_residual,
     layernorm_modulate,
@@ -44,7 +44,6 @@ __all__ = [
     "BackendFallbackWarning",
     "BackendUnavailable",
     "dsm_mae_loss",
-    "flow_mae_loss",
     "gated_residual",
     "gather_tokens",
     "layernorm_modulate",

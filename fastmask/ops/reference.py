@@ -202,20 +202,28 @@ def dsm_mae_loss_terms(
     sigma: torch.Tensor,
     mask: torch.Tensor | None = None,
     sigma_data: float = 0.5,
+    objective: str = "edm",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample DSM and MAE terms of the MaskDiT objective, in token space.
 
     F_out, x_noisy, y: [B, N, P] (P = p*p*C in (p_row, p_col, channel) order);
     sigma [B]; mask [B, N] with 1 at dropped tokens (None: nothing dropped).
-    D = c_skip * x_noisy + c_out * F_out. Returns (dsm [B], mae [B]) in fp32.
+    ``objective="edm"``: D = c_skip * x_noisy + c_out * F_out, weighted by lambda(sigma).
+    ``objective="flow"``: D = F_out (the velocity), y the velocity target x1 - x0, x_noisy
+    the interpolant x_t, weight 1, sigma unread (c_skip = 0, c_out = 1, lambda = 1).
+    Returns (dsm [B], mae [B]) in fp32.
     """
     Fo, xn, yy, s = _acc(F_out), _acc(x_noisy), _acc(y), _acc(sigma)
-    # the loss's EDM coefficients, written out as in the fused kernels (the preconditioner's
-    # c_in and c_noise are model code: fastmask.models.edm.edm_coefficients)
-    s2, d2 = s * s, sigma_data * sigma_data
-    c_skip, c_out = d2 / (s2 + d2), s * sigma_data / torch.sqrt(s2 + d2)
-    weight = (s2 + d2) / (s * sigma_data) ** 2
-    D = c_skip.view(-1, 1, 1) * xn + c_out.view(-1, 1, 1) * Fo
+    if objective == "flow":
+        D = Fo
+        weight = torch.ones_like(s)
+    else:
+        # the loss's EDM coefficients, written out as in the fused kernels (the preconditioner's
+        # c_in and c_noise are model code: fastmask.models.edm.edm_coefficients)
+        s2, d2 = s * s, sigma_data * sigma_data
+        c_skip, c_out = d2 / (s2 + d2), s * sigma_data / torch.sqrt(s2 + d2)
+        weight = (s2 + d2) / (s * sigma_data) ** 2
+        D = c_skip.view(-1, 1, 1) * xn + c_out.view(-1, 1, 1) * Fo
     e = (weight.view(-1, 1, 1) * (D - yy) ** 2).mean(-1)  # [B, N]
     if mask is None:
         return e.mean(-1), torch.zeros_like(s)
@@ -238,51 +246,11 @@ def dsm_mae_loss(
     mask: torch.Tensor | None = None,
     mae_coef: float = 0.1,
     sigma_data: float = 0.5,
+    objective: str = "edm",
 ) -> torch.Tensor:
     """Per-sample loss [B]: dsm + mae_coef * mae (see :func:`dsm_mae_loss_terms`)."""
-    dsm, mae = dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data)
+    dsm, mae = dsm_mae_loss_terms(F_out, x_noisy, y, sigma, mask, sigma_data, objective)
     return dsm + mae_coef * mae
-
-
-def flow_mae_loss_terms(
-    F_out: torch.Tensor,
-    x_t: torch.Tensor,
-    u: torch.Tensor,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample flow-matching terms (SiT's velocity loss), in token space.
-
-    F_out: the predicted velocity, x_t: the interpolant t x1 + (1 - t) x0, u: the target velocity
-    x1 - x0, all [B, N, P]; mask [B, N] with 1 at dropped tokens (None: nothing dropped).
-    fm = mean over kept tokens of mean_p (F - u)^2; mae = mean over dropped tokens of
-    mean_p (F - normalise(x_t))^2, the per-token normalisation of the MaskDiT MAE target.
-    Returns (fm [B], mae [B]) in fp32.
-    """
-    Fo, xt, uu = _acc(F_out), _acc(x_t), _acc(u)
-    e = ((Fo - uu) ** 2).mean(-1)  # [B, N]
-    if mask is None:
-        return e.mean(-1), torch.zeros_like(e[:, 0])
-    dropped = mask.to(e.dtype)
-    kept = 1.0 - dropped
-    fm = (e * kept).sum(-1) / kept.sum(-1).clamp_min(1.0)
-    mean = xt.mean(-1, keepdim=True)
-    var = xt.var(-1, unbiased=True, keepdim=True)
-    target = (xt - mean) / torch.sqrt(var + MAE_EPS)
-    m = ((Fo - target) ** 2).mean(-1)
-    mae = (m * dropped).sum(-1) / dropped.sum(-1).clamp_min(1.0)
-    return fm, mae
-
-
-def flow_mae_loss(
-    F_out: torch.Tensor,
-    x_t: torch.Tensor,
-    u: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    mae_coef: float = 0.1,
-) -> torch.Tensor:
-    """Per-sample loss [B]: fm + mae_coef * mae (see :func:`flow_mae_loss_terms`)."""
-    fm, mae = flow_mae_loss_terms(F_out, x_t, u, mask)
-    return fm + mae_coef * mae
 
 
 # ------------------------------------------------------------------ the ``torch`` backend
