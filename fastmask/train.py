@@ -415,6 +415,10 @@ class Trainer:
         have = ck["extra"].get("data_shape")
         if have is not None and list(have) != want:
             raise UsageError(f"resume: {str(path)!r} was trained on data of shape {tuple(have)}, this data is {tuple(want)}")
+        theirs = (ck.get("config") or {}).get("objective", "edm")  # checkpoints from before the key: EDM
+        if theirs != self.cfg.objective:
+            raise UsageError(f"resume: {str(path)!r} was trained with objective {theirs!r}, this run asks for "
+                             f"{self.cfg.objective!r}; the weights would not continue the same training")
         diff = _first_difference(self.net.state_dict(), ck["model"])
         if diff is None and ck["ema"] is not None:
             diff = _first_difference(self.ema.state_dict(), ck["ema"])
@@ -748,7 +752,7 @@ class Trainer:
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
         self._set_hyperparameters(lr, ema_decay_at(cfg, self.step))
         if not self._compiled:  # eager or one CUDA graph: the same function either way
-            inputs = {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": rnd["sigma"][sl],
+            inputs = {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": level[sl],
                       "noise": rnd["noise"][sl], "ids_keep": ids_keep}
             self._in_update = True
             if self._graphs is not None:
