@@ -167,7 +167,9 @@ def sample_report(
     x = sample(net, labels, shape, num=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device, amp=amp)
     rep = {
         "guidance": guidance,
-        "sampler": f"EDM Heun, {steps} steps ({2 * steps - 1} network calls), sigma 80 -> 0.002, rho 7",
+        "sampler": (f"flow ODE Heun, {steps} steps ({2 * steps} network calls), t 0 -> 1"
+                    if getattr(net, "objective", "edm") == "flow"
+                    else f"EDM Heun, {steps} steps ({2 * steps - 1} network calls), sigma 80 -> 0.002, rho 7"),
         "sample_seconds": time.perf_counter() - t0,
     }
     if kind == "latents":

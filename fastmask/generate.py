@@ -81,6 +81,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="samples", help="output folder")
     parser.add_argument("--batch-size", type=arg_type(field_check("batch_size"), "count"), default=64, help="samples per network batch")
     parser.add_argument("--key", default=None, help="entry of a published checkpoint to load (e.g. ema, net)")
+    parser.add_argument("--sampler", choices=("heun", "euler", "dopri5", "sde"), default=None,
+                        help="flow models only: ODE Heun (default; 2 network calls a step), ODE Euler, dopri5 (needs "
+                        "torchdiffeq) or SiT's SDE (Euler-Maruyama, diffusion 1 - t, drift-only last step 0.04)")
+    parser.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                        help="flow models only: guide only for flow times LO <= t <= HI (0 noise, 1 data)")
     parser.add_argument("--parameterization", choices=("auto", "edm", "ddpm", "flow"), default="auto",
                         help="published checkpoints: edm (MaskDiT), ddpm (DiT eps-prediction) or flow (SiT velocity); "
                         "auto picks by architecture (and SiT by its file name or stored arguments)")
@@ -141,8 +146,23 @@ def resolve_settings(args, info: dict) -> dict:
         num = args.num or args.per_class or (FID_SAMPLES if fid_run else DEFAULT_PER_CLASS)
         if num < 1:
             raise UsageError(f"--num: expected at least 1, got {num}")
+    flow = {}
+    if getattr(args, "sampler", None):
+        flow["method"] = args.sampler
+    gi = getattr(args, "guidance_interval", None)
+    if gi is not None:
+        try:
+            lo, hi = (float(v) for v in str(gi).split(","))
+        except ValueError:
+            raise UsageError(f"--guidance-interval: expected LO,HI (two numbers), got {gi!r}") from None
+        if not 0 <= lo <= hi <= 1:
+            raise UsageError(f"--guidance-interval: expected 0 <= LO <= HI <= 1, got {lo}, {hi}")
+        flow["interval"] = (lo, hi)
+    if flow and info.get("objective", "edm") != "flow":
+        raise UsageError("--sampler / --guidance-interval: only for flow-matching models; this checkpoint is "
+                         "sampled with EDM Heun")
     return {"steps": steps, "guidance": guidance, "labels": labels, "num": num if labels is None else len(labels),
-            "preset": args.preset if p else None, "per_class": per_class}
+            "preset": args.preset if p else None, "per_class": per_class, "flow": flow}
 
 
 def _balanced(K: int, total: int) -> torch.Tensor:
@@ -228,7 +248,7 @@ def run(args) -> int:
     keep = not images or args.npz or (n <= GRID_MAX and not args.no_png)
     for idx, x in generate(net, labels, info["shape"], start, stop, steps=st["steps"], guidance=st["guidance"],
                            seed=args.seed, batch_size=args.batch_size, device=dev, amp=dev.type == "cuda",
-                           decode=decode):
+                           decode=decode, flow=st["flow"]):
         if images:
             u8 = to_uint8(x).numpy()
             if not args.no_png:

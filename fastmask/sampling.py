@@ -335,15 +335,28 @@ def generate(
     device="cpu",
     amp: bool = False,
     decode=None,
+    flow: dict | None = None,
 ):
     """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
     sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
     (optional) maps a batch of sampled latents to images on the device (the VAE decoder), so
-    only images leave the device."""
+    only images leave the device. ``flow``: settings of a flow model's sampler
+    (:func:`fastmask.flow_sampling.flow_sample`'s ``method``, ``interval``; default Heun, as
+    :func:`heun_sample` runs it); the SDE's noise of a batch is seeded by (seed, its first index)."""
     for s in range(start, stop, batch_size):
         idx = torch.arange(s, min(s + batch_size, stop))
         lab = labels[idx].to(device) if labels is not None else None
-        x = heun_sample(net, block_noise(idx, shape, seed).to(device), lab, steps=steps, guidance=guidance, amp=amp)
+        noise = block_noise(idx, shape, seed).to(device)
+        if flow and getattr(net, "objective", "edm") == "flow":
+            from .flow_sampling import flow_sample
+
+            kw = dict(flow)
+            if kw.get("method") == "sde":
+                kw["generator"] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(idx[0]))
+            x = flow_sample(net, noise, lab, steps=steps, guidance=guidance,
+                            guide_channels=getattr(net, "guide_channels", None), amp=amp, **kw)
+        else:
+            x = heun_sample(net, noise, lab, steps=steps, guidance=guidance, amp=amp)
         if decode is not None:
             x = decode(x)
         yield idx, x.cpu()

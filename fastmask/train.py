@@ -414,6 +414,10 @@ class Trainer:
         have = ck["extra"].get("data_shape")
         if have is not None and list(have) != want:
             raise UsageError(f"resume: {str(path)!r} was trained on data of shape {tuple(have)}, this data is {tuple(want)}")
+        theirs = (ck.get("config") or {}).get("objective", "edm")  # checkpoints from before the key: EDM
+        if theirs != self.cfg.objective:
+            raise UsageError(f"resume: {str(path)!r} was trained with objective {theirs!r}, this run asks for "
+                             f"{self.cfg.objective!r}; the weights would not continue the same training")
         diff = _first_difference(self.net.state_dict(), ck["model"])
         if diff is None and ck["ema"] is not None:
             diff = _first_difference(self.ema.state_dict(), ck["ema"])

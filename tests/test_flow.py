@@ -180,3 +180,62 @@ def test_flow_precond_trains_real_models(arch):
     v = pre(x, t, lab)
     assert v.shape == x.shape
     torch.testing.assert_close(v, pre.model(x, t, lab)[:, :3].float())
+
+
+# --------------------------------------------------- resume across objectives, sample settings
+def test_resuming_with_the_other_objective_is_refused(tmp_path):
+    from test_train import tiny_cfg
+
+    from fastmask.errors import UsageError
+    from fastmask.train import train
+
+    def stop_at_3(trainer, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "r", objective="flow", steps=6, finetune_steps=0), hooks={"after_step": stop_at_3},
+              progress=False)
+    with pytest.raises(UsageError, match="objective 'flow'"):
+        train(tiny_cfg(tmp_path / "r", steps=6, finetune_steps=0), resume=tmp_path / "r", progress=False)
+
+
+def test_sample_settings_pick_the_flow_sampler_and_guidance_interval():
+    import argparse
+
+    from fastmask.errors import UsageError
+    from fastmask.generate import resolve_settings
+    from fastmask.sampling import generate
+
+    def args(**kw):
+        base = dict(preset=None, steps=3, guidance=None, labels="1,2", num=None, per_class=None, npz=None,
+                    sampler=None, guidance_interval=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    flow_info = {"num_classes": 5, "shape": (4, 8, 8), "kind": "latents", "objective": "flow"}
+    edm_info = dict(flow_info, objective="edm")
+    st = resolve_settings(args(sampler="sde", guidance_interval="0.1,0.9"), flow_info)
+    assert st["flow"] == {"method": "sde", "interval": (0.1, 0.9)}
+    assert resolve_settings(args(), flow_info)["flow"] == {}
+    with pytest.raises(UsageError, match="--guidance-interval"):
+        resolve_settings(args(guidance_interval="0.9,0.1"), flow_info)
+    with pytest.raises(UsageError, match="--sampler"):
+        resolve_settings(args(sampler="euler"), edm_info)
+
+    pre = FlowPrecond(dit("T/2", input_size=8, in_channels=4, num_classes=5)).eval()
+    torch.manual_seed(0)
+    for p in pre.parameters():
+        p.data.normal_(0, 0.05)
+    lab = torch.tensor([1, 2, 3])
+
+    def run(flow, seed=0):
+        with fastmask.backend("torch"):
+            return torch.cat([x for _, x in generate(pre, lab, (4, 8, 8), 0, 3, steps=3, guidance=1.5, seed=seed,
+                                                     batch_size=2, flow=flow)])
+
+    heun = run(None)
+    assert torch.equal(heun, run({}))  # no settings: the Heun default
+    sde = run({"method": "sde"})
+    assert torch.isfinite(sde).all() and not torch.allclose(sde, heun)
+    assert torch.equal(sde, run({"method": "sde"})) and not torch.equal(sde, run({"method": "sde"}, seed=1))
+    assert not torch.allclose(run({"interval": (0.9, 1.0)}), heun)  # guided on part of the path only
