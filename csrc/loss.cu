@@ -20,7 +20,9 @@ namespace {
 constexpr float kMaeEps = 1e-6f;
 
 // T: F and its gradient; TX: x_noisy and y (T, or fp32 next to a bf16/fp16 network output).
-template <typename T, typename TX, int VEC>
+// FLOW (a.flow, a compile-time switch: the EDM kernel stays exactly as it was, and the flow one
+// folds its constants away instead of keeping both sets of coefficients live).
+template <typename T, typename TX, int VEC, bool FLOW>
 __global__ void __launch_bounds__(kMaxRowThreads) dsm_mae_fwd_kernel(LossArgs a, int tpr, int64_t blocks) {
   constexpr int NC = kLossCache;
   __shared__ float smem[2 * kWarp];
@@ -40,13 +42,13 @@ __global__ void __launch_bounds__(kMaxRowThreads) dsm_mae_fwd_kernel(LossArgs a,
   const float* __restrict__ mask = has_mask ? a.mask + b * N : nullptr;
 
   // EDM preconditioning of this sample, fp32 like the reference.
-  const float sigma = a.flow ? 1.f : a.sigma[b];
+  const float sigma = FLOW ? 1.f : a.sigma[b];
   const float sd = a.sigma_data;
   const float s2 = sigma * sigma;
   const float d2 = sd * sd;
-  const float c_skip = a.flow ? 0.f : d2 / (s2 + d2);
-  const float c_out = a.flow ? 1.f : sigma * sd / sqrtf(s2 + d2);
-  const float weight = a.flow ? 1.f : (s2 + d2) / ((sigma * sd) * (sigma * sd));
+  const float c_skip = FLOW ? 0.f : d2 / (s2 + d2);
+  const float c_out = FLOW ? 1.f : sigma * sd / sqrtf(s2 + d2);
+  const float weight = FLOW ? 1.f : (s2 + d2) / ((sigma * sd) * (sigma * sd));
 
   // Kept / dropped counts of the sample (each block recounts: N floats, cheaper than a launch).
   float counts[2] = {static_cast<float>(N), 0.f};
@@ -196,7 +198,11 @@ cudaError_t dsm_mae_loss_fwd(const LossArgs& a, cudaStream_t stream) {
   const int tpr = loss_threads_per_token(a.P, VEC);
   const int threads = loss_block_threads(tpr);
   const int64_t blocks = loss_blocks(a.N, a.P, VEC);
-  FASTMASK_LAUNCH(grid_for(a.B * blocks, 1), threads, stream, dsm_mae_fwd_kernel<T, TX, VEC>)(a, tpr, blocks);
+  if (a.flow) {
+    FASTMASK_LAUNCH(grid_for(a.B * blocks, 1), threads, stream, dsm_mae_fwd_kernel<T, TX, VEC, true>)(a, tpr, blocks);
+  } else {
+    FASTMASK_LAUNCH(grid_for(a.B * blocks, 1), threads, stream, dsm_mae_fwd_kernel<T, TX, VEC, false>)(a, tpr, blocks);
+  }
   return cudaGetLastError();
 }
 
