@@ -114,7 +114,7 @@ def test_backends_follow_the_protocol(backend_name):
     from fastmask.ops import registry as P
 
     mod = _backend_modules()[backend_name]
-    assert len(P.all_launchers()) == 21 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
+    assert len(P.all_launchers()) == 23 and set(P.launchers("attention")) == {"attention_fwd", "attention_bwd"}
     for op in dispatch.OPS:  # every dispatched op has a forward launcher in the protocol
         assert f"{op}_fwd" in P.all_launchers()
     for name in P.DECLARATIONS:

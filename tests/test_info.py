@@ -33,7 +33,8 @@ def test_cpu_names_why_triton_and_cuda_are_not_used(capsys, no_interpreter):
     plan = out[out.index("the backend each op takes"):]
     for op in dispatch.OPS:
         assert f"  {op} " in plan and plan.count(f"  {op} ") in (1, 2)
-    assert plan.count("-> torch") == 15  # 7 ops, 4 of them in the encoder and the decoder; 4 modern-block ops
+    # 7 ops, 4 of them in the encoder and the decoder; 4 modern-block ops; TREAD's put-back
+    assert plan.count("-> torch") == 16
     assert "triton: tensors are on the CPU and TRITON_INTERPRET=1 is not set" in plan
     assert "cuda: tensors are on cpu, the CUDA extension runs on CUDA devices" in plan
     assert "cuda: backend 'cuda' does not implement attention" in plan
@@ -46,7 +47,7 @@ def test_cuda_device_plan_without_a_gpu(capsys, no_interpreter):
     rc, out, _ = _run(capsys, "--device", "cuda", "--model", "S/2", "--dtype", "fp16", "--batch", "8")
     assert rc == 0
     plan = out[out.index("the backend each op takes"):]
-    assert "fp16 on cuda" in out and plan.count("-> triton") == 15
+    assert "fp16 on cuda" in out and plan.count("-> triton") == 16
     assert "torch: runs every call" in plan
     assert "qkv [8, 128, 3, 6, 64]" in plan  # S/2: 384 wide, 6 heads, 128 of 256 tokens kept
 
@@ -57,7 +58,7 @@ def test_explicit_request_that_cannot_run_is_shown(capsys, no_interpreter, monke
     rc, out, _ = _run(capsys, "--device", "cpu", "--model", "T/2")
     assert rc == 0
     assert "FASTMASK_BACKEND=cuda" in out
-    assert out.count("-> ERROR: fastmask: backend 'cuda' was requested") == 15
+    assert out.count("-> ERROR: fastmask: backend 'cuda' was requested") == 16
 
 
 def test_example_tensors_have_real_shapes_and_no_memory():

@@ -1,6 +1,7 @@
-"""Token kernels: gather the visible tokens (+ pos) and put them back (unmask), fwd and bwd.
+"""Token kernels: gather the visible tokens (+ pos), put them back (unmask), and scatter kept
+rows into a saved stream (TREAD's put-back), fwd and bwd.
 
-All four are pure data movement, so each element is read and written once:
+All six are pure data movement, so each element is read and written once:
     gather fwd    one tile of flat (b, k) rows per program; pos added in fp32.
     gather bwd    grad_x written in one pass from an inverse index inv[b, n] -> k or -1
                   (zeros at dropped rows, no separate memset); grad_pos is a batch sum.
@@ -8,6 +9,11 @@ All four are pure data movement, so each element is read and written once:
                   mask_token; pos added in fp32.
     unmask bwd    reads grad_out once: scatters the kept rows into grad_x_vis and sums the
                   dropped rows (mask_token) and all rows (pos) in fp32.
+    scatter fwd   one tile of flat (b, n) rows; kept rows copy x_kept, the others the fill
+                  (each fill row read only where it survives).
+    scatter bwd   reads grad_out once: kept rows go to grad_x_kept, grad_fill gets the other
+                  rows and zeros at the kept ones (no memset pass). Without a fill gradient it
+                  is the gather of the kept rows.
 The batch sums use programs that own a tile of token rows n and walk a chunk of samples in
 order, writing fp32 partials that a parallel reduction adds up in a fixed order
 (:func:`fastmask.kernels._utils.sum_partials`): the gradients are deterministic (no float
@@ -15,7 +21,8 @@ atomics).
 
 Ids are not trusted for memory safety: an id outside [0, N) (possible when the caller skips
 the id check) reads and writes nothing; the rows it names come out as zeros (gather fwd,
-the unmask bwd's grad_x_vis) or are left to the mask token (unmask fwd).
+the unmask bwd's grad_x_vis, the scatter bwd's grad_x_kept) or are left to the mask token
+(unmask fwd) or the fill (scatter fwd).
 """
 from __future__ import annotations
 
@@ -26,7 +33,10 @@ import triton.language as tl
 from ._utils import budget_chunks, cdiv, row_config, sum_partials, target_programs
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
-__all__ = ["gather_tokens_fwd", "gather_tokens_bwd", "unmask_tokens_fwd", "unmask_tokens_bwd"]
+__all__ = [
+    "gather_tokens_fwd", "gather_tokens_bwd", "unmask_tokens_fwd", "unmask_tokens_bwd",
+    "scatter_tokens_fwd", "scatter_tokens_bwd",
+]
 
 
 def _inverse_ids(ids_keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -272,3 +282,80 @@ def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: 
     if pos_grad:
         gpos = pos_part[0] if chunks == 1 else sum_partials(pos_part.view(1, chunks, N * D), torch.float32).view(N, D)
     return grad_x_vis, grad_mask, gpos
+
+
+# ----------------------------------------------------------------------------- scatter
+@triton.jit
+def _scatter_fwd_kernel(
+    XK, INV, FILL, OUT, n_rows, K, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    k = tl.load(INV + rows, mask=row_ok, other=-1)
+    kept = k >= 0
+    b = rows // N
+    cols = tl.arange(0, BLOCK_D)
+    m = row_ok[:, None] & (cols < D)[None, :]
+    # Two masked loads, one per source: a kept row never reads its fill row (and vice versa).
+    v = tl.load(XK + (b * K + k)[:, None] * D + cols[None, :], mask=m & kept[:, None], other=0.0)
+    f = tl.load(FILL + rows[:, None] * D + cols[None, :], mask=m & ~kept[:, None], other=0.0)
+    # The reference casts the fill to x_kept's dtype (the output's): copies, one cast, no arithmetic.
+    v = tl.where(kept[:, None], v.to(OUT.dtype.element_ty), f.to(OUT.dtype.element_ty))
+    tl.store(OUT + rows[:, None] * D + cols[None, :], v, mask=m)
+
+
+def scatter_tokens_fwd(x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    B, K, D = x_kept.shape
+    N = fill.shape[1]
+    out = torch.empty((B, N, D), device=x_kept.device, dtype=x_kept.dtype)
+    if out.numel() == 0:
+        return out
+    inv = _inverse_ids(ids_keep, N)
+    n_rows = B * N
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    _scatter_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+        x_kept if K > 0 else fill, inv, fill, out, n_rows, K, N, D,  # K = 0: nothing is read from x_kept
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    return out
+
+
+@triton.jit
+def _scatter_bwd_kernel(G, INV, GXK, GFILL, n_rows, K, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    k = tl.load(INV + rows, mask=row_ok, other=-1)
+    kept = k >= 0
+    b = rows // N
+    cols = tl.arange(0, BLOCK_D)
+    m = row_ok[:, None] & (cols < D)[None, :]
+    g = tl.load(G + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
+    # ids are distinct, so every (b, k) row of grad_x_kept is stored exactly once (rows no id
+    # owns are zeroed by _zero_orphan_rows_kernel).
+    tl.store(GXK + (b * K + k)[:, None] * D + cols[None, :], g, mask=m & kept[:, None])
+    tl.store(GFILL + rows[:, None] * D + cols[None, :], tl.where(kept[:, None], 0.0, g).to(GFILL.dtype.element_ty), mask=m)
+
+
+def scatter_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, fill_grad: bool):
+    B, N, D = grad_out.shape
+    K = ids_keep.shape[1]
+    if not fill_grad:  # only the kept rows are read: the gather of grad_out by ids_keep
+        return gather_tokens_fwd(grad_out, ids_keep, None), None
+    dev = grad_out.device
+    grad_x_kept = torch.empty((B, K, D), device=dev, dtype=grad_out.dtype)
+    grad_fill = torch.empty((B, N, D), device=dev, dtype=grad_out.dtype)
+    if grad_fill.numel() == 0:
+        return grad_x_kept, grad_fill
+    inv = _inverse_ids(ids_keep, N)
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    _scatter_bwd_kernel[(cdiv(B * N, BLOCK_R),)](
+        grad_out, inv, grad_x_kept if K > 0 else grad_fill, grad_fill, B * N, K, N, D,  # K = 0: nothing stored there
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    if K > 0:
+        _zero_orphan_rows_kernel[(cdiv(B * K, BLOCK_R),)](
+            ids_keep, inv, grad_x_kept, B * K, K, N, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps
+        )
+    return grad_x_kept, grad_fill

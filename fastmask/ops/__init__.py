@@ -34,7 +34,7 @@ from .selection import (
     as_strategy,
 )
 from .swiglu import swiglu
-from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, unmask_tokens
+from .tokens import gather_tokens, mask_from_ids, num_kept, random_mask, scatter_tokens, unmask_tokens
 
 __all__ = [
     "attention",
@@ -62,6 +62,7 @@ __all__ = [
     "residual_layernorm_modulate",
     "residual_rmsnorm_modulate",
     "rmsnorm_modulate",
+    "scatter_tokens",
     "swiglu",
     "unmask_tokens",
 ]

@@ -71,10 +71,11 @@ def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
 
 
 def ids(
-    name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None, values: bool = True
+    name: str, ids_keep: torch.Tensor, batch: int, num_tokens: int, num_kept: int | None = None, values: bool = True,
+    allow_empty: bool = False,
 ) -> None:
-    """Structure of ``ids_keep`` (a 2-d int tensor [batch, K], 0 < K <= num_tokens) and, with
-    ``values``, :func:`ids_values`."""
+    """Structure of ``ids_keep`` (a 2-d int tensor [batch, K], 0 < K <= num_tokens; K = 0 too
+    with ``allow_empty``) and, with ``values``, :func:`ids_values`."""
     tensor(name, ids_keep, ndim=2)
     if ids_keep.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: expected an int64 (or int32) tensor, got dtype {ids_keep.dtype}")
@@ -83,7 +84,7 @@ def ids(
     K = ids_keep.shape[1]
     if num_kept is not None and K != num_kept:
         raise ValueError(f"{name}: expected {num_kept} kept tokens per sample, got shape {tuple(ids_keep.shape)}")
-    if K == 0:
+    if K == 0 and not allow_empty:
         raise ValueError(f"{name}: keeps no token (K = 0); at least one token per sample must be kept")
     if K > num_tokens:
         raise ValueError(f"{name}: keeps {K} tokens of only {num_tokens}")
@@ -94,7 +95,7 @@ def ids(
 def ids_values(name: str, ids_keep: torch.Tensor, num_tokens: int) -> None:
     """Every id in [0, num_tokens) and distinct within its sample: a data-dependent check (it
     syncs with the device), skipped like the other value checks."""
-    if value_checks_enabled():
+    if value_checks_enabled() and ids_keep.numel():
         K = ids_keep.shape[1]
         lo, hi = int(ids_keep.min()), int(ids_keep.max())
         if lo < 0 or hi >= num_tokens:

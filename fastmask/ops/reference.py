@@ -55,6 +55,14 @@ def unmask_tokens(
     return out
 
 
+def scatter_tokens(x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """out = fill (in x_kept's dtype) with out[b, ids_keep[b, k]] = x_kept[b, k]: the kept rows put
+    back into a saved stream [B, N, D] (TREAD's route end). Out of place: ``fill`` is not changed."""
+    D = x_kept.shape[-1]
+    idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
+    return fill.to(x_kept.dtype).scatter(1, idx, x_kept)
+
+
 def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Non-causal multi-head attention from the fused projection layout.
 

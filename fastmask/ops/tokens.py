@@ -293,3 +293,101 @@ def unmask_tokens(
         backend,
     )
     return _unmask_op(*args) if compiling else _UNMASK.apply(*args)
+
+
+# ----------------------------------------------------------------------------- scatter
+declare(
+    "scatter_tokens",
+    reference=reference.scatter_tokens,
+    launchers=("scatter_tokens_fwd(x_kept, ids_keep, fill)",
+               "scatter_tokens_bwd(grad_out, ids_keep, fill_grad)"),  # -> (grad_x_kept, grad_fill or None)
+    category="gather/unmask",
+    # not in a MaskDiT step: TREAD's put-back of the routed tokens, at the encoder width
+    example=lambda e: (f"x_kept [{e.B}, {e.K}, {e.D}] into [{e.B}, {e.N}, {e.D}] (TREAD)",
+                       (e.t(e.B, e.K, e.D), e.t(e.B, e.N, e.D)))
+    if e.part == "encoder" else None,
+)
+def _scatter_fwd(x_kept: Tensor, ids_keep: Tensor, fill: Tensor, backend: str) -> Tensor:
+    return kernels(backend).scatter_tokens_fwd(x_kept, ids_keep, fill)
+
+
+def _scatter_bwd(grad_out: Tensor, ids_keep: Tensor, fill_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    gx, gfill = kernels(backend).scatter_tokens_bwd(grad_out, ids_keep, fill_grad)
+    return gx, (gfill if gfill is not None else empty_like_none(grad_out))
+
+
+_scatter_op = custom_op("fastmask::scatter_tokens")(_scatter_fwd)
+_scatter_bwd_op = custom_op("fastmask::scatter_tokens_backward")(_scatter_bwd)
+
+
+@_scatter_op.register_fake
+def _(x_kept, ids_keep, fill, backend):
+    return x_kept.new_empty(fill.shape)
+
+
+@_scatter_bwd_op.register_fake
+def _(grad_out, ids_keep, fill_grad, backend):
+    B, N, D = grad_out.shape
+    return grad_out.new_empty(B, ids_keep.shape[1], D), (grad_out.new_empty(B, N, D) if fill_grad else grad_out.new_empty(0))
+
+
+def _scatter_setup(ctx, inputs, output):
+    x_kept, ids_keep, fill, backend = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.backend = backend
+    ctx.fill_dtype = fill.dtype
+
+
+def _scatter_backward(ctx, grad_out, bwd=_scatter_bwd_op):
+    (ids_keep,) = ctx.saved_tensors
+    if grad_out is None:  # the eager Function does not materialise a missing gradient
+        return None, None, None, None
+    fill_grad = ctx.needs_input_grad[2]
+    gx, gfill = bwd(grad_out.contiguous(), ids_keep, fill_grad, ctx.backend)
+    return gx, None, (gfill.to(ctx.fill_dtype) if fill_grad else None), None
+
+
+_scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+_SCATTER = eager_function(
+    "ScatterTokens", _scatter_fwd, _scatter_setup, functools.partial(_scatter_backward, bwd=_scatter_bwd)
+)
+
+
+@dispatch.signature
+def _scatter_tokens_signature(x_kept, ids_keep, fill):
+    return (
+        x_kept.shape, x_kept.dtype, x_kept.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
+        fill.shape, fill.dtype, fill.device,
+    )
+
+
+@profiled("scatter_tokens")
+def scatter_tokens(x_kept: Tensor, ids_keep: Tensor, fill: Tensor, *, check_ids: bool = True) -> Tensor:
+    """Kept rows put back into a saved stream: ``out = fill`` (in x_kept's dtype) with
+    ``out[b, ids_keep[b, k]] = x_kept[b, k]``; ``fill`` itself is not changed.
+
+    x_kept [B, K, D]; ids_keep [B, K] (distinct ids in [0, N); K = 0 gives a copy of the fill);
+    fill [B, N, D]. Returns [B, N, D] in x_kept's dtype. The gradient reaches x_kept at the kept
+    rows and ``fill`` at the others (zeros at the kept rows): TREAD's route end, where the
+    tokens that skipped the routed blocks keep their saved value. (A single mask token as the
+    fill is :func:`unmask_tokens`.) ``check_ids=False`` skips the range/uniqueness check of
+    ids_keep (a device sync). Equivalent PyTorch code: :func:`fastmask.ops.reference.scatter_tokens`.
+    """
+    sig = _scatter_tokens_signature(x_kept, ids_keep, fill)
+    compiling = sig is None and torch.compiler.is_compiling()
+    backend = dispatch.planned("scatter_tokens", sig)
+    if backend is None:
+        checks.tensor("x_kept", x_kept, ndim=3, floating=True)
+        checks.tensor("fill", fill, ndim=3, floating=True)
+        B, K, D = x_kept.shape
+        checks.nonempty("fill", fill, "B N D")
+        checks.tensor("fill", fill, shape=(B, None, D))
+        checks.ids("ids_keep", ids_keep, B, fill.shape[1], num_kept=K, values=False, allow_empty=True)
+        checks.same_device("x_kept", x_kept, ids_keep=ids_keep, fill=fill)
+        backend = dispatch.plan("scatter_tokens", sig, x_kept, fill)
+    if check_ids:
+        checks.ids_values("ids_keep", ids_keep, fill.shape[1])
+    if backend == "torch":
+        return reference.scatter_tokens(x_kept, ids_keep, fill)
+    args = (x_kept.contiguous(), ids_keep.long().contiguous(), fill.contiguous(), backend)
+    return _scatter_op(*args) if compiling else _SCATTER.apply(*args)
