@@ -123,7 +123,7 @@ def _ids(shape: Shape):
 
 
 def minimum_bytes(op: str, *, B: int, D: int = 0, L: int = 0, N: int = 0, K: int = 0, P: int = 0, e: int = 2,
-                  masked: bool = True, pos_grad: bool = False) -> dict:
+                  masked: bool = True, pos_grad: bool = False, fill_grad: bool = True) -> dict:
     """The bytes an op must move, per mode {"forward", "backward"}: each input read once, each
     output written once (activations of ``e`` bytes, fp32 position embeddings, int64 ids). The
     benchmarks' roofline and benchmarks/static_check.py's byte count both use it."""
@@ -143,6 +143,12 @@ def minimum_bytes(op: str, *, B: int, D: int = 0, L: int = 0, N: int = 0, K: int
     if op == "unmask_tokens":
         return {"forward": B * K * D * e + N * D * 4 + B * K * 8 + B * N * D * e,
                 "backward": B * N * D * e + B * K * D * e + B * K * 8 + D * 4 + gpos}
+    if op == "scatter_tokens":  # the fill's kept rows are overwritten: never read
+        if not fill_grad:  # the backward is then the gather of grad_out's kept rows
+            return {"forward": B * K * D * e + B * (N - K) * D * e + B * N * D * e + B * K * 8,
+                    "backward": 2 * B * K * D * e + B * K * 8}
+        return {"forward": B * K * D * e + B * (N - K) * D * e + B * N * D * e + B * K * 8,
+                "backward": 2 * B * N * D * e + B * K * D * e + B * K * 8}
     if op == "dsm_mae_loss":
         reads = B * N * P * (e + 8) + B * 4 + (B * N * 4 if masked else 0)
         return {"forward": reads, "backward": reads + B * N * P * e}
@@ -181,6 +187,25 @@ def setup_unmask_tokens(shape: Shape, stage: str) -> OpSetup:
         grad_idx=(0, 2),
         public=functools.partial(fastmask.ops.unmask_tokens, check_ids=False),
         ref=reference.unmask_tokens,
+        bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
+        dims=dict(B=B, N=N, K=K, D=D),
+    )
+
+
+def setup_scatter_tokens(shape: Shape, stage: str) -> OpSetup:
+    """TREAD's route end: the K routed tokens put back into the saved [B, N, D] stream."""
+    B, N, K = shape.batch, shape.N, shape.K
+    D, _ = shape.width(stage)
+    e = common.bench_dtype().itemsize
+    x_kept = _randn(B, K, D, requires_grad=True)
+    fill = _randn(B, N, D, requires_grad=True)
+    ids_keep, _ = _ids(shape)
+    fwd, bwd = minimum_bytes("scatter_tokens", B=B, N=N, K=K, D=D, e=e).values()
+    return OpSetup(
+        inputs=(x_kept, ids_keep, fill),
+        grad_idx=(0, 2),
+        public=functools.partial(fastmask.ops.scatter_tokens, check_ids=False),
+        ref=reference.scatter_tokens,
         bytes={"forward": fwd, "backward": bwd, "full": fwd + bwd},
         dims=dict(B=B, N=N, K=K, D=D),
     )
@@ -319,6 +344,7 @@ OPS = (
     ("gated_residual", ("encoder", "decoder"), setup_gated_residual, False),
     ("gather_tokens", ("encoder",), setup_gather_tokens, True),
     ("unmask_tokens", ("decoder",), setup_unmask_tokens, True),
+    ("scatter_tokens", ("encoder",), setup_scatter_tokens, True),  # TREAD's put-back
     ("dsm_mae_loss", ("output",), setup_dsm_mae_loss, False),
     # LightningDiT-style blocks
     ("attention_rope", ("encoder", "decoder"), setup_attention_rope, False),
@@ -368,7 +394,7 @@ class OpCase:
 def _dims_key(op: str, stage: str, shape: Shape):
     if op == "dsm_mae_loss":
         return (shape.batch, shape.N, shape.P, shape.mask_ratio > 0)
-    if op in ("gather_tokens", "unmask_tokens"):
+    if op in ("gather_tokens", "unmask_tokens", "scatter_tokens"):
         return (shape.batch, shape.N, shape.K, shape.width(stage))
     return (shape.batch, shape.tokens(stage), shape.width(stage))
 

@@ -70,7 +70,8 @@ def test_gpu_script_dry_run(tmp_path):
     assert not failed, failed[:3]
     ops_ok = {r["op"] for r in rows if r["kind"] == "op" and r["status"] == "ok" and r["provider"] == "torch"}
     assert ops_ok == {"attention", "layernorm_modulate", "gated_residual", "residual_layernorm_modulate",
-                      "gather_tokens", "unmask_tokens", "dsm_mae_loss", "attention_rope", "rmsnorm_modulate",
+                      "gather_tokens", "unmask_tokens", "scatter_tokens", "dsm_mae_loss", "attention_rope",
+                      "rmsnorm_modulate",
                       "residual_rmsnorm_modulate", "swiglu"}
     for r in rows:
         if r["kind"] == "op" and r["status"] == "ok":

@@ -58,11 +58,12 @@ def test_every_default_config_compiles_without_spills(report):
     kernels = {r["kernel"] for r in defaults}
     # every launcher's kernels were captured: attention (4: forward, delta, the one-pass
     # backward and the deterministic pair share the dk/dv kernel), norm (2 + partial sums),
-    # tokens (gather/unmask fwd/bwd), loss (2)
+    # tokens (gather/unmask/scatter fwd/bwd), loss (2)
     assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_delta_kernel",
             "_norm_fwd_kernel",
             "_norm_bwd_kernel", "_gather_fwd_kernel", "_gather_bwd_kernel", "_unmask_fwd_kernel",
-            "_unmask_bwd_kernel", "_dsm_mae_fwd_kernel", "_sum_partials_kernel"} <= kernels, kernels
+            "_unmask_bwd_kernel", "_scatter_fwd_kernel", "_scatter_bwd_kernel", "_dsm_mae_fwd_kernel",
+            "_sum_partials_kernel"} <= kernels, kernels
     for arch in (90, 80):
         assert {r["kernel"] for r in defaults if r["arch"] == arch} == kernels  # both targets
     limit = {90: 227 * 1024, 80: 163 * 1024}
@@ -106,7 +107,8 @@ def test_memory_bound_ops_move_within_10_percent_of_their_minimum(report):
     rows = report["meta"]["bytes"]
     ops = {r["op"] for r in rows}
     assert ops == {"layernorm_modulate", "gated_residual", "residual_layernorm_modulate", "rmsnorm_modulate",
-                   "residual_rmsnorm_modulate", "swiglu", "gather_tokens", "unmask_tokens", "dsm_mae_loss"}, ops
+                   "residual_rmsnorm_modulate", "swiglu", "gather_tokens", "unmask_tokens", "scatter_tokens",
+                   "dsm_mae_loss"}, ops
     assert {r["dtype"] for r in rows} == {"bf16", "fp32"} and {r["shape"] for r in rows} >= {"L=128 D=1152", "L=256 D=512"}
     over = [(r["op"], r["variant"], r["mode"], r["dtype"], r["shape"], round(r["ratio"], 3)) for r in rows if r["ratio"] > 1.10]
     assert not over, over
