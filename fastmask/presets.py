@@ -93,7 +93,8 @@ class TrainConfig:
                            "--minutes runs out)", flag=True, lo=0)
     minutes: float | None = _f(None, "wall-clock cap (minutes) of the masked phase, counted over all its runs "
                                "(a resumed run gets what is left)", flag=True, lo=0.0, lo_open=True)
-    mask_ratio: float = _f(0.5, "fraction of tokens dropped in the masked phase", flag=True, **_UNIT)
+    mask_ratio: float = _f(0.5, "fraction of tokens dropped in the masked phase (arch tread: the fraction that "
+                           "bypasses the routed blocks)", flag=True, **_UNIT)
     mask_schedule: str = _f("constant", "constant, linear or cosine (from mask_ratio to mask_ratio_end)", flag=True,
                             choices=("constant", "linear", "cosine"))
     mask_ratio_end: float | None = _f(None, "end of a linear/cosine schedule (default: mask_ratio)", **_UNIT)
@@ -319,6 +320,39 @@ PRESETS: dict[str, dict] = {
         steps=1_000_000,
         finetune_steps=50_000,
         out="runs/imagenet512",
+    ),
+    "digits-tread": dict(
+        _DIGITS,
+        description="the digits demo as TREAD (--arch tread): Digits/2, blocks 1..2 of 4 see a random half of "
+        "the tokens (rate 0.5, K = 32 of 64), the others skip them; loss on every token, no fine-tune (TREAD has "
+        "none); 700 steps, the digits demo's total",
+        arch="tread",
+        steps=700,
+        minutes=5.75,
+        mask_ratio=0.5,
+        finetune_steps=0,
+        out="runs/digits-tread",
+    ),
+    # TREAD's ImageNet-256 recipe. CompVis/tread configs/config.yaml + train.py: batch 256, AdamW lr 1e-4,
+    # betas (0.9, 0.999), no weight decay, no clipping, EMA 0.9999, EDM loss, label dropout 0.1, no
+    # fine-tune; eval with the EDM Heun sampler, 40 steps, no guidance. The official model config
+    # (configs/model/tread.yaml) is DiT-B/2 routing blocks 2..8 at rate 0.5; the XL/2 route 2..24 is
+    # LightningDiT_TREAD's 2 .. depth - 4 rule (stefan-baumann/LightningDiT_TREAD
+    # models/lightningdit_tread.py), which fastmask.models.tread.default_route applies to XL/2's 28 blocks.
+    # 400K steps: the iteration count of the paper's convergence comparison (arXiv 2501.04765 abstract).
+    "tread256": dict(
+        _IMAGENET,
+        description="TREAD's ImageNet 256x256 recipe on VAE-latent shards (--data-path): DiT-XL/2 routing blocks "
+        "2..24 at rate 0.5 (half of the tokens skip them), EDM loss on every token, batch 256, lr 1e-4, EMA "
+        "0.9999, 400K steps, no fine-tune; samples with 40 Heun steps and no guidance",
+        arch="tread",
+        image_size=32,
+        batch_size=256,
+        mask_ratio=0.5,
+        steps=400_000,
+        finetune_steps=0,
+        guidance=1.0,
+        out="runs/tread256",
     ),
     "folder": dict(
         _PAPER,

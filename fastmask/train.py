@@ -738,7 +738,7 @@ class Trainer:
             cfg.batch_size,
             self.data.shape,
             net.num_patches,
-            ratio,
+            self.net.token_strategy(ratio),  # TREAD rounds K its own way
             cfg.label_dropout,
             self.data.kind == "latents",
             dev,

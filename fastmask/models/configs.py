@@ -8,6 +8,7 @@ from typing import Callable
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
+from .tread import TREAD
 
 # (depth, hidden_size, num_heads) of the DiT paper.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -71,6 +72,12 @@ def dit(name: str = "XL/2", **overrides) -> DiT:
     return DiT(**{**model_kwargs(name, masked=False), **overrides})
 
 
+def tread(name: str = "XL/2", **overrides) -> TREAD:
+    """A DiT of config ``name`` with TREAD's token routing (``route=(first, last)``, default
+    :func:`fastmask.models.tread.default_route`: 2..24 for XL/2)."""
+    return TREAD(**{**model_kwargs(name, masked=False), **overrides})
+
+
 # --------------------------------------------------------------------------- architectures
 @dataclass(frozen=True)
 class Architecture:
@@ -94,6 +101,9 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str)
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+register_architecture("tread", tread, masks=True,
+                      help="TREAD: DiT whose middle blocks see a random subset of the tokens (mask_ratio is the "
+                           "fraction that bypasses them); loss on every token")
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:

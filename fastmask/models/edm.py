@@ -58,6 +58,12 @@ class Preconditioner(nn.Module):
         """The training noise levels [batch] (sigma for EDM, t for flow matching)."""
         raise NotImplementedError
 
+    def token_strategy(self, mask_ratio) -> "ops.TokenStrategy":
+        """The tokens kept at ``mask_ratio``: the network's own strategy where it has one (TREAD:
+        :class:`fastmask.ops.RoutedTokens`, its K rounding), else MaskDiT's random tokens."""
+        own = getattr(self.model, "token_strategy", None)
+        return own(mask_ratio) if own is not None else ops.as_strategy(mask_ratio)
+
     def _check_given(self, y: Tensor, noise: Tensor, ids_keep: Tensor | None, check_ids: bool) -> None:
         """loss_given's structural checks (and, with ``check_ids``, the ids' values: a sync)."""
         if y.dim() != 4 or y.shape[0] == 0:
@@ -103,7 +109,7 @@ class Preconditioner(nn.Module):
         level = self.draw_level(B, generator=generator, device=y.device)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         ids_keep = None
-        tokens, N = ops.as_strategy(mask_ratio), self.model.num_patches
+        tokens, N = self.token_strategy(mask_ratio), self.model.num_patches
         if not tokens.keeps_all(N):
             ids_keep = tokens.draw(B, N, generator=generator, device=y.device)
         terms = self.loss_given(
