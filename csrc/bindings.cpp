@@ -337,6 +337,73 @@ void unmask_tokens_bwd(const at::Tensor& grad_x_vis, const at::Tensor& grad_mask
   });
 }
 
+void scatter_tokens_fwd(const at::Tensor& out, const at::Tensor& x_kept, const at::Tensor& ids,
+                        const at::Tensor& fill) {
+  const char* op = "scatter_tokens_fwd";
+  check_rank(x_kept, 3, op, "x_kept");
+  check_rank(fill, 3, op, "fill");
+  const int64_t B = x_kept.size(0), K = x_kept.size(1), D = x_kept.size(2), N = fill.size(1);
+  check(x_kept, op, "x_kept", x_kept, {B, K, D}, std::nullopt);
+  check(ids, op, "ids_keep", x_kept, {B, K}, at::kLong);
+  check(fill, op, "fill", x_kept, {B, N, D}, x_kept.scalar_type());  // the launcher casts it: a copy then
+  check(out, op, "out", x_kept, {B, N, D}, x_kept.scalar_type());
+  TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
+  if (out.numel() == 0) return;
+  const DeviceScope scope(x_kept);
+  const cudaStream_t stream = scope.stream();
+  const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
+  dispatch_float(x_kept.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x_kept.data_ptr(), fill.data_ptr()});
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::scatter_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x_kept), ptr<int32_t>(inv), ptr<T>(fill),
+                                                         B, N, K, D, stream);
+                 }),
+                 op);
+  });
+}
+
+// grad_fill given: one pass over grad_out writes both gradients; none: grad_x_kept is the
+// gather of grad_out's kept rows (only they are read).
+void scatter_tokens_bwd(const at::Tensor& grad_x_kept, const OptTensor& grad_fill, const at::Tensor& grad_out,
+                        const at::Tensor& ids) {
+  const char* op = "scatter_tokens_bwd";
+  check_rank(grad_out, 3, op, "grad_out");
+  check_rank(ids, 2, op, "ids_keep");
+  const int64_t B = grad_out.size(0), N = grad_out.size(1), D = grad_out.size(2), K = ids.size(1);
+  check(grad_out, op, "grad_out", grad_out, {B, N, D}, std::nullopt);
+  check(ids, op, "ids_keep", grad_out, {B, K}, at::kLong);
+  check(grad_x_kept, op, "grad_x_kept", grad_out, {B, K, D}, grad_out.scalar_type());
+  if (grad_fill.has_value()) check(*grad_fill, op, "grad_fill", grad_out, {B, N, D}, grad_out.scalar_type());
+  TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
+  if (grad_out.numel() == 0) return;
+  const DeviceScope scope(grad_out);
+  const cudaStream_t stream = scope.stream();
+  if (!grad_fill.has_value()) {
+    if (grad_x_kept.numel() == 0) return;
+    dispatch_float(grad_out.scalar_type(), op, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const bool vec = use_vec(D, kVec<T>, {grad_x_kept.data_ptr(), grad_out.data_ptr()});
+      check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                     return fm::gather_tokens_fwd<T, VEC>(ptr<T>(grad_x_kept), ptr<T>(grad_out), ptr<int64_t>(ids),
+                                                          nullptr, B, N, K, D, stream);
+                   }),
+                   op);
+    });
+    return;
+  }
+  const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
+  dispatch_float(grad_out.scalar_type(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool vec = use_vec(D, kVec<T>, {grad_x_kept.data_ptr(), grad_fill->data_ptr(), grad_out.data_ptr()});
+    check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
+                   return fm::scatter_tokens_bwd<T, VEC>(ptr<T>(grad_x_kept), ptr<T>(grad_fill), ptr<T>(grad_out),
+                                                         ptr<int64_t>(ids), ptr<int32_t>(inv), B, N, K, D, stream);
+                 }),
+                 op);
+  });
+}
+
 // ------------------------------------------------------------------------- norm ops
 void ln_fwd_impl(const char* op, const OptTensor& x_new, const at::Tensor& out, const at::Tensor& mean,
                  const at::Tensor& rstd, const at::Tensor& x, const OptTensor& y, const OptTensor& gate,
@@ -602,6 +669,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask_token"), py::arg("pos"));
   m.def("unmask_tokens_bwd", &unmask_tokens_bwd, py::arg("grad_x_vis"), py::arg("grad_mask_token"),
         py::arg("grad_pos"), py::arg("grad_out"), py::arg("ids_keep"));
+  m.def("scatter_tokens_fwd", &scatter_tokens_fwd, py::arg("out"), py::arg("x_kept"), py::arg("ids_keep"),
+        py::arg("fill"));
+  m.def("scatter_tokens_bwd", &scatter_tokens_bwd, py::arg("grad_x_kept"), py::arg("grad_fill"), py::arg("grad_out"),
+        py::arg("ids_keep"));
   m.def("layernorm_modulate_fwd", &layernorm_modulate_fwd, py::arg("out"), py::arg("mean"), py::arg("rstd"),
         py::arg("x"), py::arg("shift"), py::arg("scale"), py::arg("eps"));
   m.def("layernorm_modulate_bwd", &layernorm_modulate_bwd, py::arg("grad_x"), py::arg("grad_shift"),

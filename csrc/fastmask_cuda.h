@@ -100,6 +100,17 @@ cudaError_t unmask_tokens_bwd(T* grad_x_vis, float* mask_partial, float* pos_par
                               const int64_t* ids, const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D,
                               int64_t splits, cudaStream_t stream);
 
+// out [B, N, D] = fill [B, N, D] with the kept rows x_kept [B, K, D] at inv's positions (TREAD's put-back).
+template <typename T, int VEC>
+cudaError_t scatter_tokens_fwd(T* out, const T* x_kept, const int32_t* inv, const T* fill, int64_t B, int64_t N,
+                               int64_t K, int64_t D, cudaStream_t stream);
+
+// grad_x_kept [B, K, D] fully written (zeros at ids outside [0, N) or repeated); grad_fill
+// [B, N, D] fully written (grad_out with the kept rows zeroed).
+template <typename T, int VEC>
+cudaError_t scatter_tokens_bwd(T* grad_x_kept, T* grad_fill, const T* grad_out, const int64_t* ids,
+                               const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D, cudaStream_t stream);
+
 // out[g, jb, w] = sum of in[g, j, w] over j in [jb * fan, (jb + 1) * fan), in index order
 // (deterministic); with fan >= J it is the full sum out[g, w].
 template <typename TOut>

@@ -1,6 +1,7 @@
 // Token ops of MaskDiT: gather of the visible tokens (+ position embedding) and unmask
 // (visible tokens back in place, the mask token elsewhere, + position embedding), forward
-// and backward; plus the deterministic fp32 reduction used by every backward that sums
+// and backward; scatter (TREAD's put-back: kept rows into a saved stream), forward and
+// backward; plus the deterministic fp32 reduction used by every backward that sums
 // over the batch or over rows (reduce_middle).
 //
 // Layout: one group of `tpr` threads per token row (tpr = the row's 16-byte chunks, at
@@ -200,6 +201,53 @@ __global__ void __launch_bounds__(256, 4) unmask_bwd_kernel(T* __restrict__ grad
   }
 }
 
+// out[b, n] = x_kept[b, inv[b, n]] where kept, else fill[b, n] (the fill in T already): every
+// row written, each source row read only where it survives. A copy: bits unchanged.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) scatter_fwd_kernel(T* __restrict__ out, const T* __restrict__ x_kept,
+                                                          const int32_t* __restrict__ inv, const T* __restrict__ fill,
+                                                          int64_t B, int64_t N, int64_t K, int64_t D, int tpr,
+                                                          int rpb) {
+  const int64_t chunks = D / VEC;
+  const RowLoop rl = row_loop(tpr, rpb);
+  for (int64_t row = rl.first; row < B * N; row += rl.step) {
+    const int64_t b = row / N;
+    const int32_t j = inv[row];
+    const T* src = j >= 0 ? x_kept + (b * K + j) * D : fill + row * D;
+    T* dst = out + row * D;
+    for (int64_t c = rl.lane; c < chunks; c += tpr) {
+      *reinterpret_cast<Pack<T, VEC>*>(dst + c * VEC) = *reinterpret_cast<const Pack<T, VEC>*>(src + c * VEC);
+    }
+  }
+}
+
+// Row (b, n) of grad_out, read once: where kept it goes to grad_x_kept[b, inv[b, n]] and
+// grad_fill[b, n] gets zeros, elsewhere grad_fill[b, n] = grad_out[b, n] (every grad_fill row
+// written, no memset). Rows of grad_x_kept no id owns: zero_orphan_rows_kernel.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) scatter_bwd_kernel(T* __restrict__ grad_x_kept, T* __restrict__ grad_fill,
+                                                          const T* __restrict__ grad_out,
+                                                          const int32_t* __restrict__ inv, int64_t B, int64_t N,
+                                                          int64_t K, int64_t D, int tpr, int rpb) {
+  const int64_t chunks = D / VEC;
+  const RowLoop rl = row_loop(tpr, rpb);
+  Pack<T, VEC> zeros;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) zeros.v[i] = from_float<T>(0.f);
+  for (int64_t row = rl.first; row < B * N; row += rl.step) {
+    const int64_t b = row / N;
+    const int32_t j = inv[row];
+    const T* src = grad_out + row * D;
+    T* fill_row = grad_fill + row * D;
+    T* kept_row = grad_x_kept + (b * K + (j >= 0 ? j : 0)) * D;
+    for (int64_t c = rl.lane; c < chunks; c += tpr) {
+      const Pack<T, VEC> raw = *reinterpret_cast<const Pack<T, VEC>*>(src + c * VEC);
+      if (j >= 0) *reinterpret_cast<Pack<T, VEC>*>(kept_row + c * VEC) = raw;
+      *reinterpret_cast<Pack<T, VEC>*>(fill_row + c * VEC) = j >= 0 ? zeros : raw;
+    }
+  }
+}
+
 // Ids outside [0, N) are skipped: no token is kept for them.
 __global__ void inverse_ids_kernel(int32_t* __restrict__ inv, const int64_t* __restrict__ ids, int64_t B, int64_t N,
                                    int64_t K) {
@@ -301,6 +349,28 @@ cudaError_t unmask_tokens_bwd(T* grad_x_vis, float* mask_partial, float* pos_par
   return cudaGetLastError();
 }
 
+template <typename T, int VEC>
+cudaError_t scatter_tokens_fwd(T* out, const T* x_kept, const int32_t* inv, const T* fill, int64_t B, int64_t N,
+                               int64_t K, int64_t D, cudaStream_t stream) {
+  const TokenGrid g = token_grid(D / VEC);
+  FASTMASK_LAUNCH(grid_for(B * N, g.rows_per_block), g.threads, stream, scatter_fwd_kernel<T, VEC>)(
+      out, x_kept, inv, fill, B, N, K, D, g.tpr, g.rows_per_block);
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t scatter_tokens_bwd(T* grad_x_kept, T* grad_fill, const T* grad_out, const int64_t* ids,
+                               const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D, cudaStream_t stream) {
+  const TokenGrid g = token_grid(D / VEC);
+  FASTMASK_LAUNCH(grid_for(B * N, g.rows_per_block), g.threads, stream, scatter_bwd_kernel<T, VEC>)(
+      grad_x_kept, grad_fill, grad_out, inv, B, N, K, D, g.tpr, g.rows_per_block);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || B * K == 0) return err;
+  FASTMASK_LAUNCH(grid_for(B * K, g.rows_per_block), g.threads, stream, zero_orphan_rows_kernel<T, VEC>)(
+      grad_x_kept, ids, inv, B, N, K, D, g.tpr, g.rows_per_block);
+  return cudaGetLastError();
+}
+
 template <typename TOut>
 cudaError_t reduce_middle(TOut* out, const float* in, int64_t G, int64_t J, int64_t W, int64_t fan,
                           cudaStream_t stream) {
@@ -317,7 +387,11 @@ cudaError_t reduce_middle(TOut* out, const float* in, int64_t G, int64_t J, int6
   template cudaError_t unmask_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, const float*, int64_t,     \
                                                  int64_t, int64_t, int64_t, cudaStream_t);                         \
   template cudaError_t unmask_tokens_bwd<T, VEC>(T*, float*, float*, const T*, const int64_t*, const int32_t*,      \
-                                                 int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
+                                                 int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t);         \
+  template cudaError_t scatter_tokens_fwd<T, VEC>(T*, const T*, const int32_t*, const T*, int64_t, int64_t, int64_t, \
+                                                  int64_t, cudaStream_t);                                           \
+  template cudaError_t scatter_tokens_bwd<T, VEC>(T*, T*, const T*, const int64_t*, const int32_t*, int64_t, int64_t, \
+                                                  int64_t, int64_t, cudaStream_t);
 
 FASTMASK_TOKENS(float, 4)
 FASTMASK_TOKENS(float, 1)

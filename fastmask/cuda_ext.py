@@ -219,6 +219,22 @@ def unmask_tokens_bwd(grad_out: Tensor, ids_keep: Tensor, pos_grad: bool):
     return grad_x_vis, grad_mask, grad_pos
 
 
+def scatter_tokens_fwd(x_kept: Tensor, ids_keep: Tensor, fill: Tensor) -> Tensor:
+    B, K, D = x_kept.shape
+    out = torch.empty(B, fill.shape[1], D, device=x_kept.device, dtype=x_kept.dtype)
+    # the reference casts the fill to x_kept's dtype (a pass of its own only when they differ)
+    _C().scatter_tokens_fwd(out, x_kept, ids_keep, fill.to(x_kept.dtype).contiguous())
+    return out
+
+
+def scatter_tokens_bwd(grad_out: Tensor, ids_keep: Tensor, fill_grad: bool):
+    B, N, D = grad_out.shape
+    grad_x_kept = torch.empty(B, ids_keep.shape[1], D, device=grad_out.device, dtype=grad_out.dtype)
+    grad_fill = torch.empty_like(grad_out) if fill_grad else None
+    _C().scatter_tokens_bwd(grad_x_kept, grad_fill, grad_out, ids_keep)
+    return grad_x_kept, grad_fill
+
+
 # ----------------------------------------------------------------------------- norm ops
 def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float):
     out = torch.empty_like(x)

@@ -457,6 +457,59 @@ def test_tokens_out_of_range_ids(impl, D):
     torch.testing.assert_close(gpos, gu.sum(0))
 
 
+@pytest.mark.parametrize("B,N,K,D", TOKEN_SHAPES + [(2, 16, 0, 72)])  # and K = 0: a copy of the fill
+@pytest.mark.parametrize("dt,fdt", [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")])
+def test_scatter_tokens(impl, B, N, K, D, dt, fdt):
+    """TREAD's put-back, a copy: the output and both gradients bit for bit (unsorted ids)."""
+    _emu_light(impl, B * N * D, primary=(dt, fdt) == ("bf16", "fp32"))
+    dtype = DT[dt]
+    gen = _gen(impl, B * 1000 + N + K + D + 2)
+    xk = _rand(gen, B, K, D, dtype=dtype)
+    ids = _ids(gen, B, N, K)
+    fill = _rand(gen, B, N, D, dtype=DT[fdt])
+    g = _rand(gen, B, N, D, dtype=dtype)
+    _dirty_allocator(impl.device)
+    with poisoned_empty():
+        out = impl.scatter_tokens_fwd(xk, ids, fill)
+        gxk, gfill = impl.scatter_tokens_bwd(g, ids, True)
+        gxk_only, none = impl.scatter_tokens_bwd(g, ids, False)
+    _same(impl, out, R.scatter_tokens(xk, ids, fill), "scatter forward")
+    want_gx = torch.gather(g, 1, ids[..., None].expand(-1, -1, D))
+    assert torch.equal(gxk, want_gx) and torch.equal(gxk_only, want_gx) and none is None, "grad_x_kept"
+    assert torch.equal(gfill, g.scatter(1, ids[..., None].expand(-1, -1, D), 0.0)), "grad_fill"
+    _repeat_equal(lambda: impl.scatter_tokens_bwd(g, ids, True), "scatter_tokens_bwd")
+
+
+def test_scatter_out_of_range_and_misaligned(impl):
+    """Unchecked ids outside [0, N) put nothing back (the row keeps the fill, its grad_x_kept row
+    is zeros); inputs one element off a 16-byte boundary take the scalar path, same bits."""
+    gen = _gen(impl, 9)
+    B, N, K, D = 2, 19, 7, 72
+    ids = _ids(gen, B, N, K)
+    ids[0, 0], ids[0, 3], ids[1, 6] = -1, N, 2**40
+    valid = (ids >= 0) & (ids < N)
+    xk = _rand(gen, B, K, D, dtype=torch.bfloat16)
+    fill = _rand(gen, B, N, D, dtype=torch.bfloat16)
+    g = _rand(gen, B, N, D, dtype=torch.bfloat16)
+    with poisoned_empty():
+        out = impl.scatter_tokens_fwd(xk, ids, fill)
+        gxk, gfill = impl.scatter_tokens_bwd(g, ids, True)
+        gxk2, _ = impl.scatter_tokens_bwd(g, ids, False)
+    safe_ids = torch.where(valid, ids, N)
+    want = torch.cat([fill, fill[:, :1]], 1).scatter(1, safe_ids[..., None].expand(-1, -1, D), xk)[:, :N]
+    assert torch.equal(out, want)
+    want_gx = torch.where(valid[..., None], torch.gather(g, 1, ids.clamp(0, N - 1)[..., None].expand(-1, -1, D)), 0.0)
+    assert torch.equal(gxk, want_gx) and torch.equal(gxk2, want_gx)
+    assert torch.equal(gfill, torch.cat([g, g[:, :1]], 1).scatter(1, safe_ids[..., None].expand(-1, -1, D), 0.0)[:, :N])
+    if impl.name != "triton":
+        ids = _ids(gen, B, N, K)
+        ref = impl.scatter_tokens_fwd(xk, ids, fill)
+        assert torch.equal(impl.scatter_tokens_fwd(_misalign(xk), ids, _misalign(fill)), ref)
+        ref = impl.scatter_tokens_bwd(g, ids, True)
+        got = impl.scatter_tokens_bwd(_misalign(g), ids, True)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 # ---------------------------------------------------------------------------- norm ops
 NORM_SHAPES = [  # (B, L, D)
     (1, 59, 72),
@@ -667,6 +720,7 @@ def test_public_ops_cuda_backend(impl, monkeypatch, dt, vdt):
             r = fastmask.ops.gated_residual(xv, h * yl, gl)
             r2, h2 = fastmask.ops.residual_layernorm_modulate(r, yl, gl, sl, cl)
             full = fastmask.ops.unmask_tokens(h2 + r2, ids, ml, N, pl)
+            full = fastmask.ops.scatter_tokens(h2, ids, full)  # TREAD's put-back, into the unmasked stream
             P = 16
             Fo = full[..., :P].float()
             xn = x[..., :P].float().detach()
