@@ -3,6 +3,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -17,13 +18,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(out):
+def _cfg(out, arch="maskdit"):
     from test_train import tiny_cfg
 
-    return tiny_cfg(out, steps=STEPS, finetune_steps=FINETUNE, batch_size=8, log_every=1)
+    return tiny_cfg(out, steps=STEPS, finetune_steps=FINETUNE, batch_size=8, log_every=1, arch=arch)
 
 
-def _worker(rank: int, world: int, port: int, out: str):
+def _worker(rank: int, world: int, port: int, out: str, arch: str):
     import torch.distributed as dist
 
     from fastmask.train import train
@@ -31,22 +32,23 @@ def _worker(rank: int, world: int, port: int, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        tr = train(_cfg(out), progress=False)
+        tr = train(_cfg(out, arch), progress=False)
         if rank == 1:  # rank 1 writes nothing; hand its weights back for the comparison
             torch.save({k: v.clone() for k, v in tr.net.state_dict().items()}, Path(out) / "rank1.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("arch", ["maskdit", "tread"])  # TREAD: routed ids drawn for the global batch, sliced
+def test_two_gloo_ranks_match_one_process(tmp_path, arch):
     from fastmask.checkpoint_io import load_checkpoint
     from fastmask.train import train
 
     out2 = tmp_path / "ddp"
     out2.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(out2)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(out2), arch), nprocs=2, join=True)
 
-    one = train(_cfg(tmp_path / "one"), progress=False)
+    one = train(_cfg(tmp_path / "one", arch), progress=False)
     ck = load_checkpoint(out2)
     assert ck["step"] == STEPS + FINETUNE and ck["extra"]["world_size"] == 2
     rank1 = torch.load(out2 / "rank1.pt")
