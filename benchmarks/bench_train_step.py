@@ -10,7 +10,9 @@ Variants (same config, input size and batch within a group):
     maskdit-fastmask-graph    the fused kernels, the whole step one CUDA graph (the trainer's
                               helper fastmask.step_graph; CPU dry run: its emulation)
     maskdit-torch-graph       the reference ops, one CUDA graph
-Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add other ratios
+    tread-torch               TREAD (DiT, blocks 2..depth-4 on a random half of the tokens), reference ops
+    tread-fastmask            TREAD with the fused kernels (gather_tokens / scatter_tokens around the route)
+Each at mask ratio 0.5 (TREAD: routing rate 0.5) (MaskDiT's published ratio); lower-priority rows add other ratios
 (0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
 
 Each row: step time (median, 20/80 % quantiles), images/s, host-issue ms and GPU ms per step
@@ -36,7 +38,7 @@ from benchmarks.setups import build_training
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    model: str  # maskdit | dit
+    model: str  # maskdit | dit | tread
     backend: str  # torch | auto
     compile: str | None  # None | blocks | model
     graph: bool = False  # the whole step as one CUDA graph
@@ -54,6 +56,8 @@ VARIANTS = {
         Variant("dit-fastmask", "dit", "auto", None),
         Variant("maskdit-fastmask-graph", "maskdit", "auto", None, graph=True),
         Variant("maskdit-torch-graph", "maskdit", "torch", None, graph=True),
+        Variant("tread-torch", "tread", "torch", None),
+        Variant("tread-fastmask", "tread", "auto", None),
     )
 }
 MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
@@ -88,18 +92,21 @@ def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple
     ratios_ref = (("maskdit-torch", 0.0), ("maskdit-torch", 0.25), ("maskdit-torch", 0.75))
     sset = common.size_set()
     if sset == "dry":
-        return [(Setting("T/2", 8, 4, warmup=1, steps=2), headline, (("maskdit-torch", 0.0),))]
+        return [(Setting("T/2", 8, 4, warmup=1, steps=2), headline, (("maskdit-torch", 0.0), ("tread-torch", 0.5)))]
     if sset == "cpu":
         # the no-download default's scale: ~1.5M parameters, 16x16 inputs, batch 128
         s = Setting("Digits/2", 16, 128, in_channels=1, num_classes=10, warmup=1, steps=5)
-        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)), ratios_ref[1:] + main)]
+        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0), ("tread-torch", 0.5)),
+                 ratios_ref[1:] + main)]
     if sset == "quick":
         return [
-            (Setting("XL/2", 32, 64, warmup=2, steps=5), headline, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
+            (Setting("XL/2", 32, 64, warmup=2, steps=5), headline,
+             ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0), ("tread-fastmask", 0.5))),
             (Setting("XL/2", 64, 16, warmup=2, steps=5), main, ()),
         ]
     return [
-        (Setting("XL/2", 32, 128, warmup=3, steps=10), headline, ratios + ratios_ref + (("dit-fastmask", 0.0),)),
+        (Setting("XL/2", 32, 128, warmup=3, steps=10), headline,
+         ratios + ratios_ref + (("dit-fastmask", 0.0), ("tread-fastmask", 0.5))),
         (Setting("XL/2", 64, 32, warmup=3, steps=10), main, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
     ]
 

@@ -13,7 +13,7 @@ import torch
 
 import fastmask
 from fastmask import step_graph
-from fastmask.models import EDMPrecond, compile_model, count_flops, dit, maskdit
+from fastmask.models import EDMPrecond, compile_model, count_flops, dit, maskdit, tread
 
 __all__ = ["TrainSetup", "build_training", "compile_model"]
 
@@ -59,7 +59,7 @@ class TrainSetup:
         noise = torch.randn(self.y.shape, generator=g, device=dev)
         ids = None
         if self.mask_ratio > 0:
-            ids = fastmask.ops.random_mask(B, N, self.mask_ratio, generator=g, device=dev)[0]
+            ids = self.model.token_strategy(self.mask_ratio).draw(B, N, generator=g, device=dev)  # TREAD's K too
         what = self._graphs.run("step", self._whole_step,
                                 {"y": self.y, "labels": self.labels, "sigma": sigma, "noise": noise, "ids_keep": ids})
         if what == "eager":  # a graphed row that fell back would time eager steps under its name
@@ -96,7 +96,7 @@ def build_training(
     lr: float = 1e-4,
     seed: int = 0,
 ) -> TrainSetup:
-    """Build the model (``maskdit`` or ``dit`` of ``config``), AdamW and a random batch.
+    """Build the model (``maskdit``, ``dit`` or ``tread`` of ``config``), AdamW and a random batch.
 
     ``amp`` (bf16 autocast) defaults to on for CUDA, off for the CPU; ``compile`` is None,
     ``"blocks"`` or ``"model"`` (see :func:`fastmask.models.compile_model`); ``graph``: the step
@@ -105,7 +105,7 @@ def build_training(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda" if amp is None else amp
     torch.manual_seed(seed)
-    build = {"maskdit": maskdit, "dit": dit}[model]
+    build = {"maskdit": maskdit, "dit": dit, "tread": tread}[model]
     with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
         net = build(config, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
         edm = EDMPrecond(net).to(dev)  # so move the rest
@@ -118,4 +118,4 @@ def build_training(
         opt_kw.update(capturable=True)
         lr = torch.tensor(lr, device=dev)
     opt = torch.optim.AdamW(edm.parameters(), lr=lr, weight_decay=0.0, **opt_kw)
-    return TrainSetup(edm, opt, y, labels, mask_ratio if model == "maskdit" else 0.0, backend, amp, dev, graph)
+    return TrainSetup(edm, opt, y, labels, 0.0 if model == "dit" else mask_ratio, backend, amp, dev, graph)

@@ -30,7 +30,7 @@ import time
 import torch
 
 from . import ops as _ops
-from .models import EDMPrecond, compile_model, count_flops, dit, maskdit
+from .models import EDMPrecond, compile_model, count_flops, dit, maskdit, tread
 from .ops import dispatch as _dispatch
 from .ops import registry
 
@@ -162,12 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     count, ratio = arg_type(COUNT, "count"), arg_type(RATIO, "ratio")
     parser.add_argument("--config", default="XL/2", help="model config: XL/2, L/2, B/2, S/2, Digits/2, T/2 ... (default XL/2)")
-    parser.add_argument("--model", choices=("maskdit", "dit"), default="maskdit", help="MaskDiT (default) or plain DiT")
+    parser.add_argument("--model", choices=("maskdit", "dit", "tread"), default="maskdit",
+                        help="MaskDiT (default), plain DiT or TREAD (DiT with routed blocks)")
     parser.add_argument("--input-size", type=arg_type(field_check("image_size"), "count"), default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
     parser.add_argument("--in-channels", type=arg_type(field_check("channels"), "count"), default=4, help="input channels (4 for SD-VAE latents)")
     parser.add_argument("--num-classes", type=count, default=1000, help="classes of the label embedding")
     parser.add_argument("--batch", type=arg_type(field_check("batch_size"), "count"), default=None, help="batch size (default 64 on a GPU, 8 on the CPU)")
-    parser.add_argument("--mask-ratio", type=ratio, default=0.5, help="fraction of tokens dropped (MaskDiT)")
+    parser.add_argument("--mask-ratio", type=ratio, default=0.5,
+                        help="fraction of tokens dropped (MaskDiT) or routed past the middle blocks (TREAD)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto", help="op backend")
     parser.add_argument("--compile", choices=("none", "blocks", "model"), default="none", help="torch.compile scope")
     parser.add_argument("--steps", type=count, default=5, help="profiled steps")
@@ -227,7 +229,7 @@ def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp:
 
     torch.manual_seed(0)
     with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
-        build = maskdit if args.model == "maskdit" else dit
+        build = {"maskdit": maskdit, "dit": dit, "tread": tread}[args.model]
         net = EDMPrecond(build(args.config, input_size=args.input_size, in_channels=args.in_channels,
                                num_classes=args.num_classes)).to(dev)  # so move the rest
         y = torch.randn(batch, args.in_channels, args.input_size, args.input_size)
@@ -235,7 +237,7 @@ def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp:
     if args.compile != "none":
         compile_model(net, args.compile)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
-    ratio = args.mask_ratio if args.model == "maskdit" else 0.0
+    ratio = 0.0 if args.model == "dit" else args.mask_ratio
 
     def step():
         with backend(args.backend):

@@ -268,3 +268,16 @@ def test_cli_train_arch_tread_then_sample(tmp_path):
     assert main(["sample", "--checkpoint", str(out), "--device", "cpu", "--steps", "2", "--num", "2",
                  "--out", str(tmp_path / "samples")]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) >= 2
+
+
+def test_flop_count_runs_the_routed_blocks_on_k_tokens():
+    from fastmask.models import count_flops
+    from fastmask.models.flops import _block_flops
+
+    net = TREAD(**SMALL)
+    dense = count_flops(DiT(**SMALL), batch=2)
+    assert count_flops(net, batch=2)["forward"] == dense["forward"]  # rate 0: every block on N
+    routed = count_flops(net, batch=2, mask_ratio=0.3)
+    assert routed["tokens"] == {"N": 16, "K": 12}
+    saved = sum(sum(_block_flops(b, 16).values()) - sum(_block_flops(b, 12).values()) for b in net.blocks[1:3])
+    assert dense["forward"] - routed["forward"] == 2 * saved > 0

@@ -29,8 +29,9 @@ def _final_flops(layer, L: int) -> int:
 
 
 def count_flops(model, batch: int = 1, mask_ratio: float = 0.0) -> dict:
-    """Matmul + attention FLOPs of one forward of a DiT or MaskDiT (the network inside an
-    EDMPrecond is unwrapped), and of one training step (x3: forward + backward).
+    """Matmul + attention FLOPs of one forward of a DiT, MaskDiT or TREAD (the network inside an
+    EDMPrecond is unwrapped), and of one training step (x3: forward + backward). ``mask_ratio``:
+    MaskDiT's drop ratio, TREAD's routing rate.
 
     Counted: patch embedding, conditioning MLPs (timestep MLP, class Linear), every block
     (qkv, attention q k^T and p v, proj, MLP, adaLN Linear), MaskDiT's decoder_layer, the
@@ -58,7 +59,14 @@ def count_flops(model, batch: int = 1, mask_ratio: float = 0.0) -> dict:
             for k, v in _block_flops(blk, L).items():
                 parts[f"{prefix}.{k}"] = parts.get(f"{prefix}.{k}", 0) + v
 
-    add_blocks("blocks", net.blocks, K)
+    route = getattr(net, "route", None)  # TREAD: the routed blocks see K tokens, the others all N
+    if route is not None and mask_ratio > 0:
+        K = net.token_strategy(mask_ratio).num_kept(N)
+        first, last = route
+        add_blocks("blocks", [b for i, b in enumerate(net.blocks) if not first <= i <= last], N)
+        add_blocks("blocks", net.blocks[first:last + 1], K)
+    else:
+        add_blocks("blocks", net.blocks, K)
     if masked:
         parts["decoder_layer"] = _final_flops(net.decoder_layer, K)
         add_blocks("decoder_blocks", net.decoder_blocks, N)
