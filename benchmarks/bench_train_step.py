@@ -10,9 +10,6 @@ Variants (same config, input size and batch within a group):
     maskdit-fastmask-graph    the fused kernels, the whole step one CUDA graph (the trainer's
                               helper fastmask.step_graph; CPU dry run: its emulation)
     maskdit-torch-graph       the reference ops, one CUDA graph
-    maskdit-fastmask-compile-graph / maskdit-torch-compile-graph
-                              every block compiled, and the whole step one CUDA graph
-                              (torch.compile's default mode: the capture is fastmask's)
 Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add other ratios
 (0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
 
@@ -57,8 +54,6 @@ VARIANTS = {
         Variant("dit-fastmask", "dit", "auto", None),
         Variant("maskdit-fastmask-graph", "maskdit", "auto", None, graph=True),
         Variant("maskdit-torch-graph", "maskdit", "torch", None, graph=True),
-        Variant("maskdit-fastmask-compile-graph", "maskdit", "auto", "blocks", graph=True),
-        Variant("maskdit-torch-compile-graph", "maskdit", "torch", "blocks", graph=True),
     )
 }
 MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
@@ -67,7 +62,6 @@ MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask
 # then the rest of the comparison. Compiled rows of the first setting come before any row of
 # a larger one.
 HEADLINE = ("maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
-            "maskdit-fastmask-compile-graph", "maskdit-torch-compile-graph",
             "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile")
 
 

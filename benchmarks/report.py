@@ -35,10 +35,6 @@ VARIANT_ORDER = (
     "maskdit-torch-compile",
     "maskdit-fastmask",
     "maskdit-fastmask-compile",
-    "maskdit-torch-graph",
-    "maskdit-fastmask-graph",
-    "maskdit-torch-compile-graph",
-    "maskdit-fastmask-compile-graph",
 )
 VARIANT_LABEL = {
     "dit-torch": "DiT, PyTorch eager (SDPA)",
@@ -48,10 +44,6 @@ VARIANT_LABEL = {
     "maskdit-torch-compile": "MaskDiT, reference + torch.compile",
     "maskdit-fastmask": "MaskDiT, fastmask kernels",
     "maskdit-fastmask-compile": "MaskDiT, fastmask + torch.compile",
-    "maskdit-fastmask-graph": "MaskDiT, fastmask, step as one CUDA graph",
-    "maskdit-torch-graph": "MaskDiT, reference, step as one CUDA graph",
-    "maskdit-fastmask-compile-graph": "MaskDiT, fastmask + torch.compile, one CUDA graph",
-    "maskdit-torch-compile-graph": "MaskDiT, reference + torch.compile, one CUDA graph",
 }
 
 

@@ -85,7 +85,7 @@ def test_gpu_script_dry_run(tmp_path):
     steps = [r for r in rows if r["kind"] == "train_step"]
     head = [r["variant"] for r in steps if r["gpu_stage"] == "train"]
     assert head == ["maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
-                    "maskdit-fastmask-compile-graph", "maskdit-torch-compile-graph", "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch",
+                    "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch",
                     "dit-torch-compile"]  # ordered by value, compiled and graphed rows included
     ok = [r for r in steps if r["status"] == "ok"]
     assert {(r["variant"], r["mask_ratio"]) for r in ok} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
