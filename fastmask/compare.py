@@ -4,7 +4,7 @@ time on the same data, evaluated the same way, in one table.
 The first family trains as the config says (its step counts and minute caps). Every later one
 gets the first one's measured training time phase by phase: the masked phase's seconds as its
 ``minutes`` and the fine-tune's as its ``finetune_minutes``; a family that trains on every token
-(``dit``) gets both as one phase. Everything else (data, model config, batch, lr, seed,
+(``dit``) or has no fine-tune (``tread``) gets both as one phase. Everything else (data, model config, batch, lr, seed,
 sampler, guidance) is the same for all, except what a family registers as its own training
 defaults (:attr:`fastmask.models.Architecture.train_defaults`, e.g. its published ratio).
 
@@ -55,7 +55,9 @@ def family_config(cfg: TrainConfig, family: str, seconds: dict | None = None) ->
     if seconds is not None:
         s1, s2 = float(seconds.get("1", 0.0)), float(seconds.get("2", 0.0))
         c.steps = None
-        if ARCHITECTURES[family].masks and s2 > 0:
+        # a family without a fine-tune of its own (dit; tread registers finetune_steps 0) trains one phase
+        finetunes = ARCHITECTURES[family].masks and ARCHITECTURES[family].train_defaults.get("finetune_steps") != 0
+        if finetunes and s2 > 0:
             c.minutes, c.finetune_steps, c.finetune_minutes = s1 / 60, FOREVER, s2 / 60
         else:
             c.minutes, c.finetune_steps, c.finetune_minutes = (s1 + s2) / 60, 0, None

@@ -62,4 +62,7 @@ def test_family_config_applies_registered_defaults(monkeypatch, tmp_path):
     assert c.finetune_minutes == pytest.approx(0.1) and c.out == str(tmp_path / "maskdit")
     d = family_config(cfg, "dit", {"1": 30.0, "2": 6.0})
     assert d.mask_ratio == 0.0 and d.minutes == pytest.approx(0.6) and d.finetune_steps == 0
+    t = family_config(cfg, "tread", {"1": 30.0, "2": 6.0})  # TREAD: its rate, no fine-tune, one phase
+    assert (t.arch, t.mask_ratio, t.finetune_steps, t.finetune_minutes) == ("tread", 0.5, 0, None)
+    assert t.minutes == pytest.approx(0.6)
     assert cfg.arch == "maskdit" and cfg.mask_ratio == 0.5  # the shared config is not changed

@@ -105,9 +105,11 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+# TREAD's published rate 0.5 and no fine-tune phase (CompVis/tread configs/model/tread.yaml, train.py)
 register_architecture("tread", tread, masks=True,
                       help="TREAD: DiT whose middle blocks see a random subset of the tokens (mask_ratio is the "
-                           "fraction that bypasses them); loss on every token")
+                           "fraction that bypasses them); loss on every token",
+                      train_defaults={"mask_ratio": 0.5, "finetune_steps": 0})
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
