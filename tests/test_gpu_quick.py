@@ -3,7 +3,7 @@ backward, at DiT-XL/2 shapes, in bf16 and fp32, against the PyTorch reference.
 
 Rule (flash-attention's): the error of the Triton op against the reference in float64 is at
 most 2x (outputs) / 3x (gradients) the error of the PyTorch reference run in the same dtype,
-plus a small absolute term. 38 tests, seconds each on a GPU: the GPU script runs them
+plus a small absolute term. 40 tests, seconds each on a GPU: the GPU script runs them
 first (``pytest tests -m gpu_quick``) under a 90 s cap.
 
 Without a GPU they are skipped, unless ``FASTMASK_QUICK_CPU=1`` runs them in the Triton
@@ -90,6 +90,10 @@ def _case(op: str, stage: str, dtype: torch.dtype):
         ids, _ = _ids(7)
         ins = (_rand((B, K, D), dtype, 1), ids, _rand((D,), torch.float32, 2), N, _rand((N, D), torch.float32, 3))
         return ins, (0, 2), fastmask.ops.unmask_tokens, reference.unmask_tokens
+    if op == "scatter_tokens":  # TREAD's put-back: the kept rows into the saved stream
+        ids = torch.argsort(torch.rand(B, N, generator=_gen(8)), dim=1)[:, :K].to(DEV)  # unsorted, as TREAD's
+        ins = (_rand((B, K, D), dtype, 1), ids, _rand((B, N, D), dtype, 2))
+        return ins, (0, 2), fastmask.ops.scatter_tokens, reference.scatter_tokens
     if op == "dsm_mae_loss":
         _, mask = _ids(7)
         sigma = (_rand((B,), torch.float32, 4) * 1.2 - 1.2).exp()
@@ -137,6 +141,7 @@ CASES = [
     ("gated_residual", "decoder"),
     ("gather_tokens", "encoder"),
     ("unmask_tokens", "decoder"),
+    ("scatter_tokens", "encoder"),
     ("dsm_mae_loss", "decoder"),
     ("attention_rope", "encoder"),  # hd 72, RoPE rows by ids_keep, qk-norm
     ("attention_rope", "decoder"),  # hd 32, RoPE rows 0..N-1
