@@ -123,7 +123,7 @@ def _ids(shape: Shape):
 
 
 def minimum_bytes(op: str, *, B: int, D: int = 0, L: int = 0, N: int = 0, K: int = 0, P: int = 0, e: int = 2,
-                  masked: bool = True, pos_grad: bool = False, fill_grad: bool = True) -> dict:
+                  masked: bool = True, pos_grad: bool = False, fill: bool = True, fill_grad: bool = True) -> dict:
     """The bytes an op must move, per mode {"forward", "backward"}: each input read once, each
     output written once (activations of ``e`` bytes, fp32 position embeddings, int64 ids). The
     benchmarks' roofline and benchmarks/static_check.py's byte count both use it."""
@@ -143,12 +143,11 @@ def minimum_bytes(op: str, *, B: int, D: int = 0, L: int = 0, N: int = 0, K: int
     if op == "unmask_tokens":
         return {"forward": B * K * D * e + N * D * 4 + B * K * 8 + B * N * D * e,
                 "backward": B * N * D * e + B * K * D * e + B * K * 8 + D * 4 + gpos}
-    if op == "scatter_tokens":  # the fill's kept rows are overwritten: never read
-        if not fill_grad:  # the backward is then the gather of grad_out's kept rows
-            return {"forward": B * K * D * e + B * (N - K) * D * e + B * N * D * e + B * K * 8,
-                    "backward": 2 * B * K * D * e + B * K * 8}
-        return {"forward": B * K * D * e + B * (N - K) * D * e + B * N * D * e + B * K * 8,
-                "backward": 2 * B * N * D * e + B * K * D * e + B * K * 8}
+    if op == "scatter_tokens":  # the fill's kept rows are overwritten: never read (no fill: zeros)
+        fwd = B * K * D * e + (B * (N - K) * D * e if fill else 0) + B * N * D * e + B * K * 8
+        if not (fill and fill_grad):  # the backward is then the gather of grad_out's kept rows
+            return {"forward": fwd, "backward": 2 * B * K * D * e + B * K * 8}
+        return {"forward": fwd, "backward": 2 * B * N * D * e + B * K * D * e + B * K * 8}
     if op == "dsm_mae_loss":
         reads = B * N * P * (e + 8) + B * 4 + (B * N * 4 if masked else 0)
         return {"forward": reads, "backward": reads + B * N * P * e}

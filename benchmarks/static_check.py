@@ -228,7 +228,8 @@ def _capture(dtypes: list[str], defaults_only: bool) -> list[Launch]:
                 calls["gather_tokens"] = lambda: (fk.gather_tokens_fwd(full, ids, pos), fk.gather_tokens_bwd(vis, ids, N, True))
                 calls["unmask_tokens"] = lambda: (fk.unmask_tokens_fwd(vis, ids, _meta(D, dtype=torch.float32), N, pos),
                                                   fk.unmask_tokens_bwd(full, ids, True))
-                calls["scatter_tokens"] = lambda: (fk.scatter_tokens_fwd(vis, ids, full),
+                calls["scatter_tokens"] = lambda: (fk.scatter_tokens_fwd(vis, ids, full, N),
+                                                   fk.scatter_tokens_fwd(vis, ids, None, N),  # zero fill
                                                    fk.scatter_tokens_bwd(full, ids, True))
                 for op, call in calls.items():
                     with cap.tag(op=op, shape=shape if "tokens" not in op else f"N={N} K={K} D={D}", dtype=dname):
@@ -268,7 +269,8 @@ BYTES_LIMIT = 1.10  # every op within 10% of its minimum (tests/test_static_gpu.
 # pointers a constexpr switch leaves unused). kernel -> {argument: fraction touched}.
 _PARTIAL_ARGS = {
     "_gather_fwd_kernel": {"X": lambda a: a["K"] / a["N"]},  # the kept rows of x
-    "_scatter_fwd_kernel": {"FILL": lambda a: 1 - a["K"] / a["N"]},  # the fill's rows no kept token overwrites
+    # the fill's rows no kept token overwrites (without a fill the output stands in for it: written whole)
+    "_scatter_fwd_kernel": {"FILL": lambda a: 1 - a["K"] / a["N"] if a["HAS_FILL"] else 1.0},
     # reads the inverse ids at the kept tokens, writes only rows no kept token owns (none here)
     "_zero_orphan_rows_kernel": {"INV": lambda a: a["K"] / a["N"], "GXV": lambda a: 0.0},
 }
@@ -347,7 +349,8 @@ def byte_count(dtypes: list[str]) -> list[dict]:
                         ("unmask_tokens", "", "forward", lambda: fk.unmask_tokens_fwd(vis, ids, mt, N, pos)),
                         ("unmask_tokens", "", "backward", lambda: fk.unmask_tokens_bwd(full, ids, False)),
                         ("unmask_tokens", "pos_grad", "backward", lambda: fk.unmask_tokens_bwd(full, ids, True)),
-                        ("scatter_tokens", "", "forward", lambda: fk.scatter_tokens_fwd(vis, ids, full)),
+                        ("scatter_tokens", "", "forward", lambda: fk.scatter_tokens_fwd(vis, ids, full, N)),
+                        ("scatter_tokens", "zero_fill", "forward", lambda: fk.scatter_tokens_fwd(vis, ids, None, N)),
                         ("scatter_tokens", "", "backward", lambda: fk.scatter_tokens_bwd(full, ids, True)),
                         ("scatter_tokens", "no_fill_grad", "backward", lambda: fk.scatter_tokens_bwd(full, ids, False)),
                     ]
@@ -357,7 +360,7 @@ def byte_count(dtypes: list[str]) -> list[dict]:
                             call()
                         moved = sum(launch_bytes(ln) for ln in cap.launches[before:])
                         dims = dict(B=B, D=D, L=L) if "tokens" not in op else dict(B=B, D=D, N=N, K=K)
-                        least = minimum_bytes(op, e=e, pos_grad=variant == "pos_grad",
+                        least = minimum_bytes(op, e=e, pos_grad=variant == "pos_grad", fill=variant != "zero_fill",
                                               fill_grad=variant != "no_fill_grad", **dims)[mode]
                         shape = f"L={L} D={D}" if "tokens" not in op else f"N={N} K={K} D={D}"
                         rows.append(dict(op=op, variant=variant, mode=mode, dtype=dname, shape=shape, bytes=moved,

@@ -338,14 +338,15 @@ void unmask_tokens_bwd(const at::Tensor& grad_x_vis, const at::Tensor& grad_mask
 }
 
 void scatter_tokens_fwd(const at::Tensor& out, const at::Tensor& x_kept, const at::Tensor& ids,
-                        const at::Tensor& fill) {
+                        const OptTensor& fill) {
   const char* op = "scatter_tokens_fwd";
   check_rank(x_kept, 3, op, "x_kept");
-  check_rank(fill, 3, op, "fill");
-  const int64_t B = x_kept.size(0), K = x_kept.size(1), D = x_kept.size(2), N = fill.size(1);
+  check_rank(out, 3, op, "out");
+  const int64_t B = x_kept.size(0), K = x_kept.size(1), D = x_kept.size(2), N = out.size(1);
   check(x_kept, op, "x_kept", x_kept, {B, K, D}, std::nullopt);
   check(ids, op, "ids_keep", x_kept, {B, K}, at::kLong);
-  check(fill, op, "fill", x_kept, {B, N, D}, x_kept.scalar_type());  // the launcher casts it: a copy then
+  // the launcher casts the fill to x_kept's dtype (a copy then); none: zeros
+  if (fill.has_value()) check(*fill, op, "fill", x_kept, {B, N, D}, x_kept.scalar_type());
   check(out, op, "out", x_kept, {B, N, D}, x_kept.scalar_type());
   TORCH_CHECK(K <= N, "fastmask.", op, ": ", K, " kept tokens of only ", N);
   if (out.numel() == 0) return;
@@ -354,10 +355,11 @@ void scatter_tokens_fwd(const at::Tensor& out, const at::Tensor& x_kept, const a
   const at::Tensor inv = inverse_ids(ids, B, N, K, stream, op);
   dispatch_float(x_kept.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x_kept.data_ptr(), fill.data_ptr()});
+    T* f = ptr<T>(fill);
+    const bool vec = use_vec(D, kVec<T>, {out.data_ptr(), x_kept.data_ptr(), f});
     check_launch(FASTMASK_VEC_SWITCH(vec, [&] {
-                   return fm::scatter_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x_kept), ptr<int32_t>(inv), ptr<T>(fill),
-                                                         B, N, K, D, stream);
+                   return fm::scatter_tokens_fwd<T, VEC>(ptr<T>(out), ptr<T>(x_kept), ptr<int32_t>(inv), f, B, N, K, D,
+                                                         stream);
                  }),
                  op);
   });

@@ -100,7 +100,8 @@ cudaError_t unmask_tokens_bwd(T* grad_x_vis, float* mask_partial, float* pos_par
                               const int64_t* ids, const int32_t* inv, int64_t B, int64_t N, int64_t K, int64_t D,
                               int64_t splits, cudaStream_t stream);
 
-// out [B, N, D] = fill [B, N, D] with the kept rows x_kept [B, K, D] at inv's positions (TREAD's put-back).
+// out [B, N, D] = fill [B, N, D] (null: zeros) with the kept rows x_kept [B, K, D] at inv's positions
+// (TREAD's put-back; MicroDiT's zero fill).
 template <typename T, int VEC>
 cudaError_t scatter_tokens_fwd(T* out, const T* x_kept, const int32_t* inv, const T* fill, int64_t B, int64_t N,
                                int64_t K, int64_t D, cudaStream_t stream);

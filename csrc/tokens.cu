@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(256, 4) unmask_bwd_kernel(T* __restrict__ grad
   }
 }
 
-// out[b, n] = x_kept[b, inv[b, n]] where kept, else fill[b, n] (the fill in T already): every
-// row written, each source row read only where it survives. A copy: bits unchanged.
+// out[b, n] = x_kept[b, inv[b, n]] where kept, else fill[b, n] (the fill in T already; null:
+// zeros): every row written, each source row read only where it survives. A copy: bits unchanged.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) scatter_fwd_kernel(T* __restrict__ out, const T* __restrict__ x_kept,
                                                           const int32_t* __restrict__ inv, const T* __restrict__ fill,
@@ -210,13 +210,17 @@ __global__ void __launch_bounds__(256) scatter_fwd_kernel(T* __restrict__ out, c
                                                           int rpb) {
   const int64_t chunks = D / VEC;
   const RowLoop rl = row_loop(tpr, rpb);
+  Pack<T, VEC> zeros;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) zeros.v[i] = from_float<T>(0.f);
   for (int64_t row = rl.first; row < B * N; row += rl.step) {
     const int64_t b = row / N;
     const int32_t j = inv[row];
-    const T* src = j >= 0 ? x_kept + (b * K + j) * D : fill + row * D;
+    const T* src = j >= 0 ? x_kept + (b * K + j) * D : (fill != nullptr ? fill + row * D : nullptr);
     T* dst = out + row * D;
     for (int64_t c = rl.lane; c < chunks; c += tpr) {
-      *reinterpret_cast<Pack<T, VEC>*>(dst + c * VEC) = *reinterpret_cast<const Pack<T, VEC>*>(src + c * VEC);
+      *reinterpret_cast<Pack<T, VEC>*>(dst + c * VEC) =
+          src != nullptr ? *reinterpret_cast<const Pack<T, VEC>*>(src + c * VEC) : zeros;
     }
   }
 }

@@ -219,11 +219,11 @@ def unmask_tokens_bwd(grad_out: Tensor, ids_keep: Tensor, pos_grad: bool):
     return grad_x_vis, grad_mask, grad_pos
 
 
-def scatter_tokens_fwd(x_kept: Tensor, ids_keep: Tensor, fill: Tensor) -> Tensor:
+def scatter_tokens_fwd(x_kept: Tensor, ids_keep: Tensor, fill: Tensor | None, num_tokens: int) -> Tensor:
     B, K, D = x_kept.shape
-    out = torch.empty(B, fill.shape[1], D, device=x_kept.device, dtype=x_kept.dtype)
+    out = torch.empty(B, num_tokens, D, device=x_kept.device, dtype=x_kept.dtype)
     # the reference casts the fill to x_kept's dtype (a pass of its own only when they differ)
-    _C().scatter_tokens_fwd(out, x_kept, ids_keep, fill.to(x_kept.dtype).contiguous())
+    _C().scatter_tokens_fwd(out, x_kept, ids_keep, None if fill is None else fill.to(x_kept.dtype).contiguous())
     return out
 
 

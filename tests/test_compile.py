@@ -61,7 +61,7 @@ def _opcheck_cases():
     return {
         "gather_tokens": (T._gather_op, (x, ids, r(N, D).requires_grad_(), "triton")),
         "unmask_tokens": (T._unmask_op, (xv, ids, r(D).requires_grad_(), N, r(N, D).requires_grad_(), "triton")),
-        "scatter_tokens": (T._scatter_op, (xv, ids, r(B, N, D).requires_grad_(), "triton")),
+        "scatter_tokens": (T._scatter_op, (xv, ids, r(B, N, D).requires_grad_(), N, "triton")),
         "layernorm_modulate": (Nm._lnm_op, (x, vec(), vec(), 1e-6, "triton")),
         "gated_residual": (Nm._gr_op, (x, r(B, N, D).requires_grad_(), vec(), "triton")),
         "residual_layernorm_modulate": (

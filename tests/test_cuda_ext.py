@@ -460,7 +460,8 @@ def test_tokens_out_of_range_ids(impl, D):
 @pytest.mark.parametrize("B,N,K,D", TOKEN_SHAPES + [(2, 16, 0, 72)])  # and K = 0: a copy of the fill
 @pytest.mark.parametrize("dt,fdt", [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")])
 def test_scatter_tokens(impl, B, N, K, D, dt, fdt):
-    """TREAD's put-back, a copy: the output and both gradients bit for bit (unsorted ids)."""
+    """TREAD's put-back, a copy: the output (also into zeros) and both gradients bit for bit
+    (unsorted ids)."""
     _emu_light(impl, B * N * D, primary=(dt, fdt) == ("bf16", "fp32"))
     dtype = DT[dt]
     gen = _gen(impl, B * 1000 + N + K + D + 2)
@@ -470,10 +471,12 @@ def test_scatter_tokens(impl, B, N, K, D, dt, fdt):
     g = _rand(gen, B, N, D, dtype=dtype)
     _dirty_allocator(impl.device)
     with poisoned_empty():
-        out = impl.scatter_tokens_fwd(xk, ids, fill)
+        out = impl.scatter_tokens_fwd(xk, ids, fill, N)
+        out0 = impl.scatter_tokens_fwd(xk, ids, None, N)  # no fill: zeros (MicroDiT)
         gxk, gfill = impl.scatter_tokens_bwd(g, ids, True)
         gxk_only, none = impl.scatter_tokens_bwd(g, ids, False)
     _same(impl, out, R.scatter_tokens(xk, ids, fill), "scatter forward")
+    _same(impl, out0, R.scatter_tokens(xk, ids, None, N), "scatter forward, zero fill")
     want_gx = torch.gather(g, 1, ids[..., None].expand(-1, -1, D))
     assert torch.equal(gxk, want_gx) and torch.equal(gxk_only, want_gx) and none is None, "grad_x_kept"
     assert torch.equal(gfill, g.scatter(1, ids[..., None].expand(-1, -1, D), 0.0)), "grad_fill"
@@ -492,7 +495,7 @@ def test_scatter_out_of_range_and_misaligned(impl):
     fill = _rand(gen, B, N, D, dtype=torch.bfloat16)
     g = _rand(gen, B, N, D, dtype=torch.bfloat16)
     with poisoned_empty():
-        out = impl.scatter_tokens_fwd(xk, ids, fill)
+        out = impl.scatter_tokens_fwd(xk, ids, fill, N)
         gxk, gfill = impl.scatter_tokens_bwd(g, ids, True)
         gxk2, _ = impl.scatter_tokens_bwd(g, ids, False)
     safe_ids = torch.where(valid, ids, N)
@@ -503,8 +506,8 @@ def test_scatter_out_of_range_and_misaligned(impl):
     assert torch.equal(gfill, torch.cat([g, g[:, :1]], 1).scatter(1, safe_ids[..., None].expand(-1, -1, D), 0.0)[:, :N])
     if impl.name != "triton":
         ids = _ids(gen, B, N, K)
-        ref = impl.scatter_tokens_fwd(xk, ids, fill)
-        assert torch.equal(impl.scatter_tokens_fwd(_misalign(xk), ids, _misalign(fill)), ref)
+        ref = impl.scatter_tokens_fwd(xk, ids, fill, N)
+        assert torch.equal(impl.scatter_tokens_fwd(_misalign(xk), ids, _misalign(fill), N), ref)
         ref = impl.scatter_tokens_bwd(g, ids, True)
         got = impl.scatter_tokens_bwd(_misalign(g), ids, True)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -118,7 +118,7 @@ def _routes():
     return {
         "gather_tokens": (T._gather_op, T._GATHER, (r(B, N, D), ids, r(N, D), "triton")),
         "unmask_tokens": (T._unmask_op, T._UNMASK, (r(B, K, D), ids, r(D), N, r(N, D), "triton")),
-        "scatter_tokens": (T._scatter_op, T._SCATTER, (r(B, K, D), ids, r(B, N, D), "triton")),
+        "scatter_tokens": (T._scatter_op, T._SCATTER, (r(B, K, D), ids, r(B, N, D), N, "triton")),
         "layernorm_modulate": (Nm._lnm_op, Nm._LNM, (r(B, N, D), r(B, D), r(B, D), 1e-6, "triton")),
         "gated_residual": (Nm._gr_op, Nm._GR, (r(B, N, D), r(B, N, D), r(B, D), "triton")),
         "residual_layernorm_modulate": (

@@ -65,7 +65,7 @@ def test_reference_is_the_spec(B, N, K, D):
 def test_kernels_match_reference(B, N, K, D, dtype, fill_dtype):
     x, ids, fill, g = _case(B, N, K, D, dtype, fill_dtype, seed=B * N + K)
     with poisoned_empty():
-        out = fk.scatter_tokens_fwd(x, ids, fill)
+        out = fk.scatter_tokens_fwd(x, ids, fill, N)
         gx, gf = fk.scatter_tokens_bwd(g, ids, True)
         gx_only, none = fk.scatter_tokens_bwd(g, ids, False)
     ref_out, ref_gx, ref_gf = _ref(x, ids, fill, g)
@@ -112,6 +112,24 @@ def test_public_op_torch_backend_and_autograd_gradcheck():
             fastmask.ops.scatter_tokens(x, ids, fill)
 
 
+@pytest.mark.parametrize("B,N,K,D", SHAPES)
+def test_zero_fill(B, N, K, D):
+    """fill=None: zeros of num_tokens rows (MicroDiT's output-space fill), kernels and public op;
+    the gradient reaches x_kept only."""
+    x, ids, _, g = _case(B, N, K, D, seed=B + K + 7)
+    zeros = torch.zeros(B, N, D)
+    want = R.scatter_tokens(x, ids, zeros)
+    assert torch.equal(R.scatter_tokens(x, ids, None, N), want)
+    with poisoned_empty():
+        assert torch.equal(fk.scatter_tokens_fwd(x, ids, None, N), want)
+    for backend in ("torch", "triton"):
+        xs = x.clone().requires_grad_()
+        with fastmask.backend(backend):
+            out = fastmask.ops.scatter_tokens(xs, ids, num_tokens=N)
+        out.backward(g)
+        assert torch.equal(out, want) and torch.equal(xs.grad, _ref(x, ids, zeros, g)[1]), backend
+
+
 def test_out_of_range_ids_write_nothing():
     """With the id check skipped, an id outside [0, N) puts nothing back: its row of the output
     keeps the fill, its grad_x_kept row is zeros, and nothing outside the tensors is touched."""
@@ -122,7 +140,7 @@ def test_out_of_range_ids_write_nothing():
     kept = torch.zeros(B, N + 1, dtype=torch.bool).scatter(1, torch.where(valid, ids, N), True)[:, :N]
     safe = torch.where(valid, ids, 0)
     with poisoned_empty():
-        out = fk.scatter_tokens_fwd(x, ids, fill)
+        out = fk.scatter_tokens_fwd(x, ids, fill, N)
         gx, gf = fk.scatter_tokens_bwd(g, ids, True)
         gx2, _ = fk.scatter_tokens_bwd(g, ids, False)
     want = fill.clone()
@@ -147,7 +165,11 @@ def test_bad_input_names_the_argument():
         r"x_kept: expected a 3-d tensor": lambda: op(x[0], ids, fill),
         r"x_kept: expected a floating-point tensor": lambda: op(x.long(), ids, fill),
         r"fill: expected a 3-d tensor": lambda: op(x, ids, fill[0]),
-        r"fill: expected a torch.Tensor": lambda: op(x, ids, None),
+        r"fill: expected a torch.Tensor": lambda: op(x, ids, fill.tolist()),
+        r"num_tokens: expected an integer >= 1, got None": lambda: op(x, ids, None),
+        r"num_tokens: 9 is not the fill's token count 8": lambda: op(x, ids, fill, num_tokens=9),
+        r"ids_keep: keeps 3 tokens of only 2$": lambda: op(x, ids, num_tokens=2),
+        r"x_kept: B is 0": lambda: op(x[:0], ids[:0], num_tokens=N),
         r"fill: expected shape \(2, '\*', 4\)": lambda: op(x, ids, fill[:1]),
         r"fill: expected shape .*dimension 2": lambda: op(x, ids, fill[..., :3]),
         r"fill: N is 0": lambda: op(x[:, :0], ids[:, :0], fill[:, :0]),

@@ -10,7 +10,7 @@ All six are pure data movement, so each element is read and written once:
     unmask bwd    reads grad_out once: scatters the kept rows into grad_x_vis and sums the
                   dropped rows (mask_token) and all rows (pos) in fp32.
     scatter fwd   one tile of flat (b, n) rows; kept rows copy x_kept, the others the fill
-                  (each fill row read only where it survives).
+                  (each fill row read only where it survives) or zeros (no fill).
     scatter bwd   reads grad_out once: kept rows go to grad_x_kept, grad_fill gets the other
                   rows and zeros at the kept ones (no memset pass). Without a fill gradient it
                   is the gather of the kept rows.
@@ -287,7 +287,7 @@ def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: 
 # ----------------------------------------------------------------------------- scatter
 @triton.jit
 def _scatter_fwd_kernel(
-    XK, INV, FILL, OUT, n_rows, K, N, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    XK, INV, FILL, OUT, n_rows, K, N, D, HAS_FILL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -299,24 +299,30 @@ def _scatter_fwd_kernel(
     m = row_ok[:, None] & (cols < D)[None, :]
     # Two masked loads, one per source: a kept row never reads its fill row (and vice versa).
     v = tl.load(XK + (b * K + k)[:, None] * D + cols[None, :], mask=m & kept[:, None], other=0.0)
-    f = tl.load(FILL + rows[:, None] * D + cols[None, :], mask=m & ~kept[:, None], other=0.0)
+    if HAS_FILL:
+        f = tl.load(FILL + rows[:, None] * D + cols[None, :], mask=m & ~kept[:, None], other=0.0)
+    else:  # zeros (MicroDiT's output-space fill): nothing to read
+        f = tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty)
     # The reference casts the fill to x_kept's dtype (the output's): copies, one cast, no arithmetic.
     v = tl.where(kept[:, None], v.to(OUT.dtype.element_ty), f.to(OUT.dtype.element_ty))
     tl.store(OUT + rows[:, None] * D + cols[None, :], v, mask=m)
 
 
-def scatter_tokens_fwd(x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def scatter_tokens_fwd(
+    x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor | None, num_tokens: int
+) -> torch.Tensor:
     B, K, D = x_kept.shape
-    N = fill.shape[1]
+    N = int(num_tokens)
     out = torch.empty((B, N, D), device=x_kept.device, dtype=x_kept.dtype)
     if out.numel() == 0:
         return out
     inv = _inverse_ids(ids_keep, N)
     n_rows = B * N
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    src = fill if fill is not None else out  # a placeholder where nothing is read
     _scatter_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
-        x_kept if K > 0 else fill, inv, fill, out, n_rows, K, N, D,  # K = 0: nothing is read from x_kept
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        x_kept if K > 0 else src, inv, src, out, n_rows, K, N, D,  # K = 0: nothing is read from x_kept
+        HAS_FILL=fill is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     return out
 

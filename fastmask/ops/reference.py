@@ -55,12 +55,15 @@ def unmask_tokens(
     return out
 
 
-def scatter_tokens(x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+def scatter_tokens(
+    x_kept: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor | None = None, num_tokens: int | None = None
+) -> torch.Tensor:
     """out = fill (in x_kept's dtype) with out[b, ids_keep[b, k]] = x_kept[b, k]: the kept rows put
-    back into a saved stream [B, N, D] (TREAD's route end). Out of place: ``fill`` is not changed."""
-    D = x_kept.shape[-1]
-    idx = ids_keep.unsqueeze(-1).expand(-1, -1, D)
-    return fill.to(x_kept.dtype).scatter(1, idx, x_kept)
+    back into a saved stream [B, N, D] (TREAD's route end). ``fill=None``: zeros [B, num_tokens, D]
+    (MicroDiT's output-space fill). Out of place: ``fill`` is not changed."""
+    B, K, D = x_kept.shape
+    base = x_kept.new_zeros(B, num_tokens, D) if fill is None else fill.to(x_kept.dtype)
+    return base.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), x_kept)
 
 
 def attention(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -299,7 +299,7 @@ def unmask_tokens(
 declare(
     "scatter_tokens",
     reference=reference.scatter_tokens,
-    launchers=("scatter_tokens_fwd(x_kept, ids_keep, fill)",
+    launchers=("scatter_tokens_fwd(x_kept, ids_keep, fill, num_tokens)",  # fill None: zeros
                "scatter_tokens_bwd(grad_out, ids_keep, fill_grad)"),  # -> (grad_x_kept, grad_fill or None)
     category="gather/unmask",
     # not in a MaskDiT step: TREAD's put-back of the routed tokens, at the encoder width
@@ -307,8 +307,8 @@ declare(
                        (e.t(e.B, e.K, e.D), e.t(e.B, e.N, e.D)))
     if e.part == "encoder" else None,
 )
-def _scatter_fwd(x_kept: Tensor, ids_keep: Tensor, fill: Tensor, backend: str) -> Tensor:
-    return kernels(backend).scatter_tokens_fwd(x_kept, ids_keep, fill)
+def _scatter_fwd(x_kept: Tensor, ids_keep: Tensor, fill: Optional[Tensor], num_tokens: int, backend: str) -> Tensor:
+    return kernels(backend).scatter_tokens_fwd(x_kept, ids_keep, fill, num_tokens)
 
 
 def _scatter_bwd(grad_out: Tensor, ids_keep: Tensor, fill_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -321,8 +321,8 @@ _scatter_bwd_op = custom_op("fastmask::scatter_tokens_backward")(_scatter_bwd)
 
 
 @_scatter_op.register_fake
-def _(x_kept, ids_keep, fill, backend):
-    return x_kept.new_empty(fill.shape)
+def _(x_kept, ids_keep, fill, num_tokens, backend):
+    return x_kept.new_empty(x_kept.shape[0], num_tokens, x_kept.shape[2])
 
 
 @_scatter_bwd_op.register_fake
@@ -332,19 +332,19 @@ def _(grad_out, ids_keep, fill_grad, backend):
 
 
 def _scatter_setup(ctx, inputs, output):
-    x_kept, ids_keep, fill, backend = inputs
+    x_kept, ids_keep, fill, num_tokens, backend = inputs
     ctx.save_for_backward(ids_keep)
     ctx.backend = backend
-    ctx.fill_dtype = fill.dtype
+    ctx.fill_dtype = None if fill is None else fill.dtype
 
 
 def _scatter_backward(ctx, grad_out, bwd=_scatter_bwd_op):
     (ids_keep,) = ctx.saved_tensors
     if grad_out is None:  # the eager Function does not materialise a missing gradient
-        return None, None, None, None
-    fill_grad = ctx.needs_input_grad[2]
+        return None, None, None, None, None
+    fill_grad = ctx.fill_dtype is not None and ctx.needs_input_grad[2]
     gx, gfill = bwd(grad_out.contiguous(), ids_keep, fill_grad, ctx.backend)
-    return gx, None, (gfill.to(ctx.fill_dtype) if fill_grad else None), None
+    return gx, None, (gfill.to(ctx.fill_dtype) if fill_grad else None), None, None
 
 
 _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
@@ -354,40 +354,60 @@ _SCATTER = eager_function(
 
 
 @dispatch.signature
-def _scatter_tokens_signature(x_kept, ids_keep, fill):
+def _scatter_tokens_signature(x_kept, ids_keep, fill, num_tokens):
     return (
         x_kept.shape, x_kept.dtype, x_kept.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
-        fill.shape, fill.dtype, fill.device,
+        None if fill is None else (fill.shape, fill.dtype, fill.device), num_tokens,
     )
 
 
 @profiled("scatter_tokens")
-def scatter_tokens(x_kept: Tensor, ids_keep: Tensor, fill: Tensor, *, check_ids: bool = True) -> Tensor:
+def scatter_tokens(
+    x_kept: Tensor,
+    ids_keep: Tensor,
+    fill: Tensor | None = None,
+    *,
+    num_tokens: int | None = None,
+    check_ids: bool = True,
+) -> Tensor:
     """Kept rows put back into a saved stream: ``out = fill`` (in x_kept's dtype) with
     ``out[b, ids_keep[b, k]] = x_kept[b, k]``; ``fill`` itself is not changed.
 
     x_kept [B, K, D]; ids_keep [B, K] (distinct ids in [0, N); K = 0 gives a copy of the fill);
-    fill [B, N, D]. Returns [B, N, D] in x_kept's dtype. The gradient reaches x_kept at the kept
-    rows and ``fill`` at the others (zeros at the kept rows): TREAD's route end, where the
-    tokens that skipped the routed blocks keep their saved value. (A single mask token as the
-    fill is :func:`unmask_tokens`.) ``check_ids=False`` skips the range/uniqueness check of
-    ids_keep (a device sync). Equivalent PyTorch code: :func:`fastmask.ops.reference.scatter_tokens`.
+    fill [B, N, D], or None for zeros of ``num_tokens`` = N rows (MicroDiT's output-space fill).
+    Returns [B, N, D] in x_kept's dtype. The gradient reaches x_kept at the kept rows and ``fill``
+    at the others (zeros at the kept rows): TREAD's route end, where the tokens that skipped the
+    routed blocks keep their saved value. (A single mask token as the fill is
+    :func:`unmask_tokens`.) ``check_ids=False`` skips the range/uniqueness check of ids_keep (a
+    device sync). Equivalent PyTorch code: :func:`fastmask.ops.reference.scatter_tokens`.
     """
-    sig = _scatter_tokens_signature(x_kept, ids_keep, fill)
+    sig = _scatter_tokens_signature(x_kept, ids_keep, fill, num_tokens)
     compiling = sig is None and torch.compiler.is_compiling()
     backend = dispatch.planned("scatter_tokens", sig)
     if backend is None:
         checks.tensor("x_kept", x_kept, ndim=3, floating=True)
-        checks.tensor("fill", fill, ndim=3, floating=True)
         B, K, D = x_kept.shape
-        checks.nonempty("fill", fill, "B N D")
-        checks.tensor("fill", fill, shape=(B, None, D))
-        checks.ids("ids_keep", ids_keep, B, fill.shape[1], num_kept=K, values=False, allow_empty=True)
+        if fill is None:
+            checks.integer("num_tokens", num_tokens, 1)
+            if B == 0 or D == 0:
+                raise ValueError(f"x_kept: {'B' if B == 0 else 'D'} is 0 in shape {tuple(x_kept.shape)}; expected "
+                                 "a non-empty batch and width")
+        else:
+            checks.tensor("fill", fill, ndim=3, floating=True)
+            checks.nonempty("fill", fill, "B N D")
+            checks.tensor("fill", fill, shape=(B, None, D))
+            if num_tokens is not None and num_tokens != fill.shape[1]:
+                raise ValueError(f"num_tokens: {num_tokens!r} is not the fill's token count {fill.shape[1]} "
+                                 "(give num_tokens only without a fill)")
+        N = fill.shape[1] if fill is not None else num_tokens
+        checks.ids("ids_keep", ids_keep, B, N, num_kept=K, values=False, allow_empty=True)
         checks.same_device("x_kept", x_kept, ids_keep=ids_keep, fill=fill)
         backend = dispatch.plan("scatter_tokens", sig, x_kept, fill)
+    N = fill.shape[1] if fill is not None else num_tokens
     if check_ids:
-        checks.ids_values("ids_keep", ids_keep, fill.shape[1])
+        checks.ids_values("ids_keep", ids_keep, N)
     if backend == "torch":
-        return reference.scatter_tokens(x_kept, ids_keep, fill)
-    args = (x_kept.contiguous(), ids_keep.long().contiguous(), fill.contiguous(), backend)
+        return reference.scatter_tokens(x_kept, ids_keep, fill, N)
+    args = (x_kept.contiguous(), ids_keep.long().contiguous(), None if fill is None else fill.contiguous(), int(N),
+            backend)
     return _scatter_op(*args) if compiling else _SCATTER.apply(*args)
