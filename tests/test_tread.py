@@ -201,30 +201,17 @@ def test_preset_tread256_and_digits_default():
     assert tread("Digits/2", input_size=16, in_channels=1, num_classes=10).route == (1, 2)
 
 
-def _tiny(out, **kw):
-    from fastmask.presets import get_preset
+def _tiny(out):
+    from test_train import tiny_cfg
 
-    cfg = get_preset("digits-tread")
-    base = dict(model="T/2", image_size=8, batch_size=8, steps=12, minutes=None, finetune_steps=0,
-                finetune_minutes=None, lr=1e-3, warmup_steps=3, ema_decay=0.9, ckpt_every=0, log_every=4,
-                out=str(out), evaluate=False, device="cpu", threads=1, mask_ratio=0.3)
-    for k, v in {**base, **kw}.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def _state(tr):
-    out = {f"model.{k}": v for k, v in tr.net.state_dict().items()}
-    out.update({f"ema.{k}": v for k, v in tr.ema.state_dict().items()})
-    for i, st in tr.opt.state_dict()["state"].items():
-        out.update({f"opt.{i}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
-    return out
+    return tiny_cfg(out, arch="tread", mask_ratio=0.3, finetune_steps=0)
 
 
 def test_train_arch_tread_routes_and_resumes_exactly(tmp_path, monkeypatch):
     """`--arch tread` trains (the trainer draws TREAD's K: 16 - int(16 * 0.3) = 12 kept), logs finite
     losses, and a run stopped at step 7 resumes bit-exactly."""
     from fastmask.train import train
+    from test_train import _all_state, _assert_bit_equal
 
     seen = []
     real = fastmask.ops.scatter_tokens
@@ -248,8 +235,7 @@ def test_train_arch_tread_routes_and_resumes_exactly(tmp_path, monkeypatch):
         train(_tiny(tmp_path / "split"), hooks={"after_step": stop_at_7}, progress=False)
     resumed = train(_tiny(tmp_path / "split"), resume=tmp_path / "split", progress=False)
     assert resumed.step == full.step == 12
-    a, b = _state(full), _state(resumed)
-    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    _assert_bit_equal(_all_state(full), _all_state(resumed))
 
 
 def test_cli_train_arch_tread_then_sample(tmp_path):
