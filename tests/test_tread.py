@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmask
-from fastmask.models import ARCHITECTURES, TREAD, DiT, EDMPrecond, dit, tread
+from fastmask.models import ARCHITECTURES, TREAD, DiT, EDMPrecond, tread
 from fastmask.models.tread import default_route
 from fastmask.ops import RandomTokens, RoutedTokens, dispatch
 from helpers import randomise
