@@ -149,12 +149,33 @@ def _plan(args, device: str, dtype: torch.dtype) -> list[str]:
     return lines
 
 
+def _flops(args) -> list[str]:
+    """Model FLOPs per image of every registered family at ``args.model`` (built on the meta
+    device: no memory), each masking family at ``args.mask_ratio``, against dense DiT."""
+    from .models import ARCHITECTURES, count_flops
+
+    lines = [f"model FLOPs per image, {args.model} on {args.input_size}x{args.input_size} latents "
+             "(fastmask.models.count_flops: forward; a training step is 3x):"]
+    counts = {}
+    for name, arch in ARCHITECTURES.items():
+        with torch.device("meta"):
+            net = arch.build(args.model, input_size=args.input_size, in_channels=LATENT_CHANNELS, num_classes=1000)
+        ratio = args.mask_ratio if arch.masks else 0.0
+        counts[name] = (ratio, count_flops(net, 1, ratio))
+    dense = counts.get("dit", (0.0, None))[1]
+    for name, (ratio, c) in counts.items():
+        vs = f", {c['forward'] / dense['forward']:.2f}x dit" if dense else ""
+        lines.append(f"  {name:<10} ratio {ratio:<5g} {c['forward'] / 1e9:9.2f} GFLOPs (K = {c['tokens']['K']} of "
+                     f"{c['tokens']['N']} tokens{vs})")
+    return lines
+
+
 def run(args) -> int:
     device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {device!r}")
     dtype = DTYPES[args.dtype]
     plan = _plan(args, device, dtype)  # first, so that a bad flag fails before anything is printed
-    print("\n".join(_versions() + [""] + _backends() + [""] + plan))
+    print("\n".join(_versions() + [""] + _backends() + [""] + plan + [""] + _flops(args)))
     return 0
 
