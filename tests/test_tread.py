@@ -267,3 +267,43 @@ def test_flop_count_runs_the_routed_blocks_on_k_tokens():
     assert routed["tokens"] == {"N": 16, "K": 12}
     saved = sum(sum(_block_flops(b, 16).values()) - sum(_block_flops(b, 12).values()) for b in net.blocks[1:3])
     assert dense["forward"] - routed["forward"] == 2 * saved > 0
+
+
+def test_lightningdit_blocks_route_with_rope_positions():
+    """With LightningDiT's blocks (RoPE), a routed token rotates by its grid position (the
+    official LightningDiT_TREAD's rope_ids): the routed forward equals the blocks run by hand with
+    ``rope_ids = ids_keep`` inside the route; in eval the model is the dense DiT of the same blocks."""
+    from fastmask.models.configs import LIGHTNINGDIT_BLOCK
+
+    net = randomise(tread("LightningDiT-T/2", input_size=8, in_channels=2, num_classes=3, depth=4), std=0.2).eval()
+    with torch.no_grad():  # larger q/k-norm weights: attention (and so RoPE) shapes the output
+        for blk in net.blocks:
+            blk.attn.q_norm.weight.fill_(3.0)
+            blk.attn.k_norm.weight.fill_(3.0)
+    base = DiT(input_size=8, patch_size=2, in_channels=2, hidden_size=64, depth=4, num_heads=4, num_classes=3,
+               block=LIGHTNINGDIT_BLOCK)
+    base.load_state_dict(net.state_dict())
+    base.eval()
+    x, t, labels = _inputs(net)
+    ids = _unsorted_ids(3, 16, 5)
+    with torch.no_grad():
+        assert torch.equal(net(x, t, labels), base(x, t, labels))
+        got = net.forward_tokens(x, t, labels, ids_keep=ids)
+        c = net.condition(t, labels)
+        h = fastmask.ops.reference.add_pos(net.x_embedder(x), net.pos_embed)
+        rope = (net.rope_cos, net.rope_sin)
+        rows = torch.arange(3)[:, None]
+        h0 = net.blocks[0](h, c, rope=rope)
+
+        def by_hand(rope_ids):
+            h = h0[rows, ids]
+            for blk in net.blocks[1:3]:
+                h = blk(h, c, rope=rope, rope_ids=rope_ids)
+            back = h0.clone()
+            back[rows, ids] = h
+            return net.final_layer(net.blocks[3](back, c, rope=rope), c)
+
+        want = by_hand(ids)
+        wrong = by_hand(torch.arange(5).expand(3, 5))  # the kept tokens' rows, not their positions
+    assert net.route == (1, 2)
+    assert (got - want).abs().max() < 1e-5 < 1e-3 < (got - wrong).abs().max()
