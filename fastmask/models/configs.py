@@ -8,6 +8,7 @@ from typing import Callable
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
+from .microdit import microdit
 
 # (depth, hidden_size, num_heads) of the DiT paper.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -94,6 +95,7 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str)
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer")
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
