@@ -70,15 +70,23 @@ from .dit import _DiTBase, unpatchify
 
 # Named sizes. ``XL`` is MicroDiT_XL_2 (micro_diffusion models/dit.py): backbone D 1024, 28 blocks,
 # head dim 64, MLP ratio linspace(0.5, 4.0); mixer 6 blocks at width 768, MLP ratio 4. The tiny
-# ones follow the spec's digits miniature (SPEC-ROUTING section 6: mixer 2 + backbone 4). Other
-# DiT sizes (S, B, L) take DiT's backbone and a mixer of depth // 4 blocks at the backbone width
-# (the official Tiny has 4 mixer blocks to 16, XL 6 to 28).
+# ones follow the spec's digits miniature (SPEC-ROUTING section 6: mixer 2 + backbone 4) at the
+# widths of fastmask's T and Digits configs. S, B and L (no official MicroDiT) take the DiT
+# paper's backbone (depth, width, heads as fastmask.models.configs.DIT_SIZES) and a mixer of
+# depth // 4 blocks at the backbone width (the official Tiny has 4 mixer blocks to 16, XL 6 to 28).
 MICRODIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6, mlp_ratio=4.0,
+              mixer_depth=3, mixer_hidden_size=384, mixer_num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12, mlp_ratio=4.0,
+              mixer_depth=3, mixer_hidden_size=768, mixer_num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16, mlp_ratio=4.0,
+              mixer_depth=6, mixer_hidden_size=1024, mixer_num_heads=16),
     "XL": dict(depth=28, hidden_size=1024, num_heads=16, mlp_ratio=(0.5, 4.0),
                mixer_depth=6, mixer_hidden_size=768, mixer_num_heads=12, mixer_mlp_ratio=4.0),
-    "T": dict(depth=2, hidden_size=64, num_heads=4, mixer_depth=1, mixer_hidden_size=64, mixer_num_heads=4),
-    "Digits": dict(depth=4, hidden_size=128, num_heads=4, mixer_depth=2, mixer_hidden_size=128,
-                   mixer_num_heads=4),
+    "T": dict(depth=2, hidden_size=64, num_heads=4, mlp_ratio=4.0,
+              mixer_depth=1, mixer_hidden_size=64, mixer_num_heads=4),
+    "Digits": dict(depth=4, hidden_size=128, num_heads=4, mlp_ratio=4.0,
+                   mixer_depth=2, mixer_hidden_size=128, mixer_num_heads=4),
 }
 
 
@@ -235,12 +243,8 @@ class MicroDiT(_DiTBase):
 
 
 def microdit_kwargs(name: str) -> dict:
-    """Constructor kwargs of config ``name`` ('XL/2', 'Digits/2', 'S/4', 'LightningDiT-T/2', ...):
-    :data:`MICRODIT_SIZES`, else DiT's backbone size with a mixer of depth // 4 blocks at its width."""
-    from .configs import DIT_SIZES, LIGHTNINGDIT_BLOCK, LIGHTNINGDIT_PREFIX
-
-    if isinstance(name, str) and name.startswith(LIGHTNINGDIT_PREFIX):
-        return dict(microdit_kwargs(name[len(LIGHTNINGDIT_PREFIX):]), block=dict(LIGHTNINGDIT_BLOCK))
+    """Constructor kwargs of config ``name`` ('XL/2', 'Digits/2', 'S/4', ...): :data:`MICRODIT_SIZES`
+    at patch size 1, 2, 4 or 8. (No 'LightningDiT-' names: pass ``block=dict(...)`` instead.)"""
     try:
         size, patch = name.split("/")
         patch = int(patch)
@@ -248,13 +252,9 @@ def microdit_kwargs(name: str) -> dict:
         raise ValueError(f"config: expected a name like 'XL/2', got {name!r}") from None
     if patch not in (1, 2, 4, 8):
         raise ValueError(f"config: patch size must be 1, 2, 4 or 8, got {patch}")
-    if size in MICRODIT_SIZES:
-        return dict(MICRODIT_SIZES[size], patch_size=patch)
-    if size in DIT_SIZES:
-        depth, hidden, heads = DIT_SIZES[size]
-        return dict(depth=depth, hidden_size=hidden, num_heads=heads, mlp_ratio=4.0, mixer_depth=max(1, depth // 4),
-                    mixer_hidden_size=hidden, mixer_num_heads=heads, patch_size=patch)
-    raise ValueError(f"config: unknown size {size!r}; expected one of {sorted(set(DIT_SIZES) | set(MICRODIT_SIZES))}")
+    if size not in MICRODIT_SIZES:
+        raise ValueError(f"config: MicroDiT has no size {size!r}; expected one of {list(MICRODIT_SIZES)}")
+    return dict(MICRODIT_SIZES[size], patch_size=patch)
 
 
 def microdit(name: str = "XL/2", **overrides) -> MicroDiT:
