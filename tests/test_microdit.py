@@ -365,3 +365,31 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for k, v in one.net.state_dict().items():
         torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
         assert torch.equal(ck["model"][k], rank1[k]), f"{k}: ranks disagree"
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_loss_and_sampling_under_cpu_autocast(backend):
+    """bf16 autocast: the blocks of mixer and backbone run in bf16 (the maps' fp32 LayerNorm output
+    goes back to bf16 through their Linear), the loss is fp32 and finite, the Heun sampler runs."""
+    from fastmask.sampling import heun_sample
+
+    net, _ = _net()
+    y, labels, sigma, noise = _batch()
+    ids = RandomTokens(0.75).draw(3, 16, generator=torch.Generator().manual_seed(4))
+    seen = []
+    hooks = [blk.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+             for blk in (net.model.mixer_blocks[0], net.model.blocks[0])]
+    with fastmask.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = net.loss_given(y, labels, sigma, noise, ids, mae_coef=0.0)[0]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    ref = net.loss_given(y, labels, sigma, noise, ids, mae_coef=0.0)[0]
+    torch.testing.assert_close(loss, ref, rtol=0.1, atol=0.05)  # only the rounding differs
+    for h in hooks:
+        h.remove()
+    net.eval()
+    with torch.no_grad(), fastmask.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        x = heun_sample(net, torch.randn(3, C, 8, 8, generator=torch.Generator().manual_seed(1)), labels, steps=2)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
