@@ -393,3 +393,24 @@ def test_loss_and_sampling_under_cpu_autocast(backend):
     with torch.no_grad(), fastmask.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
         x = heun_sample(net, torch.randn(3, C, 8, 8, generator=torch.Generator().manual_seed(1)), labels, steps=2)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_flop_count():
+    """The mixer counts N tokens at any ratio, the backbone and final layer K; the backbone of
+    T/2 is DiT-T/2's, counted the same way as fastmask.models.count_flops counts DiT."""
+    from fastmask.models import count_flops, dit
+
+    m = microdit("T/2", input_size=8, in_channels=C, num_classes=5)
+    dense, masked = m.count_flops(2, 0.0), m.count_flops(2, 0.75)
+    assert masked["tokens"] == {"N": 16, "K": 4} and dense["tokens"] == {"N": 16, "K": 16}
+    ref = count_flops(dit("T/2", input_size=8, in_channels=C, num_classes=5), batch=2)["parts"]
+    for k in ("qkv", "proj", "mlp", "attn", "adaLN"):
+        assert dense["parts"][f"blocks.{k}"] == ref[f"blocks.{k}"]
+        assert masked["parts"][f"mixer_blocks.{k}"] == dense["parts"][f"mixer_blocks.{k}"]
+    assert masked["parts"]["blocks.qkv"] * 4 == dense["parts"]["blocks.qkv"]
+    assert masked["parts"]["blocks.attn"] * 16 == dense["parts"]["blocks.attn"]  # L^2
+    assert dense["parts"]["final_layer"] == ref["final_layer"]
+    assert masked["train_step"] == 3 * masked["forward"] < dense["forward"] * 3
+    mapped = microdit("T/2", input_size=8, in_channels=C, num_classes=5, mixer_hidden_size=32, mixer_num_heads=2)
+    parts = mapped.count_flops(1, 0.75)["parts"]
+    assert parts["mixer_in"] == 2 * 16 * 64 * 32 and parts["mixer_out"] == 2 * 4 * 32 * 64
