@@ -2,8 +2,8 @@
 on fastmask's DiT blocks: :class:`MicroDiT`, its named sizes and :func:`microdit`, the builder
 ``fastmask train --arch microdit`` uses.
 
-What it does (SonyResearch/micro_diffusion, models/dit.py ``forward_without_cfg``; see
-/work/shared/SPEC-ROUTING.md section 3):
+What it does (SonyResearch/micro_diffusion at 900d7d4, models/dit.py ``forward_without_cfg``;
+SPEC-ROUTING.md section 3):
 
     x_emb = PatchEmbed(x) + pos_embed                                  [B, N, D]
     map_in (LayerNorm + Linear D -> D_mix; identity when D_mix == D)   [B, N, D_mix]
@@ -27,7 +27,9 @@ fill gives D = c_skip x at a dropped patch, which must not count). That is exact
 token, then the kept-token mean), so :meth:`EDMPrecond.loss_given` computes it unchanged. MicroDiT
 has no MAE term: train it with ``mae_coef=0`` (the ``microdit256`` and ``digits-microdit`` presets
 do). With ``mae_coef > 0`` the MAE term only adds a constant: the network's output at a dropped
-token is the fixed zero fill, so that term has no gradient.
+token is the fixed zero fill, so that term has no gradient. The EDM constants are the trainer's
+(sigma_data 0.5, ln sigma ~ N(-1.2, 1.2^2)), not MicroDiT's (0.9, N(-0.6, 1.2^2)): neither is a
+setting of fastmask's trainer yet. Under ``--objective flow`` the same kept-token mean applies.
 
 Training phases: the official recipe masks 75% and then fine-tunes without masking (train_e2e.sh:
 250K masked + 30K dense steps at 256); fastmask's trainer does the same with its phase 2 at ratio
@@ -50,6 +52,10 @@ Simplified against the official text-to-image model (each is a deliberate choice
   the official (0.5, 4.0)); the qkv width stays D in every block (the official qkv ratio goes
   0.5 -> 1.0, which MaskedDiTBlock's fused attention layout does not take).
 * The maps keep the official LayerNorm with a weight and no bias, and Linears without bias.
+
+So ``microdit("XL/2")`` has 503M parameters where MicroDiT_XL_2 has 1.16B (README; MoE experts
+and cross-attention make the difference); its forward at ratio 0.75 is 56.3 GFLOPs per image
+(:meth:`MicroDiT.count_flops`; DiT-XL/2: 237.2 at every token, the same count).
 
 Initialisation, as the official ``initialize_weights``: xavier-uniform Linears with zero biases,
 then trunc-normal q/k/v and first MLP weights (std 0.02) and output projections (attn.proj,
