@@ -147,7 +147,7 @@ class TrainingStep:
         if self._compiled:
             self._compiled_step(inputs)
         else:
-            self._in_update = True
+            self._in_update = True  # in place from the start of the step (a graph replays it as one)
             if self._graphs is not None:
                 y, ids_keep = inputs["y"], inputs["ids_keep"]
                 key = (tuple(y.shape), None if ids_keep is None else tuple(ids_keep.shape), inputs["labels"] is None)
@@ -189,21 +189,6 @@ class TrainingStep:
         return {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": level[sl], "noise": rnd["noise"][sl],
                 "ids_keep": ids_keep}
 
-    def device_step(self, y, labels, drop, sigma, noise, ids_keep, step_t, bad, bad_val, acc):
-        """The device work of one step before the backward pass: the loss (returned as the batch
-        mean, to differentiate) and the bookkeeping that replaces a per-step host sync: the
-        summed loss terms ``acc`` and the first step whose loss was not finite (``bad``, with
-        its value ``bad_val``). Traceable by ``torch.compile(fullgraph=True)``."""
-        loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep)
-        if "loss" in self.hooks:
-            loss = self.hooks["loss"](int(self.step), loss)
-        mean = loss.mean()
-        vals = torch.stack([mean.detach(), dsm.detach().float().mean(), mae.detach().float().mean()]).to(acc.dtype)
-        first = (bad == NO_BAD) & ~torch.isfinite(vals[0])
-        bad = torch.where(first, step_t, bad)
-        bad_val = torch.where(first, vals[0], bad_val)
-        return mean, bad, bad_val, acc + vals
-
     def _whole_step(self, y, labels, drop, sigma, noise, ids_keep) -> None:
         """Forward, backward, gradient clipping, AdamW and the EMA update of one step, every
         effect in place (what :class:`fastmask.step_graph.StepGraphs` captures)."""
@@ -212,18 +197,35 @@ class TrainingStep:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self._graphs is None) if amp else \
             contextlib.nullcontext()
         with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
-            mean, bad, bad_val, acc = self.device_step(
-                y, labels, drop, sigma, noise, ids_keep, self._step_t, self._bad, self._bad_val, self._acc
-            )
+            loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep)
+            mean, bad, bad_val, acc = self._tally(loss, dsm, mae, self._step_t, self._bad, self._bad_val, self._acc)
         self._bad.copy_(bad)
         self._bad_val.copy_(bad_val)
         self._acc.copy_(acc)
+        self._update(mean, self._ema_weight)
+
+    def _update(self, mean: Tensor, ema_weight=None) -> None:
+        """Backward, gradient clipping, AdamW and the EMA update (by ``ema_weight``: 1 - decay)."""
         self.opt.zero_grad(set_to_none=True)
         mean.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self._in_update = True  # from here on an error leaves a torn state
         self.opt.step()
-        self._update_ema(self._ema_weight)
+        self._update_ema(ema_weight)
+
+    def _tally(self, loss, dsm, mae, step_t, bad, bad_val, acc):
+        """The batch mean of the per-sample ``loss`` (after a "loss" hook), and the running state
+        with this step in it: the summed loss terms ``acc`` and the first step whose loss was not
+        finite (``bad``, with its value ``bad_val``). Functional: returns (mean, bad, bad_val, acc)."""
+        if "loss" in self.hooks:
+            loss = self.hooks["loss"](int(self.step), loss)
+        mean = loss.mean()
+        vals = torch.stack([mean.detach(), dsm.detach().float().mean(), mae.detach().float().mean()]).to(acc.dtype)
+        first = (bad == NO_BAD) & ~torch.isfinite(vals[0])
+        bad = torch.where(first, step_t, bad)
+        bad_val = torch.where(first, vals[0], bad_val)
+        return mean, bad, bad_val, acc + vals
 
     def _compiled_step(self, inputs: dict[str, Tensor | None]) -> None:
         """:meth:`_whole_step` with the compiled :meth:`device_step` (``compile_step``)."""
@@ -236,13 +238,14 @@ class TrainingStep:
             )
         # keep the running state out of the CUDA-graph memory pool
         self._bad, self._bad_val, self._acc = bad.clone(), bad_val.clone(), acc.clone()
-        self.opt.zero_grad(set_to_none=True)
-        mean.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        self._in_update = True
-        self.opt.step()
-        self._update_ema()
+        self._update(mean)
+
+    def device_step(self, y, labels, drop, sigma, noise, ids_keep, step_t, bad, bad_val, acc):
+        """The device work of one step before the backward pass: the loss (returned as the batch
+        mean, to differentiate) and the bookkeeping that replaces a per-step host sync
+        (:meth:`_tally`). Traceable by ``torch.compile(fullgraph=True)``."""
+        loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep)
+        return self._tally(loss, dsm, mae, step_t, bad, bad_val, acc)
 
     def _set_hyperparameters(self, lr: float, decay: float) -> None:
         """The step's lr and EMA decay: into device tensors on CUDA (read by the captured step),
