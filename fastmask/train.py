@@ -63,7 +63,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum, self.checkpoint = int(signum), checkpoint
 
 
-
 # --------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig, *, resume=None, hooks: dict | None = None, progress: bool | None = None,
           allow_partial_resume: bool = False, compile_step: dict | None = None):
