@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.flow_sampling",  # flow-matching ODE/SDE samplers (imported lazily by sampling)
         "fastmask.evaluate",
         "fastmask.report",
+        "fastmask.compare",  # fastmask train --compare: families trained for the same time, one table
         "fastmask.vae",
         "fastmask.latents",
         "fastmask.generate",
