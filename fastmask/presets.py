@@ -49,6 +49,7 @@ def _f(default, help: str, *, flag: bool = False, **check):
 
 _UNIT = dict(lo=0.0, hi=1.0, hi_open=True)  # a fraction in [0, 1)
 _LR = dict(lo=0.0, hi=1.0, lo_open=True)  # AdamW learning rates
+_RESUME = "README: \"Steps, minutes and phases on resume\""  # the resume rules are stated there, once
 
 
 @dataclass
@@ -89,18 +90,18 @@ class TrainConfig:
     cuda_graph: bool = _f(True, "on CUDA, run each training step as one captured CUDA graph (forward, backward, "
                           "AdamW, EMA), replayed per step; false: eager. Off with several ranks or a compiled step")
     # ---- phase 1: masked training
-    steps: int | None = _f(2000, "total step count of the masked phase; a resumed run continues to it (none: until "
+    steps: int | None = _f(2000, f"total step count of the masked phase, over all resumes ({_RESUME}; none: until "
                            "--minutes runs out)", flag=True, lo=0)
-    minutes: float | None = _f(None, "wall-clock cap (minutes) of the masked phase, counted over all its runs "
-                               "(a resumed run gets what is left)", flag=True, lo=0.0, lo_open=True)
+    minutes: float | None = _f(None, f"wall-clock cap (minutes) of the masked phase, a total over all resumes ({_RESUME})",
+                               flag=True, lo=0.0, lo_open=True)
     mask_ratio: float = _f(0.5, "fraction of tokens dropped in the masked phase", flag=True, **_UNIT)
     mask_schedule: str = _f("constant", "constant, linear or cosine (from mask_ratio to mask_ratio_end)", flag=True,
                             choices=("constant", "linear", "cosine"))
     mask_ratio_end: float | None = _f(None, "end of a linear/cosine schedule (default: mask_ratio)", **_UNIT)
     # ---- phase 2: unmasking fine-tune (mask ratio 0)
     finetune_steps: int = _f(0, "steps of the unmasking fine-tune at mask ratio 0 (0: none), counted after the "
-                             "masked phase; a resumed run continues to that total", flag=True, lo=0)
-    finetune_minutes: float | None = _f(None, "wall-clock cap (minutes) of the fine-tune, over all its runs", flag=True,
+                             f"masked phase ({_RESUME})", flag=True, lo=0)
+    finetune_minutes: float | None = _f(None, "wall-clock cap (minutes) of the fine-tune, a total over all resumes", flag=True,
                                         lo=0.0, lo_open=True)
     finetune_lr: float | None = _f(None, "learning rate of the fine-tune (none: lr / 2)", flag=True, **_LR)
     # ---- sampling and evaluation after training
@@ -254,7 +255,8 @@ _IMAGENET = dict(
 
 # Digits presets, measured on this project's shared 2-core CPU: 1 thread runs the masked
 # Digits/2 step at batch 64 at about 2 steps/s and the unmasked one at about 1.4 (other work
-# running); 600 + 100 steps, 200 guided samples and the evaluation take about 7 minutes. The step
+# running); the run time of 600 + 100 steps, 200 guided samples and the evaluation is in the
+# README ("Measured results"). The step
 # counts keep a run reproducible; the minute caps only protect the 10-minute budget on a machine
 # that is much slower (a run that hits a cap says so in metrics.json).
 _DIGITS = dict(

@@ -2,7 +2,7 @@
 the CPU demo) and the model a training config builds."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .dit import DiT, MaskDiT
@@ -81,16 +81,20 @@ class Architecture:
     build: Callable
     masks: bool
     help: str
+    #: config keys this family trains with by default (e.g. its published mask ratio); applied
+    #: by ``fastmask train --compare`` (fastmask.compare) on top of the shared config
+    train_defaults: dict = field(default_factory=dict)
 
 
 #: name -> family. A new family is its module plus one :func:`register_architecture` call.
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(name: str, build: Callable, *, masks: bool, help: str) -> None:
+def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
+                          train_defaults: dict | None = None) -> None:
     if name in ARCHITECTURES:
         raise ValueError(f"architecture {name!r} is registered twice")
-    ARCHITECTURES[name] = Architecture(build, masks, help)
+    ARCHITECTURES[name] = Architecture(build, masks, help, dict(train_defaults or {}))
 
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
