@@ -99,7 +99,7 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
-register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer")
+register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer", train_defaults={"mask_ratio": 0.75, "mae_coef": 0.0})
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:

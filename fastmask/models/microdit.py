@@ -55,7 +55,7 @@ Simplified against the official text-to-image model (each is a deliberate choice
 
 So ``microdit("XL/2")`` has 503M parameters where MicroDiT_XL_2 has 1.16B (README; MoE experts
 and cross-attention make the difference); its forward at ratio 0.75 is 56.3 GFLOPs per image
-(:meth:`MicroDiT.count_flops`; DiT-XL/2: 237.2 at every token, the same count).
+(:func:`fastmask.models.traced_flops`; DiT-XL/2: 237.2 at every token, the same count).
 
 Initialisation, as the official ``initialize_weights``: xavier-uniform Linears with zero biases,
 then trunc-normal q/k/v and first MLP weights (std 0.02) and output projections (attn.proj,
@@ -73,7 +73,6 @@ from .. import ops
 from ..ops import checks, reference
 from ..nn import FinalLayer, MaskedDiTBlock
 from .dit import _DiTBase, unpatchify
-from .flops import _block_flops, _final_flops
 
 # Named sizes. ``XL`` is MicroDiT_XL_2 (micro_diffusion models/dit.py): backbone D 1024, 28 blocks,
 # head dim 64, MLP ratio linspace(0.5, 4.0); mixer 6 blocks at width 768, MLP ratio 4. The tiny
@@ -109,8 +108,8 @@ def _mlp_ratios(mlp_ratio, depth: int) -> list[float]:
     if isinstance(mlp_ratio, (tuple, list)):
         if len(mlp_ratio) != 2:
             raise ValueError(f"mlp_ratio: expected a number or a pair (first, last), got {mlp_ratio!r}")
-        lo, hi = (float(v) for v in mlp_ratio)
-        return torch.linspace(lo, hi, depth, dtype=torch.float64).tolist()
+        lo, hi = (float(v) for v in mlp_ratio)  # numpy.linspace's values, in Python (no tensor: meta-safe)
+        return [lo + (hi - lo) * i / (depth - 1) for i in range(depth - 1)] + [hi] if depth > 1 else [lo]
     return [mlp_ratio] * depth
 
 
@@ -241,32 +240,6 @@ class MicroDiT(_DiTBase):
         if ids_keep is not None:  # back in place only now, zeros in output space elsewhere
             out = ops.unmask_tokens(out, ids_keep, self.out_fill, N, check_ids=False)
         return out, mask
-
-    def count_flops(self, batch: int = 1, mask_ratio: float = 0.0) -> dict:
-        """Matmul + attention FLOPs of one forward at ``mask_ratio`` (and of a training step, x3),
-        counted as :func:`fastmask.models.count_flops` counts DiT and MaskDiT: patch embedding,
-        conditioning, the maps, the mixer blocks on N tokens, the backbone blocks and the final
-        layer on K tokens. Same dict: ``parts``, ``forward``, ``train_step``, ``tokens``."""
-        N, p = self.num_patches, self.patch_size
-        K = ops.num_kept(N, mask_ratio) if mask_ratio > 0 else N
-        conv = self.x_embedder.proj
-        parts: dict[str, float] = {"patch_embed": 2 * N * conv.in_channels * p * p * conv.out_channels}
-        t = self.t_embedder.mlp
-        cond = 2 * (t[0].in_features * t[0].out_features + t[2].in_features * t[2].out_features)
-        if self.y_embedder is not None and isinstance(self.y_embedder.embedding_table, nn.Linear):
-            cond += 2 * self.y_embedder.embedding_table.weight.numel()
-        parts["conditioning"] = cond
-        for name, blocks, L in (("mixer_blocks", self.mixer_blocks, N), ("blocks", self.blocks, K)):
-            for blk in blocks:
-                for k, v in _block_flops(blk, L).items():
-                    parts[f"{name}.{k}"] = parts.get(f"{name}.{k}", 0) + v
-        for name, m, L in (("mixer_in", self.mixer_in, N), ("mixer_out", self.mixer_out, K)):
-            if not isinstance(m, nn.Identity):
-                parts[name] = 2 * L * m[1].weight.numel()
-        parts["final_layer"] = _final_flops(self.final_layer, K)
-        parts = {k: v * batch for k, v in parts.items()}
-        fwd = sum(parts.values())
-        return {"parts": parts, "forward": fwd, "train_step": 3 * fwd, "tokens": {"N": N, "K": K}}
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
         """[B, C, H, W] -> [B, C, H, W] (no masking unless ``ids_keep`` is given, or
