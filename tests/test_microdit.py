@@ -427,3 +427,16 @@ def test_flop_count_traces_the_mixer_on_every_token_and_the_backbone_on_the_kept
         traced = traced_flops("microdit", name, input_size=16, in_channels=C, num_classes=5, mask_ratio=ratio)
         want = _expected_flops(MICRODIT_SIZES[name.split("/")[0]], 64, K, P * P * C, C, 5)
         assert traced["forward"] == want, (name, ratio)
+
+
+def test_compare_gives_microdit_its_ratio_and_no_mae_term(tmp_path):
+    """fastmask train --compare ...,microdit trains MicroDiT at its published 75% with the
+    kept-token loss only, whatever ratio the shared config has."""
+    from fastmask.compare import family_config
+    from fastmask.presets import get_preset
+
+    cfg = get_preset("digits")
+    cfg.out = str(tmp_path)
+    fc = family_config(cfg, "microdit", {"1": 60.0, "2": 30.0})
+    assert (fc.arch, fc.mask_ratio, fc.mae_coef) == ("microdit", 0.75, 0.0)
+    assert fc.minutes == 1.0 and fc.finetune_minutes == 0.5  # the dense fine-tune keeps its share of the time
