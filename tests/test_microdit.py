@@ -440,3 +440,20 @@ def test_compare_gives_microdit_its_ratio_and_no_mae_term(tmp_path):
     fc = family_config(cfg, "microdit", {"1": 60.0, "2": 30.0})
     assert (fc.arch, fc.mask_ratio, fc.mae_coef) == ("microdit", 0.75, 0.0)
     assert fc.minutes == 1.0 and fc.finetune_minutes == 0.5  # the dense fine-tune keeps its share of the time
+
+
+def test_flow_objective_keeps_the_kept_token_loss():
+    """Under SiT's flow objective the loss is the velocity error over the kept patches only."""
+    from fastmask.models import FlowPrecond
+
+    net, cfg = _net()
+    flow = FlowPrecond(net.model).train()
+    y, labels, _, x0 = _batch()
+    t = torch.tensor([0.1, 0.5, 0.9])
+    ids = RandomTokens(0.75).draw(3, 16, generator=torch.Generator().manual_seed(6))
+    loss, fm, _ = flow.loss_given(y, labels, t, x0, ids, mae_coef=0.0)
+    tv = t.view(-1, 1, 1, 1)
+    v = plain_microdit(_weights(net), cfg, tv * y + (1 - tv) * x0, t, labels, ids)
+    per = F.avg_pool2d(((v - (y - x0)) ** 2).mean(1), P).flatten(1)
+    kept = torch.zeros_like(per).scatter_(1, ids, 1.0)
+    torch.testing.assert_close(loss, (per * kept).sum(1) / 4, rtol=1e-4, atol=1e-5)
