@@ -10,9 +10,7 @@ Variants (same config, input size and batch within a group):
     maskdit-fastmask-graph    the fused kernels, the whole step one CUDA graph (the trainer's
                               helper fastmask.step_graph; CPU dry run: its emulation)
     maskdit-torch-graph       the reference ops, one CUDA graph
-    tread-torch               TREAD (DiT, blocks 2..depth-4 on a random half of the tokens), reference ops
-    tread-fastmask            TREAD with the fused kernels (gather_tokens / scatter_tokens around the route)
-Each at mask ratio 0.5 (TREAD: routing rate 0.5) (MaskDiT's published ratio); lower-priority rows add other ratios
+Each at mask ratio 0.5 (MaskDiT's published ratio); lower-priority rows add other ratios
 (0, 0.25, 0.75: speedup against mask ratio) and DiT with the fused kernels.
 
 Each row: step time (median, 20/80 % quantiles), images/s, host-issue ms and GPU ms per step
@@ -33,12 +31,13 @@ import torch
 
 from benchmarks import common
 from benchmarks.setups import build_training
+from fastmask.models import ARCHITECTURES
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    model: str  # maskdit | dit | tread
+    model: str  # maskdit | dit
     backend: str  # torch | auto
     compile: str | None  # None | blocks | model
     graph: bool = False  # the whole step as one CUDA graph
@@ -56,8 +55,6 @@ VARIANTS = {
         Variant("dit-fastmask", "dit", "auto", None),
         Variant("maskdit-fastmask-graph", "maskdit", "auto", None, graph=True),
         Variant("maskdit-torch-graph", "maskdit", "torch", None, graph=True),
-        Variant("tread-torch", "tread", "torch", None),
-        Variant("tread-fastmask", "tread", "auto", None),
     )
 }
 MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask", "maskdit-fastmask-compile")
@@ -65,8 +62,22 @@ MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask
 # what fastmask does, the two baselines of the targets (DiT-XL/2 eager, MaskDiT compiled),
 # then the rest of the comparison. Compiled rows of the first setting come before any row of
 # a larger one.
+# Every other registered model family (token routing: TREAD, SPRINT, MicroDiT, ...) gets a row
+# with the fused kernels, eager, at its own mask ratio, after the headline rows: against DiT in
+# the same run.
+FAMILIES = tuple(f for f in ARCHITECTURES if f not in ("maskdit", "dit"))
+for _f in FAMILIES:
+    VARIANTS[f"{_f}-fastmask"] = Variant(f"{_f}-fastmask", _f, "auto", None)
 HEADLINE = ("maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
-            "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile")
+            "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile",
+            *(f"{f}-fastmask" for f in FAMILIES))
+
+
+def ratio_of(name: str) -> float:
+    """The mask ratio a variant's row runs at: 0 for a family without masking, a family's own
+    registered ratio, else MaskDiT's 0.5."""
+    arch = ARCHITECTURES[VARIANTS[name].model]
+    return float(arch.train_defaults.get("mask_ratio", 0.5)) if arch.masks else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,27 +97,25 @@ class Setting:
 
 def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]]:
     """[(setting, main (variant, ratio) pairs, extra pairs)] of this run's size set."""
-    main = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in MAIN)
-    headline = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in HEADLINE)
+    main = tuple((v, ratio_of(v)) for v in MAIN)
+    headline = tuple((v, ratio_of(v)) for v in HEADLINE)
+    families = tuple((f"{f}-fastmask", ratio_of(f"{f}-fastmask")) for f in FAMILIES)
     ratios = (("maskdit-fastmask", 0.0), ("maskdit-fastmask", 0.25), ("maskdit-fastmask", 0.75))
     ratios_ref = (("maskdit-torch", 0.0), ("maskdit-torch", 0.25), ("maskdit-torch", 0.75))
     sset = common.size_set()
     if sset == "dry":
-        return [(Setting("T/2", 8, 4, warmup=1, steps=2), headline, (("maskdit-torch", 0.0), ("tread-torch", 0.5)))]
+        return [(Setting("T/2", 8, 4, warmup=1, steps=2), headline, (("maskdit-torch", 0.0),))]
     if sset == "cpu":
         # the no-download default's scale: ~1.5M parameters, 16x16 inputs, batch 128
         s = Setting("Digits/2", 16, 128, in_channels=1, num_classes=10, warmup=1, steps=5)
-        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0), ("tread-torch", 0.5)),
-                 ratios_ref[1:] + main)]
+        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)) + families, ratios_ref[1:] + main)]
     if sset == "quick":
         return [
-            (Setting("XL/2", 32, 64, warmup=2, steps=5), headline,
-             ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0), ("tread-fastmask", 0.5))),
+            (Setting("XL/2", 32, 64, warmup=2, steps=5), headline, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
             (Setting("XL/2", 64, 16, warmup=2, steps=5), main, ()),
         ]
     return [
-        (Setting("XL/2", 32, 128, warmup=3, steps=10), headline,
-         ratios + ratios_ref + (("dit-fastmask", 0.0), ("tread-fastmask", 0.5))),
+        (Setting("XL/2", 32, 128, warmup=3, steps=10), headline, ratios + ratios_ref + (("dit-fastmask", 0.0),)),
         (Setting("XL/2", 64, 32, warmup=3, steps=10), main, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),
     ]
 

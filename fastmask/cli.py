@@ -1,6 +1,6 @@
 """The ``fastmask`` command line: train, sample, eval, profile.
 
-    fastmask train                          # the no-download digits demo (~6-7 min on 2 CPU cores)
+    fastmask train                          # the no-download digits demo (its run time: README, "Measured results")
     fastmask train --compare-unmasked       # ... plus an unmasked model trained for the same time
     fastmask train --compare dit,maskdit    # model families for the same time, one table
     fastmask train --preset imagenet256 --data-path latents/ --out runs/in256
@@ -68,8 +68,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "digits. Writes checkpoints/, log.jsonl, loss.png, samples.png and metrics.json into --out. Configuration: "
         "preset, then --config JSON, then --set KEY=VALUE, then the flags (later wins); every value is checked the "
         "same way. Resuming: --steps N is the total step count of the masked phase; a resumed run continues to N "
-        "(the fine-tune continues to its --finetune-steps after the masked phase, and the minute caps count the "
-        "time of all runs). One run per --out: a second run on a folder in use is refused (the folder is locked), and "
+        "(the fine-tune and the minute caps over resumes: README, \"Steps, minutes and phases on resume\"). One run per --out: a second run on a folder in use is refused (the folder is locked), and "
         "so is a new run (without --resume) on a folder that holds another run's checkpoints. Distributed: "
         "torchrun --nproc_per_node=N -m fastmask train ..."
     )

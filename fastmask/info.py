@@ -150,23 +150,19 @@ def _plan(args, device: str, dtype: torch.dtype) -> list[str]:
 
 
 def _flops(args) -> list[str]:
-    """Model FLOPs per image of every registered family at ``args.model`` (built on the meta
-    device: no memory), each masking family at ``args.mask_ratio``, against dense DiT."""
-    from .models import ARCHITECTURES, count_flops
+    """FLOPs per image of a training step of every model family at this config."""
+    from .models import ARCHITECTURES, traced_flops
 
-    lines = [f"model FLOPs per image, {args.model} on {args.input_size}x{args.input_size} latents "
-             "(fastmask.models.count_flops: forward; a training step is 3x):"]
-    counts = {}
-    for name, arch in ARCHITECTURES.items():
-        with torch.device("meta"):
-            net = arch.build(args.model, input_size=args.input_size, in_channels=LATENT_CHANNELS, num_classes=1000)
-        ratio = args.mask_ratio if arch.masks else 0.0
-        counts[name] = (ratio, count_flops(net, 1, ratio))
-    dense = counts.get("dit", (0.0, None))[1]
-    for name, (ratio, c) in counts.items():
-        vs = f", {c['forward'] / dense['forward']:.2f}x dit" if dense else ""
-        lines.append(f"  {name:<10} ratio {ratio:<5g} {c['forward'] / 1e9:9.2f} GFLOPs (K = {c['tokens']['K']} of "
-                     f"{c['tokens']['N']} tokens{vs})")
+    lines = [f"FLOPs per image of a training step (forward + backward = 3x forward), {args.model}, "
+             f"{args.input_size}x{args.input_size} latents (traced on the meta device):"]
+    rows = {}
+    for fam, arch in ARCHITECTURES.items():
+        ratio = arch.train_defaults.get("mask_ratio", args.mask_ratio) if arch.masks else 0.0
+        rows[fam] = ratio, traced_flops(fam, args.model, input_size=args.input_size, mask_ratio=ratio)["train_step"]
+    dense = rows.get("dit", (0, 0))[1]
+    for fam, (ratio, f) in rows.items():
+        vs = f", {f / dense:.2f}x dit" if dense else ""
+        lines.append(f"  {fam:<10} mask ratio {ratio:<5g} {f / 1e9:9.1f} GFLOP{vs}")
     return lines
 
 

@@ -89,17 +89,19 @@ def test_help_is_wired(capsys):
 
 
 def test_flops_per_image_of_every_family(capsys, no_interpreter):
-    """Each registered family's FLOPs per image at the model config (built on the meta device),
-    against dense DiT: TREAD at rate 0.5 below it. (S/2's MaskDiT is above it: the published 8 x 512
-    decoder on all tokens outweighs half of S's 12 x 384 encoder.)"""
+    """Each registered family's FLOPs per image at the model config, against dense DiT: TREAD at
+    rate 0.5 below it. (S/2's MaskDiT is above it: the published 8 x 512 decoder on all tokens
+    outweighs half of S's 12 x 384 encoder.)"""
     from fastmask.models import ARCHITECTURES
 
     rc, out, _ = _run(capsys, "--device", "cpu", "--model", "S/2")
     assert rc == 0
-    part = out[out.index("model FLOPs per image, S/2"):]
+    part = out[out.index("FLOPs per image of a training step"):]
     rows = {ln.split()[0]: ln for ln in part.splitlines()[1:] if ln.strip()}
     assert set(rows) == set(ARCHITECTURES)
-    assert "1.00x dit" in rows["dit"] and "K = 256 of 256" in rows["dit"]
-    assert "K = 128 of 256" in rows["maskdit"] and "K = 128 of 256" in rows["tread"]
-    assert float(rows["tread"].split("x dit")[0].rsplit(" ", 1)[1]) < 1.0
-    assert float(rows["maskdit"].split("x dit")[0].rsplit(" ", 1)[1]) > 1.0
+    assert "1.00x dit" in rows["dit"]
+
+    def vs_dit(row):
+        return float(row.split("x dit")[0].rsplit(" ", 1)[1])
+
+    assert vs_dit(rows["tread"]) < 1.0 < vs_dit(rows["maskdit"])

@@ -8,6 +8,7 @@ from typing import Callable
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
+from .microdit import microdit
 from .tread import TREAD
 
 # (depth, hidden_size, num_heads) of the DiT paper.
@@ -105,6 +106,7 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer", train_defaults={"mask_ratio": 0.75, "mae_coef": 0.0})
 # TREAD's published rate 0.5 and no fine-tune phase (CompVis/tread configs/model/tread.yaml, train.py)
 register_architecture("tread", tread, masks=True,
                       help="TREAD: DiT whose middle blocks see a random subset of the tokens (mask_ratio is the "
