@@ -153,7 +153,7 @@ def test_loss_and_grads_match_plain_torch(backend, ratio):
     with fastmask.backend(backend), dispatch.record_choices() as ran:
         loss, dsm, mae = net.loss_given(y, labels, sigma, noise, ids, mae_coef=0.0)
     loss.sum().backward()
-    for op in ["attention", "layernorm_modulate"] + (["gather_tokens", "unmask_tokens"] if ratio else []):
+    for op in ["attention", "layernorm_modulate"] + (["gather_tokens", "scatter_tokens"] if ratio else []):
         assert ran[op] == {backend}, (op, ran.get(op))
     got = {n: p.grad.clone() for n, p in net.model.named_parameters()}
     if ids is None:

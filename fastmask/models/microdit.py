@@ -18,7 +18,7 @@ The mask comes after the mixer and before map_out, as in the official code (the 
 the dropped tokens is never computed). The fill is a zero vector of width p*p*C (the official
 ``mask_token`` buffer is zeros and never trained), so MicroDiT adds no mask token and no fusion
 layer: its only extra parameters are the mixer blocks and the two maps. The put-back is
-:func:`fastmask.ops.unmask_tokens` with that zero fill (the fused unmask kernel).
+:func:`fastmask.ops.scatter_tokens` without a fill (zeros; its backward reads only the kept rows).
 
 Loss (micro_diffusion models/model.py ``edm_loss``): the EDM-weighted squared error, averaged over
 the channels and over each p x p patch, then over the KEPT tokens of each sample only (the zero
@@ -175,8 +175,6 @@ class MicroDiT(_DiTBase):
         self._add_rope("mixer_rope", Dm // mixer_num_heads)
         P = patch_size * patch_size * in_channels
         self.final_layer = FinalLayer(hidden_size, P, norm=self.final_norm)
-        # the output-space fill of the dropped tokens: zeros, never trained, not in the state dict
-        self.register_buffer("out_fill", torch.zeros(P), persistent=False)
         self._init_base(self.mixer_blocks)
         self._init_microdit()
 
@@ -238,7 +236,7 @@ class MicroDiT(_DiTBase):
             h = blk(h, c, **self._rope("rope", ids_keep))
         out = self.final_layer(h, c)
         if ids_keep is not None:  # back in place only now, zeros in output space elsewhere
-            out = ops.unmask_tokens(out, ids_keep, self.out_fill, N, check_ids=False)
+            out = ops.scatter_tokens(out, ids_keep, num_tokens=N, check_ids=False)
         return out, mask
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None, **kw) -> Tensor:
