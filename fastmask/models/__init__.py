@@ -1,11 +1,12 @@
-"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, the flow wrapper, configs, FLOP count,
+"""fastmask.models: DiT baseline, MaskDiT, SPRINT, the EDM and DDPM preconditioners, the flow wrapper, configs, FLOP count,
 checkpoint loading."""
 from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
-from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture
+from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture, sprint
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
 from .flops import count_flops
 from .flow import FlowPrecond, draw_t
+from .sprint import SPRINT
 
 __all__ = [
     "ARCHITECTURES",
@@ -15,6 +16,7 @@ __all__ = [
     "EDMPrecond",
     "FlowPrecond",
     "MaskDiT",
+    "SPRINT",
     "build_model",
     "compile_model",
     "config_names",
@@ -30,6 +32,7 @@ __all__ = [
     "load_published_file",
     "maskdit",
     "model_kwargs",
+    "sprint",
     "patchify",
     "unpatchify",
     "unwrap_state_dict",

@@ -8,6 +8,7 @@ from typing import Callable
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
+from .sprint import SPRINT
 
 # (depth, hidden_size, num_heads) of the DiT paper.
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -71,6 +72,12 @@ def dit(name: str = "XL/2", **overrides) -> DiT:
     return DiT(**{**model_kwargs(name, masked=False), **overrides})
 
 
+def sprint(name: str = "XL/2", **overrides) -> SPRINT:
+    """A SPRINT of config ``name`` (DiT sizes, SPRINT's block; encoder / middle / decoder split
+    :func:`fastmask.models.sprint.default_split`: 2 + 24 + 2 for XL/2)."""
+    return SPRINT(**{**model_kwargs(name, masked=False), **overrides})
+
+
 # --------------------------------------------------------------------------- architectures
 @dataclass(frozen=True)
 class Architecture:
@@ -94,6 +101,9 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str)
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+register_architecture("sprint", sprint, masks=True,
+                      help="SPRINT: dense encoder, middle blocks on the kept tokens (structured 2x2 mask at 0.75), "
+                           "concat-linear fusion, dense decoder; path-drop; loss on every token")
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:
