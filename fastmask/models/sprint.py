@@ -29,9 +29,11 @@ same map, another parameter shape) and tokens unpatchify in DiT's (p, p, c) orde
 
 New parameters and their initialisation (as the official code): ``fusion`` Linear(2D, D) with
 xavier-uniform weight and zero bias (not zero-initialised); ``mask_token`` [1, 1, D] drawn from
-N(0, 0.02^2) and registered with ``requires_grad=False``: a fixed random vector, saved in the
-checkpoint, never trained (the code's comment calls it learnable; the code is followed,
-SPEC-ROUTING 7.5). Every other parameter is DiT's (adaLN-Zero and final layer zeroed).
+N(0, 0.02^2), which the official code registers as a Parameter with ``requires_grad=False``: a
+fixed random vector, saved in the checkpoint, never trained (its comment calls it learnable; the
+code is followed, SPEC-ROUTING 7.5). Here it is a persistent buffer (same state-dict key), so no
+optimizer, EMA or trainer switch touches it. Every other parameter is DiT's (adaLN-Zero and the
+final layer zeroed).
 
 The fusion is computed without the concat: with W = [W_a | W_b],
 ``h = W_a restored + W_b x_enc + b``, and since restored is kept rows scattered into a mask-token
@@ -143,14 +145,17 @@ class SPRINT(DiT):
             raise ValueError(f"path_drop_prob: expected a probability in [0, 1], got {path_drop_prob}")
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type: expected one of {MASK_TYPES}, got {mask_type!r}")
+        if self.block_options.get("rope"):  # SPRINT has no absolute position: no table in the state dict
+            del self.pos_embed
         self.encoder_depth, self.decoder_depth = enc, dec
         self.path_drop_prob, self.mask_type = float(path_drop_prob), mask_type
         D = hidden_size
         self.fusion = nn.Linear(2 * D, D, bias=True)
         nn.init.xavier_uniform_(self.fusion.weight)
         nn.init.zeros_(self.fusion.bias)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, D), requires_grad=False)
-        nn.init.normal_(self.mask_token, std=0.02)
+        # A buffer, not a frozen Parameter: no optimizer, EMA or DDP ever sees it, and the trainer's
+        # switch of MaskDiT's trainable mask token (requires_grad on in phase 1) cannot train it.
+        self.register_buffer("mask_token", torch.randn(1, 1, D) * 0.02)
         self._pdg = False
 
     # ------------------------------------------------------------------ parts
@@ -198,7 +203,8 @@ class SPRINT(DiT):
         B, N, D = x_enc.shape
         W = self.fusion.weight
         out = F.linear(x_enc, W[:, D:], self.fusion.bias)  # the shallow half and the bias
-        fill = F.linear(self.mask_token.reshape(1, D), W[:, :D])  # the mask token through W_a: [1, D]
+        token = self.mask_token.detach().reshape(1, D).to(W.dtype)  # fixed: never a gradient, whoever asks
+        fill = F.linear(token, W[:, :D])  # the mask token through W_a: [1, D]
         if deep is None:
             return out + fill.to(out.dtype)
         d = F.linear(deep, W[:, :D])
