@@ -86,6 +86,9 @@ def add_arguments(parser) -> None:
                         "torchdiffeq) or SiT's SDE (Euler-Maruyama, diffusion 1 - t, drift-only last step 0.04)")
     parser.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                         help="flow models only: guide only for flow times LO <= t <= HI (0 noise, 1 data)")
+    parser.add_argument("--path-drop-guidance", action="store_true",
+                        help="SPRINT models only: Path-Drop Guidance, the guided prediction's unconditional branch "
+                        "also drops the deep path (the official PDG; cheaper than plain guidance)")
     parser.add_argument("--parameterization", choices=("auto", "edm", "ddpm", "flow"), default="auto",
                         help="published checkpoints: edm (MaskDiT), ddpm (DiT eps-prediction) or flow (SiT velocity); "
                         "auto picks by architecture (and SiT by its file name or stored arguments)")
@@ -162,7 +165,8 @@ def resolve_settings(args, info: dict) -> dict:
         raise UsageError("--sampler / --guidance-interval: only for flow-matching models; this checkpoint is "
                          "sampled with EDM Heun")
     return {"steps": steps, "guidance": guidance, "labels": labels, "num": num if labels is None else len(labels),
-            "preset": args.preset if p else None, "per_class": per_class, "flow": flow}
+            "preset": args.preset if p else None, "per_class": per_class, "flow": flow,
+            "path_drop_guidance": bool(getattr(args, "path_drop_guidance", False))}
 
 
 def _balanced(K: int, total: int) -> torch.Tensor:
@@ -220,6 +224,9 @@ def run(args) -> int:
     net, info = load_model(args.checkpoint, use_ema=args.weights == "ema", device=dev, key=args.key,
                            parameterization=args.parameterization, trust_pickle=args.trust_pickle)
     st = resolve_settings(args, info)
+    if st["path_drop_guidance"] and not hasattr(getattr(net, "model", net), "path_drop_guidance"):
+        raise UsageError(f"--path-drop-guidance: only for SPRINT models; {str(args.checkpoint)!r} holds a "
+                         f"{type(getattr(net, 'model', net)).__name__}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected at least 1, got {args.batch_size}")
     vae = decode = None
@@ -248,7 +255,7 @@ def run(args) -> int:
     keep = not images or args.npz or (n <= GRID_MAX and not args.no_png)
     for idx, x in generate(net, labels, info["shape"], start, stop, steps=st["steps"], guidance=st["guidance"],
                            seed=args.seed, batch_size=args.batch_size, device=dev, amp=dev.type == "cuda",
-                           decode=decode, flow=st["flow"]):
+                           decode=decode, flow=st["flow"], path_drop_guidance=st["path_drop_guidance"]):
         if images:
             u8 = to_uint8(x).numpy()
             if not args.no_png:

@@ -348,13 +348,15 @@ def generate(
     amp: bool = False,
     decode=None,
     flow: dict | None = None,
+    path_drop_guidance: bool = False,
 ):
     """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
     sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
     (optional) maps a batch of sampled latents to images on the device (the VAE decoder), so
     only images leave the device. ``flow``: settings of a flow model's sampler
     (:func:`fastmask.flow_sampling.flow_sample`'s ``method``, ``interval``; default Heun, as
-    :func:`heun_sample` runs it); the SDE's noise of a batch is seeded by (seed, its first index)."""
+    :func:`heun_sample` runs it); the SDE's noise of a batch is seeded by (seed, its first index).
+    ``path_drop_guidance``: SPRINT's PDG in place of plain guidance."""
     for s in range(start, stop, batch_size):
         idx = torch.arange(s, min(s + batch_size, stop))
         lab = labels[idx].to(device) if labels is not None else None
@@ -366,9 +368,11 @@ def generate(
             if kw.get("method") == "sde":
                 kw["generator"] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(idx[0]))
             x = flow_sample(net, noise, lab, steps=steps, guidance=guidance,
-                            guide_channels=getattr(net, "guide_channels", None), amp=amp, **kw)
+                            guide_channels=getattr(net, "guide_channels", None), amp=amp,
+                            path_drop_guidance=path_drop_guidance, **kw)
         else:
-            x = heun_sample(net, noise, lab, steps=steps, guidance=guidance, amp=amp)
+            x = heun_sample(net, noise, lab, steps=steps, guidance=guidance, amp=amp,
+                            path_drop_guidance=path_drop_guidance)
         if decode is not None:
             x = decode(x)
         yield idx, x.cpu()

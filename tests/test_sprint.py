@@ -348,3 +348,25 @@ def test_train_arch_sprint_trains_and_resumes_exactly(tmp_path):
     edm = train(tiny_cfg(tmp_path / "edm", **{**kw, "objective": "edm", "steps": 4, "finetune_steps": 0}),
                 progress=False)
     assert isinstance(edm.net, EDMPrecond) and edm.step == 4
+
+
+def test_cli_train_arch_sprint_then_sample_with_path_drop_guidance(tmp_path, capsys):
+    """`fastmask train --arch sprint` (tiny: T/2 on 8x8 digits) then `fastmask sample
+    --path-drop-guidance`; a MaskDiT checkpoint refuses the flag with a one-line error."""
+    from fastmask.cli import main
+
+    tiny_run = ["--model", "T/2", "--image-size", "8", "--batch-size", "8", "--steps", "4", "--finetune-steps", "2",
+                "--sample-steps", "2", "--samples-per-class", "1", "--no-eval", "--progress", "off", "--threads", "1",
+                "--device", "cpu"]
+    out = tmp_path / "sprint"
+    assert main(["train", "--arch", "sprint", "--objective", "flow", "--mask-ratio", "0.75", *tiny_run,
+                 "--out", str(out)]) == 0
+    assert main(["sample", "--checkpoint", str(out), "--labels", "1,2", "--steps", "2", "--guidance", "2",
+                 "--path-drop-guidance", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "sample_00001_class2.png").exists()
+    other = tmp_path / "maskdit"
+    assert main(["train", "--arch", "maskdit", "--mask-ratio", "0.5", *tiny_run, "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(other), "--labels", "1", "--steps", "2", "--guidance", "2",
+                 "--path-drop-guidance", "--out", str(tmp_path / "x")]) == 2
+    assert "--path-drop-guidance" in capsys.readouterr().err
