@@ -99,8 +99,9 @@ def default_split(depth: int) -> tuple[int, int]:
 
 
 class SPRINT(DiT):
-    """SPRINT on fastmask's DiT parts (see the module docstring). Every argument not named here is
-    :class:`fastmask.models.DiT`'s; ``block`` defaults to :data:`SPRINT_BLOCK`.
+    """SPRINT on fastmask's DiT parts (see the module docstring). Keyword arguments only; every one
+    not named here is :class:`fastmask.models.DiT`'s (defaults XL/2 on 32x32 latents, a label table
+    with a null row); ``block`` defaults to :data:`SPRINT_BLOCK`.
 
     Args:
         encoder_depth, decoder_depth: the dense blocks before and after the middle (default
@@ -112,28 +113,16 @@ class SPRINT(DiT):
 
     def __init__(
         self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        learn_sigma: bool = False,
-        label_form: str = "table",
-        class_dropout_prob: float = 0.1,
-        block: dict | None = None,
         *,
+        block: dict | None = None,
         encoder_depth: int | None = None,
         decoder_depth: int | None = None,
         path_drop_prob: float = 0.1,
         mask_type: str = "structured",
+        **dit_kwargs,
     ):
-        super().__init__(
-            input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes, learn_sigma,
-            label_form, class_dropout_prob, dict(SPRINT_BLOCK) if block is None else block,
-        )
+        super().__init__(block=dict(SPRINT_BLOCK) if block is None else block, **dit_kwargs)
+        depth = len(self.blocks)
         enc, dec = default_split(depth)
         enc = enc if encoder_depth is None else encoder_depth
         dec = dec if decoder_depth is None else decoder_depth
@@ -149,7 +138,7 @@ class SPRINT(DiT):
             del self.pos_embed
         self.encoder_depth, self.decoder_depth = enc, dec
         self.path_drop_prob, self.mask_type = float(path_drop_prob), mask_type
-        D = hidden_size
+        D = self.hidden_size
         self.fusion = nn.Linear(2 * D, D, bias=True)
         nn.init.xavier_uniform_(self.fusion.weight)
         nn.init.zeros_(self.fusion.bias)
