@@ -122,11 +122,21 @@ def _shuffled(ids, seed=2):  # unsorted, per row
 
 
 # --------------------------------------------------------------------------- forward and backward
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("tokens", ["structured", "random44"])
-def test_forward_and_backward_match_plain_torch(tokens):
+def test_forward_and_backward_match_plain_torch(tokens, backend):
     """Train mode with given ids (unsorted) and path-drop flags: outputs, the input's and every
-    parameter's gradient equal the plain-torch SPRINT. structured: the 2x2 mask, K = 16;
-    random44: ratio 0.3, K = 44 (not a multiple of 8)."""
+    parameter's gradient equal the plain-torch SPRINT, on the reference backend and on the Triton
+    kernels (the interpreter on a CPU). structured: the 2x2 mask, K = 16; random44: ratio 0.3,
+    K = 44 (not a multiple of 8)."""
+    import fastmask
+
+    with fastmask.backend(backend), fastmask.ops.record_choices() as ran:
+        _compare_with_plain_torch(tokens)
+    assert set().union(*ran.values()) == {backend} and {"attention_rope", "gather_tokens", "unmask_tokens"} <= ran.keys()
+
+
+def _compare_with_plain_torch(tokens):
     m = tiny().train()
     x, t, labels = _inputs()
     N = m.num_patches
@@ -199,8 +209,11 @@ def test_initialisation_follows_the_official_code():
     assert float(m.fusion.weight.detach().abs().max()) <= bound
     assert float(m.final_layer.linear.weight.detach().abs().max()) == 0  # adaLN-Zero, as DiT
     assert "pos_embed" not in m.state_dict()  # no absolute position with RoPE
-    assert "pos_embed" in SPRINT(input_size=SIZE, patch_size=2, in_channels=1, hidden_size=32, depth=DEPTH,
-                                 num_heads=2, block={}).state_dict()  # the DiT backbone keeps DiT's table
+    on_dit = SPRINT(input_size=SIZE, patch_size=2, in_channels=1, hidden_size=32, depth=DEPTH, num_heads=2, block={})
+    assert "pos_embed" in on_dit.state_dict() and not on_dit.blocks[0].rope  # the DiT backbone keeps DiT's table
+    x, t, labels = _inputs()
+    out = on_dit.train().forward_tokens(x, t, labels, mask_ratio=0.75, force_drop_ids=torch.zeros(3))
+    assert out.shape == (3, 64, 4)
     assert (m.encoder_depth, len(m.middle_blocks), m.decoder_depth) == (1, 2, 1)
     assert sprint("XL/2").encoder_depth == 2 and len(sprint("XL/2").middle_blocks) == 24
     for bad in (dict(encoder_depth=2, decoder_depth=2), dict(path_drop_prob=1.5), dict(mask_type="grid")):
