@@ -188,7 +188,8 @@ class SPRINT(DiT):
 
         deep: the middle blocks' output, [B', K, D] on the kept ``ids_keep`` or [B', N, D]; its
         B' <= B rows are the first rows of ``x_enc`` [B, N, D], the other rows' deep path is
-        dropped (None: every row's). ``path_drop`` [B] bool: rows whose deep path is the mask token."""
+        dropped (None: every row's). ``path_drop`` [B] bool: rows whose deep path is the mask token.
+        ``ids_keep`` is trusted (distinct ids in [0, N): :meth:`forward_tokens` checks them)."""
         B, N, D = x_enc.shape
         W = self.fusion.weight
         out = F.linear(x_enc, W[:, D:], self.fusion.bias)  # the shallow half and the bias
