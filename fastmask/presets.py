@@ -324,7 +324,8 @@ PRESETS: dict[str, dict] = {
         _DIGITS,
         description="the digits demo as SPRINT (--arch sprint): Digits/2 split 1 + 2 + 1 blocks, the 2 middle "
         "blocks on one token of every 2x2 group (ratio 0.75, K = 16 of 64), concat-linear fusion, path-drop 0.1; "
-        "flow matching with logit-normal t on every token; 600 steps, then 100 dense fine-tune steps",
+        "flow matching with logit-normal t on every token; 600 steps, then 100 dense fine-tune steps; at this size "
+        "SPRINT's routing runs on DiT's block and sin-cos table (why: fastmask/models/sprint.py)",
         arch="sprint",
         objective="flow",
         t_schedule="logit_normal",

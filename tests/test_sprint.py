@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastmask import ops
 from fastmask.models import SPRINT, EDMPrecond, FlowPrecond, sprint
+from fastmask.models.sprint import SPRINT_BLOCK, default_split
 
 D, HEADS, DEPTH, SIZE = 32, 2, 4, 16  # 8x8 = 64 tokens of width 32, head dim 16; blocks 1 + 2 + 1
 
@@ -48,6 +49,18 @@ def _rms(x, w, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def _sincos_table(grid: int):
+    """DiT's fixed 2-D sin-cos table [grid^2, D]: the first half of the width encodes the column,
+    the second the row; each half sin then cos of pos * 10000^(-i / (D / 4))."""
+    def one(pos, d):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        a = pos[:, None].double() * omega[None]
+        return torch.cat([a.sin(), a.cos()], 1)
+
+    n = torch.arange(grid * grid)
+    return torch.cat([one(n % grid, D // 2), one(n // grid, D // 2)], 1).float()
+
+
 def _block(P, pre, x, c, cos, sin):
     shift1, scale1, gate1, shift2, scale2, gate2 = F.linear(F.silu(c), P[pre + "adaLN_modulation.1.weight"],
                                                             P[pre + "adaLN_modulation.1.bias"]).chunk(6, 1)
@@ -55,8 +68,9 @@ def _block(P, pre, x, c, cos, sin):
     h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale1[:, None]) + shift1[:, None]
     q, k, v = F.linear(h, P[pre + "attn.qkv.weight"], P[pre + "attn.qkv.bias"]).view(B, L, 3, HEADS, -1).permute(
         2, 0, 3, 1, 4)
-    q, k = _rms(q, P[pre + "attn.q_norm.weight"]), _rms(k, P[pre + "attn.k_norm.weight"])
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if cos is not None:  # SPRINT's backbone: q/k RMSNorm, then RoPE
+        q, k = _rms(q, P[pre + "attn.q_norm.weight"]), _rms(k, P[pre + "attn.k_norm.weight"])
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)
     x = x + gate1[:, None] * F.linear(a, P[pre + "attn.proj.weight"], P[pre + "attn.proj.bias"])
     h = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale2[:, None]) + shift2[:, None]
@@ -65,8 +79,9 @@ def _block(P, pre, x, c, cos, sin):
     return x + gate2[:, None] * m
 
 
-def plain_sprint(P, x, t, labels, ids_keep, path_drop, enc=1, dec=1):
-    """SPRINT's forward from the spec, as output tokens [B, N, p*p*C] in (p_row, p_col, c) order."""
+def plain_sprint(P, x, t, labels, ids_keep, path_drop, enc=1, dec=1, rope=True):
+    """SPRINT's forward from the spec, as output tokens [B, N, p*p*C] in (p_row, p_col, c) order;
+    ``rope=False``: on DiT's block (sin-cos table added after the patch embedding, no RoPE or q/k-norm)."""
     B = x.shape[0]
     tok = F.conv2d(x, P["x_embedder.proj.weight"], P["x_embedder.proj.bias"], stride=2).flatten(2).transpose(1, 2)
     N = tok.shape[1]
@@ -80,6 +95,9 @@ def plain_sprint(P, x, t, labels, ids_keep, path_drop, enc=1, dec=1):
     cos, sin = _rope_tables(int(N**0.5), D // HEADS)
     full = lambda: (cos[None, None].expand(B, 1, N, -1), sin[None, None].expand(B, 1, N, -1))  # noqa: E731
     h = tok
+    if not rope:
+        h = tok + _sincos_table(int(N**0.5))
+        full = lambda: (None, None)  # noqa: E731
     for i in range(enc):
         h = _block(P, f"blocks.{i}.", h, c, *full())
     x_enc = h
@@ -88,7 +106,7 @@ def plain_sprint(P, x, t, labels, ids_keep, path_drop, enc=1, dec=1):
     else:
         K = ids_keep.shape[1]
         deep = torch.gather(h, 1, ids_keep[..., None].expand(B, K, D))
-        cs = (cos[ids_keep][:, None], sin[ids_keep][:, None])  # RoPE gathered by the same ids
+        cs = (cos[ids_keep][:, None], sin[ids_keep][:, None]) if rope else (None, None)  # RoPE by the same ids
     for i in range(enc, DEPTH - dec):
         deep = _block(P, f"blocks.{i}.", deep, c, *cs)
     mask_token = P["mask_token"].reshape(1, 1, D)
@@ -168,6 +186,28 @@ def _compare_with_plain_torch(tokens):
     assert named["fusion.weight"].grad.abs().sum() > 0 and named["blocks.1.attn.qkv.weight"].grad.abs().sum() > 0
 
 
+def test_dit_backbone_matches_plain_torch():
+    """The digits-scale default (SPRINT's routing on DiT's block and sin-cos table), forward and
+    backward, structured tokens (unsorted), one sample path-dropped."""
+    torch.manual_seed(0)
+    m = sprint("Digits/2", input_size=SIZE, in_channels=1, hidden_size=D, num_heads=HEADS, num_classes=10).train()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, labels = _inputs()
+    ids = _shuffled(m.token_strategy(0.75).draw(3, 64, generator=torch.Generator().manual_seed(5)))
+    drop = torch.tensor([True, False, False])
+    out = m.forward_tokens(x, t, labels, ids_keep=ids, path_drop=drop, force_drop_ids=torch.zeros(3))
+    P = {k: v.detach().clone().requires_grad_(k not in ("mask_token", "pos_embed")) for k, v in m.state_dict().items()}
+    ref = plain_sprint(P, x, t, labels, ids, drop, rope=False)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, P[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fusion_without_the_concat_equals_the_concat_form():
     """fuse(): W_a on the K kept rows, scattered into the W_a mask_token fill, + W_b x_enc + b,
     equals Linear(2D -> D) on concat(restored, x_enc), path-dropped rows and a trainable mask token
@@ -215,7 +255,13 @@ def test_initialisation_follows_the_official_code():
     out = on_dit.train().forward_tokens(x, t, labels, mask_ratio=0.75, force_drop_ids=torch.zeros(3))
     assert out.shape == (3, 64, 4)
     assert (m.encoder_depth, len(m.middle_blocks), m.decoder_depth) == (1, 2, 1)
-    assert sprint("XL/2").encoder_depth == 2 and len(sprint("XL/2").middle_blocks) == 24
+    assert default_split(28) == (2, 2) and default_split(4) == (1, 1) and default_split(2) == (0, 1)
+    s2 = sprint("S/2", input_size=8, in_channels=1, num_classes=10)  # S, B, L, XL: SPRINT's own backbone
+    assert s2.block_options == SPRINT_BLOCK and "pos_embed" not in s2.state_dict() and len(s2.middle_blocks) == 8
+    d2 = sprint("Digits/2", input_size=SIZE, in_channels=1, num_classes=10)  # the digits-scale default
+    assert d2.block_options == {} and "pos_embed" in d2.state_dict()
+    lit = sprint("LightningDiT-Digits/2", input_size=SIZE, in_channels=1, num_classes=10)
+    assert lit.block_options["mlp"] == "swiglu" and lit.uses_pos_embed
     for bad in (dict(encoder_depth=2, decoder_depth=2), dict(path_drop_prob=1.5), dict(mask_type="grid")):
         with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
             SPRINT(input_size=SIZE, patch_size=2, in_channels=1, hidden_size=32, depth=DEPTH, num_heads=2, **bad)

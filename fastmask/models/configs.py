@@ -73,9 +73,17 @@ def dit(name: str = "XL/2", **overrides) -> DiT:
 
 
 def sprint(name: str = "XL/2", **overrides) -> SPRINT:
-    """A SPRINT of config ``name`` (DiT sizes, SPRINT's block; encoder / middle / decoder split
-    :func:`fastmask.models.sprint.default_split`: 2 + 24 + 2 for XL/2)."""
-    return SPRINT(**{**model_kwargs(name, masked=False), **overrides})
+    """A SPRINT of config ``name`` (encoder / middle / decoder split
+    :func:`fastmask.models.sprint.default_split`: 2 + 24 + 2 for XL/2). S, B, L, XL: SPRINT's own
+    block (RoPE, q/k-norm, no absolute position); the tiny sizes (T, Digits) run SPRINT's routing on
+    DiT's block and sin-cos table (the digits-scale default, measured in fastmask.models.sprint);
+    ``LightningDiT-*``: LightningDiT's block and, as LightningDiT, the sin-cos table too."""
+    kw = model_kwargs(name, masked=False)
+    if "block" in kw:
+        kw["pos_embed"] = True
+    elif name.split("/")[0] in TINY:
+        kw["block"] = {}
+    return SPRINT(**{**kw, **overrides})
 
 
 # --------------------------------------------------------------------------- architectures
