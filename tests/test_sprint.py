@@ -371,42 +371,22 @@ def test_path_drop_guidance_in_the_edm_sampler_and_refusals():
 # --------------------------------------------------------------------------- training
 def test_train_arch_sprint_trains_and_resumes_exactly(tmp_path):
     """`fastmask train --arch sprint` on the embedded digits (T/2 at 8x8: 16 tokens, 0 + 1 + 1
-    blocks, ratio 0.75 -> K = 4, then a dense fine-tune with path-drop on): finite losses, and a run
-    stopped at step 10 resumes bit-exactly (path-drop flags from torch's global RNG, saved in
-    checkpoints)."""
-    import json
-
-    from test_train import _all_state, _assert_bit_equal, tiny_cfg
+    blocks): the flow-objective run of tests/test_train.py (finite losses; stopped at step 10, it
+    resumes bit-exactly, the path-drop flags coming from torch's global RNG, saved in checkpoints;
+    EDM from the same seed differs), then at ratio 0.75 with logit-normal t: the mask token never
+    moves (the trainer switches a mask token's requires_grad on in phase 1), the fusion does."""
+    from test_train import test_flow_objective_trains_logs_and_resumes_exactly as flow_run_resumes, tiny_cfg
 
     from fastmask.train import train
 
+    flow_run_resumes(tmp_path / "resume", "sprint")
     kw = dict(arch="sprint", objective="flow", t_schedule="logit_normal", mask_ratio=0.75)
     full = train(tiny_cfg(tmp_path / "full", **kw), progress=False)
     assert isinstance(full.net.model, SPRINT) and full.step == 20
-    rows = [json.loads(r) for r in open(tmp_path / "full" / "log.jsonl")]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses and all(v == v and v < 1e3 for v in losses)
-
-    def stop_at_10(trainer, step):
-        if step == 10:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(tmp_path / "split", **kw), hooks={"after_step": stop_at_10}, progress=False)
-    resumed = train(tiny_cfg(tmp_path / "split", **kw), resume=tmp_path / "split", progress=False)
-    assert resumed.step == full.step
-    _assert_bit_equal(_all_state(full), _all_state(resumed))
-    # the mask token never moves (the trainer switches a mask token's requires_grad on in phase 1)
-    state = _all_state(full)
-    torch.manual_seed(0)
     first = train(tiny_cfg(tmp_path / "zero", **{**kw, "steps": 0, "finetune_steps": 0}), progress=False)
-    assert torch.equal(state["model.model.mask_token"], state["ema.model.mask_token"])
-    assert torch.equal(state["model.model.mask_token"], first.net.model.mask_token)
-    assert not torch.equal(state["model.model.fusion.weight"], first.net.model.fusion.weight)
-    # EDM trains too
-    edm = train(tiny_cfg(tmp_path / "edm", **{**kw, "objective": "edm", "steps": 4, "finetune_steps": 0}),
-                progress=False)
-    assert isinstance(edm.net, EDMPrecond) and edm.step == 4
+    assert torch.equal(full.net.model.mask_token, first.net.model.mask_token)
+    assert torch.equal(full.ema.model.mask_token, first.net.model.mask_token)
+    assert not torch.equal(full.net.model.fusion.weight, first.net.model.fusion.weight)
 
 
 def test_cli_train_arch_sprint_then_sample_with_path_drop_guidance(tmp_path, capsys):
