@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.setups import build_training
+from fastmask.models import ARCHITECTURES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,22 @@ MAIN = ("dit-torch", "maskdit-torch", "maskdit-torch-compile", "maskdit-fastmask
 # what fastmask does, the two baselines of the targets (DiT-XL/2 eager, MaskDiT compiled),
 # then the rest of the comparison. Compiled rows of the first setting come before any row of
 # a larger one.
+# Every other registered model family (token routing: TREAD, SPRINT, MicroDiT, ...) gets a row
+# with the fused kernels, eager, at its own mask ratio, after the headline rows: against DiT in
+# the same run.
+FAMILIES = tuple(f for f in ARCHITECTURES if f not in ("maskdit", "dit"))
+for _f in FAMILIES:
+    VARIANTS[f"{_f}-fastmask"] = Variant(f"{_f}-fastmask", _f, "auto", None)
 HEADLINE = ("maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
-            "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile")
+            "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch", "dit-torch-compile",
+            *(f"{f}-fastmask" for f in FAMILIES))
+
+
+def ratio_of(name: str) -> float:
+    """The mask ratio a variant's row runs at: 0 for a family without masking, a family's own
+    registered ratio, else MaskDiT's 0.5."""
+    arch = ARCHITECTURES[VARIANTS[name].model]
+    return float(arch.train_defaults.get("mask_ratio", 0.5)) if arch.masks else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +97,9 @@ class Setting:
 
 def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple[str, float], ...]]]:
     """[(setting, main (variant, ratio) pairs, extra pairs)] of this run's size set."""
-    main = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in MAIN)
-    headline = tuple((v, 0.0 if v.startswith("dit") else 0.5) for v in HEADLINE)
+    main = tuple((v, ratio_of(v)) for v in MAIN)
+    headline = tuple((v, ratio_of(v)) for v in HEADLINE)
+    families = tuple((f"{f}-fastmask", ratio_of(f"{f}-fastmask")) for f in FAMILIES)
     ratios = (("maskdit-fastmask", 0.0), ("maskdit-fastmask", 0.25), ("maskdit-fastmask", 0.75))
     ratios_ref = (("maskdit-torch", 0.0), ("maskdit-torch", 0.25), ("maskdit-torch", 0.75))
     sset = common.size_set()
@@ -92,7 +108,7 @@ def settings() -> list[tuple[Setting, tuple[tuple[str, float], ...], tuple[tuple
     if sset == "cpu":
         # the no-download default's scale: ~1.5M parameters, 16x16 inputs, batch 128
         s = Setting("Digits/2", 16, 128, in_channels=1, num_classes=10, warmup=1, steps=5)
-        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)), ratios_ref[1:] + main)]
+        return [(s, (("maskdit-torch", 0.5), ("maskdit-torch", 0.0), ("dit-torch", 0.0)) + families, ratios_ref[1:] + main)]
     if sset == "quick":
         return [
             (Setting("XL/2", 32, 64, warmup=2, steps=5), headline, ratios + (("maskdit-torch", 0.0), ("dit-fastmask", 0.0))),

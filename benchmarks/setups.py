@@ -13,7 +13,7 @@ import torch
 
 import fastmask
 from fastmask import step_graph
-from fastmask.models import EDMPrecond, compile_model, count_flops, dit, maskdit
+from fastmask.models import ARCHITECTURES, EDMPrecond, compile_model, count_flops, traced_flops
 
 __all__ = ["TrainSetup", "build_training", "compile_model"]
 
@@ -34,6 +34,8 @@ class TrainSetup:
     _graphs: step_graph.StepGraphs | None = None
     _loss: torch.Tensor | None = None
     _gen: torch.Generator | None = None
+    family: str = "maskdit"  # its fastmask.models.ARCHITECTURES name
+    config: str = "XL/2"
 
     def step(self) -> torch.Tensor:
         if self.graph:
@@ -76,7 +78,13 @@ class TrainSetup:
         self._loss.copy_(loss.detach())
 
     def flops(self) -> dict:
-        return count_flops(self.model, self.y.shape[0], self.mask_ratio)
+        if self.family in ("maskdit", "dit"):
+            return count_flops(self.model, self.y.shape[0], self.mask_ratio)
+        B, C, H, _ = self.y.shape  # any other family: counted by tracing its forward (per image)
+        net = self.model.model
+        per = traced_flops(self.family, self.config, input_size=H, in_channels=C, num_classes=net.num_classes,
+                           mask_ratio=self.mask_ratio)
+        return {k: v * B for k, v in per.items()}
 
 
 def build_training(
@@ -96,7 +104,8 @@ def build_training(
     lr: float = 1e-4,
     seed: int = 0,
 ) -> TrainSetup:
-    """Build the model (``maskdit`` or ``dit`` of ``config``), AdamW and a random batch.
+    """Build the model (any family of ``fastmask.models.ARCHITECTURES``: ``maskdit``, ``dit``, ...,
+    of ``config``), AdamW and a random batch.
 
     ``amp`` (bf16 autocast) defaults to on for CUDA, off for the CPU; ``compile`` is None,
     ``"blocks"`` or ``"model"`` (see :func:`fastmask.models.compile_model`); ``graph``: the step
@@ -105,7 +114,7 @@ def build_training(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda" if amp is None else amp
     torch.manual_seed(seed)
-    build = {"maskdit": maskdit, "dit": dit}[model]
+    build = ARCHITECTURES[model].build
     with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
         net = build(config, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
         edm = EDMPrecond(net).to(dev)  # so move the rest
@@ -118,4 +127,5 @@ def build_training(
         opt_kw.update(capturable=True)
         lr = torch.tensor(lr, device=dev)
     opt = torch.optim.AdamW(edm.parameters(), lr=lr, weight_decay=0.0, **opt_kw)
-    return TrainSetup(edm, opt, y, labels, mask_ratio if model == "maskdit" else 0.0, backend, amp, dev, graph)
+    ratio = mask_ratio if ARCHITECTURES[model].masks else 0.0
+    return TrainSetup(edm, opt, y, labels, ratio, backend, amp, dev, graph, family=model, config=config)

@@ -1,7 +1,8 @@
 """The ``fastmask`` command line: train, sample, eval, profile.
 
-    fastmask train                          # the no-download digits demo (~6-7 min on 2 CPU cores)
+    fastmask train                          # the no-download digits demo (its run time: README, "Measured results")
     fastmask train --compare-unmasked       # ... plus an unmasked model trained for the same time
+    fastmask train --compare dit,maskdit    # model families for the same time, one table
     fastmask train --preset imagenet256 --data-path latents/ --out runs/in256
     torchrun --nproc_per_node=8 -m fastmask train --preset imagenet256 --data-path latents/
     fastmask sample --checkpoint runs/digits --per-class 8 --guidance 2
@@ -67,8 +68,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
         "digits. Writes checkpoints/, log.jsonl, loss.png, samples.png and metrics.json into --out. Configuration: "
         "preset, then --config JSON, then --set KEY=VALUE, then the flags (later wins); every value is checked the "
         "same way. Resuming: --steps N is the total step count of the masked phase; a resumed run continues to N "
-        "(the fine-tune continues to its --finetune-steps after the masked phase, and the minute caps count the "
-        "time of all runs). One run per --out: a second run on a folder in use is refused (the folder is locked), and "
+        "(the fine-tune and the minute caps over resumes: README, \"Steps, minutes and phases on resume\"). One run per --out: a second run on a folder in use is refused (the folder is locked), and "
         "so is a new run (without --resume) on a folder that holds another run's checkpoints. Distributed: "
         "torchrun --nproc_per_node=N -m fastmask train ..."
     )
@@ -93,6 +93,10 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="after the run, train an unmasked model (ratio 0 throughout) for the same wall-clock time and "
                    "evaluate it the same way; results go to metrics.json ('unmasked') and <out>/unmasked/ (with "
                    "--resume, that unmasked run is resumed too and trains up to the masked run's total time)")
+    t.add_argument("--compare", default=None, metavar="FAMILIES",
+                   help="train each model family of a comma-separated list (e.g. dit,maskdit; --arch names) in "
+                   "<out>/<family>/ for the same wall-clock time as the first one, evaluate each the same way, and "
+                   "write the table to <out>/compare.md and compare.json (see fastmask/compare.py)")
     t.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="tqdm progress bar (auto: on a TTY)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -138,11 +142,15 @@ def cmd_train(args) -> int:
     if args.list_presets:
         print(_presets_help())
         return 0
+    if args.compare is not None and (args.resume is not None or args.compare_unmasked):
+        raise UsageError("--compare: runs fresh comparisons only (not with --resume or --compare-unmasked)")
     cfg, resume_path = resolve_config(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     make_out_dir(cfg.out, "--out")
+    if args.compare is not None:
+        return _compare(args, cfg, resume_path)
     from .train import check_run_folder
 
     # one run per folder: a fresh run never writes into a folder that holds another run's checkpoints
@@ -154,6 +162,15 @@ def cmd_train(args) -> int:
     return train_and_report(cfg, resume=resume_path, progress={"auto": None, "on": True, "off": False}[args.progress],
                             compare_unmasked=args.compare_unmasked, command="fastmask " + " ".join(args.argv),
                             t_start=t_start)
+
+
+def _compare(args, cfg, resume_path) -> int:
+    from .compare import check_folders, compare, parse_families
+
+    families = parse_families(args.compare)
+    check_folders(cfg, families)
+    return compare(cfg, families, progress={"auto": None, "on": True, "off": False}[args.progress],
+                   command="fastmask " + " ".join(args.argv))
 
 
 # --------------------------------------------------------------------------- the command table

@@ -150,9 +150,12 @@ def sample_report(
     classifier: DigitClassifier | None = None,
     tag: str = "samples",
     batch_size: int = 250,
+    npz: bool = False,
 ) -> dict:
     """Draw class-conditional samples with guidance, save them (PNG grid for pixel models, .npy for
-    latent models) and, with a ``classifier``, measure them. Returns a dict for metrics.json."""
+    latent models) and, with a ``classifier``, measure them. Returns a dict for metrics.json.
+    ``npz``: pixel samples also go to ``<tag>.npz`` in the layout ``fastmask sample --npz`` writes
+    (``arr_0`` uint8 [N, H, W, C], ``labels`` int64)."""
     import time
     from pathlib import Path
 
@@ -184,6 +187,9 @@ def sample_report(
     else:
         save_grid(x[: 8 * grid_per_class], out_dir / f"{tag}.png", rows=8)
     rep["files"] = [f"{tag}.png"]
+    if npz:
+        _save_npz(out_dir / f"{tag}.npz", x, labels)
+        rep["files"].append(f"{tag}.npz")
     if classifier is not None and labels is not None:
         # every class gets samples_per_class samples in the measurement
         keep = torch.cat([torch.nonzero(labels == c).flatten()[:samples_per_class] for c in range(num_classes)])
@@ -191,6 +197,21 @@ def sample_report(
         rep.update(evaluate_samples(classifier, x[keep], labels[keep]))
         rep["eval_seconds"] = time.perf_counter() - t1
     return rep
+
+
+def _save_npz(path, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """[-1, 1] images -> ``path`` (.npz: arr_0 uint8 [N, H, W, C], and labels), written atomically."""
+    import io
+
+    from .checkpoint_io import atomic_write_bytes
+    from .sampling import to_uint8
+
+    arrays = {"arr_0": to_uint8(images).numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_loss_curve(log_path, png_path, title: str = "training loss") -> None:

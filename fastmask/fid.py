@@ -303,26 +303,34 @@ def compute(
     result["reference"] = str(reference) if not isinstance(reference, (np.ndarray, torch.Tensor)) else "array"
     result["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
     if isc:
-        if LOGITS not in feats:
-            raise UsageError("--isc: the feature network gives no logits")
-        from torch_fidelity.metric_isc import isc_features_to_metric
-
-        if len(src) < isc_splits:
-            raise UsageError(f"--isc: needs at least --isc-splits={isc_splits} samples, got {len(src)}")
-        r = isc_features_to_metric(feats[LOGITS], splits=isc_splits)
-        result["inception_score_mean"] = float(r["inception_score_mean"])
-        result["inception_score_std"] = float(r["inception_score_std"])
+        result.update(_inception_score(feats, len(src), isc_splits))
     if prc:
-        from torch_fidelity.metric_prc import prc_features_to_metric
-
-        k = min(prc_neighborhood, len(src) - 1, len(ref_feats[POOL]) - 1)
-        r = prc_features_to_metric(feats[POOL].float(), ref_feats[POOL].float(), prc_neighborhood=k,
-                                   prc_batch_size=10000, save_cpu_ram=False, verbose=False)
-        result.update(precision=float(r["precision"]), recall=float(r["recall"]), prc_neighborhood=k)
+        result.update(_precision_recall(feats, ref_feats, len(src), prc_neighborhood))
     if save_stats:
         np.savez(save_stats, mu=mu, sigma=sigma)
         result["saved_stats"] = str(save_stats)
     return result
+
+
+def _inception_score(feats: dict, n: int, splits: int) -> dict:
+    if LOGITS not in feats:
+        raise UsageError("--isc: the feature network gives no logits")
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    if n < splits:
+        raise UsageError(f"--isc: needs at least --isc-splits={splits} samples, got {n}")
+    r = isc_features_to_metric(feats[LOGITS], splits=splits)
+    return {"inception_score_mean": float(r["inception_score_mean"]),
+            "inception_score_std": float(r["inception_score_std"])}
+
+
+def _precision_recall(feats: dict, ref_feats: dict, n: int, neighborhood: int) -> dict:
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    k = min(neighborhood, n - 1, len(ref_feats[POOL]) - 1)
+    r = prc_features_to_metric(feats[POOL].float(), ref_feats[POOL].float(), prc_neighborhood=k,
+                               prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"precision": float(r["precision"]), "recall": float(r["recall"]), "prc_neighborhood": k}
 
 
 # --------------------------------------------------------------------------- command line

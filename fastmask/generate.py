@@ -209,8 +209,25 @@ def _merge_npz(parts: list[Path], labels: np.ndarray | None, dest: Path) -> None
     os.replace(tmp, dest)
 
 
-def run(args) -> int:
+def _vae_decoder(path, info: dict, dev):
+    """``--vae``: the function that decodes the latent model's samples to images."""
     from . import vae as vae_mod
+
+    if info["kind"] != "latents":
+        raise UsageError(f"--vae: the checkpoint's model works on pixels ({info['shape']}), there is nothing to decode")
+    vae = vae_mod.load_vae(path, device=dev, dtype=torch.float32)
+    if vae_mod.latent_channels(vae) != info["shape"][0]:
+        raise UsageError(f"--vae: the VAE has {vae_mod.latent_channels(vae)} latent channels, the model "
+                         f"{info['shape'][0]}")
+    scale = float(getattr(vae.config, "scaling_factor", None) or vae_mod.SCALE_FACTOR)
+
+    def decode(z):
+        return vae_mod.decode(vae, z, scale)
+
+    return decode
+
+
+def run(args) -> int:
     from .sampling import generate, load_model, rank_range, save_grid, to_uint8
     from .train import distributed_info
 
@@ -229,20 +246,8 @@ def run(args) -> int:
                          f"{type(getattr(net, 'model', net)).__name__}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected at least 1, got {args.batch_size}")
-    vae = decode = None
-    if args.vae:
-        if info["kind"] != "latents":
-            raise UsageError(f"--vae: the checkpoint's model works on pixels ({info['shape']}), there is nothing to decode")
-        vae = vae_mod.load_vae(args.vae, device=dev, dtype=torch.float32)
-        if vae_mod.latent_channels(vae) != info["shape"][0]:
-            raise UsageError(f"--vae: the VAE has {vae_mod.latent_channels(vae)} latent channels, the model "
-                             f"{info['shape'][0]}")
-        scale = float(getattr(vae.config, "scaling_factor", None) or vae_mod.SCALE_FACTOR)
-
-        def decode(z):
-            return vae_mod.decode(vae, z, scale)
-
-    images = info["kind"] == "pixels" or vae is not None
+    decode = _vae_decoder(args.vae, info, dev) if args.vae else None
+    images = info["kind"] == "pixels" or decode is not None
     out = Path(args.out)
     parts_dir = out / ".parts"
     n, labels = st["num"], st["labels"]

@@ -149,12 +149,29 @@ def _plan(args, device: str, dtype: torch.dtype) -> list[str]:
     return lines
 
 
+def _flops(args) -> list[str]:
+    """FLOPs per image of a training step of every model family at this config."""
+    from .models import ARCHITECTURES, traced_flops
+
+    lines = [f"FLOPs per image of a training step (forward + backward = 3x forward), {args.model}, "
+             f"{args.input_size}x{args.input_size} latents (traced on the meta device):"]
+    rows = {}
+    for fam, arch in ARCHITECTURES.items():
+        ratio = arch.train_defaults.get("mask_ratio", args.mask_ratio) if arch.masks else 0.0
+        rows[fam] = ratio, traced_flops(fam, args.model, input_size=args.input_size, mask_ratio=ratio)["train_step"]
+    dense = rows.get("dit", (0, 0))[1]
+    for fam, (ratio, f) in rows.items():
+        vs = f", {f / dense:.2f}x dit" if dense else ""
+        lines.append(f"  {fam:<10} mask ratio {ratio:<5g} {f / 1e9:9.1f} GFLOP{vs}")
+    return lines
+
+
 def run(args) -> int:
     device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {device!r}")
     dtype = DTYPES[args.dtype]
     plan = _plan(args, device, dtype)  # first, so that a bad flag fails before anything is printed
-    print("\n".join(_versions() + [""] + _backends() + [""] + plan))
+    print("\n".join(_versions() + [""] + _backends() + [""] + plan + [""] + _flops(args)))
     return 0
 

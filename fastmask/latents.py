@@ -188,6 +188,18 @@ def check_resolution(resolution) -> int:
     return resolution
 
 
+def _device_and_precision(device, precision: str) -> tuple[torch.device, str]:
+    """``auto`` resolved: this rank's GPU (LOCAL_RANK) or the CPU; bf16 on a GPU, else fp32."""
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise UsageError(f"--precision: expected auto, bf16 or fp32, got {precision!r}")
+    return device, precision
+
+
 def extract(
     images,
     out,
@@ -226,24 +238,11 @@ def extract(
         raise UsageError(f"--storage: expected float32 or float16, got {storage_dtype!r}")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(torch.cuda.device_count(), 1)}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise UsageError(f"--precision: expected auto, bf16 or fp32, got {precision!r}")
+    device, precision = _device_and_precision(device, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     files, labels, classes = list_images(images, labels_file, unconditional)
-    if vae is None or vae_name is not None:
-        source = vae_mod.vae_source(vae_name)
-    else:
-        source = getattr(vae.config, "_name_or_path", "") or "AutoencoderKL given in code"
-    if vae is None:
-        vae = vae_mod.load_vae(vae_name, device=device, dtype=dtype)
-    else:
-        vae = vae_mod.prepare(vae, device, dtype)
+    vae, source = _load_vae(vae, vae_name, device, dtype)
     f = vae_mod.downsample_factor(vae)
     if resolution % f:
         raise UsageError(f"--resolution: {resolution} is not divisible by the VAE's downsampling factor {f}")
@@ -268,6 +267,34 @@ def extract(
     }
     ranges = shard_ranges(len(files), shard_size)
     mine = rank_shards(len(ranges), rank, world)
+    pending = _pending_shards(out, mine, settings)
+    if not pending:
+        say(f"fastmask latents: rank {rank}: all {len(mine)} shards already finished")
+    else:
+        say(f"fastmask latents: rank {rank}/{world}: {len(pending)} of {len(mine)} shards to extract "
+            f"({sum(ranges[k][1] - ranges[k][0] for k in pending)} images) on {device}, {precision}")
+        _extract_shards(files, labels, ranges, pending, out, vae, settings, batch_size, workers, device,
+                        storage_dtype, flip, progress, rank, tqdm)
+    return finalize(out, settings, len(ranges), say)
+
+
+def _load_vae(vae, vae_name: str | None, device, dtype):
+    """(the VAE on ``device`` in ``dtype``, where it came from): ``vae`` as given, or loaded from ``vae_name``."""
+    from . import vae as vae_mod
+
+    if vae is None or vae_name is not None:
+        source = vae_mod.vae_source(vae_name)
+    else:
+        source = getattr(vae.config, "_name_or_path", "") or "AutoencoderKL given in code"
+    if vae is None:
+        vae = vae_mod.load_vae(vae_name, device=device, dtype=dtype)
+    else:
+        vae = vae_mod.prepare(vae, device, dtype)
+    return vae, source
+
+
+def _pending_shards(out: Path, mine, settings: dict) -> list[int]:
+    """This rank's shards not finished yet; a finished one written with other settings is refused."""
     pending = []
     for k in mine:
         info = _read_json(_shard_stem(out, k).with_name(f"shard-{k:05d}.json"))
@@ -278,14 +305,7 @@ def extract(
                 f"--out: {str(out)!r} holds shards written with other settings (resolution, flip, shard size, "
                 "VAE weights or image count differ); use a new --out folder"
             )
-    if not pending:
-        say(f"fastmask latents: rank {rank}: all {len(mine)} shards already finished")
-    else:
-        say(f"fastmask latents: rank {rank}/{world}: {len(pending)} of {len(mine)} shards to extract "
-            f"({sum(ranges[k][1] - ranges[k][0] for k in pending)} images) on {device}, {precision}")
-        _extract_shards(files, labels, ranges, pending, out, vae, settings, batch_size, workers, device,
-                        storage_dtype, flip, progress, rank, tqdm)
-    return finalize(out, settings, len(ranges), say)
+    return pending
 
 
 def _extract_shards(files, labels, ranges, pending, out, vae, settings, batch_size, workers, device, storage_dtype,

@@ -18,7 +18,7 @@ rest as other. Each event counts its self time: device (kernel) time on a GPU, C
 the CPU. Under ``--compile`` Inductor fuses across these boundaries, so most of the time
 lands in "other"; profile eagerly to see the split.
 
-The FLOP count behind MFU is :func:`fastmask.models.count_flops`; the benchmark suite's
+The FLOP count behind MFU is :func:`fastmask.models.traced_flops` (any family); the benchmark suite's
 training setups are in ``benchmarks/setups.py``.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 import torch
 
 from . import ops as _ops
-from .models import EDMPrecond, compile_model, count_flops, dit, maskdit
+from .models import ARCHITECTURES, EDMPrecond, compile_model, traced_flops
 from .ops import dispatch as _dispatch
 from .ops import registry
 
@@ -162,7 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     count, ratio = arg_type(COUNT, "count"), arg_type(RATIO, "ratio")
     parser.add_argument("--config", default="XL/2", help="model config: XL/2, L/2, B/2, S/2, Digits/2, T/2 ... (default XL/2)")
-    parser.add_argument("--model", choices=("maskdit", "dit"), default="maskdit", help="MaskDiT (default) or plain DiT")
+    parser.add_argument("--model", choices=tuple(ARCHITECTURES), default="maskdit",
+                        help="model family (fastmask.models.ARCHITECTURES; default maskdit)")
     parser.add_argument("--input-size", type=arg_type(field_check("image_size"), "count"), default=32, help="latent side: 32 for 256x256 images, 64 for 512x512")
     parser.add_argument("--in-channels", type=arg_type(field_check("channels"), "count"), default=4, help="input channels (4 for SD-VAE latents)")
     parser.add_argument("--num-classes", type=count, default=1000, help="classes of the label embedding")
@@ -227,7 +228,7 @@ def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp:
 
     torch.manual_seed(0)
     with dev:  # parameters initialised on the device (fast for XL); numpy-made buffers are not:
-        build = maskdit if args.model == "maskdit" else dit
+        build = ARCHITECTURES[args.model].build
         net = EDMPrecond(build(args.config, input_size=args.input_size, in_channels=args.in_channels,
                                num_classes=args.num_classes)).to(dev)  # so move the rest
         y = torch.randn(batch, args.in_channels, args.input_size, args.input_size)
@@ -235,7 +236,7 @@ def _training_step(args: argparse.Namespace, dev: torch.device, batch: int, amp:
     if args.compile != "none":
         compile_model(net, args.compile)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0, **({"fused": True} if dev.type == "cuda" else {}))
-    ratio = args.mask_ratio if args.model == "maskdit" else 0.0
+    ratio = args.mask_ratio if ARCHITECTURES[args.model].masks else 0.0
 
     def step():
         with backend(args.backend):
@@ -281,7 +282,9 @@ def profile(args: argparse.Namespace) -> dict:
         prof.export_chrome_trace(args.trace)
     totals = categorize(prof.events(), on_gpu)
     busy = sum(totals.values()) / args.steps / 1e3  # ms per step
-    flops = count_flops(net, batch, ratio)
+    per_image = traced_flops(args.model, args.config, input_size=args.input_size, in_channels=args.in_channels,
+                             num_classes=args.num_classes, mask_ratio=ratio)
+    flops = {k: v * batch for k, v in per_image.items()}
     peak = _matmul_peak_tflops(dev)
     tflops = flops["train_step"] / step_s / 1e12
     result = {
@@ -299,6 +302,7 @@ def profile(args: argparse.Namespace) -> dict:
         "time_basis": "GPU kernel time" if on_gpu else "CPU self time",
         "categories": {k: {"ms": v / args.steps / 1e3, "share": v / max(sum(totals.values()), 1e-9)} for k, v in totals.items()},
         "flops_per_step": flops["train_step"],
+        "flops_per_image": per_image["train_step"],
         "tflops": tflops,
         "matmul_peak_tflops": peak,
         "mfu_pct": 100 * tflops / peak if peak else None,
@@ -322,7 +326,8 @@ def _print(r: dict, prof, top: int, on_gpu: bool) -> None:
         c = r["categories"][k]
         print(f"{k:<15}{c['ms']:>10.3f}{100 * c['share']:>8.1f}%")
     mfu = f", MFU {r['mfu_pct']:.1f}% of a measured {r['matmul_peak_tflops']:.0f} TFLOP/s bf16 matmul" if r["mfu_pct"] else ""
-    print(f"model FLOPs per step {r['flops_per_step'] / 1e9:.4g} GFLOP -> {r['tflops'] * 1e3:.4g} GFLOP/s{mfu}")
+    print(f"model FLOPs per step {r['flops_per_step'] / 1e9:.4g} GFLOP ({r['flops_per_image'] / 1e9:.4g} GFLOP per "
+          f"image) -> {r['tflops'] * 1e3:.4g} GFLOP/s{mfu}")
     if prof is not None:
         key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=top))

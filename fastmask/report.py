@@ -107,20 +107,23 @@ def _digits_classifier(cfg: TrainConfig, trainer, metrics: dict) -> DigitClassif
     return clf
 
 
-def _sample_and_measure(trainer, cfg: TrainConfig, out: Path, clf, tag: str = "samples") -> dict:
+def _sample_and_measure(trainer, cfg: TrainConfig, out: Path, clf, tag: str = "samples", npz: bool = False) -> dict:
+    """Samples with the config's guidance (and without, when ``cfg.eval_unguided``), measured by
+    ``clf``; ``npz``: pixel samples also saved as ``<tag>.npz`` (the ``fastmask sample --npz`` layout)."""
     say(f"fastmask: sampling {cfg.samples_per_class} per class, guidance {cfg.guidance}, {cfg.sample_steps} Heun steps")
-    rep = _sample_once(trainer, cfg, out, clf, tag, cfg.guidance)
+    rep = _sample_once(trainer, cfg, out, clf, tag, cfg.guidance, npz)
     if cfg.eval_unguided and clf is not None and trainer.num_classes > 0 and cfg.guidance != 1.0:
         say("fastmask: sampling again without guidance (scale 1) for the unguided Frechet distance")
-        rep["unguided"] = _sample_once(trainer, cfg, out, clf, tag + "_unguided", 1.0)
+        rep["unguided"] = _sample_once(trainer, cfg, out, clf, tag + "_unguided", 1.0, npz)
     return rep
 
 
-def _sample_once(trainer, cfg: TrainConfig, out: Path, clf, tag: str, guidance: float) -> dict:
+def _sample_once(trainer, cfg: TrainConfig, out: Path, clf, tag: str, guidance: float, npz: bool = False) -> dict:
     return sample_report(
         trainer.ema, num_classes=trainer.num_classes, shape=trainer.data.shape, kind=trainer.data.kind, out_dir=out,
         samples_per_class=cfg.samples_per_class, grid_per_class=cfg.grid_per_class, guidance=guidance,
         steps=cfg.sample_steps, seed=cfg.seed + 1, device=trainer.device, amp=trainer.amp, classifier=clf, tag=tag,
+        npz=npz,
     )
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastmask.models import ARCHITECTURES
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the source tree, not an installed package
     sys.path.insert(0, str(ROOT))
@@ -84,9 +86,10 @@ def test_gpu_script_dry_run(tmp_path):
     assert {r["mode"] for r in rows if r["gpu_stage"] == "opgrid"} >= {"full"}
     steps = [r for r in rows if r["kind"] == "train_step"]
     head = [r["variant"] for r in steps if r["gpu_stage"] == "train"]
+    families = [f"{f}-fastmask" for f in ARCHITECTURES if f not in ("maskdit", "dit")]  # one row per other family
     assert head == ["maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
                     "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch",
-                    "dit-torch-compile"]  # ordered by value, compiled and graphed rows included
+                    "dit-torch-compile", *families]  # ordered by value, compiled and graphed rows included
     ok = [r for r in steps if r["status"] == "ok"]
     assert {(r["variant"], r["mask_ratio"]) for r in ok} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
     assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 for r in ok)

@@ -28,14 +28,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.cli",
         "fastmask.presets",  # TrainConfig and the presets (checks model config names)
         "fastmask.values",  # value checks of the config and of every command's flags; path and device helpers
-        "fastmask.train",
+        "fastmask.train",  # train() and the training loop; the Trainer (a run's state)
+        "fastmask.train_step",  # one training step: draws, batch, loss, backward, AdamW, EMA
+        "fastmask.phases",  # phase and step arithmetic of a run, the schedules (mask ratio, lr, EMA)
         "fastmask.step_graph",  # the trainer's step captured as a CUDA graph (imports only torch)
         "fastmask.data",
         "fastmask.checkpoint_io",
+        "fastmask.run_folder",  # a run's folder: lock, probe, log, checkpoint listing
         "fastmask.sampling",
         "fastmask.flow_sampling",  # flow-matching ODE/SDE samplers (imported lazily by sampling)
         "fastmask.evaluate",
         "fastmask.report",
+        "fastmask.compare",  # fastmask train --compare: families trained for the same time, one table
         "fastmask.vae",
         "fastmask.latents",
         "fastmask.generate",

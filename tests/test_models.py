@@ -250,3 +250,17 @@ def test_one_sigma_draw_for_training_and_the_loss():
     g = torch.Generator().manual_seed(3)
     torch.rand(16, generator=g)
     assert torch.equal(r["sigma"], draw_sigma(16, generator=g))
+
+
+@pytest.mark.parametrize("family,config,ratio", [("dit", "T/2", 0.0), ("maskdit", "T/2", 0.5), ("maskdit", "S/2", 0.75)])
+def test_traced_flops_equal_the_explicit_count(family, config, ratio):
+    """The meta-device trace that counts any family's FLOPs agrees with DiT/MaskDiT's formula."""
+    from fastmask.models import ARCHITECTURES, count_flops, traced_flops
+
+    traced = traced_flops(family, config, input_size=16, in_channels=4, num_classes=10, mask_ratio=ratio)
+    net = ARCHITECTURES[family].build(config, input_size=16, in_channels=4, num_classes=10)
+    explicit = count_flops(net, 1, ratio if family == "maskdit" else 0.0)
+    assert traced["forward"] == pytest.approx(explicit["forward"], rel=1e-9) and traced["forward"] > 0
+    assert traced["train_step"] == 3 * traced["forward"]
+    with pytest.raises(ValueError, match="unknown model family"):
+        traced_flops("nope", config)

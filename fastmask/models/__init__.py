@@ -4,7 +4,7 @@ from .checkpoint import from_lightningdit, from_published, infer_config, load_pu
 from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture, sprint
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
-from .flops import count_flops
+from .flops import count_flops, traced_flops
 from .flow import FlowPrecond, draw_t
 from .sprint import SPRINT
 

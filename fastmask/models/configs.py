@@ -2,12 +2,13 @@
 the CPU demo) and the model a training config builds."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
+from .microdit import microdit
 from .sprint import SPRINT
 
 # (depth, hidden_size, num_heads) of the DiT paper.
@@ -95,23 +96,29 @@ class Architecture:
     build: Callable
     masks: bool
     help: str
+    #: config keys this family trains with by default (e.g. its published mask ratio); applied
+    #: by ``fastmask train --compare`` (fastmask.compare) on top of the shared config
+    train_defaults: dict = field(default_factory=dict)
 
 
 #: name -> family. A new family is its module plus one :func:`register_architecture` call.
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(name: str, build: Callable, *, masks: bool, help: str) -> None:
+def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
+                          train_defaults: dict | None = None) -> None:
     if name in ARCHITECTURES:
         raise ValueError(f"architecture {name!r} is registered twice")
-    ARCHITECTURES[name] = Architecture(build, masks, help)
+    ARCHITECTURES[name] = Architecture(build, masks, help, dict(train_defaults or {}))
 
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
+register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer", train_defaults={"mask_ratio": 0.75, "mae_coef": 0.0})
 register_architecture("sprint", sprint, masks=True,
                       help="SPRINT: dense encoder, middle blocks on the kept tokens (structured 2x2 mask at 0.75), "
-                           "concat-linear fusion, dense decoder; path-drop; loss on every token")
+                           "concat-linear fusion, dense decoder; path-drop; loss on every token",
+                      train_defaults={"mask_ratio": 0.75})
 
 
 def build_model(cfg, shape: tuple[int, int, int], num_classes: int) -> EDMPrecond | FlowPrecond:

@@ -349,14 +349,16 @@ class MaskDiT(_DiTBase):
 
 
 def compile_model(model, scope: str = "blocks"):
-    """torch.compile a DiT/MaskDiT (inside an EDMPrecond) in place.
+    """torch.compile a DiT/MaskDiT (or another family built of the same blocks, inside an
+    EDMPrecond) in place.
 
     ``blocks``: each transformer block (regional compilation: identical blocks share one
-    compiled graph, so compiling is quick); ``model``: the whole network forward.
+    compiled graph, so compiling is quick): the block lists ``blocks``, ``decoder_blocks`` and
+    ``mixer_blocks`` (MicroDiT's patch mixer); ``model``: the whole network forward.
     """
     net = getattr(model, "model", model)
     if scope == "blocks":
-        for name in ("blocks", "decoder_blocks"):
+        for name in ("blocks", "decoder_blocks", "mixer_blocks"):
             for blk in getattr(net, name, []):
                 blk.compile()
     elif scope == "model":

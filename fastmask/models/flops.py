@@ -66,3 +66,35 @@ def count_flops(model, batch: int = 1, mask_ratio: float = 0.0) -> dict:
     parts = {k: v * batch for k, v in parts.items()}
     fwd = sum(parts.values())
     return {"parts": parts, "forward": fwd, "train_step": 3 * fwd, "tokens": {"N": N, "K": K}}
+
+
+def traced_flops(family: str, config: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                 mask_ratio: float = 0.0, batch: int = 2) -> dict:
+    """FLOPs per image of one training forward of any registered family (``fastmask.models.ARCHITECTURES``),
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the meta device: every matmul,
+    convolution and attention the forward really runs (the PyTorch reference ops; no memory, no
+    data). For DiT and MaskDiT it equals :func:`count_flops`, which ``tests/test_models.py``
+    checks. Returns {"forward": F, "train_step": 3 F} per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..ops.checks import trusted_values
+    from ..ops.dispatch import backend
+    from .configs import ARCHITECTURES
+    from .edm import EDMPrecond
+
+    if family not in ARCHITECTURES:
+        raise ValueError(f"family: unknown model family {family!r}; expected one of {list(ARCHITECTURES)}")
+    meta = torch.device("meta")
+    with meta:
+        net = ARCHITECTURES[family].build(config, input_size=input_size, in_channels=in_channels,
+                                          num_classes=num_classes)
+        edm = EDMPrecond(net).to(meta)  # buffers made with numpy start on the CPU
+        y = torch.randn(batch, in_channels, input_size, input_size)
+        labels = torch.randint(0, max(num_classes, 1), (batch,)) if num_classes > 0 else None
+        sigma = torch.ones(batch)
+    edm.train()
+    ratio = mask_ratio if ARCHITECTURES[family].masks else 0.0
+    with FlopCounterMode(display=False) as counter, trusted_values(), backend("torch"), torch.no_grad():
+        edm(y, sigma, labels, mask_ratio=ratio)
+    fwd = counter.get_total_flops() / batch
+    return {"forward": fwd, "train_step": 3 * fwd}

@@ -173,10 +173,6 @@ def _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight):
                 raise ValueError(f"{name}: expected [positions >= {L if ids_keep is None else 1}, head_dim={hd}], "
                                  f"got {tuple(t.shape)}")
             checks.same_device("qkv", qkv, **{name.replace(" ", "_"): t})
-        if checks.value_checks_enabled() and not (torch.equal(cos[:, 0::2], cos[:, 1::2])
-                                                  and torch.equal(sin[:, 0::2], sin[:, 1::2])):
-            raise ValueError("rope: cos and sin must hold one angle per interleaved pair (columns 2i and 2i + 1 "
-                             "equal), as every RoPE table does (fastmask.nn.rope_2d, LightningDiT's freqs_cos)")
     if ids_keep is not None:
         if rope is None:
             raise ValueError("ids_keep: only used with rope (it picks the rotary rows of the kept tokens)")
@@ -191,16 +187,47 @@ def _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight):
     return cos, sin
 
 
+def _check_rope_pairs(cos, sin) -> None:
+    """A value check (it reads the tables: a device sync), skipped like the other value checks."""
+    if checks.value_checks_enabled() and not (torch.equal(cos[:, 0::2], cos[:, 1::2])
+                                              and torch.equal(sin[:, 0::2], sin[:, 1::2])):
+        raise ValueError("rope: cos and sin must hold one angle per interleaved pair (columns 2i and 2i + 1 "
+                         "equal), as every RoPE table does (fastmask.nn.rope_2d, LightningDiT's freqs_cos)")
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+@dispatch.signature
+def _attention_rope_signature(qkv, scale, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps):
+    if rope is not None and not (isinstance(rope, (tuple, list)) and len(rope) == 2):
+        return None  # the checks say what is wrong
+    return (
+        _meta(qkv), scale, None if rope is None else (_meta(rope[0]), _meta(rope[1])), _meta(ids_keep),
+        _meta(q_norm_weight), _meta(k_norm_weight), qk_norm_eps,
+    )
+
+
 def _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps):
-    """:func:`attention` with the prologue: checked on every call (no cached plan yet)."""
-    checks.tensor("qkv", qkv, ndim=5, floating=True)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
-    checks.nonempty("qkv", qkv, "B L 3 H head_dim")
-    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else checks.positive_float("scale", scale)
-    cos, sin = _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight)
-    eps = checks.positive_float("qk_norm_eps", qk_norm_eps)
-    backend = dispatch.select("attention_rope", qkv)
+    """:func:`attention` with the prologue; its checks and backend choice run once per signature."""
+    sig = _attention_rope_signature(qkv, scale, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps)
+    backend = dispatch.planned("attention_rope", sig)
+    if backend is None:
+        checks.tensor("qkv", qkv, ndim=5, floating=True)
+        if qkv.shape[2] != 3:
+            raise ValueError(f"qkv: expected shape [B, L, 3, H, head_dim], got {tuple(qkv.shape)}")
+        checks.nonempty("qkv", qkv, "B L 3 H head_dim")
+        if scale is not None:
+            checks.positive_float("scale", scale)
+        _check_prologue(qkv, rope, ids_keep, q_norm_weight, k_norm_weight)
+        checks.positive_float("qk_norm_eps", qk_norm_eps)
+        backend = dispatch.plan("attention_rope", sig, qkv)
+    cos, sin = (None, None) if rope is None else rope
+    if cos is not None:
+        _check_rope_pairs(cos, sin)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    eps = float(qk_norm_eps)
     if backend == "torch":
         return reference.attention_rope(qkv, scale, cos, sin, ids_keep, q_norm_weight, k_norm_weight, eps)
     if deterministic is None:
