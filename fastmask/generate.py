@@ -86,9 +86,6 @@ def add_arguments(parser) -> None:
                         "torchdiffeq) or SiT's SDE (Euler-Maruyama, diffusion 1 - t, drift-only last step 0.04)")
     parser.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                         help="flow models only: guide only for flow times LO <= t <= HI (0 noise, 1 data)")
-    parser.add_argument("--path-drop-guidance", action="store_true",
-                        help="SPRINT models only: Path-Drop Guidance, the guided prediction's unconditional branch "
-                        "also drops the deep path (the official PDG; cheaper than plain guidance)")
     parser.add_argument("--parameterization", choices=("auto", "edm", "ddpm", "flow"), default="auto",
                         help="published checkpoints: edm (MaskDiT), ddpm (DiT eps-prediction) or flow (SiT velocity); "
                         "auto picks by architecture (and SiT by its file name or stored arguments)")
@@ -228,7 +225,7 @@ def _vae_decoder(path, info: dict, dev):
 
 
 def run(args) -> int:
-    from .sampling import generate, load_model, rank_range, save_grid, to_uint8
+    from .sampling import check_path_drop_guidance, generate, load_model, rank_range, save_grid, to_uint8
     from .train import distributed_info
 
     if not os.path.exists(args.checkpoint):
@@ -241,9 +238,7 @@ def run(args) -> int:
     net, info = load_model(args.checkpoint, use_ema=args.weights == "ema", device=dev, key=args.key,
                            parameterization=args.parameterization, trust_pickle=args.trust_pickle)
     st = resolve_settings(args, info)
-    if st["path_drop_guidance"] and not hasattr(getattr(net, "model", net), "path_drop_guidance"):
-        raise UsageError(f"--path-drop-guidance: only for SPRINT models; {str(args.checkpoint)!r} holds a "
-                         f"{type(getattr(net, 'model', net)).__name__}")
+    check_path_drop_guidance(args, net)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected at least 1, got {args.batch_size}")
     decode = _vae_decoder(args.vae, info, dev) if args.vae else None

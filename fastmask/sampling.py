@@ -279,6 +279,19 @@ def add_loading_arguments(p, what: str, *, guidance: float | None = 1.5, steps: 
                    f"{run if steps is None else steps})")
     p.add_argument("--seed", type=arg_type(field_check("seed"), "seed"), default=seed,
                    help=f"noise seed; sample i depends only on seed and i (default: {seed})")
+    p.add_argument("--path-drop-guidance", action="store_true",
+                   help="SPRINT models only: Path-Drop Guidance, the guided prediction's unconditional branch also "
+                   "drops the deep path (the official PDG; cheaper than plain guidance)")
+
+
+def check_path_drop_guidance(args, net) -> None:
+    """``--path-drop-guidance`` needs a model with a deep path to drop (SPRINT): a one-line error otherwise."""
+    from .errors import UsageError
+
+    model = getattr(net, "model", net)
+    if getattr(args, "path_drop_guidance", False) and not hasattr(model, "path_drop_guidance"):
+        raise UsageError(f"--path-drop-guidance: only for SPRINT models; {str(args.checkpoint)!r} holds a "
+                         f"{type(model).__name__}")
 
 
 

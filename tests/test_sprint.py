@@ -392,6 +392,8 @@ def test_train_arch_sprint_trains_and_resumes_exactly(tmp_path):
 def test_cli_train_arch_sprint_then_sample_with_path_drop_guidance(tmp_path, capsys):
     """`fastmask train --arch sprint` (tiny: T/2 on 8x8 digits) then `fastmask sample
     --path-drop-guidance`; a MaskDiT checkpoint refuses the flag with a one-line error."""
+    import json
+
     from fastmask.cli import main
 
     tiny_run = ["--model", "T/2", "--image-size", "8", "--batch-size", "8", "--steps", "4", "--finetune-steps", "2",
@@ -403,9 +405,14 @@ def test_cli_train_arch_sprint_then_sample_with_path_drop_guidance(tmp_path, cap
     assert main(["sample", "--checkpoint", str(out), "--labels", "1,2", "--steps", "2", "--guidance", "2",
                  "--path-drop-guidance", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "sample_00001_class2.png").exists()
+    assert main(["eval", "--checkpoint", str(out), "--samples-per-class", "1", "--steps", "2", "--guidance", "2",
+                 "--path-drop-guidance", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["samples"]["path_drop_guidance"] is True
     other = tmp_path / "maskdit"
     assert main(["train", "--arch", "maskdit", "--mask-ratio", "0.5", *tiny_run, "--out", str(other)]) == 0
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(other), "--labels", "1", "--steps", "2", "--guidance", "2",
                  "--path-drop-guidance", "--out", str(tmp_path / "x")]) == 2
     assert "--path-drop-guidance" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(other), "--samples-per-class", "1", "--path-drop-guidance"]) == 2
+    assert "only for SPRINT" in capsys.readouterr().err
