@@ -151,8 +151,9 @@ def sample_report(
     tag: str = "samples",
     batch_size: int = 250,
     npz: bool = False,
+    path_drop_guidance: bool = False,
 ) -> dict:
-    """Draw class-conditional samples with guidance, save them (PNG grid for pixel models, .npy for
+    """Draw class-conditional samples with guidance (``path_drop_guidance``: SPRINT's PDG), save them (PNG grid for pixel models, .npy for
     latent models) and, with a ``classifier``, measure them. Returns a dict for metrics.json.
     ``npz``: pixel samples also go to ``<tag>.npz`` in the layout ``fastmask sample --npz`` writes
     (``arr_0`` uint8 [N, H, W, C], ``labels`` int64)."""
@@ -167,9 +168,11 @@ def sample_report(
     labels = class_labels(num_classes, per_class) if num_classes > 0 else None
     n = None if labels is not None else max(per_class, 1) * 8
     t0 = time.perf_counter()
-    x = sample(net, labels, shape, num=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device, amp=amp)
+    x = sample(net, labels, shape, num=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device, amp=amp,
+               path_drop_guidance=path_drop_guidance)
     rep = {
         "guidance": guidance,
+        **({"path_drop_guidance": True} if path_drop_guidance else {}),
         "sampler": (f"flow ODE Heun, {steps} steps ({2 * steps} network calls), t 0 -> 1"
                     if getattr(net, "objective", "edm") == "flow"
                     else f"EDM Heun, {steps} steps ({2 * steps - 1} network calls), sigma 80 -> 0.002, rho 7"),
@@ -275,7 +278,7 @@ def run(args) -> int:
     from .errors import UsageError
     from .presets import TrainConfig
     from .values import make_out_dir, resolve_device
-    from .sampling import load_model
+    from .sampling import check_path_drop_guidance, load_model
 
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint: no such file or folder {args.checkpoint!r}")
@@ -283,6 +286,7 @@ def run(args) -> int:
     cfg = TrainConfig.from_dict(load_checkpoint(path)["config"])
     dev = resolve_device(args.device)
     net, info = load_model(path, use_ema=args.weights == "ema", device=dev)
+    check_path_drop_guidance(args, net)
     if cfg.data != "digits" or info["num_classes"] != 10 or info["shape"][0] != 1:
         raise UsageError(
             f"--checkpoint: eval measures class-conditional digits models; {str(path)!r} was trained on "
@@ -296,7 +300,7 @@ def run(args) -> int:
     rep = sample_report(
         net, num_classes=10, shape=info["shape"], kind="pixels", out_dir=out, samples_per_class=args.samples_per_class,
         grid_per_class=min(10, args.samples_per_class), guidance=guidance, steps=steps, seed=args.seed, device=dev,
-        amp=dev.type == "cuda", classifier=clf, tag="eval_samples",
+        amp=dev.type == "cuda", classifier=clf, tag="eval_samples", path_drop_guidance=args.path_drop_guidance,
     )
     result = {"checkpoint": str(path), "step": info.get("step"), "weights": info.get("weights"),
               "classifier": classifier_report(clf), "samples": rep}

@@ -13,7 +13,9 @@ integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data).
 
 Classifier-free guidance: g = u + s (c - u) on the first ``guide_channels`` channels (SiT and
 DiT guide channels 0-2 only; the other channels keep the conditional prediction), all channels
-when None; ``interval`` = (lo, hi) guides only for t in [lo, hi].
+when None; ``interval`` = (lo, hi) guides only for t in [lo, hi]. ``path_drop_guidance``
+(SPRINT's PDG): the unconditional branch is the null label with the deep path dropped
+(:func:`guidance_context`).
 """
 from __future__ import annotations
 
@@ -31,13 +33,28 @@ def null_labels(labels: Tensor) -> Tensor:
     return torch.full_like(labels, -1)
 
 
+def guidance_context(net, path_drop_guidance: bool):
+    """What the doubled guidance call runs inside: with ``path_drop_guidance``, the wrapped
+    model's :meth:`~fastmask.models.SPRINT.path_drop_guidance` (its batch read as [cond; uncond]
+    halves, the second half's deep path dropped); else nothing. A model without a deep path to
+    drop is refused."""
+    if not path_drop_guidance:
+        return contextlib.nullcontext()
+    model = getattr(net, "model", net)
+    if not hasattr(model, "path_drop_guidance"):
+        raise ValueError(f"path_drop_guidance: {type(model).__name__} has no deep path to drop "
+                         "(Path-Drop Guidance needs a SPRINT model)")
+    return model.path_drop_guidance()
+
+
 def guided_velocity(net, guidance: float = 1.0, *, guide_channels: int | None = None,
-                    interval: tuple[float, float] | None = None):
+                    interval: tuple[float, float] | None = None, path_drop_guidance: bool = False):
     """v(x, t [B], labels) with classifier-free guidance (see the module docstring)."""
     if guide_channels is not None and guide_channels < 1:
         raise ValueError(f"guide_channels: expected a positive channel count or None, got {guide_channels}")
     if interval is not None and not (0.0 <= interval[0] <= interval[1] <= 1.0):
         raise ValueError(f"interval: expected 0 <= lo <= hi <= 1, got {interval}")
+    guidance_context(net, path_drop_guidance)  # refuses a model without a deep path now, not at the first guided step
 
     def velocity(x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None or guidance == 1.0:
@@ -46,7 +63,8 @@ def guided_velocity(net, guidance: float = 1.0, *, guide_channels: int | None = 
             tt = float(t[0])  # the grid's t (a host value on the fixed grids)
             if not (interval[0] <= tt <= interval[1]):
                 return net(x, t, labels).float()
-        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels(labels)])).float()
+        with guidance_context(net, path_drop_guidance):  # only the doubled batch is split in halves
+            both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels(labels)])).float()
         cond, uncond = both.chunk(2)
         k = cond.shape[1] if guide_channels is None else min(guide_channels, cond.shape[1])
         g = uncond[:, :k] + guidance * (cond[:, :k] - uncond[:, :k])
@@ -72,13 +90,15 @@ def flow_sample(
     rtol: float = 1e-3,
     generator: torch.Generator | None = None,
     amp: bool = False,
+    path_drop_guidance: bool = False,
 ) -> Tensor:
     """Samples x(1) [B, C, H, W] (fp32) from ``noise`` = x(0)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if steps < 1:
         raise ValueError(f"steps: expected at least 1 sampling step, got {steps}")
-    v = guided_velocity(net, guidance, guide_channels=guide_channels, interval=interval)
+    v = guided_velocity(net, guidance, guide_channels=guide_channels, interval=interval,
+                        path_drop_guidance=path_drop_guidance)
     B = noise.shape[0]
     x = noise.float()
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()

@@ -162,7 +162,8 @@ def resolve_settings(args, info: dict) -> dict:
         raise UsageError("--sampler / --guidance-interval: only for flow-matching models; this checkpoint is "
                          "sampled with EDM Heun")
     return {"steps": steps, "guidance": guidance, "labels": labels, "num": num if labels is None else len(labels),
-            "preset": args.preset if p else None, "per_class": per_class, "flow": flow}
+            "preset": args.preset if p else None, "per_class": per_class, "flow": flow,
+            "path_drop_guidance": bool(getattr(args, "path_drop_guidance", False))}
 
 
 def _balanced(K: int, total: int) -> torch.Tensor:
@@ -224,7 +225,7 @@ def _vae_decoder(path, info: dict, dev):
 
 
 def run(args) -> int:
-    from .sampling import generate, load_model, rank_range, save_grid, to_uint8
+    from .sampling import check_path_drop_guidance, generate, load_model, rank_range, save_grid, to_uint8
     from .train import distributed_info
 
     if not os.path.exists(args.checkpoint):
@@ -237,6 +238,7 @@ def run(args) -> int:
     net, info = load_model(args.checkpoint, use_ema=args.weights == "ema", device=dev, key=args.key,
                            parameterization=args.parameterization, trust_pickle=args.trust_pickle)
     st = resolve_settings(args, info)
+    check_path_drop_guidance(args, net)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected at least 1, got {args.batch_size}")
     decode = _vae_decoder(args.vae, info, dev) if args.vae else None
@@ -253,7 +255,7 @@ def run(args) -> int:
     keep = not images or args.npz or (n <= GRID_MAX and not args.no_png)
     for idx, x in generate(net, labels, info["shape"], start, stop, steps=st["steps"], guidance=st["guidance"],
                            seed=args.seed, batch_size=args.batch_size, device=dev, amp=dev.type == "cuda",
-                           decode=decode, flow=st["flow"]):
+                           decode=decode, flow=st["flow"], path_drop_guidance=st["path_drop_guidance"]):
         if images:
             u8 = to_uint8(x).numpy()
             if not args.no_png:

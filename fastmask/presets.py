@@ -401,6 +401,49 @@ PRESETS: dict[str, dict] = {
         finetune_minutes=1.25,
         out="runs/digits-microdit",
     ),
+    "digits-sprint": dict(
+        _DIGITS,
+        description="the digits demo as SPRINT (--arch sprint): Digits/2 split 1 + 2 + 1 blocks, the 2 middle "
+        "blocks on one token of every 2x2 group (ratio 0.75, K = 16 of 64), concat-linear fusion, path-drop 0.1; "
+        "flow matching with logit-normal t on every token; 600 steps, then 100 dense fine-tune steps; at this size "
+        "SPRINT's routing runs on DiT's block and sin-cos table (why: fastmask/models/sprint.py)",
+        arch="sprint",
+        objective="flow",
+        t_schedule="logit_normal",
+        steps=600,
+        minutes=4.5,
+        mask_ratio=0.75,
+        finetune_steps=100,
+        finetune_minutes=1.25,
+        out="runs/digits-sprint",
+    ),
+    # SPRINT's ImageNet-256 recipe, snap-research/Sprint configs/train/SIT_XL_SPRINT_256.yaml (pre-training)
+    # and SIT_XL_SPRINT_256_ft.yaml (fine-tune): SiT-XL/2 split 2 + 24 + 2, structured mask at ratio 0.75,
+    # path-drop 0.1, label dropout 0.1; flow matching, t = sigmoid(N(0, 1)) ("lognormal"), loss on every token;
+    # batch 256, AdamW lr 1e-4 constant, betas (0.9, 0.999), no weight decay, grad-clip 1.0, bf16, EMA 0.9999,
+    # 2M steps; then ratio 0 at lr 2e-4 for 200K steps. Not expressed here: the fine-tune's batch 1024 and its
+    # 5K-step lr warm-up (this trainer has one batch size and warms up phase 1 only). Evaluation
+    # (configs/eval/SiT_XL_SPRINT_PDG.yaml): SDE, 250 steps, guidance 3.0 with Path-Drop Guidance; the
+    # trainer's own samples use Heun, 125 steps = 250 network calls.
+    "sprint256": dict(
+        _IMAGENET,
+        description="SPRINT's ImageNet 256x256 recipe on VAE-latent shards (--data-path): SiT-XL/2 as SPRINT "
+        "(2 + 24 + 2 blocks, structured mask 0.75, concat-linear fusion, path-drop 0.1), flow matching with "
+        "logit-normal t, batch 256, lr 1e-4, grad-clip 1, EMA 0.9999, 2M steps, then 200K dense steps at lr 2e-4",
+        arch="sprint",
+        objective="flow",
+        t_schedule="logit_normal",
+        image_size=32,
+        batch_size=256,
+        grad_clip=1.0,
+        mask_ratio=0.75,
+        steps=2_000_000,
+        finetune_steps=200_000,
+        finetune_lr=2e-4,
+        sample_steps=125,
+        guidance=3.0,
+        out="runs/sprint256",
+    ),
     "folder": dict(
         _PAPER,
         description="pixel-space MaskDiT on an image folder (one sub-folder per class, --data-path), 32x32 RGB, "

@@ -32,15 +32,21 @@ def null_labels(labels: Tensor) -> Tensor:
     return torch.full_like(labels, -1)
 
 
-def guided_denoiser(net, guidance: float = 1.0):
+def guided_denoiser(net, guidance: float = 1.0, path_drop_guidance: bool = False):
     """D(x, sigma, labels) with classifier-free guidance ``guidance`` (1 = plain conditional), on
     all channels, or on the first ``net.guide_channels`` where the net sets it (a published DiT:
-    3, as DiT's forward_with_cfg; D is affine in eps, so guiding D's channels guides eps's)."""
+    3, as DiT's forward_with_cfg; D is affine in eps, so guiding D's channels guides eps's).
+    ``path_drop_guidance``: SPRINT's PDG, the unconditional branch also drops the deep path
+    (:func:`fastmask.flow_sampling.guidance_context`)."""
+    from .flow_sampling import guidance_context
+
+    guidance_context(net, path_drop_guidance)  # refuses a model without a deep path now
 
     def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None or guidance == 1.0:
             return net(x, sigma, labels)
-        both = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null_labels(labels)]))
+        with guidance_context(net, path_drop_guidance):
+            both = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null_labels(labels)]))
         cond, uncond = both.chunk(2)
         g = uncond + guidance * (cond - uncond)
         k = getattr(net, "guide_channels", None)  # a published DiT guides channels 0-2 only
@@ -63,18 +69,21 @@ def heun_sample(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     amp: bool = False,
+    path_drop_guidance: bool = False,
 ) -> Tensor:
     """Deterministic EDM Heun sampling from ``noise`` [B, C, H, W] (unit Gaussian). ``net`` is an
     EDM denoiser D(x, sigma [B], labels) such as :class:`fastmask.models.EDMPrecond`. The ODE state
     is kept in float32; ``amp`` runs the network under bf16 autocast (CUDA). A flow-matching
     model (``net.objective == "flow"``) is integrated from t = 0 to 1 by Heun on a fixed grid of
-    ``steps`` steps instead (:func:`fastmask.flow_sampling.flow_sample`)."""
+    ``steps`` steps instead (:func:`fastmask.flow_sampling.flow_sample`). ``path_drop_guidance``:
+    SPRINT's Path-Drop Guidance in place of plain classifier-free guidance (:func:`guided_denoiser`)."""
     if getattr(net, "objective", "edm") == "flow":
         from .flow_sampling import flow_sample
 
         return flow_sample(net, noise, labels, method="heun", steps=steps, guidance=guidance,
-                           guide_channels=getattr(net, "guide_channels", None), amp=amp)
-    denoise = guided_denoiser(net, guidance)
+                           guide_channels=getattr(net, "guide_channels", None), amp=amp,
+                           path_drop_guidance=path_drop_guidance)
+    denoise = guided_denoiser(net, guidance, path_drop_guidance)
     # a denoiser may support only a range of sigma (DDPM-trained DiT: about 0.01 .. 157)
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
     sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
@@ -106,9 +115,11 @@ def sample(
     batch_size: int = 256,
     device="cpu",
     amp: bool = False,
+    path_drop_guidance: bool = False,
 ) -> Tensor:
     """Samples [B, C, H, W] for ``labels`` [B] (or ``num`` unconditional ones), in chunks of
-    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking."""
+    ``batch_size``. The noise of sample i depends only on (seed, i), not on the chunking.
+    ``path_drop_guidance``: SPRINT's PDG in place of plain guidance (:func:`heun_sample`)."""
     n = labels.shape[0] if labels is not None else num
     if n is None or n < 1:
         raise ValueError("labels: give class labels [B] or a sample count (num)")
@@ -122,7 +133,8 @@ def sample(
         for s in range(0, n, batch_size):
             lab = labels[s : s + batch_size].to(device) if labels is not None else None
             out.append(
-                heun_sample(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp).cpu()
+                heun_sample(net, noise[s : s + batch_size].to(device), lab, steps=steps, guidance=guidance, amp=amp,
+                            path_drop_guidance=path_drop_guidance).cpu()
             )
     finally:
         if was_training:
@@ -267,6 +279,19 @@ def add_loading_arguments(p, what: str, *, guidance: float | None = 1.5, steps: 
                    f"{run if steps is None else steps})")
     p.add_argument("--seed", type=arg_type(field_check("seed"), "seed"), default=seed,
                    help=f"noise seed; sample i depends only on seed and i (default: {seed})")
+    p.add_argument("--path-drop-guidance", action="store_true",
+                   help="SPRINT models only: Path-Drop Guidance, the guided prediction's unconditional branch also "
+                   "drops the deep path (the official PDG; cheaper than plain guidance)")
+
+
+def check_path_drop_guidance(args, net) -> None:
+    """``--path-drop-guidance`` needs a model with a deep path to drop (SPRINT): a one-line error otherwise."""
+    from .errors import UsageError
+
+    model = getattr(net, "model", net)
+    if getattr(args, "path_drop_guidance", False) and not hasattr(model, "path_drop_guidance"):
+        raise UsageError(f"--path-drop-guidance: only for SPRINT models; {str(args.checkpoint)!r} holds a "
+                         f"{type(model).__name__}")
 
 
 
@@ -336,13 +361,15 @@ def generate(
     amp: bool = False,
     decode=None,
     flow: dict | None = None,
+    path_drop_guidance: bool = False,
 ):
     """Yield (indices [b], outputs [b, ...] on the CPU) for samples ``start`` .. ``stop - 1`` of a
     sample set whose labels are ``labels`` (all of them, or None: unconditional). ``decode``
     (optional) maps a batch of sampled latents to images on the device (the VAE decoder), so
     only images leave the device. ``flow``: settings of a flow model's sampler
     (:func:`fastmask.flow_sampling.flow_sample`'s ``method``, ``interval``; default Heun, as
-    :func:`heun_sample` runs it); the SDE's noise of a batch is seeded by (seed, its first index)."""
+    :func:`heun_sample` runs it); the SDE's noise of a batch is seeded by (seed, its first index).
+    ``path_drop_guidance``: SPRINT's PDG in place of plain guidance."""
     for s in range(start, stop, batch_size):
         idx = torch.arange(s, min(s + batch_size, stop))
         lab = labels[idx].to(device) if labels is not None else None
@@ -354,9 +381,11 @@ def generate(
             if kw.get("method") == "sde":
                 kw["generator"] = torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(idx[0]))
             x = flow_sample(net, noise, lab, steps=steps, guidance=guidance,
-                            guide_channels=getattr(net, "guide_channels", None), amp=amp, **kw)
+                            guide_channels=getattr(net, "guide_channels", None), amp=amp,
+                            path_drop_guidance=path_drop_guidance, **kw)
         else:
-            x = heun_sample(net, noise, lab, steps=steps, guidance=guidance, amp=amp)
+            x = heun_sample(net, noise, lab, steps=steps, guidance=guidance, amp=amp,
+                            path_drop_guidance=path_drop_guidance)
         if decode is not None:
             x = decode(x)
         yield idx, x.cpu()

@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "fastmask.info",
         "fastmask.profiling",
     )),
-    ("models: DiT, MaskDiT, TREAD, preconditioners, configs, FLOP count, checkpoint loading", (
+    ("models: DiT, MaskDiT, SPRINT, TREAD, preconditioners, configs, FLOP count, checkpoint loading", (
         "fastmask.models",
     )),
     ("nn: DiT blocks and layers (fastmask.nn.diffusers included)", (

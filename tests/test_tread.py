@@ -91,6 +91,9 @@ def test_route_rule_and_k_rounding():
     assert TREAD.token_strategy(0.5).num_kept(256) == 128
     net = tread("T/2", input_size=8, in_channels=1, num_classes=3, route=(1, 1))
     assert net.route == (1, 1)
+    # the preconditioner (and so Preconditioner.loss and the trainer) asks the network for its tokens
+    assert EDMPrecond(net).token_strategy(0.3) == RoutedTokens(0.3)
+    assert EDMPrecond(DiT(**SMALL)).token_strategy(0.3) == RandomTokens(0.3)
     for bad in ((2, 1), (0, 2), (-1, 0), (0,), "0,1", (0.0, 1)):
         with pytest.raises(ValueError, match="route"):
             tread("T/2", input_size=8, in_channels=1, num_classes=3, route=bad)

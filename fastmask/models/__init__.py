@@ -1,11 +1,14 @@
-"""fastmask.models: DiT baseline, MaskDiT, the EDM and DDPM preconditioners, the flow wrapper, configs, FLOP count,
-checkpoint loading."""
+"""fastmask.models: DiT baseline, MaskDiT, SPRINT, TREAD, the EDM and DDPM preconditioners, the flow wrapper,
+configs, FLOP count, checkpoint loading."""
 from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
-from .configs import ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture, tread
+from .configs import (
+    ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture, sprint, tread,
+)
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
 from .flops import count_flops, traced_flops
 from .flow import FlowPrecond, draw_t
+from .sprint import SPRINT
 from .tread import TREAD
 
 __all__ = [
@@ -16,6 +19,7 @@ __all__ = [
     "EDMPrecond",
     "FlowPrecond",
     "MaskDiT",
+    "SPRINT",
     "TREAD",
     "build_model",
     "compile_model",
@@ -32,6 +36,7 @@ __all__ = [
     "load_published_file",
     "maskdit",
     "model_kwargs",
+    "sprint",
     "tread",
     "patchify",
     "unpatchify",

@@ -9,6 +9,7 @@ from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
 from .microdit import microdit
+from .sprint import SPRINT
 from .tread import TREAD
 
 # (depth, hidden_size, num_heads) of the DiT paper.
@@ -79,6 +80,20 @@ def tread(name: str = "XL/2", **overrides) -> TREAD:
     return TREAD(**{**model_kwargs(name, masked=False), **overrides})
 
 
+def sprint(name: str = "XL/2", **overrides) -> SPRINT:
+    """A SPRINT of config ``name`` (encoder / middle / decoder split
+    :func:`fastmask.models.sprint.default_split`: 2 + 24 + 2 for XL/2). S, B, L, XL: SPRINT's own
+    block (RoPE, q/k-norm, no absolute position); the tiny sizes (T, Digits) run SPRINT's routing on
+    DiT's block and sin-cos table (the digits-scale default, measured in fastmask.models.sprint);
+    ``LightningDiT-*``: LightningDiT's block and, as LightningDiT, the sin-cos table too."""
+    kw = model_kwargs(name, masked=False)
+    if "block" in kw:
+        kw["pos_embed"] = True
+    elif name.split("/")[0] in TINY:
+        kw["block"] = {}
+    return SPRINT(**{**kw, **overrides})
+
+
 # --------------------------------------------------------------------------- architectures
 @dataclass(frozen=True)
 class Architecture:
@@ -107,6 +122,10 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
 register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer", train_defaults={"mask_ratio": 0.75, "mae_coef": 0.0})
+register_architecture("sprint", sprint, masks=True,
+                      help="SPRINT: dense encoder, middle blocks on the kept tokens (structured 2x2 mask at 0.75), "
+                           "concat-linear fusion, dense decoder; path-drop; loss on every token",
+                      train_defaults={"mask_ratio": 0.75})
 # TREAD's published rate 0.5 and no fine-tune phase (CompVis/tread configs/model/tread.yaml, train.py)
 register_architecture("tread", tread, masks=True,
                       help="TREAD: DiT whose middle blocks see a random subset of the tokens (mask_ratio is the "
