@@ -192,18 +192,27 @@ def _unmask_fwd_kernel(
     tl.store(OUT + rows[:, None] * D + cols[None, :], v.to(OUT.dtype.element_ty), mask=m)
 
 
+def _full_rows(x: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int):
+    """What a launcher that writes all N rows from K kept ones needs: (out [B, N, D] empty,
+    inv [B, N], n_rows, grid, BLOCK_R, BLOCK_D, num_warps); inv is None when out is empty."""
+    B, K, D = x.shape
+    N = int(num_tokens)
+    out = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out, None, 0, (0,), 1, 1, 1
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    return out, _inverse_ids(ids_keep, N), B * N, (cdiv(B * N, BLOCK_R),), BLOCK_R, BLOCK_D, num_warps
+
+
 def unmask_tokens_fwd(
     x_vis: torch.Tensor, ids_keep: torch.Tensor, mask_token: torch.Tensor, num_tokens: int, pos: torch.Tensor | None
 ) -> torch.Tensor:
     B, K, D = x_vis.shape
     N = int(num_tokens)
-    out = torch.empty((B, N, D), device=x_vis.device, dtype=x_vis.dtype)
-    if out.numel() == 0:
+    out, inv, n_rows, grid, BLOCK_R, BLOCK_D, num_warps = _full_rows(x_vis, ids_keep, N)
+    if inv is None:
         return out
-    inv = _inverse_ids(ids_keep, N)
-    n_rows = B * N
-    BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    _unmask_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+    _unmask_fwd_kernel[grid](
         x_vis, inv, mask_token, x_vis if pos is None else pos, out, n_rows, K, N, D,
         HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
@@ -313,14 +322,11 @@ def scatter_tokens_fwd(
 ) -> torch.Tensor:
     B, K, D = x_kept.shape
     N = int(num_tokens)
-    out = torch.empty((B, N, D), device=x_kept.device, dtype=x_kept.dtype)
-    if out.numel() == 0:
+    out, inv, n_rows, grid, BLOCK_R, BLOCK_D, num_warps = _full_rows(x_kept, ids_keep, N)
+    if inv is None:
         return out
-    inv = _inverse_ids(ids_keep, N)
-    n_rows = B * N
-    BLOCK_R, BLOCK_D, num_warps = row_config(D)
     src = fill if fill is not None else out  # a placeholder where nothing is read
-    _scatter_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+    _scatter_fwd_kernel[grid](
         x_kept if K > 0 else src, inv, src, out, n_rows, K, N, D,  # K = 0: nothing is read from x_kept
         HAS_FILL=fill is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
