@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import fastmask
 from fastmask.models import ARCHITECTURES, EDMPrecond
-from fastmask.models.microdit import MicroDiT, microdit, microdit_kwargs
+from fastmask.models.configs import microdit, microdit_kwargs
+from fastmask.models.microdit import MicroDiT
 from fastmask.ops import RandomTokens, dispatch
 
 P = 2  # patch size of every test model

@@ -1,13 +1,15 @@
-"""fastmask.models: DiT baseline, MaskDiT, SPRINT, TREAD, the EDM and DDPM preconditioners, the flow wrapper,
+"""fastmask.models: DiT baseline, MaskDiT, MicroDiT, SPRINT, TREAD, the EDM and DDPM preconditioners, the flow wrapper,
 configs, FLOP count, checkpoint loading."""
 from .checkpoint import from_lightningdit, from_published, infer_config, load_published, load_published_file, unwrap_state_dict
 from .configs import (
-    ARCHITECTURES, build_model, config_names, dit, maskdit, model_kwargs, register_architecture, sprint, tread,
+    ARCHITECTURES, build_model, config_names, dit, maskdit, microdit, model_kwargs, register_architecture, sprint,
+    tread,
 )
 from .dit import DiT, MaskDiT, compile_model, patchify, unpatchify
 from .edm import DDPMDenoiser, EDMPrecond, draw_sigma, edm_coefficients
 from .flops import count_flops, traced_flops
 from .flow import FlowPrecond, draw_t
+from .microdit import MicroDiT
 from .sprint import SPRINT
 from .tread import TREAD
 
@@ -19,6 +21,7 @@ __all__ = [
     "EDMPrecond",
     "FlowPrecond",
     "MaskDiT",
+    "MicroDiT",
     "SPRINT",
     "TREAD",
     "build_model",
@@ -26,6 +29,7 @@ __all__ = [
     "config_names",
     "count_flops",
     "dit",
+    "microdit",
     "draw_sigma",
     "draw_t",
     "edm_coefficients",

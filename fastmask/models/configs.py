@@ -8,7 +8,7 @@ from typing import Callable
 from .dit import DiT, MaskDiT
 from .edm import EDMPrecond
 from .flow import FlowPrecond
-from .microdit import microdit
+from .microdit import MICRODIT_SIZES, MicroDiT
 from .sprint import SPRINT
 from .tread import TREAD
 
@@ -35,12 +35,8 @@ def config_names() -> list[str]:
     return names
 
 
-def model_kwargs(name: str, masked: bool = True) -> dict:
-    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...; 'LightningDiT-XL/1',
-    'LightningDiT-Digits/2': the same sizes with LightningDiT's block, ``block=...``)."""
-    if isinstance(name, str) and name.startswith(LIGHTNINGDIT_PREFIX):
-        kw = model_kwargs(name[len(LIGHTNINGDIT_PREFIX):], masked)
-        return dict(kw, block=dict(LIGHTNINGDIT_BLOCK))
+def _size_and_patch(name: str) -> tuple[str, int]:
+    """'XL/2' -> ('XL', 2), the patch size checked."""
     try:
         size, patch = name.split("/")
         patch = int(patch)
@@ -48,6 +44,16 @@ def model_kwargs(name: str, masked: bool = True) -> dict:
         raise ValueError(f"config: expected a name like 'XL/2', got {name!r}") from None
     if patch not in (1, 2, 4, 8):
         raise ValueError(f"config: patch size must be 1, 2, 4 or 8, got {patch}")
+    return size, patch
+
+
+def model_kwargs(name: str, masked: bool = True) -> dict:
+    """Constructor kwargs of config ``name`` ('XL/2', 'S/4', 'T/2', ...; 'LightningDiT-XL/1',
+    'LightningDiT-Digits/2': the same sizes with LightningDiT's block, ``block=...``)."""
+    if isinstance(name, str) and name.startswith(LIGHTNINGDIT_PREFIX):
+        kw = model_kwargs(name[len(LIGHTNINGDIT_PREFIX):], masked)
+        return dict(kw, block=dict(LIGHTNINGDIT_BLOCK))
+    size, patch = _size_and_patch(name)
     if size in DIT_SIZES:
         depth, hidden, heads = DIT_SIZES[size]
         kw = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
@@ -78,6 +84,22 @@ def tread(name: str = "XL/2", **overrides) -> TREAD:
     """A DiT of config ``name`` with TREAD's token routing (``route=(first, last)``, default
     :func:`fastmask.models.tread.default_route`: 2..24 for XL/2)."""
     return TREAD(**{**model_kwargs(name, masked=False), **overrides})
+
+
+def microdit_kwargs(name: str) -> dict:
+    """Constructor kwargs of MicroDiT config ``name`` ('XL/2', 'Digits/2', 'S/4', ...):
+    :data:`fastmask.models.microdit.MICRODIT_SIZES` at patch size 1, 2, 4 or 8. (No 'LightningDiT-'
+    names: pass ``block=dict(...)`` instead.)"""
+    size, patch = _size_and_patch(name)
+    if size not in MICRODIT_SIZES:
+        raise ValueError(f"config: MicroDiT has no size {size!r}; expected one of {list(MICRODIT_SIZES)}")
+    return dict(MICRODIT_SIZES[size], patch_size=patch)
+
+
+def microdit(name: str = "XL/2", **overrides) -> MicroDiT:
+    """A MicroDiT of config ``name``; ``overrides`` (input_size, in_channels, num_classes,
+    mixer_depth, ...) replace the config's values."""
+    return MicroDiT(**{**microdit_kwargs(name), **overrides})
 
 
 def sprint(name: str = "XL/2", **overrides) -> SPRINT:
@@ -121,7 +143,10 @@ def register_architecture(name: str, build: Callable, *, masks: bool, help: str,
 
 register_architecture("maskdit", maskdit, masks=True, help="MaskDiT: DiT encoder on the kept tokens, narrow decoder")
 register_architecture("dit", dit, masks=False, help="plain DiT on every token (the baseline)")
-register_architecture("microdit", microdit, masks=True, help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros put back after the final layer", train_defaults={"mask_ratio": 0.75, "mae_coef": 0.0})
+register_architecture("microdit", microdit, masks=True,
+                      help="MicroDiT: patch mixer on all tokens, then masking; backbone on the kept tokens, zeros "
+                           "put back after the final layer",
+                      train_defaults={"mask_ratio": 0.75, "mae_coef": 0.0})
 register_architecture("sprint", sprint, masks=True,
                       help="SPRINT: dense encoder, middle blocks on the kept tokens (structured 2x2 mask at 0.75), "
                            "concat-linear fusion, dense decoder; path-drop; loss on every token",

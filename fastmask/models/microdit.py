@@ -1,6 +1,6 @@
 """MicroDiT's deferred masking ("Stretching Each Dollar", Sehwag et al., CVPR 2025), class-conditional,
-on fastmask's DiT blocks: :class:`MicroDiT`, its named sizes and :func:`microdit`, the builder
-``fastmask train --arch microdit`` uses.
+on fastmask's DiT blocks: :class:`MicroDiT` and its named sizes (the builder ``fastmask train
+--arch microdit`` uses, :func:`fastmask.models.configs.microdit`, parses the names as every family's).
 
 What it does (SonyResearch/micro_diffusion at 900d7d4, models/dit.py ``forward_without_cfg``;
 SPEC-ROUTING.md section 3):
@@ -244,24 +244,3 @@ class MicroDiT(_DiTBase):
         ``mask_ratio`` in train mode)."""
         tokens, _ = self.forward_tokens(x, noise_labels, class_labels, **kw)
         return unpatchify(tokens, self.patch_size, self.out_channels)
-
-
-def microdit_kwargs(name: str) -> dict:
-    """Constructor kwargs of config ``name`` ('XL/2', 'Digits/2', 'S/4', ...): :data:`MICRODIT_SIZES`
-    at patch size 1, 2, 4 or 8. (No 'LightningDiT-' names: pass ``block=dict(...)`` instead.)"""
-    try:
-        size, patch = name.split("/")
-        patch = int(patch)
-    except (ValueError, AttributeError):
-        raise ValueError(f"config: expected a name like 'XL/2', got {name!r}") from None
-    if patch not in (1, 2, 4, 8):
-        raise ValueError(f"config: patch size must be 1, 2, 4 or 8, got {patch}")
-    if size not in MICRODIT_SIZES:
-        raise ValueError(f"config: MicroDiT has no size {size!r}; expected one of {list(MICRODIT_SIZES)}")
-    return dict(MICRODIT_SIZES[size], patch_size=patch)
-
-
-def microdit(name: str = "XL/2", **overrides) -> MicroDiT:
-    """A MicroDiT of config ``name``; ``overrides`` (input_size, in_channels, num_classes,
-    mixer_depth, ...) replace the config's values."""
-    return MicroDiT(**{**microdit_kwargs(name), **overrides})
