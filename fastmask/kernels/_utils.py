@@ -8,13 +8,158 @@ into several partials, so the CPU tests exercise the partial-sum paths.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import types
 
 import torch
 import triton
 import triton.language as tl
 
 from .._env import interpreting  # noqa: F401  (the kernels import it from here)
+
+
+# ----------------------------------------------------------------- launches under torch.compile
+# Every launcher starts its kernels with ``launch(kernel)[grid](...)``. An eager call gets the
+# kernel itself (one global read more than ``kernel[grid](...)``). While torch.compile traces the
+# body of one of fastmask's ``torch.library.triton_op`` ops (fastmask.ops._library), it gets
+# ``torch.library.wrap_triton(kernel)``: the launch is recorded in the graph as a
+# ``triton_kernel_wrapper`` call that Inductor launches from its own generated code.
+_traced = 0  # > 0 while a triton_op body runs under a tracing mode (see traced_launches)
+
+try:  # torch >= 2.6
+    from torch._library.triton import is_wrap_triton_enabled as _wrap_enabled
+    from torch.library import wrap_triton as _wrap_triton
+except ImportError:  # pragma: no cover - older torch: no triton_op either, launches stay direct
+    _wrap_enabled = _wrap_triton = None
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Inside the block, :func:`launch` hands out traceable kernels (when torch asks for them:
+    ``torch.library.triton_op`` switches wrapping off around a plain call with real tensors)."""
+    global _traced
+    _traced += 1
+    restore = _target_for_analysis() if interpreting() else None
+    try:
+        yield
+    finally:
+        _traced -= 1
+        if restore is not None:
+            restore()
+
+
+class _TargetOnly:
+    """A stand-in for triton's GPU driver, which the interpreter has none of: it answers the one
+    question torch asks while tracing a launch (the compile target, for the kernel's TTIR, from
+    which torch reads which arguments the kernel writes)."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 80, 32)
+
+
+def _target_for_analysis():
+    """Under TRITON_INTERPRET=1, lend triton a :class:`_TargetOnly` driver while a body is traced
+    (so the CPU tests run the same write analysis as a GPU); returns how to take it back."""
+    config = triton.runtime.driver
+    if getattr(config, "_active", object()) is not None:  # a real driver, or a triton without that slot
+        return None
+    config._active = _TargetOnly()
+
+    def restore():
+        config._active = None
+
+    return restore
+
+
+def tracing() -> bool:
+    """True while launches are traced (nothing runs: the compiled graph launches them later)."""
+    return bool(_traced) and _wrap_enabled is not None and _wrap_enabled()
+
+
+def placeholder(t: torch.Tensor) -> torch.Tensor:
+    """What a launcher passes for a pointer that a constexpr switch leaves unused: ``t`` itself in
+    an eager call; while traced, a separate one-element tensor, so that no tensor reaches a
+    launch twice (torch takes every argument of a kernel as written where it cannot read the
+    kernel's TTIR, the interpreter's case, and two written aliases would be merged wrongly)."""
+    return t.new_empty(1) if _traced and _wrap_enabled is not None and _wrap_enabled() else t
+
+
+def launch(kernel):
+    """``kernel``, or its traceable wrapper while a triton_op body is traced (see above)."""
+    if not _traced or _wrap_enabled is None or not _wrap_enabled():
+        return kernel
+    return _traceable(kernel)
+
+
+_interpreted_jit: dict[int, object] = {}
+
+
+def _traceable(kernel):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        return _wrap_triton(kernel)
+    # TRITON_INTERPRET=1 (the CPU tests): ``@triton.jit`` made an InterpretedFunction, which
+    # ``wrap_triton`` passes through untraced (the graph would then run it on fake tensors).
+    # A JITFunction over the same Python function gives the tracer what it reads (argument
+    # names, source, TTIR) and runs the interpreter when the graph launches it.
+    jit = _interpreted_jit.get(id(kernel))
+    if jit is None:
+        _jit_module(kernel.fn.__globals__)
+        jit = _interpreted_jit[id(kernel)]
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+    return TraceableTritonKernelWrapper(jit, None, None)
+
+
+def _jit_module(module_globals: dict) -> None:
+    """A :class:`_InterpretedJIT` for every interpreted kernel and helper of one module, all over
+    one copy of its globals in which the helpers are JITFunctions too (what triton's code
+    generator resolves a call to a helper with)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    shared = dict(module_globals)
+    for name, v in module_globals.items():
+        if isinstance(v, InterpretedFunction) and v.fn.__globals__ is module_globals:
+            shared[name] = _interpreted_jit[id(v)] = _InterpretedJIT(v, shared)
+    for name, v in module_globals.items():  # helpers imported from other modules
+        if isinstance(v, InterpretedFunction) and v.fn.__globals__ is not module_globals:
+            if id(v) not in _interpreted_jit:
+                _jit_module(v.fn.__globals__)
+            shared[name] = _interpreted_jit[id(v)]
+
+
+class _InterpretedJIT(triton.runtime.jit.JITFunction):
+    """A JITFunction whose launches run ``interpreted`` (an InterpretedFunction of the same
+    function), its globals ``module_globals``. Only made while tracing under TRITON_INTERPRET=1."""
+
+    def __init__(self, interpreted, module_globals: dict):
+        f = interpreted.fn
+        fn = types.FunctionType(f.__code__, module_globals, f.__name__, f.__defaults__, f.__closure__)
+        fn.__kwdefaults__, fn.__qualname__, fn.__module__ = f.__kwdefaults__, f.__qualname__, f.__module__
+        fn.__annotations__ = f.__annotations__
+        super().__init__(fn)
+        self.interpreted = interpreted
+        # The source alone keys it: the hash triton derives from the globals it reads refuses the
+        # interpreted functions left in them (and it is never compiled for a device).
+        self.hash = hashlib.sha256(f"{f.__module__}.{f.__qualname__}\n{self.src}".encode()).hexdigest()
+        self.used_global_vals = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
+def jit_kernels(*modules) -> list:
+    """Every compiled Triton kernel (JITFunction) defined in ``modules`` (none in the
+    interpreter): what a triton_op declares as its kernels, so that torch's compile caches key
+    on their source."""
+    from triton.runtime.jit import JITFunction
+
+    return [v for m in modules for v in vars(m).values() if type(v) is JITFunction]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -106,9 +251,9 @@ def sum_partials(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     while R > per_prog:
         chunks = cdiv(R, per_prog)
         nxt = torch.empty((G, chunks, M), device=part.device, dtype=torch.float32)
-        _sum_partials_kernel[(G * chunks * m_tiles,)](
+        launch(_sum_partials_kernel)[(G * chunks * m_tiles,)](
             part, nxt, R, M, m_tiles, chunks, per_prog, BLOCK_M=BLOCK_M, num_warps=4
         )
         part, R = nxt, chunks
-    _sum_partials_kernel[(G * m_tiles,)](part, out, R, M, m_tiles, 1, R, BLOCK_M=BLOCK_M, num_warps=4)
+    launch(_sum_partials_kernel)[(G * m_tiles,)](part, out, R, M, m_tiles, 1, R, BLOCK_M=BLOCK_M, num_warps=4)
     return out

@@ -26,7 +26,7 @@ import torch
 import triton
 
 from .. import _env
-from ._utils import cdiv, interpreting
+from ._utils import cdiv, interpreting, launch, placeholder, tracing
 from .attention import KERNELS, LOG2E, head_dim_split, not_supported_reason
 
 __all__ = [
@@ -290,7 +290,8 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
             block_args = {"BLOCK_M": BLOCK_M, "EVEN_M": L % BLOCK_M == 0}
         else:
             block_args = {**block, "EVEN_M": L % BLOCK_M == 0, "EVEN_N": L % BLOCK_N == 0}
-        kernel[(cdiv(L, block[grid_dim]) * BH,)](*args, **meta, **block_args, num_warps=warps, num_stages=stages)
+        launch(kernel)[(cdiv(L, block[grid_dim]) * BH,)](*args, **meta, **block_args, num_warps=warps,
+                                                         num_stages=stages)
 
     if interpreting():
         run(*_INTERPRET_BLOCKS[kind], 4, 1)
@@ -301,11 +302,14 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
     pro = bool(meta.get("PRO", False))
     if _autotune_enabled() and qkv.dtype != torch.float32 and kind not in _FIXED_ONLY and not pro:
         grid = lambda META: (cdiv(L, META[grid_dim]) * BH,)  # noqa: E731
-        _tuned_kernel(kind)[grid](*args, **meta)
+        launch(_tuned_kernel(kind))[grid](*args, **meta)
         return
     key = (kind, _l_bucket(L), hd, qkv.dtype, qkv.device.index, pro)
     if key in _fixed_choice:
         run(*_fixed_choice[key])
+        return
+    if tracing():  # torch.compile records the launch: no OutOfResources to catch (nor to cache) here
+        run(*next(_fixed_candidates(kind, L, hd, qkv.dtype, pro)))
         return
     from triton.runtime.errors import OutOfResources
 
@@ -381,7 +385,7 @@ def _prologue_inputs(qkv, cos=None, sin=None, ids_keep=None, q_weight=None, k_we
     if (cos is None) != (sin is None) or (q_weight is None) != (k_weight is None) or (gather and not rope):
         raise ValueError("attention (triton): cos and sin come together, q_weight and k_weight together, "
                          "and ids_keep only with cos/sin")
-    dummy = qkv
+    dummy = placeholder(qkv)
     if rope:
         for name, t in (("cos", cos), ("sin", sin)):
             if t.dim() != 2 or t.shape[1] != hd or t.shape[0] < (1 if gather else L):
@@ -478,8 +482,8 @@ def attention_rope_bwd(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_wei
         return dqkv, no_w, no_w
     # qk-norm weight partials: one fp32 row per program (rows past the grid stay zero)
     n_part = cdiv(L, _MIN_GRID_BLOCK) * B * H if norm else 1
-    p_dq = torch.zeros((n_part, hd), device=qkv.device, dtype=torch.float32) if norm else qkv
-    p_dk = torch.zeros((n_part, hd), device=qkv.device, dtype=torch.float32) if norm else qkv
+    p_dq = torch.zeros((n_part, hd), device=qkv.device, dtype=torch.float32) if norm else placeholder(qkv)
+    p_dk = torch.zeros((n_part, hd), device=qkv.device, dtype=torch.float32) if norm else placeholder(qkv)
     delta = torch.empty((B, H, L), device=qkv.device, dtype=torch.float32)
     scale = float(scale)
     strides = (*_strides8(qkv, (0, 1, 2)), *_strides8(grad_out, (0, 1)), *_strides8(dqkv, (0, 1, 2)))
@@ -502,14 +506,16 @@ def attention_rope_bwd(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_wei
         _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides,
                                      *ptrs, p_dq, stride_idb, eps), meta)
         # (DQ_ACC and its strides are unused without ONE_PASS)
-        _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, dqkv, *head, *strides, 0, 0,
+        _launch("dkdv", L, B * H, hd, (qkv, grad_out, lse, delta, dqkv, placeholder(dqkv), *head, *strides, 0, 0,
                                        *ptrs, p_dk, stride_idb, eps), meta)
         return (dqkv, *weights())
     _launch("delta", L, B * H, hd, (grad_out, out, delta, L, H, *_buckets(L, B * H), *_strides8(grad_out, (0, 1))),
             _common_meta(qkv, dot=False))
     # dq in fp32: straight into dqkv's q slice for fp32 inputs without a prologue, else a
     # buffer (cast at the end, or chained back through the prologue by the "qchain" kernel)
-    in_place = qkv.dtype == torch.float32 and not pro
+    # (not while traced: a view of dqkv written beside dqkv itself would rest on the order in
+    # which torch writes the kernel's outputs back)
+    in_place = qkv.dtype == torch.float32 and not pro and not tracing()
     if in_place:
         dq_acc = dqkv[:, :, 0]
         dq_acc.zero_()

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..constants import MAE_EPS
-from ._utils import cdiv, interpreting
+from ._utils import cdiv, interpreting, launch, placeholder
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
 __all__ = ["dsm_mae_loss_fwd"]
@@ -134,10 +134,10 @@ def dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef: float, sigma_data
     chunks = max(1, cdiv(N, BLOCK_T))
     part = torch.empty((B * chunks, 2), device=dev, dtype=torch.float32)
     BLOCK_N = min(1024, triton.next_power_of_2(max(N, 1)))
-    _dsm_mae_fwd_kernel[(B * chunks,)](
-        F_out, x_noisy, y, sigma, F_out if mask is None else mask, grad, part,
+    launch(_dsm_mae_fwd_kernel)[(B * chunks,)](
+        F_out, x_noisy, y, sigma, placeholder(F_out) if mask is None else mask, grad, part,
         N, P, chunks, float(mae_coef), float(sigma_data), MAE_EPS,
         HAS_MASK=mask is not None, FLOW=objective == "flow", BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
-    _dsm_mae_finish_kernel[(B,)](part, loss, terms, chunks, float(mae_coef), num_warps=1)
+    launch(_dsm_mae_finish_kernel)[(B,)](part, loss, terms, chunks, float(mae_coef), num_warps=1)
     return loss, terms, grad

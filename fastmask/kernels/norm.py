@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import budget_chunks, cdiv, interpreting, row_config, sum_partials, target_programs
+from ._utils import budget_chunks, cdiv, interpreting, launch, placeholder, row_config, sum_partials, target_programs
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
 __all__ = [
@@ -163,11 +163,11 @@ def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool =
     if x.numel() == 0:
         return x_new, out, mean, rstd
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    dummy = x  # stands in for pointers a constexpr switch leaves unused
-    _norm_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+    dummy = placeholder(x)  # stands in for pointers a constexpr switch leaves unused
+    launch(_norm_fwd_kernel)[(cdiv(n_rows, BLOCK_R),)](
         x, dummy if y is None else y, dummy if gate is None else gate,
         dummy if shift is None else shift, dummy if scale is None else scale,
-        x_new, out, dummy if mean is None else mean, dummy if rstd is None else rstd,
+        x_new if has_res else dummy, out if has_ln else dummy, dummy if mean is None else mean, dummy if rstd is None else rstd,
         n_rows, L, D, float(eps),
         HAS_RES=has_res, HAS_LN=has_ln, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
         **_rms_args(rms, weight, dummy),
@@ -233,13 +233,13 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
     p_shift = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_ln else None
     p_scale = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_ln else None
     p_w = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if weight is not None else None
-    dummy = ref
+    dummy = placeholder(ref)
     if n_prog > 0 and D > 0:
-        _norm_bwd_kernel[(n_prog,)](
+        launch(_norm_bwd_kernel)[(n_prog,)](
             dummy if grad_x_new is None else grad_x_new, dummy if grad_out is None else grad_out,
             dummy if x is None else x, dummy if y is None else y, dummy if gate is None else gate,
             dummy if scale is None else scale, dummy if mean is None else mean, dummy if rstd is None else rstd,
-            grad_x, dummy if grad_y is None else grad_y,
+            grad_x if has_ln else dummy, dummy if grad_y is None else grad_y,
             dummy if p_gate is None else p_gate, dummy if p_shift is None else p_shift,
             dummy if p_scale is None else p_scale,
             L, D, chunks, rows_per_prog,

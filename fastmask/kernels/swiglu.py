@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, interpreting
+from ._utils import cdiv, interpreting, launch
 
 __all__ = ["swiglu_fwd", "swiglu_bwd"]
 
@@ -66,7 +66,8 @@ def swiglu_fwd(ab: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     BR, BF, w = _config(F)
-    _swiglu_fwd_kernel[(cdiv(n_rows, BR), cdiv(F, BF))](ab, out, n_rows, F, BLOCK_R=BR, BLOCK_F=BF, num_warps=w)
+    launch(_swiglu_fwd_kernel)[(cdiv(n_rows, BR), cdiv(F, BF))](ab, out, n_rows, F, BLOCK_R=BR, BLOCK_F=BF,
+                                                                num_warps=w)
     return out
 
 
@@ -78,6 +79,6 @@ def swiglu_bwd(grad_out: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     if gab.numel() == 0:
         return gab
     BR, BF, w = _config(F)
-    _swiglu_bwd_kernel[(cdiv(n_rows, BR), cdiv(F, BF))](grad_out, ab, gab, n_rows, F, BLOCK_R=BR, BLOCK_F=BF,
-                                                         num_warps=w)
+    launch(_swiglu_bwd_kernel)[(cdiv(n_rows, BR), cdiv(F, BF))](grad_out, ab, gab, n_rows, F, BLOCK_R=BR,
+                                                                BLOCK_F=BF, num_warps=w)
     return gab

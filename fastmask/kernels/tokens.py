@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import budget_chunks, cdiv, row_config, sum_partials, target_programs
+from ._utils import budget_chunks, cdiv, launch, placeholder, row_config, sum_partials, target_programs
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
 __all__ = [
@@ -108,7 +108,7 @@ def gather_tokens_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor
     if out.numel() == 0:
         return out
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    _gather_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
+    launch(_gather_fwd_kernel)[(cdiv(n_rows, BLOCK_R),)](
         x, ids_keep, x if pos is None else pos, out, n_rows, K, N, D,
         HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
@@ -156,8 +156,8 @@ def gather_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens
     op_bytes = B * (K + N) * D * grad_out.element_size()
     b_per_prog = _batch_chunks(B, n_tiles, grad_out, N * D * 4, op_bytes) if pos_grad else 1
     chunks = cdiv(B, b_per_prog)
-    part = torch.empty((chunks, N, D), device=grad_out.device, dtype=torch.float32) if pos_grad else grad_x
-    _gather_bwd_kernel[(n_tiles * chunks,)](
+    part = torch.empty((chunks, N, D), device=grad_out.device, dtype=torch.float32) if pos_grad else placeholder(grad_x)
+    launch(_gather_bwd_kernel)[(n_tiles * chunks,)](
         grad_out, inv, grad_x, part, B, N, K, D, n_tiles, b_per_prog,
         POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
@@ -212,7 +212,7 @@ def unmask_tokens_fwd(
     out, inv, n_rows, grid, BLOCK_R, BLOCK_D, num_warps = _full_rows(x_vis, ids_keep, N)
     if inv is None:
         return out
-    _unmask_fwd_kernel[grid](
+    launch(_unmask_fwd_kernel)[grid](
         x_vis, inv, mask_token, x_vis if pos is None else pos, out, n_rows, K, N, D,
         HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
@@ -278,12 +278,12 @@ def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: 
     n_prog = n_tiles * chunks
     mask_part = torch.empty((n_prog, D), device=dev, dtype=torch.float32)
     pos_part = torch.empty((chunks, N, D), device=dev, dtype=torch.float32) if pos_grad else mask_part
-    _unmask_bwd_kernel[(n_prog,)](
+    launch(_unmask_bwd_kernel)[(n_prog,)](
         grad_out, inv, grad_x_vis, mask_part, pos_part, B, N, K, D, n_tiles, b_per_prog,
         POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     if K > 0:
-        _zero_orphan_rows_kernel[(cdiv(B * K, BLOCK_R),)](
+        launch(_zero_orphan_rows_kernel)[(cdiv(B * K, BLOCK_R),)](
             ids_keep, inv, grad_x_vis, B * K, K, N, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps
         )
     grad_mask = sum_partials(mask_part.view(1, n_prog, D), torch.float32).view(D)
@@ -325,8 +325,8 @@ def scatter_tokens_fwd(
     out, inv, n_rows, grid, BLOCK_R, BLOCK_D, num_warps = _full_rows(x_kept, ids_keep, N)
     if inv is None:
         return out
-    src = fill if fill is not None else out  # a placeholder where nothing is read
-    _scatter_fwd_kernel[grid](
+    src = fill if fill is not None else placeholder(out)  # nothing is read from it without a fill
+    launch(_scatter_fwd_kernel)[grid](
         x_kept if K > 0 else src, inv, src, out, n_rows, K, N, D,  # K = 0: nothing is read from x_kept
         HAS_FILL=fill is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
@@ -362,12 +362,12 @@ def scatter_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, fill_grad
         return grad_x_kept, grad_fill
     inv = _inverse_ids(ids_keep, N)
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    _scatter_bwd_kernel[(cdiv(B * N, BLOCK_R),)](
+    launch(_scatter_bwd_kernel)[(cdiv(B * N, BLOCK_R),)](
         grad_out, inv, grad_x_kept if K > 0 else grad_fill, grad_fill, B * N, K, N, D,  # K = 0: nothing stored there
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     if K > 0:
-        _zero_orphan_rows_kernel[(cdiv(B * K, BLOCK_R),)](
+        launch(_zero_orphan_rows_kernel)[(cdiv(B * K, BLOCK_R),)](
             ids_keep, inv, grad_x_kept, B * K, K, N, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps
         )
     return grad_x_kept, grad_fill

@@ -7,6 +7,12 @@ From them come
 * a ``torch.library.custom_op`` pair (forward op, backward op) with ``register_fake`` and
   ``register_autograd``: what ``torch.compile`` traces into its graph without a break; the last
   argument names the backend chosen when the op was called, so a compiled graph keeps it;
+* for the Triton backend, the same pair as ``torch.library.triton_op`` ops
+  (:func:`compiled_ops` makes both kinds): torch.compile does not call such an op as a black
+  box but traces its body, where every launch goes through
+  :func:`fastmask.kernels._utils.launch` (``torch.library.wrap_triton`` while traced), so the
+  compiled graph holds the kernels themselves and Inductor launches them from its generated
+  code, without fastmask's Python per op and step;
 * an :func:`eager_function`, a ``torch.autograd.Function`` over the same functions: what an
   eager call runs. It skips the custom-op machinery (schema parsing, the Python dispatcher and
   its autograd wrapper: about 12 us of host time per forward and 50 us per forward + backward
@@ -17,6 +23,7 @@ and torch.compile handle natively.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -38,6 +45,92 @@ def needs_grad(*tensors) -> bool:
 def empty_like_none(ref: torch.Tensor) -> torch.Tensor:
     """Custom ops cannot return None: an empty tensor stands for "no gradient"."""
     return ref.new_empty(0)
+
+
+def _triton_op(name: str, fn: Callable):
+    """``torch.library.triton_op`` over ``fn`` (a forward or backward function that calls the
+    Triton launchers): its launches are traced while torch traces the body."""
+    from ..kernels import _utils as kernel_utils
+
+    schema = torch.library.infer_schema(fn, mutates_args=())
+
+    def body(*args, **kwargs):
+        with kernel_utils.traced_launches():
+            return fn(*args, **kwargs)
+
+    op = torch.library.triton_op(name, body, mutates_args=(), schema=schema)
+    # torch finds a triton_op's kernels by reading its source (for the keys of its compile
+    # caches); the launchers hide them from that reading, so every kernel is named here.
+    registered = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
+    if isinstance(registered, dict):
+        registered[name] = kernel_utils.jit_kernels(*_kernel_modules())
+    return op
+
+
+def _kernel_modules():
+    from ..kernels import _utils, attention, loss, norm, swiglu, tokens
+
+    return _utils, attention, loss, norm, swiglu, tokens
+
+
+def op_pair(
+    name: str,
+    forward: Callable,
+    backward: Callable | None,
+    setup_context: Callable,
+    grad: Callable,
+    *,
+    fake: Callable | None = None,
+    fake_backward: Callable | None = None,
+    kind: str = "custom",
+):
+    """``(forward op, backward op)``: ``fastmask::<name>`` and ``fastmask::<name>_backward``,
+    with the forward's autograd formula registered: ``grad(ctx, *grads, bwd=<backward op>)``
+    (``grad(ctx, *grads)`` when there is no backward op, as for a backward done in PyTorch code).
+
+    ``kind="custom"``: ``torch.library.custom_op`` ops (an opaque call under torch.compile) with
+    the ``fake`` / ``fake_backward`` shape functions; ``kind="triton"``: ``triton_op`` ops named
+    ``<name>_triton``, whose bodies torch.compile traces (their fakes are the bodies, run on fake
+    tensors). The same plain functions serve both."""
+    if kind == "custom":
+        make, suffix = (lambda n, f: torch.library.custom_op(n, f, mutates_args=())), ""
+    elif kind == "triton":
+        make, suffix = _triton_op, "_triton"
+    else:
+        raise ValueError(f"kind: expected 'custom' or 'triton', got {kind!r}")
+    fwd_op = make(f"{NAMESPACE}::{name}{suffix}", forward)
+    bwd_op = None if backward is None else make(f"{NAMESPACE}::{name}{suffix}_backward", backward)
+    if kind == "custom":
+        fwd_op.register_fake(fake)
+        if bwd_op is not None:
+            bwd_op.register_fake(fake_backward)
+    fwd_op.register_autograd(grad if bwd_op is None else functools.partial(grad, bwd=bwd_op),
+                             setup_context=setup_context)
+    return fwd_op, bwd_op
+
+
+def compiled_ops(name: str, forward: Callable, backward: Callable | None, setup_context: Callable, grad: Callable,
+                 *, fake: Callable, fake_backward: Callable | None = None) -> dict[str, object]:
+    """backend -> the forward op torch.compile traces for it: ``"cuda"`` the custom op (a C++
+    body, opaque to the compiler), ``"triton"`` the triton_op (its kernels go into the graph).
+    See :func:`op_pair`."""
+    ops = {"cuda": op_pair(name, forward, backward, setup_context, grad, fake=fake, fake_backward=fake_backward)[0]}
+    if _triton_ops_possible():
+        ops["triton"] = op_pair(name, forward, backward, setup_context, grad, kind="triton")[0]
+    else:  # no Triton here (the backend is then never chosen), or a torch without triton_op
+        ops["triton"] = ops["cuda"]
+    return ops
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops_possible() -> bool:
+    if not hasattr(torch.library, "triton_op"):
+        return False
+    try:
+        from .. import kernels  # noqa: F401
+    except Exception:  # ImportError, a broken Triton install: the dispatcher says why elsewhere
+        return False
+    return True
 
 
 def eager_function(

@@ -11,11 +11,8 @@ from torch import Tensor
 from . import checks, dispatch, reference
 from .registry import declare
 from .ranges import profiled
-from ._library import eager_function, kernels
+from ._library import compiled_ops, eager_function, kernels
 from .reference import QK_NORM_EPS
-
-custom_op = functools.partial(torch.library.custom_op, mutates_args=())
-
 
 declare(
     "attention",
@@ -42,18 +39,12 @@ def _attn_bwd(
     return kernels(backend).attention_bwd(grad_out, qkv, out, lse, scale, deterministic=deterministic)
 
 
-_attn_op = custom_op("fastmask::attention")(_attn_fwd)
-_attn_bwd_op = custom_op("fastmask::attention_backward")(_attn_bwd)
-
-
-@_attn_op.register_fake
-def _(qkv, scale, backend, deterministic=False):
+def _attn_fake(qkv, scale, backend, deterministic=False):
     B, L, _, H, hd = qkv.shape
     return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
 
 
-@_attn_bwd_op.register_fake
-def _(grad_out, qkv, out, lse, scale, backend, deterministic=False):
+def _attn_bwd_fake(grad_out, qkv, out, lse, scale, backend, deterministic=False):
     return torch.empty_like(qkv)
 
 
@@ -66,13 +57,15 @@ def _attn_setup(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _attn_backward(ctx, grad_out, _glse, bwd=_attn_bwd_op):
+def _attn_backward(ctx, grad_out, _glse, bwd):
     qkv, out, lse = ctx.saved_tensors
     dqkv = bwd(grad_out.contiguous(), qkv, out, lse, ctx.scale, ctx.backend, ctx.deterministic)
     return dqkv, None, None, None
 
 
-_attn_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+_ATTN_OPS = compiled_ops("attention", _attn_fwd, _attn_bwd, _attn_setup, _attn_backward, fake=_attn_fake,
+                         fake_backward=_attn_bwd_fake)
+_attn_op = _ATTN_OPS["cuda"]  # the custom op (the cuda backend's)
 _ATTN = eager_function(
     "Attention", _attn_fwd, _attn_setup, functools.partial(_attn_backward, bwd=_attn_bwd), nondifferentiable=(1,)
 )
@@ -119,18 +112,13 @@ def _attn_rope_bwd(
     )
 
 
-_attn_rope_op = custom_op("fastmask::attention_rope")(_attn_rope_fwd)
-_attn_rope_bwd_op = custom_op("fastmask::attention_rope_backward")(_attn_rope_bwd)
-
-
-@_attn_rope_op.register_fake
-def _(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps, backend, deterministic=False):
+def _attn_rope_fake(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps, backend, deterministic=False):
     B, L, _, H, hd = qkv.shape
     return qkv.new_empty(B, L, H * hd), qkv.new_empty(B, H, L, dtype=torch.float32)
 
 
-@_attn_rope_bwd_op.register_fake
-def _(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_weight, k_weight, eps, backend, deterministic=False):
+def _attn_rope_bwd_fake(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_weight, k_weight, eps, backend,
+                        deterministic=False):
     hd = qkv.shape[-1] if q_weight is not None else 0
     return torch.empty_like(qkv), qkv.new_empty(hd, dtype=torch.float32), qkv.new_empty(hd, dtype=torch.float32)
 
@@ -142,7 +130,7 @@ def _attn_rope_setup(ctx, inputs, output):
     ctx.scale, ctx.eps, ctx.backend, ctx.deterministic = scale, eps, backend, deterministic
 
 
-def _attn_rope_backward(ctx, grad_out, _glse, bwd=_attn_rope_bwd_op):
+def _attn_rope_backward(ctx, grad_out, _glse, bwd):
     qkv, out, lse, cos, sin, ids_keep, q_weight, k_weight = ctx.saved_tensors
     dqkv, dqw, dkw = bwd(grad_out.contiguous(), qkv, out, lse, ctx.scale, cos, sin, ids_keep, q_weight, k_weight,
                          ctx.eps, ctx.backend, ctx.deterministic)
@@ -153,7 +141,9 @@ def _attn_rope_backward(ctx, grad_out, _glse, bwd=_attn_rope_bwd_op):
     return dqkv, None, None, None, None, dqw, dkw, None, None, None
 
 
-_attn_rope_op.register_autograd(_attn_rope_backward, setup_context=_attn_rope_setup)
+_ATTN_ROPE_OPS = compiled_ops("attention_rope", _attn_rope_fwd, _attn_rope_bwd, _attn_rope_setup, _attn_rope_backward,
+                              fake=_attn_rope_fake, fake_backward=_attn_rope_bwd_fake)
+_attn_rope_op = _ATTN_ROPE_OPS["cuda"]  # the custom op (the cuda backend's)
 _ATTN_ROPE = eager_function(
     "AttentionRope", _attn_rope_fwd, _attn_rope_setup, functools.partial(_attn_rope_backward, bwd=_attn_rope_bwd),
     nondifferentiable=(1,),
@@ -234,7 +224,7 @@ def _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_
         deterministic = torch.are_deterministic_algorithms_enabled()
     args = (qkv.contiguous(), scale, cos, sin, ids_keep, q_norm_weight, k_norm_weight, eps, backend,
             bool(deterministic))
-    out, _ = _attn_rope_op(*args) if torch.compiler.is_compiling() else _ATTN_ROPE.apply(*args)
+    out, _ = _ATTN_ROPE_OPS[backend](*args) if torch.compiler.is_compiling() else _ATTN_ROPE.apply(*args)
     return out
 
 
@@ -289,5 +279,5 @@ def attention(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     args = (qkv.contiguous(), scale, backend, bool(deterministic))
-    out, _ = _attn_op(*args) if compiling else _ATTN.apply(*args)
+    out, _ = _ATTN_OPS[backend](*args) if compiling else _ATTN.apply(*args)
     return out

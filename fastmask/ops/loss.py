@@ -10,7 +10,7 @@ from torch import Tensor
 from . import checks, dispatch, reference
 from .registry import declare
 from .ranges import profiled
-from ._library import eager_function, kernels
+from ._library import compiled_ops, eager_function, kernels
 
 
 declare(
@@ -39,11 +39,7 @@ def _loss_fwd(
     return kernels(backend).dsm_mae_loss_fwd(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, objective)
 
 
-_loss_op = torch.library.custom_op("fastmask::dsm_mae_loss", mutates_args=())(_loss_fwd)
-
-
-@_loss_op.register_fake
-def _(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend, objective="edm"):
+def _loss_fake(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data, backend, objective="edm"):
     B = F_out.shape[0]
     return F_out.new_empty(B, dtype=torch.float32), F_out.new_empty(B, 2, dtype=torch.float32), torch.empty_like(F_out)
 
@@ -61,7 +57,9 @@ def _loss_backward(ctx, grad_loss, _gterms, _ggrad):
     return gF, None, None, None, None, None, None, None, None
 
 
-_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+# no backward op: the backward is PyTorch code, traced as such
+_LOSS_OPS = compiled_ops("dsm_mae_loss", _loss_fwd, None, _loss_setup, _loss_backward, fake=_loss_fake)
+_loss_op = _LOSS_OPS["cuda"]  # the custom op (the cuda backend's)
 _LOSS = eager_function("DsmMaeLoss", _loss_fwd, _loss_setup, _loss_backward, nondifferentiable=(1, 2))
 
 
@@ -124,7 +122,7 @@ def dsm_mae_loss(
         m = None if mask is None else mask.to(torch.float32).contiguous()
         args = (F_out.contiguous(), x_noisy.contiguous(), y.contiguous(), sigma.to(torch.float32).contiguous(), m,
                 float(mae_coef), float(sigma_data), backend, objective)
-        loss, terms, _ = _loss_op(*args) if compiling else _LOSS.apply(*args)
+        loss, terms, _ = _LOSS_OPS[backend](*args) if compiling else _LOSS.apply(*args)
         dsm, mae = terms.unbind(1)
     return (loss, dsm, mae) if return_terms else loss
 

@@ -21,10 +21,8 @@ from torch import Tensor
 from . import checks, dispatch, reference
 from .registry import declare
 from .ranges import profiled
-from ._library import eager_function, kernels
+from ._library import compiled_ops, eager_function, kernels
 from .reference import LN_EPS, RMS_EPS
-
-custom_op = functools.partial(torch.library.custom_op, mutates_args=())
 
 
 def _check_vec(name: str, v: Tensor, x: Tensor) -> Tensor:
@@ -95,18 +93,12 @@ def _lnm_bwd(
     return kernels(backend).layernorm_modulate_bwd(grad_out, x, scale, mean, rstd)
 
 
-_lnm_op = custom_op("fastmask::layernorm_modulate")(_lnm_fwd)
-_lnm_bwd_op = custom_op("fastmask::layernorm_modulate_backward")(_lnm_bwd)
-
-
-@_lnm_op.register_fake
-def _(x, shift, scale, eps, backend):
+def _lnm_fake(x, shift, scale, eps, backend):
     stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
     return torch.empty_like(x), stats, stats.clone()
 
 
-@_lnm_bwd_op.register_fake
-def _(grad_out, x, scale, mean, rstd, backend):
+def _lnm_bwd_fake(grad_out, x, scale, mean, rstd, backend):
     return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
 
 
@@ -118,13 +110,15 @@ def _lnm_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _lnm_backward(ctx, grad_out, _gmean, _grstd, bwd=_lnm_bwd_op):
+def _lnm_backward(ctx, grad_out, _gmean, _grstd, bwd):
     x, scale, mean, rstd = ctx.saved_tensors
     gx, gshift, gscale = bwd(grad_out.contiguous(), x, scale, mean, rstd, ctx.backend)
     return gx, gshift.to(ctx.shift_dtype), gscale, None, None
 
 
-_lnm_op.register_autograd(_lnm_backward, setup_context=_lnm_setup)
+_LNM_OPS = compiled_ops("layernorm_modulate", _lnm_fwd, _lnm_bwd, _lnm_setup, _lnm_backward, fake=_lnm_fake,
+                        fake_backward=_lnm_bwd_fake)
+_lnm_op = _LNM_OPS["cuda"]  # the custom op (the cuda backend's)
 _LNM = eager_function(
     "LayerNormModulate", _lnm_fwd, _lnm_setup, functools.partial(_lnm_backward, bwd=_lnm_bwd), nondifferentiable=(1, 2)
 )
@@ -157,7 +151,7 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_
     if backend == "torch":
         return reference.layernorm_modulate(x, shift, scale, eps)
     args = (x.contiguous(), shift.contiguous(), scale.contiguous(), float(eps), backend)
-    out, _, _ = _lnm_op(*args) if compiling else _LNM.apply(*args)
+    out, _, _ = _LNM_OPS[backend](*args) if compiling else _LNM.apply(*args)
     return out
 
 
@@ -174,17 +168,11 @@ def _gr_bwd(grad_out: Tensor, y: Tensor, gate: Tensor, backend: str) -> tuple[Te
     return gy, ggate
 
 
-_gr_op = custom_op("fastmask::gated_residual")(_gr_fwd)
-_gr_bwd_op = custom_op("fastmask::gated_residual_backward")(_gr_bwd)
-
-
-@_gr_op.register_fake
-def _(x, y, gate, backend):
+def _gr_fake(x, y, gate, backend):
     return torch.empty_like(x)
 
 
-@_gr_bwd_op.register_fake
-def _(grad_out, y, gate, backend):
+def _gr_bwd_fake(grad_out, y, gate, backend):
     return torch.empty_like(y), torch.empty_like(gate)
 
 
@@ -194,14 +182,16 @@ def _gr_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _gr_backward(ctx, grad_out, bwd=_gr_bwd_op):
+def _gr_backward(ctx, grad_out, bwd):
     y, gate = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     gy, ggate = bwd(grad_out, y, gate, ctx.backend)
     return grad_out, gy, ggate, None
 
 
-_gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
+_GR_OPS = compiled_ops("gated_residual", _gr_fwd, _gr_bwd, _gr_setup, _gr_backward, fake=_gr_fake,
+                       fake_backward=_gr_bwd_fake)
+_gr_op = _GR_OPS["cuda"]  # the custom op (the cuda backend's)
 _GR = eager_function("GatedResidual", _gr_fwd, _gr_setup, functools.partial(_gr_backward, bwd=_gr_bwd))
 
 
@@ -232,7 +222,7 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     if backend == "torch":
         return reference.gated_residual(x, y, gate)
     args = (x.contiguous(), y.contiguous(), gate.contiguous(), backend)
-    return _gr_op(*args) if compiling else _GR.apply(*args)
+    return _GR_OPS[backend](*args) if compiling else _GR.apply(*args)
 
 
 # --------------------------------------------------------- residual_layernorm_modulate
@@ -256,18 +246,12 @@ def _rlnm_bwd(
     return kernels(backend).residual_layernorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd)
 
 
-_rlnm_op = custom_op("fastmask::residual_layernorm_modulate")(_rlnm_fwd)
-_rlnm_bwd_op = custom_op("fastmask::residual_layernorm_modulate_backward")(_rlnm_bwd)
-
-
-@_rlnm_op.register_fake
-def _(x, y, gate, shift, scale, eps, backend):
+def _rlnm_fake(x, y, gate, shift, scale, eps, backend):
     stats = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
     return torch.empty_like(x), torch.empty_like(x), stats, stats.clone()
 
 
-@_rlnm_bwd_op.register_fake
-def _(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd, backend):
+def _rlnm_bwd_fake(grad_x_new, grad_out, x_new, y, gate, scale, mean, rstd, backend):
     return (
         torch.empty_like(x_new),
         torch.empty_like(y),
@@ -285,7 +269,7 @@ def _rlnm_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _rlnm_backward(ctx, grad_x_new, grad_out, _gmean, _grstd, bwd=_rlnm_bwd_op):
+def _rlnm_backward(ctx, grad_x_new, grad_out, _gmean, _grstd, bwd):
     x_new, y, gate, scale, mean, rstd = ctx.saved_tensors
     if grad_x_new is None:
         grad_x_new = torch.zeros_like(x_new)
@@ -297,7 +281,9 @@ def _rlnm_backward(ctx, grad_x_new, grad_out, _gmean, _grstd, bwd=_rlnm_bwd_op):
     return gx, gy, ggate, gshift.to(ctx.shift_dtype), gscale, None, None
 
 
-_rlnm_op.register_autograd(_rlnm_backward, setup_context=_rlnm_setup)
+_RLNM_OPS = compiled_ops("residual_layernorm_modulate", _rlnm_fwd, _rlnm_bwd, _rlnm_setup, _rlnm_backward,
+                         fake=_rlnm_fake, fake_backward=_rlnm_bwd_fake)
+_rlnm_op = _RLNM_OPS["cuda"]  # the custom op (the cuda backend's)
 _RLNM = eager_function(
     "ResidualLayerNormModulate", _rlnm_fwd, _rlnm_setup, functools.partial(_rlnm_backward, bwd=_rlnm_bwd),
     nondifferentiable=(2, 3),
@@ -340,7 +326,7 @@ def residual_layernorm_modulate(
         return reference.residual_layernorm_modulate(x, y, gate, shift, scale, eps)
     args = (x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), float(eps),
             backend)
-    x_new, out, _, _ = _rlnm_op(*args) if compiling else _RLNM.apply(*args)
+    x_new, out, _, _ = _RLNM_OPS[backend](*args) if compiling else _RLNM.apply(*args)
     return x_new, out
 
 
@@ -389,17 +375,11 @@ def _rnm_bwd(
     return kernels(backend).rmsnorm_modulate_bwd(grad_out, x, scale, weight, rstd)
 
 
-_rnm_op = custom_op("fastmask::rmsnorm_modulate")(_rnm_fwd)
-_rnm_bwd_op = custom_op("fastmask::rmsnorm_modulate_backward")(_rnm_bwd)
-
-
-@_rnm_op.register_fake
-def _(x, shift, scale, weight, eps, backend):
+def _rnm_fake(x, shift, scale, weight, eps, backend):
     return torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
 
 
-@_rnm_bwd_op.register_fake
-def _(grad_out, x, scale, weight, rstd, backend):
+def _rnm_bwd_fake(grad_out, x, scale, weight, rstd, backend):
     D = x.shape[-1] if weight is not None else 0
     return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale), x.new_empty(D, dtype=torch.float32)
 
@@ -411,13 +391,15 @@ def _rnm_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _rnm_backward(ctx, grad_out, _grstd, bwd=_rnm_bwd_op):
+def _rnm_backward(ctx, grad_out, _grstd, bwd):
     x, scale, weight, rstd = ctx.saved_tensors
     gx, gshift, gscale, gw = bwd(grad_out.contiguous(), x, scale, weight, rstd, ctx.backend)
     return gx, gshift.to(ctx.shift_dtype), gscale, _w_out(gw, weight), None, None
 
 
-_rnm_op.register_autograd(_rnm_backward, setup_context=_rnm_setup)
+_RNM_OPS = compiled_ops("rmsnorm_modulate", _rnm_fwd, _rnm_bwd, _rnm_setup, _rnm_backward, fake=_rnm_fake,
+                        fake_backward=_rnm_bwd_fake)
+_rnm_op = _RNM_OPS["cuda"]  # the custom op (the cuda backend's)
 _RNM = eager_function(
     "RMSNormModulate", _rnm_fwd, _rnm_setup, functools.partial(_rnm_backward, bwd=_rnm_bwd), nondifferentiable=(1,)
 )
@@ -440,7 +422,7 @@ def rmsnorm_modulate(
         return reference.rmsnorm_modulate(x, shift, scale, weight, eps)
     w = None if weight is None else weight.contiguous()
     args = (x.contiguous(), shift.contiguous(), scale.contiguous(), w, float(eps), backend)
-    out, _ = _rnm_op(*args) if torch.compiler.is_compiling() else _RNM.apply(*args)
+    out, _ = _RNM_OPS[backend](*args) if torch.compiler.is_compiling() else _RNM.apply(*args)
     return out
 
 
@@ -458,17 +440,11 @@ def _rrnm_bwd(
     return kernels(backend).residual_rmsnorm_modulate_bwd(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd)
 
 
-_rrnm_op = custom_op("fastmask::residual_rmsnorm_modulate")(_rrnm_fwd)
-_rrnm_bwd_op = custom_op("fastmask::residual_rmsnorm_modulate_backward")(_rrnm_bwd)
-
-
-@_rrnm_op.register_fake
-def _(x, y, gate, shift, scale, weight, eps, backend):
+def _rrnm_fake(x, y, gate, shift, scale, weight, eps, backend):
     return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
 
 
-@_rrnm_bwd_op.register_fake
-def _(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd, backend):
+def _rrnm_bwd_fake(grad_x_new, grad_out, x_new, y, gate, scale, weight, rstd, backend):
     D = x_new.shape[-1] if weight is not None else 0
     return (torch.empty_like(x_new), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
             torch.empty_like(scale), x_new.new_empty(D, dtype=torch.float32))
@@ -482,7 +458,7 @@ def _rrnm_setup(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
 
 
-def _rrnm_backward(ctx, grad_x_new, grad_out, _grstd, bwd=_rrnm_bwd_op):
+def _rrnm_backward(ctx, grad_x_new, grad_out, _grstd, bwd):
     x_new, y, gate, scale, weight, rstd = ctx.saved_tensors
     if grad_x_new is None:
         grad_x_new = torch.zeros_like(x_new)
@@ -494,7 +470,9 @@ def _rrnm_backward(ctx, grad_x_new, grad_out, _grstd, bwd=_rrnm_bwd_op):
     return gx, gy, ggate, gshift.to(ctx.shift_dtype), gscale, _w_out(gw, weight), None, None
 
 
-_rrnm_op.register_autograd(_rrnm_backward, setup_context=_rrnm_setup)
+_RRNM_OPS = compiled_ops("residual_rmsnorm_modulate", _rrnm_fwd, _rrnm_bwd, _rrnm_setup, _rrnm_backward,
+                         fake=_rrnm_fake, fake_backward=_rrnm_bwd_fake)
+_rrnm_op = _RRNM_OPS["cuda"]  # the custom op (the cuda backend's)
 _RRNM = eager_function(
     "ResidualRMSNormModulate", _rrnm_fwd, _rrnm_setup, functools.partial(_rrnm_backward, bwd=_rrnm_bwd),
     nondifferentiable=(2,),
@@ -526,5 +504,5 @@ def residual_rmsnorm_modulate(
     w = None if weight is None else weight.contiguous()
     args = (x.contiguous(), y.contiguous(), gate.contiguous(), shift.contiguous(), scale.contiguous(), w, float(eps),
             backend)
-    x_new, out, _ = _rrnm_op(*args) if torch.compiler.is_compiling() else _RRNM.apply(*args)
+    x_new, out, _ = _RRNM_OPS[backend](*args) if torch.compiler.is_compiling() else _RRNM.apply(*args)
     return x_new, out

@@ -9,9 +9,7 @@ from torch import Tensor
 from . import checks, dispatch, reference
 from .registry import declare
 from .ranges import profiled
-from ._library import eager_function, kernels
-
-custom_op = functools.partial(torch.library.custom_op, mutates_args=())
+from ._library import compiled_ops, eager_function, kernels
 
 declare(
     "swiglu",
@@ -31,17 +29,11 @@ def _swiglu_bwd(grad_out: Tensor, ab: Tensor, backend: str) -> Tensor:
     return kernels(backend).swiglu_bwd(grad_out, ab)
 
 
-_swiglu_op = custom_op("fastmask::swiglu")(_swiglu_fwd)
-_swiglu_bwd_op = custom_op("fastmask::swiglu_backward")(_swiglu_bwd)
-
-
-@_swiglu_op.register_fake
-def _(ab, backend):
+def _swiglu_fake(ab, backend):
     return ab.new_empty(*ab.shape[:-1], ab.shape[-1] // 2)
 
 
-@_swiglu_bwd_op.register_fake
-def _(grad_out, ab, backend):
+def _swiglu_bwd_fake(grad_out, ab, backend):
     return torch.empty_like(ab)
 
 
@@ -51,12 +43,14 @@ def _setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_out, bwd=_swiglu_bwd_op):
+def _backward(ctx, grad_out, bwd):
     (ab,) = ctx.saved_tensors
     return bwd(grad_out.contiguous(), ab, ctx.backend), None
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup)
+_SWIGLU_OPS = compiled_ops("swiglu", _swiglu_fwd, _swiglu_bwd, _setup, _backward, fake=_swiglu_fake,
+                           fake_backward=_swiglu_bwd_fake)
+_swiglu_op = _SWIGLU_OPS["cuda"]  # the custom op (the cuda backend's)
 _SWIGLU = eager_function("SwiGLU", _swiglu_fwd, _setup, functools.partial(_backward, bwd=_swiglu_bwd))
 
 
@@ -75,4 +69,4 @@ def swiglu(ab: Tensor) -> Tensor:
     if backend == "torch":
         return reference.swiglu(ab)
     ab = ab.contiguous()
-    return _swiglu_op(ab, backend) if torch.compiler.is_compiling() else _SWIGLU.apply(ab, backend)
+    return _SWIGLU_OPS[backend](ab, backend) if torch.compiler.is_compiling() else _SWIGLU.apply(ab, backend)

@@ -10,10 +10,7 @@ from torch import Tensor
 from . import checks, dispatch, reference
 from .registry import declare
 from .ranges import profiled
-from ._library import eager_function, empty_like_none, kernels
-
-custom_op = functools.partial(torch.library.custom_op, mutates_args=())
-
+from ._library import compiled_ops, eager_function, empty_like_none, kernels
 
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
     """K = int(N * (1 - mask_ratio)), in floating point exactly as the published MaskDiT code
@@ -85,17 +82,11 @@ def _gather_bwd(
     return gx, (gpos if gpos is not None else empty_like_none(grad_out))
 
 
-_gather_op = custom_op("fastmask::gather_tokens")(_gather_fwd)
-_gather_bwd_op = custom_op("fastmask::gather_tokens_backward")(_gather_bwd)
-
-
-@_gather_op.register_fake
-def _(x, ids_keep, pos, backend):
+def _gather_fake(x, ids_keep, pos, backend):
     return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
 
 
-@_gather_bwd_op.register_fake
-def _(grad_out, ids_keep, num_tokens, pos_grad, backend):
+def _gather_bwd_fake(grad_out, ids_keep, num_tokens, pos_grad, backend):
     B, K, D = grad_out.shape
     gpos = grad_out.new_empty(num_tokens, D, dtype=torch.float32) if pos_grad else grad_out.new_empty(0)
     return grad_out.new_empty(B, num_tokens, D), gpos
@@ -110,7 +101,7 @@ def _gather_setup(ctx, inputs, output):
     ctx.pos_dtype = None if pos is None else pos.dtype
 
 
-def _gather_backward(ctx, grad_out, bwd=_gather_bwd_op):
+def _gather_backward(ctx, grad_out, bwd):
     (ids_keep,) = ctx.saved_tensors
     pos_grad = ctx.pos_shape is not None and ctx.needs_input_grad[2]
     gx, gpos = bwd(grad_out.contiguous(), ids_keep, ctx.num_tokens, pos_grad, ctx.backend)
@@ -118,7 +109,9 @@ def _gather_backward(ctx, grad_out, bwd=_gather_bwd_op):
     return gx, None, gpos, None
 
 
-_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+_GATHER_OPS = compiled_ops("gather_tokens", _gather_fwd, _gather_bwd, _gather_setup, _gather_backward,
+                           fake=_gather_fake, fake_backward=_gather_bwd_fake)
+_gather_op = _GATHER_OPS["cuda"]  # the custom op (the cuda backend's)
 _GATHER = eager_function(
     "GatherTokens", _gather_fwd, _gather_setup, functools.partial(_gather_backward, bwd=_gather_bwd)
 )
@@ -175,7 +168,7 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
     if backend == "torch":
         return reference.gather_tokens(x, ids_keep, pos)
     args = (x.contiguous(), ids_keep.long().contiguous(), None if pos is None else pos.contiguous(), backend)
-    return _gather_op(*args) if compiling else _GATHER.apply(*args)
+    return _GATHER_OPS[backend](*args) if compiling else _GATHER.apply(*args)
 
 
 # ----------------------------------------------------------------------------- unmask
@@ -200,17 +193,11 @@ def _unmask_bwd(grad_out: Tensor, ids_keep: Tensor, pos_grad: bool, backend: str
     return gx, gmask, (gpos if gpos is not None else empty_like_none(grad_out))
 
 
-_unmask_op = custom_op("fastmask::unmask_tokens")(_unmask_fwd)
-_unmask_bwd_op = custom_op("fastmask::unmask_tokens_backward")(_unmask_bwd)
-
-
-@_unmask_op.register_fake
-def _(x_vis, ids_keep, mask_token, num_tokens, pos, backend):
+def _unmask_fake(x_vis, ids_keep, mask_token, num_tokens, pos, backend):
     return x_vis.new_empty(x_vis.shape[0], num_tokens, x_vis.shape[2])
 
 
-@_unmask_bwd_op.register_fake
-def _(grad_out, ids_keep, pos_grad, backend):
+def _unmask_bwd_fake(grad_out, ids_keep, pos_grad, backend):
     B, N, D = grad_out.shape
     gpos = grad_out.new_empty(N, D, dtype=torch.float32) if pos_grad else grad_out.new_empty(0)
     return grad_out.new_empty(B, ids_keep.shape[1], D), grad_out.new_empty(D, dtype=torch.float32), gpos
@@ -224,14 +211,16 @@ def _unmask_setup(ctx, inputs, output):
     ctx.pos_dtype = None if pos is None else pos.dtype
 
 
-def _unmask_backward(ctx, grad_out, bwd=_unmask_bwd_op):
+def _unmask_backward(ctx, grad_out, bwd):
     (ids_keep,) = ctx.saved_tensors
     pos_grad = ctx.pos_dtype is not None and ctx.needs_input_grad[4]
     gx, gmask, gpos = bwd(grad_out.contiguous(), ids_keep, pos_grad, ctx.backend)
     return gx, None, gmask.to(ctx.mask_dtype), None, (gpos.to(ctx.pos_dtype) if pos_grad else None), None
 
 
-_unmask_op.register_autograd(_unmask_backward, setup_context=_unmask_setup)
+_UNMASK_OPS = compiled_ops("unmask_tokens", _unmask_fwd, _unmask_bwd, _unmask_setup, _unmask_backward,
+                           fake=_unmask_fake, fake_backward=_unmask_bwd_fake)
+_unmask_op = _UNMASK_OPS["cuda"]  # the custom op (the cuda backend's)
 _UNMASK = eager_function(
     "UnmaskTokens", _unmask_fwd, _unmask_setup, functools.partial(_unmask_backward, bwd=_unmask_bwd)
 )
@@ -292,7 +281,7 @@ def unmask_tokens(
         None if pos is None else pos.contiguous(),
         backend,
     )
-    return _unmask_op(*args) if compiling else _UNMASK.apply(*args)
+    return _UNMASK_OPS[backend](*args) if compiling else _UNMASK.apply(*args)
 
 
 # ----------------------------------------------------------------------------- scatter
@@ -316,17 +305,11 @@ def _scatter_bwd(grad_out: Tensor, ids_keep: Tensor, fill_grad: bool, backend: s
     return gx, (gfill if gfill is not None else empty_like_none(grad_out))
 
 
-_scatter_op = custom_op("fastmask::scatter_tokens")(_scatter_fwd)
-_scatter_bwd_op = custom_op("fastmask::scatter_tokens_backward")(_scatter_bwd)
-
-
-@_scatter_op.register_fake
-def _(x_kept, ids_keep, fill, num_tokens, backend):
+def _scatter_fake(x_kept, ids_keep, fill, num_tokens, backend):
     return x_kept.new_empty(x_kept.shape[0], num_tokens, x_kept.shape[2])
 
 
-@_scatter_bwd_op.register_fake
-def _(grad_out, ids_keep, fill_grad, backend):
+def _scatter_bwd_fake(grad_out, ids_keep, fill_grad, backend):
     B, N, D = grad_out.shape
     return grad_out.new_empty(B, ids_keep.shape[1], D), (grad_out.new_empty(B, N, D) if fill_grad else grad_out.new_empty(0))
 
@@ -338,7 +321,7 @@ def _scatter_setup(ctx, inputs, output):
     ctx.fill_dtype = None if fill is None else fill.dtype
 
 
-def _scatter_backward(ctx, grad_out, bwd=_scatter_bwd_op):
+def _scatter_backward(ctx, grad_out, bwd):
     (ids_keep,) = ctx.saved_tensors
     if grad_out is None:  # the eager Function does not materialise a missing gradient
         return None, None, None, None, None
@@ -347,7 +330,9 @@ def _scatter_backward(ctx, grad_out, bwd=_scatter_bwd_op):
     return gx, None, (gfill.to(ctx.fill_dtype) if fill_grad else None), None, None
 
 
-_scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+_SCATTER_OPS = compiled_ops("scatter_tokens", _scatter_fwd, _scatter_bwd, _scatter_setup, _scatter_backward,
+                            fake=_scatter_fake, fake_backward=_scatter_bwd_fake)
+_scatter_op = _SCATTER_OPS["cuda"]  # the custom op (the cuda backend's)
 _SCATTER = eager_function(
     "ScatterTokens", _scatter_fwd, _scatter_setup, functools.partial(_scatter_backward, bwd=_scatter_bwd)
 )
@@ -410,4 +395,4 @@ def scatter_tokens(
         return reference.scatter_tokens(x_kept, ids_keep, fill, N)
     args = (x_kept.contiguous(), ids_keep.long().contiguous(), None if fill is None else fill.contiguous(), int(N),
             backend)
-    return _scatter_op(*args) if compiling else _SCATTER.apply(*args)
+    return _SCATTER_OPS[backend](*args) if compiling else _SCATTER.apply(*args)
