@@ -53,18 +53,28 @@ def _triton_op(name: str, fn: Callable):
     from ..kernels import _utils as kernel_utils
 
     schema = torch.library.infer_schema(fn, mutates_args=())
-
-    def body(*args, **kwargs):
-        with kernel_utils.traced_launches():
-            return fn(*args, **kwargs)
-
-    op = torch.library.triton_op(name, body, mutates_args=(), schema=schema)
+    op = torch.library.triton_op(name, _TracedBody(fn), mutates_args=(), schema=schema)
     # torch finds a triton_op's kernels by reading its source (for the keys of its compile
     # caches); the launchers hide them from that reading, so every kernel is named here.
     registered = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
     if isinstance(registered, dict):
         registered[name] = kernel_utils.jit_kernels(*_kernel_modules())
     return op
+
+
+class _TracedBody:
+    """A triton_op's body: ``fn`` with :func:`fastmask.kernels._utils.traced_launches` around it.
+    An object, not a function: torch reads a function body's source, and every function it
+    calls, to find its kernels (about 50 ms an op at import); :func:`_triton_op` names them."""
+
+    def __init__(self, fn: Callable):
+        self.body = fn
+
+    def __call__(self, *args, **kwargs):
+        from ..kernels import _utils as kernel_utils
+
+        with kernel_utils.traced_launches():
+            return self.body(*args, **kwargs)
 
 
 def _kernel_modules():
