@@ -152,7 +152,9 @@ def _norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------ launchers
-def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool = False, weight=None):
+def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool = False, weight=None,
+         config: tuple[int, int] | None = None):
+    """``config``: (BLOCK_R, num_warps) instead of the rule's (benchmarks/tune_norm.py sweeps it)."""
     B, L, D = x.shape
     n_rows = B * L
     dev = x.device
@@ -163,6 +165,8 @@ def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool =
     if x.numel() == 0:
         return x_new, out, mean, rstd
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    if config is not None:
+        BLOCK_R, num_warps = config
     dummy = x  # stands in for pointers a constexpr switch leaves unused
     _norm_fwd_kernel[(cdiv(n_rows, BLOCK_R),)](
         x, dummy if y is None else y, dummy if gate is None else gate,
@@ -212,7 +216,9 @@ def _bwd_tile(BLOCK_R: int, BLOCK_D: int, num_warps: int) -> tuple[int, int]:
 
 
 def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has_ln: bool, rms: bool = False,
-         weight=None):
+         weight=None, config: tuple[int, int, int] | None = None):
+    """``config``: (BLOCK_R, num_warps, rows per program) instead of the rule's
+    (benchmarks/tune_norm.py sweeps it)."""
     ref = grad_out if has_ln else grad_x_new
     B, L, D = ref.shape
     dev = ref.device
@@ -225,6 +231,9 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
     row_bytes = D * ref.element_size() * (6 if has_res and has_ln else 3)
     part_bytes = D * 4 * (2 * has_ln + has_res + (weight is not None))
     chunks, rows_per_prog = _row_chunks(B, L, BLOCK_R, ref, row_bytes, part_bytes)
+    if config is not None:
+        BLOCK_R, num_warps, rows_per_prog = config
+        chunks = cdiv(L, rows_per_prog)
     n_prog = B * chunks
     # Without the LayerNorm, x_new = x + gate * y passes its gradient to x unchanged.
     grad_x = torch.empty_like(x) if has_ln else grad_x_new
