@@ -262,7 +262,18 @@ def _attention_kind(ln: Launch) -> str:
 # The launchers plan their programs for an H100/H200 (132 SMs): split reductions size their
 # fp32 partial buffers from the SM count, and those partials are traffic no op needs.
 SM90_SMS = 132
-BYTES_LIMIT = 1.10  # every op within 10% of its minimum (tests/test_static_gpu.py)
+BYTES_LIMIT = 1.10  # every op within 10% of its minimum (tests/test_static_gpu.py) ...
+# ... except the adaLN backwards, whose fp32 per-sample partials (about four programs per SM)
+# may add up to 20%: more, smaller programs ran them 1.15-2.3x faster on an H200 than a plan
+# that kept the partials within 6% (benchmarks/tune_norm.py; fastmask/kernels/norm.py)
+BYTES_LIMIT_NORM_BWD = 1.20
+NORM_OPS = ("layernorm_modulate", "residual_layernorm_modulate", "rmsnorm_modulate", "residual_rmsnorm_modulate",
+            "gated_residual")
+
+
+def bytes_limit(op: str, mode: str) -> float:
+    """The most bytes an op's launches may move, as a multiple of its minimum."""
+    return BYTES_LIMIT_NORM_BWD if op in NORM_OPS and mode == "backward" else BYTES_LIMIT
 
 # Tensor arguments a kernel touches only in part; every other tensor argument is read or
 # written whole (each tensor counted once per launch: the launchers pass one tensor for the
@@ -389,14 +400,15 @@ def bytes_markdown(rows: list[dict]) -> list[str]:
              f"Counted from the launches the launchers make at DiT-XL/2 shapes (batch {B}), planned for an "
              f"H100/H200 ({SM90_SMS} SMs): each tensor argument of a launch read or written once (the kept rows "
              "of a gather's input), fp32 partial buffers included; against `benchmarks/bench_ops.minimum_bytes`. "
-             f"Limit {BYTES_LIMIT:.2f}x" + (f"; worst {worst['ratio']:.3f}x ({worst['op']} {worst['mode']}, "
+             f"Limit {BYTES_LIMIT:.2f}x ({BYTES_LIMIT_NORM_BWD:.2f}x for the adaLN backwards: their per-sample "
+             "partials buy parallelism, measured faster)" + (f"; worst {worst['ratio']:.3f}x ({worst['op']} {worst['mode']}, "
                                               f"{worst['dtype']}, {worst['shape']})." if worst else "."), "",
              "| op | mode | dtype | shape | MB moved | MB minimum | ratio |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         op = r["op"] + (f" ({r['variant']})" if r["variant"] else "")
         ratio = f"{r['ratio']:.3f}"
         lines.append(f"| {op} | {r['mode']} | {r['dtype']} | {r['shape']} | {r['bytes'] / 1e6:.2f} | "
-                     f"{r['minimum'] / 1e6:.2f} | {'**' + ratio + '**' if r['ratio'] > BYTES_LIMIT else ratio} |")
+                     f"{r['minimum'] / 1e6:.2f} | {'**' + ratio + '**' if r['ratio'] > bytes_limit(r['op'], r['mode']) else ratio} |")
     return lines
 
 

@@ -252,17 +252,15 @@ def test_norm_gpu_dit_xl(dtype, vdtype, L, D):
         assert_close_to_ref(o.float(), gl.float(), g3, 3, atol=1e-3, name=f"gr grad_{n}")
 
 
-@pytest.mark.parametrize("target,budget", [(8 * 132, None), (8 * 132, 100.0), (4, None)])
-def test_gpu_launch_configs_in_interpreter(monkeypatch, target, budget):
-    """The GPU's launch choices (row tiles by width, the backward's larger tiles, chunks of a
-    sample's rows sized by the SM count and capped by the partial-byte budget) run here too, so
-    their indexing is proven before a GPU ever sees them. budget=100: no cap, many chunks."""
+@pytest.mark.parametrize("target", [8 * 132, 4])
+def test_gpu_launch_configs_in_interpreter(monkeypatch, target):
+    """The GPU's launch choices (row tiles by width, warps for 16 elements per thread, chunks
+    of a sample's rows sized by the SM count) run here too, so their indexing is proven
+    before a GPU ever sees them."""
     from fastmask.kernels import _utils, norm
     monkeypatch.setattr(_utils, "interpreting", lambda: False)
     monkeypatch.setattr(norm, "interpreting", lambda: False)
     monkeypatch.setattr(norm, "target_programs", lambda t: target)
-    if budget is not None:
-        monkeypatch.setattr(_utils, "PARTIAL_BYTES_BUDGET", budget)
     test_residual_layernorm_modulate_kernel(3, 59, 72, torch.float16, torch.float32)
     test_layernorm_modulate_kernel(2, 59, 40, torch.float32, torch.float32)
     from test_kernels_modern import test_rmsnorm_modulate_kernels
@@ -270,20 +268,20 @@ def test_gpu_launch_configs_in_interpreter(monkeypatch, target, budget):
     test_rmsnorm_modulate_kernels(2, 59, 72, True)  # the RMSNorm variants share the backward launcher
 
 
-def test_partial_budget_caps_the_backward_chunks_at_short_sequences(monkeypatch):
-    """At 128 tokens of width 1152 on an H100/H200 (8 x 132 programs wanted) a sample's rows
-    would be split into 16 chunks, whose fp32 shift/scale partials are a third of the backward's
-    bytes; the budget caps them to at most 6% of the op's traffic, and at long sequences or many
-    programs per sample it leaves the device's choice alone."""
-    from fastmask.kernels import _utils, norm
+def test_backward_plan_at_the_measured_shapes(monkeypatch):
+    """The plan benchmarks/tune_norm.py measured fastest on an H200 (132 SMs): about four
+    programs per SM, i.e. 16 rows per program for the XL/2 encoder (B=64, L=128), 32 for the
+    decoder (L=256), 16 at 512 px (B=16, L=512); 2048-element tiles, 4 warps."""
+    from fastmask.kernels import norm
     monkeypatch.setattr(norm, "interpreting", lambda: False)
     monkeypatch.setattr(norm, "target_programs", lambda t: 8 * 132)
-    ref = torch.empty(64, 128, 1152, dtype=torch.bfloat16, device="meta")
-    row_bytes, part = 1152 * 2 * 3, 1152 * 4 * 2
-    free, _ = norm._row_chunks(64, 128, 2, ref)
-    chunks, rows = norm._row_chunks(64, 128, 2, ref, row_bytes, part)
-    assert free == 16 and 1 <= chunks < free and rows * chunks >= 128
-    assert 2 * chunks * part <= _utils.PARTIAL_BYTES_BUDGET * 128 * row_bytes
-    assert norm._row_chunks(64, 4096, 2, ref, row_bytes, part) == norm._row_chunks(64, 4096, 2, ref)  # 17 chunks: within budget
-    assert _utils.budget_chunks(10, 1, 0) == 1 and _utils.budget_chunks(10, 1, 10**9) == 10
-    assert norm._bwd_tile(1, 2048, 8) == (2, 16) and norm._bwd_tile(4, 512, 8) == (8, 16)
+    ref = torch.empty(1, dtype=torch.bfloat16, device="meta")
+    assert norm._row_chunks(64, 128, 1, ref) == (8, 16)
+    assert norm._row_chunks(64, 256, 4, ref) == (8, 32)
+    assert norm._row_chunks(16, 512, 1, ref) == (32, 16)
+    assert norm._row_chunks(1024, 128, 1, ref) == (1, 128)  # more samples than programs wanted: one chunk each
+    assert norm._row_chunks(2, 3, 4, ref) == (1, 4)  # shorter than a tile
+    monkeypatch.setattr(norm, "interpreting", lambda: False)
+    from fastmask.kernels import _utils
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    assert norm._tile(1152) == (1, 2048, 4) and norm._tile(512) == (4, 512, 4) and norm._tile(4096) == (1, 4096, 8)

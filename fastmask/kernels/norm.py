@@ -11,8 +11,17 @@ reference does (the next block sees the rounded stream, so the norm must too).
 Backward: each program owns a chunk of rows of ONE sample b (a sample's rows are
 contiguous in [B, L, D]), so the per-sample parameter gradients (shift, scale, gate)
 accumulate in an fp32 register tile and leave the program as one [D] partial row; the
-partials [B, chunks, D] are then summed in a fixed order. Deterministic, no atomics, and
-the partial buffer is small next to the activations (chunks ~ 8 * SMs / B).
+partials [B, chunks, D] are then summed in a fixed order. Deterministic, no atomics.
+
+Launch plan (measured: benchmarks/tune_norm.py on an H200, bf16, MaskDiT-XL/2 shapes;
+numbers in benchmarks/results/tune_norm_h200_20261204.md): tiles of 2048 elements (a whole
+row of D = 1152, four rows of D = 512) with 16 elements per thread, and in the backward about
+four programs per SM: a sample's rows split into round(4 * SMs / B) chunks (16 rows at
+B=64, L=128). The extra fp32 partial traffic (8-17% of the op's bytes) buys the parallelism:
+the LayerNorm backwards ran 1.6-2.3x faster than with 3 chunks of 16-warp programs (the plan
+that kept the partials within 6% of the bytes), the gated residual's 1.15-2.2x; the forward
+up to 19% faster than with 8 elements per thread (one case 5% slower: the decoder's residual
+LayerNorm).
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import budget_chunks, cdiv, interpreting, launch, placeholder, row_config, sum_partials, target_programs
+from ._utils import cdiv, interpreting, launch, placeholder, row_config, sum_partials, target_programs
 
 # the launchers of the backend protocol (fastmask.ops.registry); fastmask.kernels re-exports them
 __all__ = [
@@ -83,7 +92,7 @@ def _norm_bwd_kernel(
     GXN, GOUT, X, Y, GATE, SCALE, MEAN, RSTD, GX, GY, P_GATE, P_SHIFT, P_SCALE,
     L, D, CHUNKS, ROWS_PER_PROG,
     HAS_RES: tl.constexpr, HAS_LN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    W=None, P_W=None, RMS: tl.constexpr = False, HAS_W: tl.constexpr = False,
+    W=None, RMS: tl.constexpr = False, HAS_W: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     b = (pid // CHUNKS).to(tl.int64)
@@ -141,18 +150,16 @@ def _norm_bwd_kernel(
     part = pid.to(tl.int64) * D + cols
     if HAS_LN:
         tl.store(P_SHIFT + part, tl.sum(acc_shift, axis=0), mask=col_ok)
-        if HAS_W:
-            gx_sum = tl.sum(acc_scale, axis=0)
-            tl.store(P_SCALE + part, gx_sum * w, mask=col_ok)
-            tl.store(P_W + part, gx_sum * scale1, mask=col_ok)
-        else:
-            tl.store(P_SCALE + part, tl.sum(acc_scale, axis=0), mask=col_ok)
+        # with a weight, sum(g * xhat) also makes the weight's gradient (see _bwd): one partial
+        tl.store(P_SCALE + part, tl.sum(acc_scale, axis=0), mask=col_ok)
     if HAS_RES:
         tl.store(P_GATE + part, tl.sum(acc_gate, axis=0), mask=col_ok)
 
 
 # ------------------------------------------------------------------------------ launchers
-def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool = False, weight=None):
+def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool = False, weight=None,
+         config: tuple[int, int] | None = None):
+    """``config``: (BLOCK_R, num_warps) instead of the rule's (benchmarks/tune_norm.py sweeps it)."""
     B, L, D = x.shape
     n_rows = B * L
     dev = x.device
@@ -162,12 +169,15 @@ def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool =
     rstd = torch.empty(n_rows, device=dev, dtype=torch.float32) if has_ln else None
     if x.numel() == 0:
         return x_new, out, mean, rstd
-    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    BLOCK_R, BLOCK_D, num_warps = _tile(D)
+    if config is not None:
+        BLOCK_R, num_warps = config
     dummy = placeholder(x)  # stands in for pointers a constexpr switch leaves unused
     launch(_norm_fwd_kernel)[(cdiv(n_rows, BLOCK_R),)](
         x, dummy if y is None else y, dummy if gate is None else gate,
         dummy if shift is None else shift, dummy if scale is None else scale,
-        x_new if has_res else dummy, out if has_ln else dummy, dummy if mean is None else mean, dummy if rstd is None else rstd,
+        x_new if has_res else dummy, out if has_ln else dummy,
+        dummy if mean is None else mean, dummy if rstd is None else rstd,
         n_rows, L, D, float(eps),
         HAS_RES=has_res, HAS_LN=has_ln, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
         **_rms_args(rms, weight, dummy),
@@ -175,56 +185,51 @@ def _fwd(x, y, gate, shift, scale, eps, has_res: bool, has_ln: bool, rms: bool =
     return x_new, out, mean, rstd
 
 
-def _rms_args(rms: bool, weight, dummy, p_w=None, bwd: bool = False) -> dict:
-    """The RMSNorm switches; empty for LayerNorm, so those launches stay as they were."""
-    if not rms:
-        return {}
-    args = dict(RMS=True, HAS_W=weight is not None, W=dummy if weight is None else weight)
-    if bwd:
-        args["P_W"] = dummy if p_w is None else p_w
-    return args
+def _rms_args(rms: bool, weight, dummy) -> dict:
+    """The RMSNorm switches and the weight's pointer, passed on every launch (also for
+    LayerNorm, as their defaults): torch.compile's wrap_triton wants every kernel argument given."""
+    return dict(RMS=rms, HAS_W=weight is not None, W=dummy if weight is None else weight)
 
 
-def _row_chunks(B: int, L: int, BLOCK_R: int, ref: torch.Tensor, row_bytes: int = 0, part_bytes: int = 0):
-    """(chunks per sample, rows per program) for the backward's per-sample partials: enough
-    programs to fill the device, but few enough chunks that the partials (``part_bytes`` per
-    chunk, written and read back) stay within the byte budget of the op's own traffic
-    (``row_bytes`` per row) -- at short sequences (128 tokens) that budget, not the device, decides."""
+# elements per thread of a norm tile (bf16: two 16-byte vectors per tensor), fwd and bwd
+ELEMS_PER_THREAD = 16
+
+
+def _tile(D: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) of the norm kernels: the shared row tile (2048 elements,
+    a whole row), with warps for ELEMS_PER_THREAD elements per thread."""
+    BLOCK_R, BLOCK_D, num_warps = row_config(D)
+    if not interpreting():
+        num_warps = max(2, min(16, BLOCK_R * BLOCK_D // (32 * ELEMS_PER_THREAD)))
+    return BLOCK_R, BLOCK_D, num_warps
+
+
+def _row_chunks(B: int, L: int, BLOCK_R: int, ref: torch.Tensor):
+    """(chunks per sample, rows per program) for the backward's per-sample partials: about
+    four programs per SM in all (half the split-reduction target), whatever B and L are."""
     tiles = max(1, cdiv(L, BLOCK_R))
     if interpreting():
         # Two row tiles per program: the CPU tests then cover both the in-program loop and
         # several partials per sample.
         rows = 2 * BLOCK_R
     else:
-        chunks = max(1, min(tiles, cdiv(target_programs(ref), B)))
-        if part_bytes:
-            chunks = budget_chunks(chunks, part_bytes, L * row_bytes)
+        chunks = max(1, min(tiles, round(target_programs(ref) / 2 / B)))
         rows = cdiv(cdiv(L, chunks), BLOCK_R) * BLOCK_R
     return max(1, cdiv(L, rows)), rows
 
 
-def _bwd_tile(BLOCK_R: int, BLOCK_D: int, num_warps: int) -> tuple[int, int]:
-    """The backward's row tile: twice the forward's elements (up to 4096; 16 warps), so that the
-    fewer programs the partial-byte budget allows still keep enough loads in flight."""
-    while BLOCK_R * BLOCK_D < 4096 and BLOCK_R < 32:
-        BLOCK_R *= 2
-    return BLOCK_R, max(num_warps, min(16, BLOCK_R * BLOCK_D // 256))
-
-
 def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has_ln: bool, rms: bool = False,
-         weight=None):
+         weight=None, config: tuple[int, int, int] | None = None):
+    """``config``: (BLOCK_R, num_warps, rows per program) instead of the rule's
+    (benchmarks/tune_norm.py sweeps it)."""
     ref = grad_out if has_ln else grad_x_new
     B, L, D = ref.shape
     dev = ref.device
-    BLOCK_R, BLOCK_D, num_warps = row_config(D)
-    # (not with four fp32 partial tiles, the residual RMSNorm with a weight: at the larger tile
-    # ptxas spilled on sm_80 in fp32; benchmarks/static_check.py)
-    if not interpreting() and not (has_res and weight is not None):
-        BLOCK_R, num_warps = _bwd_tile(BLOCK_R, BLOCK_D, num_warps)
-    # per row: the [L, D] tensors the backward reads and writes; per chunk: its fp32 partial rows
-    row_bytes = D * ref.element_size() * (6 if has_res and has_ln else 3)
-    part_bytes = D * 4 * (2 * has_ln + has_res + (weight is not None))
-    chunks, rows_per_prog = _row_chunks(B, L, BLOCK_R, ref, row_bytes, part_bytes)
+    BLOCK_R, BLOCK_D, num_warps = _tile(D)
+    chunks, rows_per_prog = _row_chunks(B, L, BLOCK_R, ref)
+    if config is not None:
+        BLOCK_R, num_warps, rows_per_prog = config
+        chunks = cdiv(L, rows_per_prog)
     n_prog = B * chunks
     # Without the LayerNorm, x_new = x + gate * y passes its gradient to x unchanged.
     grad_x = torch.empty_like(x) if has_ln else grad_x_new
@@ -232,7 +237,6 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
     p_gate = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_res else None
     p_shift = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_ln else None
     p_scale = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if has_ln else None
-    p_w = torch.empty((n_prog, D), device=dev, dtype=torch.float32) if weight is not None else None
     dummy = placeholder(ref)
     if n_prog > 0 and D > 0:
         launch(_norm_bwd_kernel)[(n_prog,)](
@@ -244,7 +248,7 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
             dummy if p_scale is None else p_scale,
             L, D, chunks, rows_per_prog,
             HAS_RES=has_res, HAS_LN=has_ln, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
-            **_rms_args(rms, weight, dummy, p_w, bwd=True),
+            **_rms_args(rms, weight, dummy),
         )
 
     def reduce(p, dtype):
@@ -252,9 +256,14 @@ def _bwd(grad_x_new, grad_out, x, y, gate, scale, mean, rstd, has_res: bool, has
 
     g_gate = reduce(p_gate, gate.dtype) if has_res else None
     g_shift = reduce(p_shift, scale.dtype) if has_ln else None
-    g_scale = reduce(p_scale, scale.dtype) if has_ln else None
+    g_scale = reduce(p_scale, scale.dtype if weight is None else torch.float32) if has_ln else None
     if rms:
-        g_w = sum_partials(p_w.view(1, n_prog, D), torch.float32)[0] if weight is not None else None
+        g_w = None
+        if weight is not None:
+            # out = xhat * w * (1 + scale[b]) + shift[b]; with S[b] = sum over the sample's rows of
+            # g * xhat (fp32): grad scale[b] = S[b] * w, grad w = sum_b S[b] * (1 + scale[b])
+            g_w = (g_scale * (1.0 + scale.float())).sum(0)
+            g_scale = (g_scale * weight.float()).to(scale.dtype)
         return grad_x, grad_y, g_gate, g_shift, g_scale, g_w
     return grad_x, grad_y, g_gate, g_shift, g_scale
 
