@@ -41,38 +41,10 @@ def traced_launches():
     ``torch.library.triton_op`` switches wrapping off around a plain call with real tensors)."""
     global _traced
     _traced += 1
-    restore = _target_for_analysis() if interpreting() else None
     try:
         yield
     finally:
         _traced -= 1
-        if restore is not None:
-            restore()
-
-
-class _TargetOnly:
-    """A stand-in for triton's GPU driver, which the interpreter has none of: it answers the one
-    question torch asks while tracing a launch (the compile target, for the kernel's TTIR, from
-    which torch reads which arguments the kernel writes)."""
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 80, 32)
-
-
-def _target_for_analysis():
-    """Under TRITON_INTERPRET=1, lend triton a :class:`_TargetOnly` driver while a body is traced
-    (so the CPU tests run the same write analysis as a GPU); returns how to take it back."""
-    config = triton.runtime.driver
-    if getattr(config, "_active", object()) is not None:  # a real driver, or a triton without that slot
-        return None
-    config._active = _TargetOnly()
-
-    def restore():
-        config._active = None
-
-    return restore
 
 
 def tracing() -> bool:
@@ -106,7 +78,9 @@ def _traceable(kernel):
     # TRITON_INTERPRET=1 (the CPU tests): ``@triton.jit`` made an InterpretedFunction, which
     # ``wrap_triton`` passes through untraced (the graph would then run it on fake tensors).
     # A JITFunction over the same Python function gives the tracer what it reads (argument
-    # names, source, TTIR) and runs the interpreter when the graph launches it.
+    # names, source) and runs the interpreter when the graph launches it. (torch cannot build
+    # its TTIR here, with no GPU target, so it takes every argument of such a launch as written:
+    # correct, with clones of the inputs; on a GPU it reads the kernel's stores.)
     jit = _interpreted_jit.get(id(kernel))
     if jit is None:
         _jit_module(kernel.fn.__globals__)
