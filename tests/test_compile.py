@@ -158,9 +158,32 @@ def _graph_capturing_backend(graphs: list):
 
     def keep(gm, example_inputs):
         graphs.append(gm.code)
+        _check_launch_arguments(gm)
         return make_boxed_func(gm.forward)
 
     return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _check_launch_arguments(gm):
+    """Every kernel launch in the graph names every argument of its kernel: torch builds the
+    kernel with exactly the arguments given to read which ones it writes (on a GPU), and takes
+    all of them as written when one is missing (a default, say)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton.runtime.autotuner import Autotuner
+
+    launches = 0
+    for node in gm.graph.nodes:
+        if "triton_kernel_wrapper" not in str(node.target):
+            continue
+        launches += 1
+        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        given = set(node.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]))
+        while isinstance(kernel, Autotuner):
+            given |= set(kernel.configs[0].kwargs)
+            kernel = kernel.fn
+        missing = [a for a in kernel.arg_names if a not in given]
+        assert not missing, f"{kernel.fn.__name__}: launched without {missing}"
+    return launches
 
 
 class _WriteAnalysisFailures(logging.Handler):
