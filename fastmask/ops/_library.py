@@ -5,7 +5,8 @@ backend's ``<op>_fwd``), ``setup_context(ctx, inputs, output)`` and ``backward(c
 From them come
 
 * a ``torch.library.custom_op`` pair (forward op, backward op) with ``register_fake`` and
-  ``register_autograd``: what ``torch.compile`` traces into its graph without a break; the last
+  ``register_autograd``: what ``torch.compile`` puts into its graph, without a break, for the
+  ``cuda`` backend (an opaque call of its C++ body); the last
   argument names the backend chosen when the op was called, so a compiled graph keeps it;
 * for the Triton backend, the same pair as ``torch.library.triton_op`` ops
   (:func:`compiled_ops` makes both kinds): torch.compile does not call such an op as a black
@@ -24,6 +25,7 @@ and torch.compile handle natively.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable
 
 import torch
@@ -55,10 +57,12 @@ def _triton_op(name: str, fn: Callable):
     schema = torch.library.infer_schema(fn, mutates_args=())
     op = torch.library.triton_op(name, _TracedBody(fn), mutates_args=(), schema=schema)
     # torch finds a triton_op's kernels by reading its source (for the keys of its compile
-    # caches); the launchers hide them from that reading, so every kernel is named here.
+    # caches); the launchers hide them from that reading, so they are named here: those of the
+    # op family's kernel module (fastmask.ops.norm -> fastmask.kernels.norm) and the shared ones.
     registered = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
     if isinstance(registered, dict):
-        registered[name] = kernel_utils.jit_kernels(*_kernel_modules())
+        family = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.kernels.{fn.__module__.rsplit('.', 1)[1]}")
+        registered[name] = kernel_utils.jit_kernels(kernel_utils, family)
     return op
 
 
@@ -75,12 +79,6 @@ class _TracedBody:
 
         with kernel_utils.traced_launches():
             return self.body(*args, **kwargs)
-
-
-def _kernel_modules():
-    from ..kernels import _utils, attention, loss, norm, swiglu, tokens
-
-    return _utils, attention, loss, norm, swiglu, tokens
 
 
 def op_pair(
