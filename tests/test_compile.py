@@ -88,15 +88,31 @@ def _opcheck_cases():
     }
 
 
+@pytest.mark.parametrize("kind", ["custom_op", "triton_op"])
 @pytest.mark.parametrize("name", list(dispatch.OPS))
-def test_opcheck_custom_ops(name):
+def test_opcheck_custom_ops(name, kind):
     """torch.library.opcheck: schema, fake (shape/dtype) functions and autograd registration agree
-    with the real kernels."""
+    with the real kernels; for the cuda backend's custom op (run here with the Triton launchers)
+    and the Triton backend's triton_op (its fake is its body, run with traced launches)."""
     reason = dispatch.why_not("triton", "gather_tokens", [torch.zeros(1)])
     if reason:
         pytest.skip(f"Triton backend unavailable here: {reason}")
     op, args = _opcheck_cases()[name]
+    if kind == "triton_op":
+        op = _triton_op_of(op)
+        assert op is not _opcheck_cases()[name][0]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _triton_op_of(custom):
+    """The triton_op beside a custom op (the same plain functions, the other entry of its table)."""
+    import importlib
+
+    for m in ("attention", "loss", "norm", "tokens", "swiglu"):
+        for v in vars(importlib.import_module(f"fastmask.ops.{m}")).values():
+            if isinstance(v, dict) and v.get("cuda") is custom:
+                return v["triton"]
+    raise LookupError(custom)
 
 
 # ------------------------------------------------------------------ the Triton path under compile
@@ -131,6 +147,8 @@ def _public_cases(device="cpu", dtype=torch.float32):
         "rmsnorm_modulate": (ops.rmsnorm_modulate, (x(), vec(), vec(), r(D))),
         "residual_rmsnorm_modulate": (ops.residual_rmsnorm_modulate, (x(), x(), vec(), vec(), vec(), r(D))),
         "attention": (lambda qkv: ops.attention(qkv, deterministic=False), (r(B, 5, 3, 2, 8),)),
+        # the deterministic backward's kernel pair (dq, then dk/dv)
+        "attention_deterministic": (lambda qkv: ops.attention(qkv, deterministic=True), (r(B, 5, 3, 2, 8),)),
         "attention_rope": (lambda qkv, qw, kw: ops.attention(qkv, rope=rope, ids_keep=ids9, q_norm_weight=qw,
                                                              k_norm_weight=kw),
                            (r(B, 5, 3, 2, 8), r(8), r(8))),
@@ -217,14 +235,14 @@ def _needs_triton():
         pytest.skip(f"Triton backend unavailable here: {reason}")
 
 
-@pytest.mark.parametrize("name", list(dispatch.OPS))
+@pytest.mark.parametrize("name", [*dispatch.OPS, "attention_deterministic"])
 def test_compiled_triton_op_launches_the_kernels_and_matches_eager(name, request):
     """Forward and backward of each op compiled (fullgraph, AOTAutograd, graphs run eagerly) with the
     Triton backend equal the eager call, and the graphs hold the kernels, not the opaque op."""
     _needs_triton()
     from fastmask._env import interpreting
 
-    if name == "attention_rope" and interpreting():
+    if name in ("attention_rope", "attention_deterministic") and interpreting():
         # torch reads which arguments a kernel writes from its TTIR, which it cannot build in the
         # interpreter (no GPU target): it then takes every argument as written, and a backward
         # kernel that "writes" forward inputs (the rotary tables, the norm weights) cannot be
@@ -298,7 +316,7 @@ def test_compiled_training_steps_with_triton_kernels_do_not_recompile():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(dispatch.OPS))
+@pytest.mark.parametrize("name", [*dispatch.OPS, "attention_deterministic"])
 def test_inductor_compiled_triton_ops_match_eager_bf16(name):
     """On a GPU: each op compiled by Inductor (which launches the kernels from its own code) equals
     the eager Triton call in bf16, forward and backward, at small shapes."""
