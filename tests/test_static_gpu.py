@@ -169,3 +169,12 @@ def test_blocks_per_sm_model():
     assert blocks_per_sm(255, 4, 0, 90) == 2  # 256 regs x 128 threads = 32K of 64K
     assert blocks_per_sm(128, 4, 100 * 1024, 90) == 2  # shared memory: 228 KB / 101 KB
     assert blocks_per_sm(128, 4, 100 * 1024, 80) == 1  # 164 KB
+
+
+
+def test_every_launch_passes_every_kernel_argument(report):
+    """Each Triton launch names every parameter of its kernel, defaulted ones included (what
+    torch.compile's wrap_triton needs; static_check.arguments_left_out)."""
+    kernels = {r["kernel"] for r in report["triton"]}
+    assert {"_norm_fwd_kernel", "_norm_bwd_kernel", "_attn_fwd_kernel"} <= kernels, kernels
+    assert report["meta"]["arguments_left_out"] == []

@@ -436,9 +436,7 @@ def attention_rope_fwd(qkv, scale, cos, sin, ids_keep, q_weight, k_weight, eps: 
         qkv, out, lse, scale * LOG2E, L, H, *_buckets(L, B * H),
         *_strides8(qkv, (0, 1, 2)), *_strides8(out, (0, 1)), *ptrs, stride_idb, eps,
     )
-    # the prologue switches on every launch, also off (their defaults): torch.compile's write
-    # analysis of a wrap_triton launch builds the kernel with the arguments given, all of them
-    meta = {**_common_meta(qkv), **consts}
+    meta = {**_common_meta(qkv), **consts}  # every kernel argument named, the prologue's switches too
     _launch("fwd", L, B * H, hd, args, meta)
     return out, lse
 
@@ -488,7 +486,7 @@ def attention_rope_bwd(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_wei
     scale = float(scale)
     strides = (*_strides8(qkv, (0, 1, 2)), *_strides8(grad_out, (0, 1)), *_strides8(dqkv, (0, 1, 2)))
     head = (scale * LOG2E, scale, L, H, *_buckets(L, B * H))
-    meta = {**_common_meta(qkv), **consts}  # the prologue switches always (see attention_rope_fwd)
+    meta = {**_common_meta(qkv), **consts}  # every kernel argument named, the prologue's switches too
 
     def weights():
         if not norm:
