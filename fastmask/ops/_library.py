@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -73,6 +74,11 @@ class _TracedBody:
 
     def __init__(self, fn: Callable):
         self.body = fn
+        # what torch's schema inference reads (torch 2.11 infers the schema itself, even when one
+        # is given): the signature, and the globals its string annotations are resolved in
+        self.__signature__ = inspect.signature(fn)
+        self.__globals__ = fn.__globals__
+        self.__name__, self.__qualname__, self.__module__ = fn.__name__, fn.__qualname__, fn.__module__
 
     def __call__(self, *args, **kwargs):
         from ..kernels import _utils as kernel_utils
