@@ -372,7 +372,7 @@ def test_path_drop_guidance_in_the_edm_sampler_and_refusals():
 def test_train_arch_sprint_trains_and_resumes_exactly(tmp_path):
     """`fastmask train --arch sprint` on the embedded digits (T/2 at 8x8: 16 tokens, 0 + 1 + 1
     blocks): the flow-objective run of tests/test_train.py (finite losses; stopped at step 10, it
-    resumes bit-exactly, the path-drop flags coming from torch's global RNG, saved in checkpoints;
+    resumes bit-exactly, the path-drop flags drawn by the trainer from the (seed, step) generator;
     EDM from the same seed differs), then at ratio 0.75 with logit-normal t: the mask token never
     moves (the trainer switches a mask token's requires_grad on in phase 1), the fusion does."""
     from test_train import test_flow_objective_trains_logs_and_resumes_exactly as flow_run_resumes, tiny_cfg
