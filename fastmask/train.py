@@ -9,7 +9,7 @@ graph or compiled), :mod:`fastmask.phases` (phase and step arithmetic, the sched
 :mod:`fastmask.checkpoint_io` (the checkpoint files).
 
 Reproducibility. Every random draw of a step (label drop, sigma, noise, mask, the VAE
-posterior eps of latents) comes from a generator seeded by (seed, step) and is drawn for the
+posterior eps of latents, SPRINT's path-drop flags) comes from a generator seeded by (seed, step) and is drawn for the
 whole global batch, each rank then taking its slice; the data order is a pure function of
 (seed, epoch) (:mod:`fastmask.data`). So a run is the same after a resume (bit for bit on CPU)
 and the same on 1 or N ranks (to float rounding). The RNG states of torch/Python/NumPy are

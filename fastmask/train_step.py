@@ -33,12 +33,15 @@ def step_randomness(
     latents: bool,
     device,
     t_schedule: str | None = None,
+    path_drop_prob: float = 0.0,
 ) -> dict[str, Tensor | None]:
     """All random draws of global step ``step``, for the whole global batch, from one generator
     seeded by (seed, step): label-drop flags [B], sigma [B], noise [B, C, H, W] (unit, times
     sigma later), ids_keep [B, K] (None at ratio 0) and the latent posterior eps (or None).
     With ``t_schedule`` (the flow objective) the draw in sigma's place is the time t [B]
-    (key ``t``; ``sigma`` is None) and the noise is x0."""
+    (key ``t``; ``sigma`` is None) and the noise is x0. With ``path_drop_prob`` > 0 (SPRINT's),
+    the path-drop flags [B] (bool, key ``path_drop``; else None) are drawn last, so the other
+    draws are the same with or without them."""
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed((seed % 2**31) * 2**32 + step)
     B = global_batch
@@ -52,7 +55,9 @@ def step_randomness(
     tokens = ops.as_strategy(mask_ratio)  # a ratio: MaskDiT's random tokens (or any TokenStrategy)
     ids_keep = None if tokens.keeps_all(num_tokens) else tokens.draw(B, num_tokens, generator=g, device=dev)
     eps = torch.randn((B, *shape), generator=g, device=dev) if latents else None
-    return {"drop": drop, "sigma": sigma, "t": t, "noise": noise, "ids_keep": ids_keep, "eps": eps}
+    path_drop = torch.rand(B, generator=g, device=dev) < path_drop_prob if path_drop_prob > 0 else None
+    return {"drop": drop, "sigma": sigma, "t": t, "noise": noise, "ids_keep": ids_keep, "eps": eps,
+            "path_drop": path_drop}
 
 
 class _LossModule(nn.Module):
@@ -62,10 +67,11 @@ class _LossModule(nn.Module):
         super().__init__()
         self.precond, self.mae_coef = precond, mae_coef
 
-    def forward(self, y, labels, drop, sigma, noise, ids_keep):  # sigma: the times t under flow
+    def forward(self, y, labels, drop, sigma, noise, ids_keep, path_drop=None):  # sigma: the times t under flow
+        kw = {} if path_drop is None else {"path_drop": path_drop}  # SPRINT's flags; other networks get none
         return self.precond.loss_given(
             y, labels, sigma, noise, ids_keep, mae_coef=self.mae_coef, force_drop_ids=drop, check_ids=False,
-            check_sigma=False,
+            check_sigma=False, **kw,
         )
 
 
@@ -150,7 +156,8 @@ class TrainingStep:
             self._in_update = True  # in place from the start of the step (a graph replays it as one)
             if self._graphs is not None:
                 y, ids_keep = inputs["y"], inputs["ids_keep"]
-                key = (tuple(y.shape), None if ids_keep is None else tuple(ids_keep.shape), inputs["labels"] is None)
+                key = (tuple(y.shape), None if ids_keep is None else tuple(ids_keep.shape), inputs["labels"] is None,
+                       inputs["path_drop"] is None)
                 self._graphs.run(key, self._whole_step, inputs)
             else:
                 self._whole_step(**inputs)
@@ -175,6 +182,7 @@ class TrainingStep:
             self.data.kind == "latents",
             dev,
             cfg.t_schedule if cfg.objective == "flow" else None,
+            self.net.path_drop_prob,  # SPRINT's path-drop flags, drawn with the rest (0: none)
         )
         level = rnd["t"] if cfg.objective == "flow" else rnd["sigma"]
         per = cfg.batch_size // self.world
@@ -185,11 +193,12 @@ class TrainingStep:
         y = y.to(dev, non_blocking=True)
         labels = labels.to(dev, non_blocking=True) if self.num_classes > 0 else None
         ids_keep = rnd["ids_keep"][sl] if rnd["ids_keep"] is not None else None
+        path_drop = rnd["path_drop"][sl] if rnd["path_drop"] is not None else None
         self._set_hyperparameters(lr, ema_decay_at(cfg, step))
         return {"y": y, "labels": labels, "drop": rnd["drop"][sl], "sigma": level[sl], "noise": rnd["noise"][sl],
-                "ids_keep": ids_keep}
+                "ids_keep": ids_keep, "path_drop": path_drop}
 
-    def _whole_step(self, y, labels, drop, sigma, noise, ids_keep) -> None:
+    def _whole_step(self, y, labels, drop, sigma, noise, ids_keep, path_drop=None) -> None:
         """Forward, backward, gradient clipping, AdamW and the EMA update of one step, every
         effect in place (what :class:`fastmask.step_graph.StepGraphs` captures)."""
         amp = self.amp and self.device.type == "cuda"
@@ -197,7 +206,7 @@ class TrainingStep:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self._graphs is None) if amp else \
             contextlib.nullcontext()
         with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
-            loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep)
+            loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep, path_drop)
             mean, bad, bad_val, acc = self._tally(loss, dsm, mae, self._step_t, self._bad, self._bad_val, self._acc)
         self._bad.copy_(bad)
         self._bad_val.copy_(bad_val)
@@ -234,17 +243,17 @@ class TrainingStep:
         with ctx, ops.checks.trusted_values():  # labels checked at start-up, ids and sigmas drawn here
             mean, bad, bad_val, acc = self._step_fn(
                 inputs["y"], inputs["labels"], inputs["drop"], inputs["sigma"], inputs["noise"], inputs["ids_keep"],
-                self._step_t, self._bad, self._bad_val, self._acc,
+                inputs["path_drop"], self._step_t, self._bad, self._bad_val, self._acc,
             )
         # keep the running state out of the CUDA-graph memory pool
         self._bad, self._bad_val, self._acc = bad.clone(), bad_val.clone(), acc.clone()
         self._update(mean)
 
-    def device_step(self, y, labels, drop, sigma, noise, ids_keep, step_t, bad, bad_val, acc):
+    def device_step(self, y, labels, drop, sigma, noise, ids_keep, path_drop, step_t, bad, bad_val, acc):
         """The device work of one step before the backward pass: the loss (returned as the batch
         mean, to differentiate) and the bookkeeping that replaces a per-step host sync
         (:meth:`_tally`). Traceable by ``torch.compile(fullgraph=True)``."""
-        loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep)
+        loss, dsm, mae = self._loss_module(y, labels, drop, sigma, noise, ids_keep, path_drop)
         return self._tally(loss, dsm, mae, step_t, bad, bad_val, acc)
 
     def _set_hyperparameters(self, lr: float, decay: float) -> None:

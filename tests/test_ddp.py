@@ -39,7 +39,8 @@ def _worker(rank: int, world: int, port: int, out: str, arch: str):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["maskdit", "tread"])  # TREAD: routed ids drawn for the global batch, sliced
+# TREAD: routed ids drawn for the global batch, sliced; SPRINT: its path-drop flags too
+@pytest.mark.parametrize("arch", ["maskdit", "tread", "sprint"])
 def test_two_gloo_ranks_match_one_process(tmp_path, arch):
     from fastmask.checkpoint_io import load_checkpoint
     from fastmask.train import train

@@ -372,7 +372,7 @@ def test_path_drop_guidance_in_the_edm_sampler_and_refusals():
 def test_train_arch_sprint_trains_and_resumes_exactly(tmp_path):
     """`fastmask train --arch sprint` on the embedded digits (T/2 at 8x8: 16 tokens, 0 + 1 + 1
     blocks): the flow-objective run of tests/test_train.py (finite losses; stopped at step 10, it
-    resumes bit-exactly, the path-drop flags coming from torch's global RNG, saved in checkpoints;
+    resumes bit-exactly, the path-drop flags drawn by the trainer from the (seed, step) generator;
     EDM from the same seed differs), then at ratio 0.75 with logit-normal t: the mask token never
     moves (the trainer switches a mask token's requires_grad on in phase 1), the fusion does."""
     from test_train import test_flow_objective_trains_logs_and_resumes_exactly as flow_run_resumes, tiny_cfg
@@ -387,6 +387,65 @@ def test_train_arch_sprint_trains_and_resumes_exactly(tmp_path):
     assert torch.equal(full.net.model.mask_token, first.net.model.mask_token)
     assert torch.equal(full.ema.model.mask_token, first.net.model.mask_token)
     assert not torch.equal(full.net.model.fusion.weight, first.net.model.fusion.weight)
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_trainer_passes_the_path_drop_flags_it_draws(tmp_path, monkeypatch, graphed):
+    """The trainer draws the path-drop flags with the step's randomness (at the network's
+    path_drop_prob) and the network gets exactly those, in both phases, eagerly and through the
+    step graph's buffers (CPU emulation); it never draws its own. At probability 1 every sample's
+    deep path is dropped: the run equals a probability-0 run whose network is handed all-True
+    flags (the other draws unchanged), and differs from a plain probability-0 run."""
+    from test_train import _all_state, _assert_bit_equal, tiny_cfg
+
+    from fastmask import step_graph, train_step
+    from fastmask.train import Trainer
+
+    monkeypatch.setattr(step_graph, "CPU_EMULATION", graphed)
+    kw = dict(arch="sprint", steps=3, finetune_steps=2, log_every=1, mask_ratio=0.75, cuda_graph=graphed)
+    drawn, got = [], []
+    real_draw, real_fwd = train_step.step_randomness, SPRINT.forward_tokens
+
+    def draw(*a, **k):
+        r = real_draw(*a, **k)
+        drawn.append(r["path_drop"])
+        return r
+
+    def fwd(self, *a, **k):
+        assert k.get("path_drop") is not None, "the network was left to draw its own flags"
+        got.append(k["path_drop"].clone())
+        return real_fwd(self, *a, **k)
+
+    def run(out, prob):
+        tr = Trainer(tiny_cfg(tmp_path / out, **kw), progress=False)
+        try:
+            tr.net.model.path_drop_prob = prob
+            tr.run()
+        finally:
+            tr.close()
+        assert (tr.summary()["step_graph"] == "on") == graphed
+        return tr
+
+    monkeypatch.setattr(train_step, "step_randomness", draw)
+    monkeypatch.setattr(SPRINT, "forward_tokens", fwd)
+    run("half", 0.5)
+    assert len(drawn) == len(got) == 5
+    for d, g in zip(drawn, got):
+        assert d.shape == (8,) and torch.equal(d, g)
+    assert any(d.any() for d in drawn) and not all(d.all() for d in drawn)  # p = 0.5: some of each
+    drawn.clear(), got.clear()
+    every = run("one", 1.0)
+    assert all(d.all() for d in drawn) and len(got) == 5
+
+    def forced(self, *a, **k):  # no flags from the trainer (probability 0): all-True ones made here
+        assert "path_drop" not in k
+        return real_fwd(self, *a, path_drop=torch.ones(a[0].shape[0], dtype=torch.bool), **k)
+
+    monkeypatch.setattr(SPRINT, "forward_tokens", forced)
+    _assert_bit_equal(_all_state(every), _all_state(run("forced", 0.0)))  # the flags come last: the rest is equal
+    monkeypatch.setattr(SPRINT, "forward_tokens", real_fwd)
+    assert not torch.equal(_all_state(every)["model.model.fusion.weight"],
+                           _all_state(run("none", 0.0))["model.model.fusion.weight"])
 
 
 def test_cli_train_arch_sprint_then_sample_with_path_drop_guidance(tmp_path, capsys):

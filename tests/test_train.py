@@ -239,6 +239,36 @@ def test_step_randomness_flow_draws_t_in_sigmas_place():
     assert not torch.equal(r["t"], other["t"])
 
 
+@pytest.mark.parametrize("latents,t_schedule", [(False, None), (True, "uniform")])
+def test_step_randomness_draws_path_drop_flags_last(latents, t_schedule):
+    """SPRINT's path-drop flags come after every other draw: with or without them the other keys
+    are the draws of the (seed, step) generator in the order label-drop, sigma or t, noise,
+    ids_keep, eps (written out here), and the flags are the next uniforms below the probability."""
+    from fastmask import ops
+    from fastmask.models import draw_sigma, draw_t
+
+    B, shape, N, seed, step = 4000, (1, 2, 2), 16, 5, 7
+    args = (seed, step, B, shape, N, 0.5, 0.1, latents, "cpu", t_schedule)
+    g = torch.Generator().manual_seed(seed * 2**32 + step)
+    want = {"drop": torch.rand(B, generator=g) < 0.1, "sigma": None, "t": None}
+    want["t" if t_schedule else "sigma"] = (draw_t(B, schedule=t_schedule, generator=g) if t_schedule
+                                            else draw_sigma(B, generator=g))
+    want["noise"] = torch.randn((B, *shape), generator=g)
+    want["ids_keep"] = ops.as_strategy(0.5).draw(B, N, generator=g)
+    want["eps"] = torch.randn((B, *shape), generator=g) if latents else None
+    flags = torch.rand(B, generator=g) < 0.3
+    plain, sprint = step_randomness(*args), step_randomness(*args, path_drop_prob=0.3)
+    assert plain["path_drop"] is None and step_randomness(*args, path_drop_prob=0.0)["path_drop"] is None
+    for r in (plain, sprint):
+        assert set(r) == set(want) | {"path_drop"}
+        for k, v in want.items():
+            assert (r[k] is None) == (v is None), k
+            assert v is None or torch.equal(r[k], v), k
+    assert sprint["path_drop"].dtype == torch.bool and torch.equal(sprint["path_drop"], flags)
+    assert abs(sprint["path_drop"].float().mean().item() - 0.3) < 0.03
+    assert step_randomness(*args, path_drop_prob=1.0)["path_drop"].all()
+
+
 class _FakeClock:
     """``time`` for fastmask.train with a perf_counter that advances 0.5 s per call: every
     step then takes exactly 0.5 s of training time, the same in every run."""

@@ -35,9 +35,10 @@ def test_host_reads_the_device_once_per_log_interval_and_names_the_first_bad_ste
     assert calls == [4, 8]  # found at the second read, still naming step 5
 
 
-def test_training_step_compiles_with_fullgraph_on_cpu(tmp_path):
+@pytest.mark.parametrize("arch", ["maskdit", "sprint"])  # SPRINT: the path-drop flags are one more input
+def test_training_step_compiles_with_fullgraph_on_cpu(tmp_path, arch):
     torch._dynamo.reset()
-    cfg = dict(steps=3, finetune_steps=0, log_every=3)
+    cfg = dict(steps=3, finetune_steps=0, log_every=3, arch=arch)
     eager = train(tiny_cfg(tmp_path / "e", **cfg), progress=False)
     compiled = train(tiny_cfg(tmp_path / "c", **cfg), progress=False, compile_step={"backend": "aot_eager"})
     a, b = _all_state(eager), _all_state(compiled)

@@ -46,11 +46,14 @@ class Preconditioner(nn.Module):
     def _forward_tokens(self, xin, level, class_labels, mask_ratio, ids_keep, generator, **kw):
         """The network's output tokens (and mask) on input ``xin`` at noise input ``level``."""
         drop = kw.pop("force_drop_ids", None)
+        path_drop = kw.pop("path_drop", None)
         kw = dict(mask_ratio=mask_ratio, ids_keep=ids_keep, generator=generator, **kw)
         if mask_ratio == 0 and ids_keep is None:  # plain DiT takes no masking arguments
             kw = {}
         if drop is not None:
             kw["force_drop_ids"] = drop
+        if path_drop is not None:  # SPRINT's path-drop flags (only a SPRINT is given them)
+            kw["path_drop"] = path_drop
         out = self.model.forward_tokens(xin, level, class_labels, **kw)
         return out if isinstance(out, tuple) else (out, None)
 
@@ -64,6 +67,12 @@ class Preconditioner(nn.Module):
         own = getattr(self.model, "token_strategy", None)
         return own(mask_ratio) if own is not None else ops.as_strategy(mask_ratio)
 
+    @property
+    def path_drop_prob(self) -> float:
+        """The training probability that a sample's deep path is dropped: the network's own
+        (SPRINT's ``path_drop_prob``), else 0 (the trainer then draws no path-drop flags)."""
+        return float(getattr(self.model, "path_drop_prob", 0.0) or 0.0)
+
     def _check_given(self, y: Tensor, noise: Tensor, ids_keep: Tensor | None, check_ids: bool) -> None:
         """loss_given's structural checks (and, with ``check_ids``, the ids' values: a sync)."""
         if y.dim() != 4 or y.shape[0] == 0:
@@ -72,12 +81,14 @@ class Preconditioner(nn.Module):
             checks.ids("ids_keep", ids_keep, y.shape[0], self.model.num_patches)
         checks.tensor("noise", noise, shape=tuple(y.shape))
 
-    def _mean_tokens(self, xin, level, class_labels, ids_keep, force_drop_ids, channels: int):
+    def _mean_tokens(self, xin, level, class_labels, ids_keep, force_drop_ids, channels: int, path_drop=None):
         """The network's output tokens on the kept ``ids_keep`` (checked already) and the mask;
-        of a learned-sigma network, the mean channels only."""
+        of a learned-sigma network, the mean channels only. ``path_drop`` [B]: SPRINT's flags."""
         kw = {} if ids_keep is None else {"check_ids": False}
         if force_drop_ids is not None:
             kw["force_drop_ids"] = force_drop_ids
+        if path_drop is not None:
+            kw["path_drop"] = path_drop
         F_tokens, mask = self._network(xin, level, class_labels, 0.0, ids_keep, None, **kw)
         p = self.model.patch_size
         if F_tokens.shape[-1] != p * p * channels:  # learned sigma (DiT, SiT): keep the mean channels
@@ -175,10 +186,12 @@ class EDMPrecond(Preconditioner):
         force_drop_ids: Tensor | None = None,
         check_ids: bool = True,
         check_sigma: bool = True,
+        path_drop: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The MaskDiT objective with every random draw given: sigma [B], noise [B, C, H, W]
         (unit variance), ids_keep [B, K] or None, and optionally the label-drop flags
-        ``force_drop_ids`` [B]. x_noisy = y + sigma * noise; the network sees x_noisy with only the
+        ``force_drop_ids`` [B] and a SPRINT's path-drop flags ``path_drop`` [B] (None: the
+        network draws its own in train mode). x_noisy = y + sigma * noise; the network sees x_noisy with only the
         kept tokens; DSM on the kept tokens + mae_coef * MAE on the dropped ones, in token space,
         by the fused op :func:`fastmask.ops.dsm_mae_loss`. Returns (loss, dsm, mae), each [B].
         (:meth:`loss` draws them: ln(sigma) ~ N(P_mean, P_std^2).)
@@ -191,7 +204,7 @@ class EDMPrecond(Preconditioner):
         sigma = _sigma(sigma, y, check=check_sigma)
         x_noisy = y.float() + noise.float() * sigma.view(-1, 1, 1, 1)
         F_tokens, mask = self._mean_tokens(
-            x_noisy.to(y.dtype), sigma, class_labels, ids_keep, force_drop_ids, y.shape[1]
+            x_noisy.to(y.dtype), sigma, class_labels, ids_keep, force_drop_ids, y.shape[1], path_drop
         )
         p = self.model.patch_size
         return ops.dsm_mae_loss(

@@ -98,9 +98,11 @@ class FlowPrecond(Preconditioner):
         force_drop_ids: Tensor | None = None,
         check_ids: bool = True,
         check_sigma: bool = True,
+        path_drop: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The objective with every draw given: t [B] in [0, 1], noise x0 [B, C, H, W],
-        ids_keep [B, K] or None, ``force_drop_ids`` [B]. Returns (loss, fm, mae), each [B]:
+        ids_keep [B, K] or None, ``force_drop_ids`` [B], a SPRINT's path-drop flags
+        ``path_drop`` [B] (None: the network draws its own in train mode). Returns (loss, fm, mae), each [B]:
         fm = mean over kept tokens of mean_p (v - (x1 - x0))^2 (SiT's loss on every token when
         nothing is dropped), mae as below; loss = fm + mae_coef * mae (fused op, one pass).
 
@@ -121,7 +123,8 @@ class FlowPrecond(Preconditioner):
         tv = t.view(-1, 1, 1, 1)
         x1, x0 = y.float(), noise.float()
         x_t = tv * x1 + (1 - tv) * x0
-        F_tokens, mask = self._mean_tokens(x_t.to(y.dtype), t, class_labels, ids_keep, force_drop_ids, y.shape[1])
+        F_tokens, mask = self._mean_tokens(x_t.to(y.dtype), t, class_labels, ids_keep, force_drop_ids, y.shape[1],
+                                           path_drop)
         p = self.model.patch_size
         return ops.dsm_mae_loss(
             F_tokens,

@@ -49,9 +49,11 @@ random tokens, K = int(N (1 - r)). Kept ids are not sorted.
 Path-drop (training only, ``path_drop_prob`` 0.1 as ``cfg_mask_prob``): per sample, with that
 probability, the whole restored deep output is replaced by the mask token before the fusion,
 independently of label dropout; it stays on in the dense fine-tune (mask ratio 0), as in the
-official code. Flags come from ``generator`` when given, else from torch's global RNG (the
-official code's ``torch.rand``; the trainer saves and restores that state, so a resume is exact);
-``path_drop=`` [B] gives them explicitly, in any mode.
+official code. ``path_drop=`` [B] gives them explicitly, in any mode: the trainer draws them for
+the global batch with the step's other randomness (:func:`fastmask.train_step.step_randomness`,
+at this network's ``path_drop_prob``) and passes each rank its share, so a distributed run equals
+the one-process run. Without them, in train mode, flags come from ``generator`` when given, else
+from torch's global RNG (the official code's ``torch.rand``).
 
 Inference: in eval mode nothing is dropped (no tokens, no path-drop) unless ``ids_keep`` or
 ``path_drop`` are passed: the middle blocks see all N tokens and the fusion gets the dense deep
