@@ -766,8 +766,30 @@ def run(dtypes, archs, defaults_only=False, with_cuda=True, jobs=None, ops=None)
         "sources": kernel_sources_hash(),
         "bytes": byte_count(dtypes),
         "arguments_left_out": arguments_left_out(launches),
+        "floats_not_fp32": floats_not_fp32(launches),
     }
     return rows, cuda_rows, meta
+
+
+def floats_not_fp32(launches) -> list[str]:
+    """``kernel: parameter`` for each float argument a kernel uses as it arrives. Triton's own
+    launcher passes a Python float as fp32, torch.compile's as fp64, which promoted the attention
+    kernel's loop-carried accumulators to fp64 and failed its compile (torch 2.11, H200): each
+    kernel takes its float arguments as ``tl.full([], name, tl.float32)`` first."""
+    import re
+
+    out = set()
+    for ln in launches:
+        names = ln.fn.arg_names
+        given = dict(zip(names, ln.args))
+        given.update({k: v for k, v in ln.kwargs.items() if k in names})
+        src = ln.fn.src
+        constexprs = {names[i] for i in ln.fn.constexprs}
+        for n, v in given.items():
+            if isinstance(v, float) and n not in constexprs and not re.search(
+                    rf"tl\.full\(\[\],\s*{re.escape(n)},\s*tl\.float32\)", src):
+                out.add(f"{ln.fn.__name__}: {n}")
+    return sorted(out)
 
 
 def arguments_left_out(launches) -> list[str]:

@@ -178,3 +178,10 @@ def test_every_launch_passes_every_kernel_argument(report):
     kernels = {r["kernel"] for r in report["triton"]}
     assert {"_norm_fwd_kernel", "_norm_bwd_kernel", "_attn_fwd_kernel"} <= kernels, kernels
     assert report["meta"]["arguments_left_out"] == []
+
+
+def test_float_arguments_are_taken_as_fp32(report):
+    """Each kernel casts its float arguments to fp32 before use: torch.compile's launcher passes
+    Python floats as fp64 (Triton's as fp32), which would turn fp32 math into fp64 (and broke the
+    attention kernel's compile on a GPU); static_check.floats_not_fp32."""
+    assert report["meta"]["floats_not_fp32"] == []

@@ -358,6 +358,9 @@ def _attn_fwd_kernel(
     PRO: tl.constexpr = False, ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False,
     GATHER: tl.constexpr = False,
 ):
+    # float arguments in fp32 (torch.compile's launcher passes Python floats as fp64)
+    qk_scale = tl.full([], qk_scale, tl.float32)
+    eps = tl.full([], eps, tl.float32)
     offs_m, pid_bh, b, h, q_base, k_base, v_base, o_off = _program_start(
         QKV, L, H, stride_b8, stride_38, stride_ob8, HD, BLOCK_M
     )
@@ -437,6 +440,9 @@ def _attn_bwd_dq_kernel(
     PRO: tl.constexpr = False, ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False,
     GATHER: tl.constexpr = False,
 ):
+    qk_scale = tl.full([], qk_scale, tl.float32)
+    scale = tl.full([], scale, tl.float32)
+    eps = tl.full([], eps, tl.float32)
     offs_m, pid_bh, b, h, q_base, k_base, v_base, o_off = _program_start(
         QKV, L, H, stride_b8, stride_38, stride_ob8, HD, BLOCK_M
     )
@@ -544,6 +550,9 @@ def _attn_bwd_dkdv_kernel(
     PRO: tl.constexpr = False, ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False,
     GATHER: tl.constexpr = False,
 ):
+    qk_scale = tl.full([], qk_scale, tl.float32)
+    scale = tl.full([], scale, tl.float32)
+    eps = tl.full([], eps, tl.float32)
     # Works on transposed scores (keys x queries) so that dk, dv accumulate as [BLOCK_N, hd].
     offs_n, pid_bh, b, h, q_base, k_base, v_base, o_off = _program_start(
         QKV, L, H, stride_b8, stride_38, stride_ob8, HD, BLOCK_N
@@ -648,6 +657,7 @@ def _attn_bwd_qchain_kernel(
     BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr,
     ROPE: tl.constexpr, QK_NORM: tl.constexpr, GATHER: tl.constexpr,
 ):
+    eps = tl.full([], eps, tl.float32)
     # The one-pass backward with a prologue: dq of the rotated / normalised q, summed in fp32
     # by the dk/dv kernel's atomics, chained back to the raw q once every addition is done.
     offs_m, pid_bh, b, h, q_base, _k, _v, _o = _program_start(QKV, L, H, stride_b8, stride_38, 0, HD, BLOCK_M)
