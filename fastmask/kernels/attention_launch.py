@@ -304,8 +304,9 @@ def _launch(kind: str, L: int, BH: int, hd: int, args: tuple, meta: dict) -> Non
         grid = lambda META: (cdiv(L, META[grid_dim]) * BH,)  # noqa: E731
         launch(_tuned_kernel(kind))[grid](*args, **meta)
         return
-    key = (kind, _l_bucket(L), hd, qkv.dtype, qkv.device.index, pro)
-    if key in _fixed_choice:
+    # (a length that torch.compile traces symbolically is no dictionary key: the first candidate runs)
+    key = (kind, _l_bucket(L), hd, qkv.dtype, qkv.device.index, pro) if isinstance(L, int) else None
+    if key is not None and key in _fixed_choice:
         run(*_fixed_choice[key])
         return
     if tracing():  # torch.compile records the launch: no OutOfResources to catch (nor to cache) here

@@ -355,14 +355,18 @@ def compile_model(model, scope: str = "blocks"):
     ``blocks``: each transformer block (regional compilation: identical blocks share one
     compiled graph, so compiling is quick): the block lists ``blocks``, ``decoder_blocks`` and
     ``mixer_blocks`` (MicroDiT's patch mixer); ``model``: the whole network forward.
+
+    Static shapes (``dynamic=False``): the encoder's blocks (K kept tokens) and the decoder's
+    (N tokens) each get a graph of their own at their first call, instead of the second shape
+    turning the shared graph symbolic (slower code, and the launch plans key on shapes).
     """
     net = getattr(model, "model", model)
     if scope == "blocks":
         for name in ("blocks", "decoder_blocks", "mixer_blocks"):
             for blk in getattr(net, name, []):
-                blk.compile()
+                blk.compile(dynamic=False)
     elif scope == "model":
-        net.forward_tokens = torch.compile(net.forward_tokens)
+        net.forward_tokens = torch.compile(net.forward_tokens, dynamic=False)
     else:
         raise ValueError(f"compile scope: expected 'blocks' or 'model', got {scope!r}")
     return model
