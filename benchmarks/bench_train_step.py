@@ -241,7 +241,7 @@ def test_train_step(case: StepCase, benchmark, ceilings, bench_env, result_row):
         flops=flops["train_step"],
         tflops=tflops,
         mfu_pct=100.0 * tflops / ceilings["matmul_tflops"],
-        tokens=flops["tokens"],
+        tokens=flops.get("tokens"),  # DiT and MaskDiT (counted by formula); traced families: none
         backends=common.backends_field(ran),
         attn_autotune=os.environ.get("FASTMASK_ATTN_AUTOTUNE", "1") != "0",
     )

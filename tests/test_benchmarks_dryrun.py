@@ -91,6 +91,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert head == ["maskdit-fastmask", "maskdit-fastmask-graph", "dit-torch", "maskdit-torch-graph",
                     "maskdit-fastmask-compile", "maskdit-torch-compile", "maskdit-torch",
                     "dit-torch-compile", *families]  # ordered by value, compiled and graphed rows included
+    assert not [r for r in steps if r["status"] == "failed"], [(r["variant"], r.get("error")) for r in steps]
     ok = [r for r in steps if r["status"] == "ok"]
     assert {(r["variant"], r["mask_ratio"]) for r in ok} >= {("dit-torch", 0.0), ("maskdit-torch", 0.5)}
     assert all(r["images_per_s"] > 0 and r["flops"] > 0 and r["mfu_pct"] > 0 for r in ok)

@@ -498,7 +498,10 @@ def attention_rope_bwd(grad_out, qkv, out, lse, scale, cos, sin, ids_keep, q_wei
     # the dq atomics, plus the rotated q tiles) spilled on sm_90 and sm_80 in every config tried
     # down to 16 x 16 tiles on 8 warps (benchmarks/static_check.py --ops attention_rope): those
     # launches take the deterministic pair, which fits.
-    if use_deterministic(deterministic) or (pro and sum(head_dim_split(hd)) > 64):
+    # Under torch.compile (traced launches) the deterministic pair runs too: Inductor's compiled
+    # one-pass backward gave a wrong dq on an H200 (torch 2.11; tests/test_compile.py, GPU), the
+    # pair matched eager.
+    if use_deterministic(deterministic) or tracing() or (pro and sum(head_dim_split(hd)) > 64):
         # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
         _launch("dq", L, B * H, hd, (qkv, grad_out, out, lse, delta, dqkv, *head, *strides,
                                      *ptrs, p_dq, stride_idb, eps), meta)
