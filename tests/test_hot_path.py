@@ -83,6 +83,43 @@ def test_a_backend_block_overrides_a_cached_choice():
         assert ran["gated_residual"] == {"triton"}
 
 
+@needs_triton
+def test_block_requests_follow_nesting_threads_and_reloads(monkeypatch):
+    """Inside backend() blocks a call's request is cached per thread until the block stack
+    changes: nested and closed blocks, a block open in another thread only, and a new read of
+    the environment inside a block all give the request that applies."""
+    import threading
+
+    x, y, g = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8)
+
+    def ran_on(**kw):
+        with ops.record_choices() as ran:
+            ops.gated_residual(x, y, g, **kw)
+            ops.gated_residual(x, y, g, **kw)  # the second call comes from the caches
+        return ran["gated_residual"]
+
+    with fastmask.backend("torch"):
+        assert ran_on() == {"torch"}
+        with fastmask.backend(gated_residual="triton"):
+            assert ran_on() == {"triton"}
+            with fastmask.backend(attention="torch"):  # another op's block: this op's request holds
+                assert ran_on() == {"triton"}
+        assert ran_on() == {"torch"}
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(ran_on()))  # no block in that thread
+        t.start()
+        t.join()
+        assert seen == [{"torch"}]  # the automatic choice on CPU tensors
+    with fastmask.backend(attention="torch"):  # a block that leaves this op to the environment
+        assert ran_on() == {"torch"}
+        monkeypatch.setenv("FASTMASK_BACKEND", "triton")
+        ops.reload_environment()
+        assert ran_on() == {"triton"}
+    monkeypatch.delenv("FASTMASK_BACKEND")
+    ops.reload_environment()
+    assert ran_on() == {"torch"}
+
+
 def test_the_environment_is_read_at_reload_not_per_call(monkeypatch):
     x, y, g = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8)
     ops.gated_residual(x, y, g)

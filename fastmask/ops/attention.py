@@ -71,7 +71,7 @@ _ATTN = eager_function(
 )
 
 
-@dispatch.signature
+@dispatch.signature("attention")
 def _attention_signature(qkv, scale):
     return (
         qkv.shape, qkv.dtype, qkv.device, scale,
@@ -189,7 +189,7 @@ def _meta(t):
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-@dispatch.signature
+@dispatch.signature("attention_rope")
 def _attention_rope_signature(qkv, scale, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps):
     if rope is not None and not (isinstance(rope, (tuple, list)) and len(rope) == 2):
         return None  # the checks say what is wrong
@@ -201,8 +201,7 @@ def _attention_rope_signature(qkv, scale, rope, ids_keep, q_norm_weight, k_norm_
 
 def _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps):
     """:func:`attention` with the prologue; its checks and backend choice run once per signature."""
-    sig = _attention_rope_signature(qkv, scale, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps)
-    backend = dispatch.planned("attention_rope", sig)
+    sig, backend = _attention_rope_signature(qkv, scale, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps)
     if backend is None:
         checks.tensor("qkv", qkv, ndim=5, floating=True)
         if qkv.shape[2] != 3:
@@ -260,9 +259,8 @@ def attention(
     """
     if rope is not None or ids_keep is not None or q_norm_weight is not None or k_norm_weight is not None:
         return _attention_rope(qkv, scale, deterministic, rope, ids_keep, q_norm_weight, k_norm_weight, qk_norm_eps)
-    sig = _attention_signature(qkv, scale)
+    sig, backend = _attention_signature(qkv, scale)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("attention", sig)
     if backend is None:
         checks.tensor("qkv", qkv, ndim=5, floating=True)
         if qkv.shape[2] != 3:

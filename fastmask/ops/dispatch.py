@@ -22,9 +22,10 @@ tensors each skipped backend is reported once per (op, reason) with a
 :func:`record_choices` shows which backend each op actually ran on; ``fastmask info`` prints
 the choice and the reasons for a model config without running it.
 
-The public ops ask :func:`planned` first: a call whose signature (shapes, dtypes, devices, scalar
-arguments) was checked and dispatched before gets the same backend from a dictionary, without
-running its checks or computing reasons again (:func:`plan` stores a new signature's choice).
+The public ops look their call up first (:func:`signature`): a call whose signature (shapes,
+dtypes, devices, scalar arguments) was checked and dispatched before gets the same backend from
+a dictionary, without running its checks or computing reasons again (:func:`plan` stores a new
+signature's choice).
 """
 from __future__ import annotations
 
@@ -125,11 +126,13 @@ def backend(name: str | None = None, **per_op: str):
     if stack is None:
         stack = _local.stack = []
     stack.append(frame)
+    _local.resolved = {}  # requested()'s answers for this stack
     _open_frames += 1
     try:
         yield
     finally:
         stack.pop()
+        _local.resolved = {}
         _open_frames -= 1
 
 
@@ -137,13 +140,38 @@ def requested(op: str) -> str:
     """The backend asked for ``op`` by the context manager or the environment ("auto" if none)."""
     stack = getattr(_local, "stack", None)
     if stack:
-        for frame in reversed(stack):
-            if op in frame:
-                return frame[op]
-            if "*" in frame:
-                return frame["*"]
+        name = _from_stack(stack, op)
+        if name is not None:
+            return name
+    return _env_choice(op)
+
+
+def _env_choice(op: str) -> str:
     env = _env_request()
     return env.get(op) or env.get("*", "auto")
+
+
+def _requested_eagerly(op: str) -> str:
+    """:func:`requested` for an eager call while a backend() block is open: the blocks' answer
+    is kept per thread until its block stack changes (never while torch.compile traces: it would
+    guard on the cache)."""
+    stack = getattr(_local, "stack", None)
+    if not stack:  # a block open in another thread only
+        return _env_choice(op)
+    resolved = _local.resolved  # ("": no block of this thread names the op)
+    name = resolved.get(op)
+    if name is None:
+        name = resolved[op] = _from_stack(stack, op) or ""
+    return name or _env_choice(op)
+
+
+def _from_stack(stack: list, op: str) -> str | None:
+    for frame in reversed(stack):
+        if op in frame:
+            return frame[op]
+        if "*" in frame:
+            return frame["*"]
+    return None
 
 
 # FASTMASK_BACKEND parsed once per environment snapshot (fastmask._env), not per call; a bad
@@ -173,59 +201,59 @@ def _env_request() -> dict[str, str]:
 # signature skips both (a dictionary look-up instead of ~10-40 us of Python), so the hot path
 # reads no environment, computes no reasons and runs no structural check. Data-dependent checks
 # (ids range, NaN sigma) are not part of it: they run per call unless trusted or switched off.
-_plans: dict[tuple, str] = {}
-_PLANS_MAX = 4096  # a safety bound for programs that call with ever new shapes
+# op -> {signature (or (requested backend, signature) inside a backend() block): backend}
+_plans: dict[str, dict] = {}
+_PLANS_MAX = 4096  # a safety bound per op, for programs that call with ever new shapes
+_NOT_PLANNED = (None, None)
+_is_compiling = torch.compiler.is_compiling
 
 
-def signature(fn):
-    """Decorator of an op's signature function (the tuple its checks and its backend choice
-    depend on: shapes, dtypes, devices, scalar arguments). The wrapped function returns None
-    under torch.compile (a traced call is checked and dispatched while tracing) and for
-    arguments that are not tensors (the op's checks then say which argument)."""
+def signature(op: str):
+    """Decorator of ``op``'s signature function (the tuple its checks and its backend choice
+    depend on: shapes, dtypes, devices, scalar arguments). The decorated function returns
+    ``(signature, backend chosen before for it or None)``: one call and one dictionary look-up on
+    the hot path. The signature is None under torch.compile (a traced call is checked and
+    dispatched while tracing) and for arguments that are not tensors (the op's checks then say
+    which argument); :func:`plan` stores a new signature's choice."""
+    table = _plans.setdefault(op, {})
 
-    @functools.wraps(fn)
-    def sig(*args):
-        if torch.compiler.is_compiling():
-            return None
-        try:
-            return fn(*args)
-        except AttributeError:
-            return None
+    def decorate(fn):
+        @functools.wraps(fn)
+        def lookup(*args):
+            if _is_compiling():
+                return _NOT_PLANNED
+            try:
+                sig = fn(*args)
+            except AttributeError:
+                return _NOT_PLANNED
+            # Outside every backend() block the request is the environment's, fixed between two
+            # reads of the environment (which clear the plans): the key then needs no request.
+            name = table.get((_requested_eagerly(op), sig) if _open_frames else sig)
+            if name is not None and _recorders:
+                _chosen(op, name)
+            return sig, name
 
-    return sig
+        return lookup
 
-
-def _plan_key(op: str, signature: tuple) -> tuple:
-    # Outside every backend() block the request is the environment's, fixed between two reads
-    # of the environment (which clear the plans): the key then needs no request at all.
-    return (op, requested(op), signature) if _open_frames else (op, signature)
-
-
-def planned(op: str, signature: tuple | None) -> str | None:
-    """The backend chosen before for ``op`` on a call of this ``signature`` (None: not yet, or no
-    signature: arguments that are not tensors, or a call traced by torch.compile)."""
-    if signature is None:
-        return None
-    name = _plans.get((op, requested(op), signature) if _open_frames else (op, signature))
-    if name is not None and _recorders:
-        _chosen(op, name)
-    return name
+    return decorate
 
 
 def plan(op: str, signature: tuple | None, *tensors) -> str:
     """:func:`select` for a call that passed the op's checks, remembered under ``signature``
-    (when there is one)."""
+    (when there is one) for the op's :func:`signature` look-up."""
     name = select(op, *tensors)
     if signature is not None:
-        if len(_plans) >= _PLANS_MAX:
-            _plans.clear()
-        _plans[_plan_key(op, signature)] = name
+        table = _plans.setdefault(op, {})
+        if len(table) >= _PLANS_MAX:
+            table.clear()
+        table[(requested(op), signature) if _open_frames else signature] = name
     return name
 
 
 def clear_plans() -> None:
     """Forget every cached choice (the environment was read again, a backend was built)."""
-    _plans.clear()
+    for table in _plans.values():
+        table.clear()
     _parse_env()
 
 

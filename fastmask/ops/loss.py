@@ -63,7 +63,7 @@ _loss_op = _LOSS_OPS["cuda"]  # the custom op (the cuda backend's)
 _LOSS = eager_function("DsmMaeLoss", _loss_fwd, _loss_setup, _loss_backward, nondifferentiable=(1, 2))
 
 
-@dispatch.signature
+@dispatch.signature("dsm_mae_loss")
 def _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data):
     return (
         F_out.shape, F_out.dtype, F_out.device, x_noisy.shape, x_noisy.dtype, x_noisy.device, y.shape,
@@ -102,9 +102,8 @@ def dsm_mae_loss(
     """
     if objective not in ("edm", "flow"):
         raise ValueError(f"objective: expected 'edm' or 'flow', got {objective!r}")
-    sig = _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
+    sig, backend = _dsm_mae_loss_signature(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("dsm_mae_loss", sig)
     if backend is None:
         _check(F_out, x_noisy, y, sigma, mask, mae_coef, sigma_data)
         backend = dispatch.plan("dsm_mae_loss", sig, F_out, x_noisy, y)

@@ -8,7 +8,7 @@ while the activations are bf16/fp16.
 Each op: the kernels' forward and backward as plain functions, a custom-op pair made of them
 (what torch.compile traces) and an eager autograd.Function over the same functions (what an
 eager call runs; see :mod:`fastmask.ops._library`). The public function checks a call and
-picks its backend once per signature (:func:`fastmask.ops.dispatch.planned`).
+picks its backend once per signature (:func:`fastmask.ops.dispatch.signature`).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ _LNM = eager_function(
 )
 
 
-@dispatch.signature
+@dispatch.signature("layernorm_modulate")
 def _layernorm_modulate_signature(x, shift, scale, eps):
     return (
         x.shape, x.dtype, x.device, shift.shape, shift.dtype, shift.device, scale.shape, scale.dtype,
@@ -138,9 +138,8 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = LN_
 
     Equivalent PyTorch code: :func:`fastmask.ops.reference.layernorm_modulate`.
     """
-    sig = _layernorm_modulate_signature(x, shift, scale, eps)
+    sig, backend = _layernorm_modulate_signature(x, shift, scale, eps)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("layernorm_modulate", sig)
     if backend is None:
         _check_x("x", x)
         checks.positive_float("eps", eps)
@@ -195,7 +194,7 @@ _gr_op = _GR_OPS["cuda"]  # the custom op (the cuda backend's)
 _GR = eager_function("GatedResidual", _gr_fwd, _gr_setup, functools.partial(_gr_backward, bwd=_gr_bwd))
 
 
-@dispatch.signature
+@dispatch.signature("gated_residual")
 def _gated_residual_signature(x, y, gate):
     return (
         x.shape, x.dtype, x.device, y.shape, y.dtype, y.device, gate.shape, gate.dtype, gate.device,
@@ -208,9 +207,8 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
     Equivalent PyTorch code: :func:`fastmask.ops.reference.gated_residual`.
     """
-    sig = _gated_residual_signature(x, y, gate)
+    sig, backend = _gated_residual_signature(x, y, gate)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("gated_residual", sig)
     if backend is None:
         _check_x("x", x)
         checks.tensor("y", y, shape=tuple(x.shape))
@@ -290,7 +288,7 @@ _RLNM = eager_function(
 )
 
 
-@dispatch.signature
+@dispatch.signature("residual_layernorm_modulate")
 def _residual_layernorm_modulate_signature(x, y, gate, shift, scale, eps):
     return (
         x.shape, x.dtype, x.device, y.shape, y.dtype, y.device, gate.shape, gate.dtype, gate.device,
@@ -308,9 +306,8 @@ def residual_layernorm_modulate(
     input of the next sub-layer. Equivalent PyTorch code:
     :func:`fastmask.ops.reference.residual_layernorm_modulate`.
     """
-    sig = _residual_layernorm_modulate_signature(x, y, gate, shift, scale, eps)
+    sig, backend = _residual_layernorm_modulate_signature(x, y, gate, shift, scale, eps)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("residual_layernorm_modulate", sig)
     if backend is None:
         _check_x("x", x)
         checks.positive_float("eps", eps)

@@ -135,7 +135,7 @@ def _pos_table(name: str, pos: Tensor | None, num_tokens: int, width: int) -> Te
     return pos
 
 
-@dispatch.signature
+@dispatch.signature("gather_tokens")
 def _gather_tokens_signature(x, ids_keep, pos):
     return (
         x.shape, x.dtype, x.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
@@ -152,9 +152,8 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, pos: Tensor | None = None, *, che
     ``check_ids=False`` skips the range/uniqueness check of ids_keep (a device sync); use it
     for ids made by :func:`random_mask`.
     """
-    sig = _gather_tokens_signature(x, ids_keep, pos)
+    sig, backend = _gather_tokens_signature(x, ids_keep, pos)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("gather_tokens", sig)
     if backend is None:
         B, N, D = _token_tensor("x", x, "B N D")
         checks.ids("ids_keep", ids_keep, B, N, values=False)
@@ -226,7 +225,7 @@ _UNMASK = eager_function(
 )
 
 
-@dispatch.signature
+@dispatch.signature("unmask_tokens")
 def _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos):
     return (
         x_vis.shape, x_vis.dtype, x_vis.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
@@ -252,9 +251,8 @@ def unmask_tokens(
     [1, 1, D] parameter); pos [N, D] or [1, N, D]. Returns [B, N, D].
     Equivalent PyTorch code: :func:`fastmask.ops.reference.unmask_tokens`.
     """
-    sig = _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos)
+    sig, backend = _unmask_tokens_signature(x_vis, ids_keep, mask_token, num_tokens, pos)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("unmask_tokens", sig)
     if backend is None:
         B, K, D = _token_tensor("x_vis", x_vis, "B K D")
         checks.integer("num_tokens", num_tokens, 1)
@@ -338,7 +336,7 @@ _SCATTER = eager_function(
 )
 
 
-@dispatch.signature
+@dispatch.signature("scatter_tokens")
 def _scatter_tokens_signature(x_kept, ids_keep, fill, num_tokens):
     return (
         x_kept.shape, x_kept.dtype, x_kept.device, ids_keep.shape, ids_keep.dtype, ids_keep.device,
@@ -366,9 +364,8 @@ def scatter_tokens(
     :func:`unmask_tokens`.) ``check_ids=False`` skips the range/uniqueness check of ids_keep (a
     device sync). Equivalent PyTorch code: :func:`fastmask.ops.reference.scatter_tokens`.
     """
-    sig = _scatter_tokens_signature(x_kept, ids_keep, fill, num_tokens)
+    sig, backend = _scatter_tokens_signature(x_kept, ids_keep, fill, num_tokens)
     compiling = sig is None and torch.compiler.is_compiling()
-    backend = dispatch.planned("scatter_tokens", sig)
     if backend is None:
         checks.tensor("x_kept", x_kept, ndim=3, floating=True)
         B, K, D = x_kept.shape
