@@ -54,3 +54,16 @@ def randomise(model, std=0.05, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def step_draws(seed: int, B: int = 2, N: int = 16, C: int = 2, H: int = 8, num_classes: int = 3, ratio: float = 0.5):
+    """(y, labels, sigma, noise, ids_keep) of one small loss_given step, drawn from ``seed``."""
+    from fastmask import ops
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(B, C, H, H, generator=g)
+    labels = torch.randint(0, num_classes, (B,), generator=g)
+    sigma = torch.rand(B, generator=g) + 0.2
+    ids = ops.random_mask(B, N, ratio, generator=g)[0]
+    noise = torch.randn(B, C, H, H, generator=g)
+    return y, labels, sigma, noise, ids

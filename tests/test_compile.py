@@ -279,7 +279,7 @@ def test_compiled_training_steps_with_triton_kernels_do_not_recompile():
     from torch._dynamo.utils import counters
 
     from fastmask import EDMPrecond, maskdit
-    from helpers import randomise
+    from helpers import randomise, step_draws
 
     torch.manual_seed(0)
     net = EDMPrecond(randomise(maskdit("T/2", input_size=8, in_channels=2, num_classes=3), std=0.02))
@@ -297,12 +297,7 @@ def test_compiled_training_steps_with_triton_kernels_do_not_recompile():
     B, N = 2, 16
     with fastmask.backend("triton"), torch._dynamo.config.patch(error_on_recompile=True):
         for s in range(3):
-            g = torch.Generator().manual_seed(s)
-            y = torch.randn(B, 2, 8, 8, generator=g)
-            labels = torch.randint(0, 3, (B,), generator=g)
-            sigma = torch.rand(B, generator=g) + 0.2
-            ids = ops.random_mask(B, N, 0.5, generator=g)[0]
-            noise = torch.randn(B, 2, 8, 8, generator=g)
+            y, labels, sigma, noise, ids = step_draws(s, B, N)
             opt.zero_grad()
             loss = compiled(y, labels, sigma, noise, ids)
             loss.backward()

@@ -17,7 +17,7 @@ import fastmask
 from fastmask import ops
 from fastmask.ops import checks, dispatch
 
-from helpers import randomise
+from helpers import randomise, step_draws
 
 TRITON_REASON = dispatch.why_not("triton", "gather_tokens", [torch.zeros(1)])
 needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton backend unavailable: {TRITON_REASON}")
@@ -225,12 +225,7 @@ def test_compiled_loss_steps_compile_once(backend):
     B, N = 2, 16
     with fastmask.backend(backend), torch._dynamo.config.patch(error_on_recompile=True):
         for s in range(4):
-            g = torch.Generator().manual_seed(s)
-            y = torch.randn(B, 2, 8, 8, generator=g)
-            labels = torch.randint(0, 3, (B,), generator=g)
-            sigma = torch.rand(B, generator=g) + 0.2
-            ids = ops.random_mask(B, N, 0.5, generator=g)[0]
-            noise = torch.randn(B, 2, 8, 8, generator=g)
+            y, labels, sigma, noise, ids = step_draws(s, B, N)
             loss = compiled(y, labels, sigma, noise, ids)
             loss.backward()
             torch.testing.assert_close(loss, step(y, labels, sigma, noise, ids), rtol=1e-5, atol=1e-6)
