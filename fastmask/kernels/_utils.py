@@ -153,10 +153,11 @@ def target_programs(t: torch.Tensor) -> int:
     return 8 * _num_sms(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-# The fp32 partial buffers of a split reduction (per-sample parameter gradients, batch sums)
-# are written and read back: traffic the op itself does not need. Their chunk counts are
-# capped so that this traffic stays within this fraction of the bytes the op moves anyway, so
-# that every op stays within 10% of its minimum (benchmarks/static_check.py counts it).
+# The fp32 partial buffers of a split reduction (the token ops' batch sums) are written and read
+# back: traffic the op itself does not need. Their chunk counts are capped so that this traffic
+# stays within this fraction of the bytes the op moves anyway, so that the op stays within 10%
+# of its minimum (benchmarks/static_check.py counts it). The adaLN backwards split by the SM
+# count instead: more partial traffic, measured faster (fastmask/kernels/norm.py).
 PARTIAL_BYTES_BUDGET = 0.06
 
 
