@@ -281,7 +281,6 @@ def test_backward_plan_at_the_measured_shapes(monkeypatch):
     assert norm._row_chunks(16, 512, 1, ref) == (32, 16)
     assert norm._row_chunks(1024, 128, 1, ref) == (1, 128)  # more samples than programs wanted: one chunk each
     assert norm._row_chunks(2, 3, 4, ref) == (1, 4)  # shorter than a tile
-    monkeypatch.setattr(norm, "interpreting", lambda: False)
     from fastmask.kernels import _utils
-    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # row_config's switch
     assert norm._tile(1152) == (1, 2048, 4) and norm._tile(512) == (4, 512, 4) and norm._tile(4096) == (1, 4096, 8)

@@ -57,14 +57,12 @@ def placeholder(t: torch.Tensor) -> torch.Tensor:
     an eager call; while traced, a separate one-element tensor, so that no tensor reaches a
     launch twice (torch takes every argument of a kernel as written where it cannot read the
     kernel's TTIR, the interpreter's case, and two written aliases would be merged wrongly)."""
-    return t.new_empty(1) if _traced and _wrap_enabled is not None and _wrap_enabled() else t
+    return t.new_empty(1) if _traced and tracing() else t
 
 
 def launch(kernel):
     """``kernel``, or its traceable wrapper while a triton_op body is traced (see above)."""
-    if not _traced or _wrap_enabled is None or not _wrap_enabled():
-        return kernel
-    return _traceable(kernel)
+    return _traceable(kernel) if _traced and tracing() else kernel
 
 
 _interpreted_jit: dict[int, object] = {}

@@ -109,7 +109,7 @@ def gather_tokens_fwd(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor
         return out
     BLOCK_R, BLOCK_D, num_warps = row_config(D)
     launch(_gather_fwd_kernel)[(cdiv(n_rows, BLOCK_R),)](
-        x, ids_keep, x if pos is None else pos, out, n_rows, K, N, D,
+        x, ids_keep, placeholder(x) if pos is None else pos, out, n_rows, K, N, D,
         HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     return out
@@ -213,7 +213,7 @@ def unmask_tokens_fwd(
     if inv is None:
         return out
     launch(_unmask_fwd_kernel)[grid](
-        x_vis, inv, mask_token, x_vis if pos is None else pos, out, n_rows, K, N, D,
+        x_vis, inv, mask_token, placeholder(x_vis) if pos is None else pos, out, n_rows, K, N, D,
         HAS_POS=pos is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     return out
@@ -277,7 +277,7 @@ def unmask_tokens_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, pos_grad: 
     chunks = cdiv(B, b_per_prog)
     n_prog = n_tiles * chunks
     mask_part = torch.empty((n_prog, D), device=dev, dtype=torch.float32)
-    pos_part = torch.empty((chunks, N, D), device=dev, dtype=torch.float32) if pos_grad else mask_part
+    pos_part = torch.empty((chunks, N, D), device=dev, dtype=torch.float32) if pos_grad else placeholder(mask_part)
     launch(_unmask_bwd_kernel)[(n_prog,)](
         grad_out, inv, grad_x_vis, mask_part, pos_part, B, N, K, D, n_tiles, b_per_prog,
         POS_GRAD=pos_grad, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,

@@ -55,8 +55,7 @@ def _triton_op(name: str, fn: Callable):
     Triton launchers): its launches are traced while torch traces the body."""
     from ..kernels import _utils as kernel_utils
 
-    schema = torch.library.infer_schema(fn, mutates_args=())
-    op = torch.library.triton_op(name, _TracedBody(fn), mutates_args=(), schema=schema)
+    op = torch.library.triton_op(name, _TracedBody(fn), mutates_args=())  # schema: from the body's signature
     # torch finds a triton_op's kernels by reading its source (for the keys of its compile
     # caches); the launchers hide them from that reading, so they are named here: those of the
     # op family's kernel module (fastmask.ops.norm -> fastmask.kernels.norm) and the shared ones.
